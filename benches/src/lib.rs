@@ -1,0 +1,42 @@
+//! Shared pieces of om's benchmarks.
+//!
+//! The machines are shared and noisy, so no benchmark reports an absolute time on its own: each one
+//! measures its baseline in the same run and prints the ratio.
+
+use std::time::Duration;
+
+/// The median of `samples` (the mean of the two middle ones for an even count); `None` when empty.
+#[must_use]
+pub fn median(samples: &[Duration]) -> Option<Duration> {
+    let mut s = samples.to_vec();
+    s.sort_unstable();
+    let n = s.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(s[n / 2]),
+        _ => Some((s[n / 2 - 1] + s[n / 2]) / 2),
+    }
+}
+
+/// `measured / baseline`, the figure every benchmark reports.
+#[must_use]
+pub fn ratio(measured: Duration, baseline: Duration) -> f64 {
+    measured.as_secs_f64() / baseline.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_even_empty() {
+        let ms = Duration::from_millis;
+        assert_eq!(median(&[ms(3), ms(1), ms(2)]), Some(ms(2)));
+        assert_eq!(
+            median(&[ms(4), ms(1), ms(2), ms(3)]),
+            Some(Duration::from_micros(2500))
+        );
+        assert_eq!(median(&[]), None);
+        assert!((ratio(ms(3), ms(2)) - 1.5).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the Debian packages om's test suite needs, when they are missing. A fresh machine has only
+# the Rust toolchain, gcc and python3. Needs root to install; without root it names what is missing.
+set -euo pipefail
+
+# command -> Debian package
+declare -A NEED=(
+  [ip]=iproute2      # the rig: network namespaces, veth, bridge
+  [pgrep]=procps     # rig tests find processes
+  [sh]=dash
+)
+
+missing=()
+for cmd in "${!NEED[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "ci/deps.sh: missing Debian packages: ${missing[*]}; run as root to install them" >&2
+  exit 1
+fi
+echo "ci/deps.sh: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# om's full test suite: the README's test command. Run as root on a fresh machine: it installs what the
+# suite needs, then fails on the first failing step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "dependencies"
+bash ci/deps.sh
+if [ "$(id -u)" -ne 0 ]; then
+  echo "ci/test.sh: the multi-node tests need root (network namespaces); run as root" >&2
+  exit 1
+fi
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets --locked
+
+step "tests"
+cargo test --workspace --locked
+
+step "no rig left behind"
+left=$(ls /run/netns 2>/dev/null | grep '^omrig-' || true)
+if [ -n "$left" ]; then
+  echo "rig namespaces left behind: $left" >&2
+  exit 1
+fi
+echo "ok"

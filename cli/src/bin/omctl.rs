@@ -1,0 +1,92 @@
+//! `omctl`: migrate, checkpoint, restart and list om processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use om::{Feature, Unavailable};
+use om_cli::{EXIT_UNAVAILABLE, init_logging, report};
+
+/// Control om processes: move them between nodes, checkpoint them to disk, restart them.
+#[derive(Debug, Parser)]
+#[command(name = "omctl", version)]
+struct Args {
+    /// Control socket of the local omd [default: /run/om/omd.sock for root, else
+    /// $XDG_RUNTIME_DIR/om/omd.sock]
+    #[arg(long, global = true, env = om::control::CONTROL_ENV, value_name = "PATH")]
+    control: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TransportKind {
+    /// TCP, several streams.
+    Tcp,
+    /// InfiniBand/RoCE verbs, RDMA WRITE.
+    Verbs,
+    /// Dolphin SCI (SISCI).
+    Sci,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Live-migrate a process to another node by pre-copy.
+    Migrate {
+        /// The process (as omctl ps shows it).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        pid: u32,
+        /// The destination node's omd.
+        #[arg(long, value_name = "IP:PORT")]
+        to: SocketAddr,
+        /// Print one JSON object with the result.
+        #[arg(long)]
+        json: bool,
+        /// Downtime budget for the final freeze, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 50)]
+        downtime: u32,
+        /// Stop pre-copy after this many rounds.
+        #[arg(long, value_name = "N", default_value_t = 30)]
+        max_rounds: u32,
+        /// How the pages travel.
+        #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+        transport: TransportKind,
+    },
+    /// Write a process's image to a directory.
+    Checkpoint {
+        /// The process.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        pid: u32,
+        /// The image directory to create.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Keep the process running after the image is written (otherwise it ends).
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Bring a checkpointed process back on this node.
+    Restart {
+        /// The image directory.
+        dir: PathBuf,
+        /// Return at once instead of waiting for the process.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// List the om processes started on this node and where they run now.
+    Ps,
+}
+
+fn main() -> ExitCode {
+    init_logging(tracing::Level::WARN);
+    let args = Args::parse();
+    let control = om::control::resolve_socket_path(args.control.as_deref());
+    tracing::debug!(control = %control.display(), cmd = ?args.cmd, "omctl");
+    let feature = match args.cmd {
+        Cmd::Migrate { .. } => Feature::Migrate,
+        Cmd::Checkpoint { .. } => Feature::Checkpoint,
+        Cmd::Restart { .. } => Feature::Restart,
+        Cmd::Ps => Feature::ProcessList,
+    };
+    report("omctl", &Unavailable::new(feature), EXIT_UNAVAILABLE)
+}

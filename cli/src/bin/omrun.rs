@@ -1,0 +1,46 @@
+//! `omrun [--control PATH] -- PROG [ARGS...]`: runs PROG under om and stays as its home anchor.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use om_cli::{EXIT_FAILURE, anchor, init_logging, report};
+
+/// Run a program under om. omrun stays on this (home) node while the program runs, wherever it
+/// migrates: it forwards signals (HUP INT QUIT TERM USR1 USR2 CONT WINCH) and exits with the program's
+/// exact status, or dies of the signal that killed it.
+#[derive(Debug, Parser)]
+#[command(name = "omrun", version, after_help = AFTER_HELP)]
+struct Args {
+    /// Control socket of the local omd [default: /run/om/omd.sock for root, else
+    /// $XDG_RUNTIME_DIR/om/omd.sock]
+    #[arg(long, env = om::control::CONTROL_ENV, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// The program to run.
+    #[arg(required = true, value_name = "PROG")]
+    prog: OsString,
+    /// Its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    args: Vec<OsString>,
+}
+
+const AFTER_HELP: &str = "Status of this build: the program runs as omrun's child with signal \
+forwarding and exit-status propagation. The migration runtime (libomrt.so) is not preloaded yet \
+(issue #5), so the program cannot be checkpointed or migrated yet.";
+
+fn main() -> ExitCode {
+    init_logging(tracing::Level::WARN);
+    let args = Args::parse();
+    let control = om::control::resolve_socket_path(args.control.as_deref());
+    tracing::debug!(control = %control.display(), "control socket");
+    if !om::Feature::Runtime.available() {
+        tracing::info!("{}", om::Unavailable::new(om::Feature::Runtime));
+    }
+    let env = vec![(OsString::from(om::control::CONTROL_ENV), control.into_os_string())];
+    match anchor::run(&args.prog, &args.args, &env) {
+        Ok(outcome) => outcome.reproduce(),
+        Err(e @ anchor::AnchorError::Spawn { .. }) => report("omrun", &e, 127),
+        Err(e) => report("omrun", &e, EXIT_FAILURE),
+    }
+}

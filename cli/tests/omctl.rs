@@ -1,0 +1,70 @@
+//! omctl parses the whole interface and answers what is not built with a clear error.
+
+use std::process::Command;
+
+const OMCTL: &str = env!("CARGO_BIN_EXE_omctl");
+
+fn omctl(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(OMCTL).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unbuilt_operations_say_so() {
+    for (args, what) in [
+        (&["migrate", "123", "--to", "10.0.0.2:7070"][..], "live migration"),
+        (
+            &[
+                "migrate",
+                "123",
+                "--to",
+                "10.0.0.2:7070",
+                "--json",
+                "--downtime",
+                "20",
+            ][..],
+            "live migration",
+        ),
+        (
+            &["checkpoint", "123", "--out", "/tmp/x", "--leave-running"][..],
+            "checkpoint",
+        ),
+        (&["restart", "/tmp/x", "--detach"][..], "restart"),
+        (&["ps"][..], "process list"),
+        (&["--control", "/tmp/c.sock", "ps"][..], "process list"),
+    ] {
+        let (code, err) = omctl(args);
+        assert_eq!(code, Some(69), "{args:?}: {err}");
+        assert!(
+            err.contains(what) && err.contains("not built yet"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_a_usage_error() {
+    for args in [
+        &["migrate", "0", "--to", "10.0.0.2:7070"][..],
+        &["migrate", "12", "--to", "nowhere"][..],
+        &["migrate", "12"][..],
+        &["checkpoint", "12"][..],
+        &["frobnicate"][..],
+    ] {
+        let (code, err) = omctl(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("error:"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_describes_the_interface() {
+    let out = Command::new(OMCTL).args(["migrate", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["--to", "--json", "--downtime", "--max-rounds", "--transport"] {
+        assert!(help.contains(word), "{word} missing from:\n{help}");
+    }
+}

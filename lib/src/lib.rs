@@ -1,0 +1,14 @@
+//! om: a user-space successor to openMosix.
+//!
+//! This crate holds what every part of om shares: the process image model, dirty-page tracking, the
+//! pre-copy engine, capture (inside the application, through `libomrt.so`) and restore, and the control
+//! API that `omrun`, `omctl`, `omd` and the C ABI speak. See `docs/ARCHITECTURE.md` for the whole
+//! picture and where each part lives.
+//!
+//! What exists today is listed in [`FEATURES`]; everything else answers with
+//! [`Unavailable`], never a panic.
+
+pub mod control;
+pub mod unavailable;
+
+pub use unavailable::{FEATURES, Feature, Unavailable};

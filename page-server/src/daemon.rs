@@ -1,0 +1,243 @@
+//! The daemon's sockets and its serving loop.
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use om::{Feature, Unavailable};
+use om_transport::{ClusterKey, KeyError};
+
+use crate::control;
+
+/// omd's configuration, as `omd --help` describes it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where other nodes connect.
+    pub listen: SocketAddr,
+    /// The cluster key file.
+    pub key: PathBuf,
+    /// The local control socket.
+    pub control: PathBuf,
+    /// Where images and state are kept.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Why omd could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The key file was refused.
+    #[error("cluster key refused")]
+    Key(#[source] KeyError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The control socket's directory could not be created.
+    #[error("cannot create directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Another omd answers on the control socket.
+    #[error("another omd is already serving control socket {path}")]
+    ControlInUse {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The control socket could not be bound.
+    #[error("cannot bind control socket {path}")]
+    BindControl {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A started daemon: sockets bound, key loaded.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    key: ClusterKey,
+    listener: TcpListener,
+    control: UnixListener,
+}
+
+impl Daemon {
+    /// Loads the key and binds both sockets. Nothing is served until [`Daemon::serve`].
+    ///
+    /// # Errors
+    /// A [`DaemonError`] naming what could not be set up.
+    pub fn bind(config: Config) -> Result<Self, DaemonError> {
+        let key = ClusterKey::load(&config.key).map_err(DaemonError::Key)?;
+        if let Some(dir) = &config.state_dir {
+            create_private_dir(dir)?;
+        }
+        let listener = TcpListener::bind(config.listen).map_err(|source| DaemonError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let control = bind_control(&config.control)?;
+        Ok(Self {
+            config,
+            key,
+            listener,
+            control,
+        })
+    }
+
+    /// The address other nodes connect to (with the real port if 0 was asked for).
+    ///
+    /// # Errors
+    /// When the socket cannot report its address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves both sockets on background threads and returns; the daemon lives until the process ends.
+    ///
+    /// # Errors
+    /// When a serving thread cannot be started.
+    pub fn serve(self) -> io::Result<ServeHandle> {
+        tracing::info!(listen = %self.config.listen, control = %self.config.control.display(), key = ?self.key, "omd serving");
+        let Self {
+            config,
+            listener,
+            control,
+            ..
+        } = self;
+        thread::Builder::new()
+            .name("omd-peers".into())
+            .spawn(move || serve_peers(&listener))?;
+        thread::Builder::new()
+            .name("omd-control".into())
+            .spawn(move || serve_control(&control))?;
+        Ok(ServeHandle {
+            control_path: config.control,
+        })
+    }
+}
+
+/// What is left to clean up when the daemon stops.
+#[derive(Debug)]
+pub struct ServeHandle {
+    control_path: PathBuf,
+}
+
+impl ServeHandle {
+    /// Removes the control socket so that no client connects to a dead daemon.
+    pub fn shutdown(self) {
+        if let Err(e) = fs::remove_file(&self.control_path) {
+            tracing::warn!(path = %self.control_path.display(), error = %e, "cannot remove control socket");
+        }
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| DaemonError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir(parent)?;
+    }
+    if path.exists() {
+        // A socket file that nobody answers on is left over from a daemon that died; one that answers
+        // belongs to a live daemon and must not be stolen.
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::ControlInUse {
+                path: path.to_path_buf(),
+            });
+        }
+        let _ = fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| DaemonError::BindControl {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // Only the owner may drive this daemon.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+        DaemonError::BindControl {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+fn serve_peers(listener: &TcpListener) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => refuse_peer(stream),
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
+    }
+}
+
+fn refuse_peer(mut stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let msg = Unavailable::new(Feature::PageServer);
+    tracing::warn!(?peer, "refusing page stream: {msg}");
+    let _ = stream.write_all(format!("om: {msg}\n").as_bytes());
+}
+
+fn serve_control(listener: &UnixListener) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                if let Err(e) = handle_control(stream) {
+                    tracing::debug!(error = %e, "control connection failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "control accept failed"),
+        }
+    }
+}
+
+fn handle_control(stream: UnixStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(
+        stream
+            .try_clone()?
+            .take(u64::try_from(control::MAX_REQUEST).unwrap_or(4096)),
+    );
+    let mut writer = stream;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) if !line.ends_with('\n') => {
+                writeln!(writer, "ERR request longer than {} bytes", control::MAX_REQUEST)?;
+                return Ok(());
+            }
+            Ok(_) => writeln!(writer, "{}", control::answer(line.trim_end()))?,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                writeln!(writer, "ERR request is not UTF-8")?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
