@@ -9,6 +9,8 @@
 //! [`Unavailable`], never a panic.
 
 pub mod control;
+pub mod dirty;
+pub mod sys;
 pub mod unavailable;
 
 pub use unavailable::{FEATURES, Feature, Unavailable};

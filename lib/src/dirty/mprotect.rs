@@ -1,0 +1,577 @@
+//! The mprotect fallback: tracked memory is made read-only; the first write to a chunk traps into a
+//! SIGSEGV handler that records the chunk and makes it writable again.
+//!
+//! Chunks are coarse (64 KiB by default, aligned to absolute addresses) because each writable chunk
+//! inside a read-only VMA splits it, and a process may hold at most `vm.max_map_count` VMAs (65,530
+//! by default; PLATFORM.md measured the handler's `mprotect` failing at about 38,000 scattered pages).
+//! A budget bounds the chunks opened per round: past it, the handler opens the whole range at once
+//! and marks all of it dirty, so the VMA count stays bounded whatever the write pattern.
+//!
+//! The handler runs in signal context, so all shared state is static atomics, no locks, no
+//! allocation: two tables of tracked ranges (one active, one being built by `collect`) and two halves
+//! of a bit pool. A round builds the next table, switches to it, waits until no handler still runs on
+//! the old one (an in-flight counter), then harvests and clears the old table's bits and re-protects
+//! the harvested chunks. Two orders make it exact without stopping the application: the handler makes a
+//! chunk writable before setting its bit, and `collect` clears a bit before re-protecting its chunk.
+//!
+//! Layout changes are read from `/proc/self/maps`, whose permissions are the truth: inside a tracked
+//! range, a writable piece that the bits do not explain (replaced by `MAP_FIXED`, made writable by the
+//! application) counts as dirty; a new writable VMA counts as dirty in full; a range that was cut or
+//! moved is tracked anew.
+//!
+//! Kernel writes (`read(2)` into a tracked buffer) do not trap: the system call fails with `EFAULT`.
+//! [`before_kernel_write`] opens the chunks of a buffer first; the runtime's system-call wrappers call it.
+
+use std::fs::File;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+
+use super::maps::{self, Vma};
+use super::populated::{DEFAULT_MARKER_SWAP_TYPE, PopulatedQuery, ZeroWatch};
+use super::{DirtyError, Mechanism, RangeTable, Round, Scope, Tracker, tracked_ranges, tracked_table};
+use crate::sys::mman::set_tracked_protection;
+use crate::sys::segv;
+
+/// Default chunk size.
+pub const DEFAULT_CHUNK: u64 = 64 << 10;
+/// Ranges one table can hold; writable ranges beyond it are reported in full every round.
+const MAX_SLOTS: usize = 8192;
+/// Bit-pool words per half: 2^21 chunks, 128 GiB at 64 KiB chunks (chunks grow beyond that).
+const POOL_WORDS: usize = 1 << 15;
+/// The most chunks opened per round, whatever `vm.max_map_count` allows.
+const MAX_BUDGET: usize = 16_384;
+const NONE: usize = usize::MAX;
+
+struct Slot {
+    start: AtomicU64,
+    end: AtomicU64,
+    prot: AtomicU32,
+    /// log2 of the chunk size.
+    shift: AtomicU32,
+    /// First word in the pool half of the table.
+    off: AtomicUsize,
+    /// Set when the budget ran out and the whole range was opened.
+    coarse: AtomicBool,
+}
+
+impl Slot {
+    const fn new() -> Self {
+        Self {
+            start: AtomicU64::new(0),
+            end: AtomicU64::new(0),
+            prot: AtomicU32::new(0),
+            shift: AtomicU32::new(16),
+            off: AtomicUsize::new(0),
+            coarse: AtomicBool::new(false),
+        }
+    }
+}
+
+struct Table {
+    len: AtomicUsize,
+    slots: [Slot; MAX_SLOTS],
+}
+
+static TABLES: [Table; 2] = [const {
+    Table {
+        len: AtomicUsize::new(0),
+        slots: [const { Slot::new() }; MAX_SLOTS],
+    }
+}; 2];
+static POOL: [[AtomicU64; POOL_WORDS]; 2] = [const { [const { AtomicU64::new(0) }; POOL_WORDS] }; 2];
+static ACTIVE: AtomicUsize = AtomicUsize::new(NONE);
+static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
+static OPENED: AtomicUsize = AtomicUsize::new(0);
+static BUDGET: AtomicUsize = AtomicUsize::new(MAX_BUDGET);
+static OWNED: AtomicBool = AtomicBool::new(false);
+
+fn prot_of(slot: &Slot) -> i32 {
+    i32::try_from(slot.prot.load(SeqCst)).unwrap_or(libc::PROT_READ | libc::PROT_WRITE)
+}
+
+/// The chunk of `addr` in a range, clipped to it: absolute alignment, so chunks are the same
+/// whatever VMA boundaries the kernel draws.
+fn chunk_of(start: u64, end: u64, shift: u32, addr: u64) -> Range<u64> {
+    let c = addr >> shift << shift;
+    c.max(start)..(c + (1 << shift)).min(end)
+}
+
+/// Bit index of `addr`'s chunk within its range.
+fn bit_of(start: u64, shift: u32, addr: u64) -> u64 {
+    (addr >> shift) - (start >> shift)
+}
+
+/// Resolves a write fault at `addr` if it is in tracked memory. Async-signal-safe: atomics and
+/// `mprotect` only.
+fn claim(addr: usize) -> bool {
+    INFLIGHT.fetch_add(1, SeqCst);
+    let r = claim_in_active(addr as u64);
+    INFLIGHT.fetch_sub(1, SeqCst);
+    r
+}
+
+fn claim_in_active(addr: u64) -> bool {
+    let t = ACTIVE.load(SeqCst);
+    if t > 1 {
+        return false;
+    }
+    let table = &TABLES[t];
+    let n = table.len.load(SeqCst).min(MAX_SLOTS);
+    let slots = &table.slots[..n];
+    let i = slots.partition_point(|s| s.end.load(SeqCst) <= addr);
+    let Some(slot) = slots.get(i).filter(|s| s.start.load(SeqCst) <= addr) else {
+        return false;
+    };
+    let (start, end, shift, prot) = (
+        slot.start.load(SeqCst),
+        slot.end.load(SeqCst),
+        slot.shift.load(SeqCst),
+        prot_of(slot),
+    );
+    let words = &POOL[t];
+    let off = slot.off.load(SeqCst);
+    if slot.coarse.load(SeqCst) || OPENED.fetch_add(1, SeqCst) >= BUDGET.load(SeqCst) {
+        // Over budget: open the whole range (one VMA again) and mark all of it.
+        if set_tracked_protection(start, end - start, prot).is_err() {
+            return false;
+        }
+        slot.coarse.store(true, SeqCst);
+        let nbits = bit_of(start, shift, end - 1) + 1;
+        for w in 0..usize::try_from(nbits.div_ceil(64)).unwrap_or(0) {
+            if let Some(word) = words.get(off + w) {
+                word.store(u64::MAX, SeqCst);
+            }
+        }
+        return true;
+    }
+    let c = chunk_of(start, end, shift, addr);
+    // Writable first, then marked: a collect that clears the bit in between re-protects the chunk, and
+    // the retried write traps again and marks it then.
+    if set_tracked_protection(c.start, c.end - c.start, prot).is_err() {
+        return false;
+    }
+    let b = bit_of(start, shift, addr);
+    if let Some(word) = words.get(off + usize::try_from(b / 64).unwrap_or(usize::MAX)) {
+        word.fetch_or(1 << (b % 64), SeqCst);
+    }
+    true
+}
+
+/// Opens the tracked chunks under `[addr, addr+len)` before the kernel writes there (`read(2)`,
+/// `recv(2)`, ...), which would otherwise fail with `EFAULT`, and marks them dirty. A no-op when no
+/// mprotect tracker runs. The runtime's system-call wrappers call this.
+pub fn before_kernel_write(addr: usize, len: usize) {
+    if ACTIVE.load(SeqCst) > 1 || len == 0 {
+        return;
+    }
+    let page = crate::sys::page_size();
+    let mut a = addr & !(page - 1);
+    while a < addr.saturating_add(len) {
+        claim(a);
+        a += page;
+    }
+}
+
+/// A tracked range's extent and what backs it: `(start, end, device, inode, shared)`.
+type Identity = (u64, u64, (u32, u32), u64, bool);
+
+/// One range of a table being built.
+#[derive(Debug, Clone)]
+struct Planned {
+    start: u64,
+    end: u64,
+    prot: i32,
+    /// True when it is new (or changed) this round: protect it and report it in full.
+    fresh: bool,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct MprotectTracker {
+    scope: Scope,
+    pagemap: File,
+    populated: PopulatedQuery,
+    base_shift: u32,
+    /// Extent and identity of each active slot's memory, to tell replaced memory apart.
+    identity: Vec<Identity>,
+    /// Writable ranges that did not fit in a table: reported in full, never protected.
+    overflow: Vec<Range<u64>>,
+    zero: ZeroWatch,
+    started: bool,
+}
+
+impl MprotectTracker {
+    /// # Errors
+    /// [`DirtyError::MprotectBusy`] when another one runs in this process; [`DirtyError::PagemapOpen`].
+    pub fn new(scope: Scope) -> Result<Self, DirtyError> {
+        if OWNED.swap(true, SeqCst) {
+            return Err(DirtyError::MprotectBusy);
+        }
+        let pagemap = match File::open("/proc/self/pagemap") {
+            Ok(f) => f,
+            Err(e) => {
+                OWNED.store(false, SeqCst);
+                return Err(DirtyError::PagemapOpen(e));
+            }
+        };
+        let populated = PopulatedQuery::new(&pagemap, DEFAULT_MARKER_SWAP_TYPE);
+        let chunk = std::env::var("OM_MPROTECT_CHUNK")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|c| c.is_power_of_two() && *c >= crate::sys::page_size() as u64)
+            .unwrap_or(DEFAULT_CHUNK);
+        Ok(Self {
+            scope,
+            pagemap,
+            populated,
+            base_shift: chunk.trailing_zeros(),
+            identity: Vec::new(),
+            overflow: Vec::new(),
+            zero: ZeroWatch::default(),
+            started: false,
+        })
+    }
+
+    /// Plans the next table from the maps: continuing ranges keep going, the rest is fresh.
+    fn plan(&self, maps: &[Vma], active: Option<usize>) -> Vec<Planned> {
+        let mut planned: Vec<Planned> = Vec::new();
+        let mut continuing: Vec<bool> = vec![true; self.identity.len()];
+        // Pieces (start, end, slot or none, writable).
+        let mut pieces: Vec<(Range<u64>, Option<usize>, &Vma)> = Vec::new();
+        for (r, v) in tracked_ranges(maps, &self.scope) {
+            let slot = active.and_then(|_| {
+                let i = self.identity.partition_point(|id| id.1 <= r.start);
+                let id = self.identity.get(i)?;
+                (id.0 <= r.start
+                    && r.end <= id.1
+                    && id.2 == v.dev
+                    && id.3 == v.inode
+                    && id.4 == v.perms.shared)
+                    .then_some(i)
+            });
+            pieces.push((r, slot, v));
+        }
+        // A slot continues only if its pieces cover it exactly, each with its protection or its
+        // protection minus write.
+        if let Some(t) = active {
+            for (i, id) in self.identity.iter().enumerate() {
+                let prot = prot_of(&TABLES[t].slots[i]);
+                let mut cursor = id.0;
+                for (r, s, v) in &pieces {
+                    if *s != Some(i) {
+                        continue;
+                    }
+                    let p = v.perms.prot();
+                    if r.start != cursor || (p != prot && p != prot & !libc::PROT_WRITE) {
+                        continuing[i] = false;
+                    }
+                    cursor = r.end;
+                }
+                if cursor != id.1 {
+                    continuing[i] = false;
+                }
+            }
+        }
+        for (r, s, v) in &pieces {
+            match s {
+                Some(i) if continuing[*i] => {
+                    let id = &self.identity[*i];
+                    if planned.last().is_none_or(|p| p.start != id.0) {
+                        let prot = prot_of(&TABLES[active.unwrap_or(0)].slots[*i]);
+                        planned.push(Planned {
+                            start: id.0,
+                            end: id.1,
+                            prot,
+                            fresh: false,
+                        });
+                    }
+                }
+                Some(i) => {
+                    // Part of a range that was cut, moved or changed: track anew. Its read-only pieces
+                    // are ours (same identity, protection minus write), so they keep the writable
+                    // protection as their own.
+                    let prot = prot_of(&TABLES[active.unwrap_or(0)].slots[*i]);
+                    planned.push(Planned {
+                        start: r.start,
+                        end: r.end,
+                        prot,
+                        fresh: true,
+                    });
+                }
+                None if v.perms.write => {
+                    planned.push(Planned {
+                        start: r.start,
+                        end: r.end,
+                        prot: v.perms.prot(),
+                        fresh: true,
+                    });
+                }
+                None => {}
+            }
+        }
+        planned
+    }
+
+    /// Builds, protects and publishes the next table; returns the fresh ranges and the old table.
+    fn publish(&mut self, planned: &[Planned]) -> Result<(Vec<Range<u64>>, Option<usize>), DirtyError> {
+        let old = ACTIVE.load(SeqCst);
+        let old = (old <= 1).then_some(old);
+        let next = old.map_or(0, |t| 1 - t);
+        let (fit, over) = planned.split_at(planned.len().min(MAX_SLOTS));
+        self.overflow = over.iter().map(|p| p.start..p.end).collect();
+        // One chunk size for the round, grown until every range's bits fit in the pool half.
+        let page_shift = (crate::sys::page_size() as u64).trailing_zeros();
+        let mut shift = self.base_shift.max(page_shift);
+        let words_needed = |shift: u32| -> usize {
+            fit.iter()
+                .map(|p| {
+                    usize::try_from((bit_of(p.start, shift, p.end - 1) + 1).div_ceil(64))
+                        .unwrap_or(usize::MAX)
+                })
+                .fold(0usize, usize::saturating_add)
+        };
+        while words_needed(shift) > POOL_WORDS && shift < 40 {
+            shift += 1;
+        }
+        let table = &TABLES[next];
+        let mut off = 0;
+        for (i, p) in fit.iter().enumerate() {
+            let s = &table.slots[i];
+            s.start.store(p.start, SeqCst);
+            s.end.store(p.end, SeqCst);
+            s.prot.store(u32::try_from(p.prot).unwrap_or(0), SeqCst);
+            s.shift.store(shift, SeqCst);
+            s.off.store(off, SeqCst);
+            s.coarse.store(false, SeqCst);
+            let words = usize::try_from((bit_of(p.start, shift, p.end - 1) + 1).div_ceil(64)).unwrap_or(0);
+            for w in &POOL[next][off..off + words] {
+                w.store(0, SeqCst);
+            }
+            off += words;
+        }
+        table.len.store(fit.len(), SeqCst);
+        // Publish, then make fresh ranges read-only: the table that claims their faults must be active
+        // before any can trap. A write before the protection lands needs no trap: the range is
+        // reported in full this round and read after.
+        OPENED.store(0, SeqCst);
+        ACTIVE.store(next, SeqCst);
+        let mut fresh = Vec::new();
+        for p in fit.iter().filter(|p| p.fresh) {
+            set_tracked_protection(p.start, p.end - p.start, p.prot & !libc::PROT_WRITE).map_err(
+                |source| DirtyError::Protect {
+                    start: p.start,
+                    end: p.end,
+                    source,
+                },
+            )?;
+            fresh.push(p.start..p.end);
+        }
+        Ok((fresh, old))
+    }
+
+    /// Waits until no handler runs on the old table, then clears its bits and returns the chunks they
+    /// marked; the caller re-protects them.
+    fn harvest(old: usize) -> RangeTable {
+        while INFLIGHT.load(SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        let table = &TABLES[old];
+        let mut out = RangeTable::new();
+        for s in &table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)] {
+            let (start, end, shift, off) = (
+                s.start.load(SeqCst),
+                s.end.load(SeqCst),
+                s.shift.load(SeqCst),
+                s.off.load(SeqCst),
+            );
+            let nbits = bit_of(start, shift, end - 1) + 1;
+            for w in 0..usize::try_from(nbits.div_ceil(64)).unwrap_or(0) {
+                let mut bits = POOL[old][off + w].swap(0, SeqCst);
+                while bits != 0 {
+                    let b = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let idx = w as u64 * 64 + b;
+                    if idx < nbits {
+                        let first = ((start >> shift) + idx) << shift;
+                        out.push(chunk_of(start, end, shift, first.max(start)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn remember_identity(&mut self, maps: &[Vma]) {
+        let t = ACTIVE.load(SeqCst);
+        if t > 1 {
+            self.identity.clear();
+            return;
+        }
+        let table = &TABLES[t];
+        self.identity = table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)]
+            .iter()
+            .map(|s| {
+                let (start, end) = (s.start.load(SeqCst), s.end.load(SeqCst));
+                let v = maps.iter().find(|v| v.start <= start && start < v.end);
+                let (dev, inode, shared) = v.map_or(((0, 0), 0, false), |v| (v.dev, v.inode, v.perms.shared));
+                (start, end, dev, inode, shared)
+            })
+            .collect();
+    }
+
+    fn round(&mut self, first: bool) -> Result<Round, DirtyError> {
+        let maps = maps::read_self()?;
+        let budget = max_map_count().saturating_sub(maps.len()) / 3;
+        BUDGET.store(budget.min(MAX_BUDGET), SeqCst);
+        let active = if first {
+            None
+        } else {
+            Some(ACTIVE.load(SeqCst)).filter(|t| *t <= 1)
+        };
+        let planned = self.plan(&maps, active);
+        let (fresh, old) = self.publish(&planned)?;
+        let mut dirty = RangeTable::new();
+        if let Some(old) = old {
+            dirty = Self::harvest(old);
+            // Writable pieces inside continuing ranges that no bit explains: replaced or opened by the
+            // application. Dirty, like the marked chunks.
+            let writable = RangeTable::from_runs(
+                maps.iter()
+                    .filter(|v| v.perms.write)
+                    .filter_map(|v| self.scope.clip(v))
+                    .filter(|r| {
+                        planned
+                            .iter()
+                            .any(|p| !p.fresh && p.start <= r.start && r.end <= p.end)
+                    }),
+            );
+            dirty = dirty.union(&writable);
+            // Cleared above, now read-only again, range by range (a merged run may span two ranges of
+            // different protections).
+            for p in planned.iter().filter(|p| !p.fresh) {
+                for r in dirty.intersect(&(p.start..p.end)).runs() {
+                    set_tracked_protection(r.start, r.end - r.start, p.prot & !libc::PROT_WRITE).map_err(
+                        |source| DirtyError::Protect {
+                            start: r.start,
+                            end: r.end,
+                            source,
+                        },
+                    )?;
+                }
+            }
+        }
+        let maps_after = maps::read_self()?;
+        self.remember_identity(&maps_after);
+        // Only data: the populated pages of the dirty chunks, fresh ranges and overflow.
+        let mut out = RangeTable::new();
+        let wanted = dirty.union(&RangeTable::from_runs(
+            fresh.into_iter().chain(self.overflow.iter().cloned()),
+        ));
+        for r in wanted.runs() {
+            self.populated.add(&self.pagemap, r.clone(), &mut out)?;
+        }
+        let zeroed = if first {
+            self.zero.begin(&out);
+            RangeTable::new()
+        } else {
+            self.zero.round(
+                &mut self.populated,
+                &self.pagemap,
+                &tracked_table(&maps_after, &self.scope),
+            )?
+        };
+        Ok(Round { dirty: out, zeroed })
+    }
+}
+
+fn max_map_count() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65_530)
+}
+
+impl Tracker for MprotectTracker {
+    fn mechanism(&self) -> Mechanism {
+        Mechanism::Mprotect
+    }
+
+    fn granularity(&self) -> u64 {
+        let t = ACTIVE.load(SeqCst);
+        if t <= 1 && TABLES[t].len.load(SeqCst) > 0 {
+            1 << TABLES[t].slots[0].shift.load(SeqCst)
+        } else {
+            1 << self.base_shift
+        }
+    }
+
+    fn start(&mut self) -> Result<RangeTable, DirtyError> {
+        segv::install(claim).map_err(DirtyError::SignalHandler)?;
+        self.started = true;
+        Ok(self.round(true)?.dirty)
+    }
+
+    fn collect(&mut self) -> Result<Round, DirtyError> {
+        if !self.started {
+            return Err(DirtyError::NotStarted);
+        }
+        self.round(false)
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        if !std::mem::take(&mut self.started) {
+            return Ok(());
+        }
+        // Writable again first, unpublished after: a write in between still finds its handler.
+        let t = ACTIVE.load(SeqCst);
+        let mut result = Ok(());
+        if t <= 1 {
+            let maps = maps::read_self()?;
+            let table = &TABLES[t];
+            for s in &table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)] {
+                let (start, end, prot) = (s.start.load(SeqCst), s.end.load(SeqCst), prot_of(s));
+                for v in maps
+                    .iter()
+                    .filter(|v| v.start < end && start < v.end && v.perms.prot() == prot & !libc::PROT_WRITE)
+                {
+                    let (a, b) = (v.start.max(start), v.end.min(end));
+                    if let Err(source) = set_tracked_protection(a, b - a, prot) {
+                        result = Err(DirtyError::Protect {
+                            start: a,
+                            end: b,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        ACTIVE.store(NONE, SeqCst);
+        while INFLIGHT.load(SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        segv::release();
+        self.identity.clear();
+        result
+    }
+}
+
+impl Drop for MprotectTracker {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        OWNED.store(false, SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_absolute_and_clipped() {
+        assert_eq!(chunk_of(0x10000, 0x50000, 16, 0x12345), 0x10000..0x20000);
+        assert_eq!(chunk_of(0x11000, 0x50000, 16, 0x12345), 0x11000..0x20000);
+        assert_eq!(chunk_of(0x11000, 0x1f000, 16, 0x1e000), 0x11000..0x1f000);
+        assert_eq!(bit_of(0x11000, 16, 0x11000), 0);
+        assert_eq!(bit_of(0x11000, 16, 0x20000), 1);
+    }
+}

@@ -1,0 +1,312 @@
+//! The primary tracker: userfaultfd asynchronous write-protect and `PAGEMAP_SCAN`.
+//!
+//! Every tracked VMA is registered with one userfaultfd in write-protect mode, with
+//! `UFFD_FEATURE_WP_ASYNC` (the kernel resolves a write fault itself by clearing the page's protection,
+//! no thread of ours is involved) and `UFFD_FEATURE_WP_UNPOPULATED` (protecting an unpopulated page
+//! leaves a marker, so the first write to it is seen too). A round is one `PAGEMAP_SCAN` per span of
+//! tracked VMAs with `PM_SCAN_WP_MATCHING`, which returns the written pages and re-protects them in the
+//! same page-table walk.
+//!
+//! Following the address space: with `PM_SCAN_CHECK_WPASYNC` the scan fails with `EPERM` on any VMA
+//! that is not registered, which is exactly a VMA that appeared (mmap, brk, a thread stack), was
+//! replaced (`MAP_FIXED`) or was moved (`mremap` drops the registration). The kernel has by then
+//! re-protected and copied out the regions before that VMA but does not return their count, so the
+//! output vector is zeroed before each call and its non-empty entries are collected. The span is then
+//! scanned VMA by VMA; each unregistered VMA is registered and protected, and all its populated pages
+//! count as written. A VMA that cannot be registered (`EBUSY`: the application uses userfaultfd there;
+//! `EPERM`: shared mapping of a read-only file; `EINVAL`) is reported in full every round.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::OwnedFd;
+
+use super::maps::{self, Vma};
+use super::populated::{DEFAULT_MARKER_SWAP_TYPE, PopulatedQuery, SCAN_VEC, ZeroWatch};
+use super::{DirtyError, Mechanism, RangeTable, Round, Scope, Tracker, tracked_ranges, tracked_table};
+use crate::sys::pagemap::{
+    self, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, PmScanArg, ScanResult,
+};
+use crate::sys::uffd;
+
+/// Counters of the last round, for logs and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UffdRoundStats {
+    /// `PAGEMAP_SCAN` calls.
+    pub scans: u32,
+    /// VMAs registered this round (new, replaced or moved).
+    pub registered: u32,
+    /// VMAs that cannot be registered, reported in full.
+    pub untrackable: u32,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct UffdTracker {
+    scope: Scope,
+    uffd: OwnedFd,
+    pagemap: File,
+    populated: PopulatedQuery,
+    vec: Vec<PageRegion>,
+    /// Ranges whose registration failed, by (start, end): retried only if the VMA changes.
+    untrackable: HashSet<(u64, u64)>,
+    /// Ranges we registered, to unregister at stop.
+    registered: Vec<Range<u64>>,
+    zero: ZeroWatch,
+    started: bool,
+    stats: UffdRoundStats,
+}
+
+impl UffdTracker {
+    /// Opens the userfaultfd (unprivileged through `UFFD_USER_MODE_ONLY` when plain userfaultfd is
+    /// refused) and checks that the kernel offers asynchronous write-protect.
+    ///
+    /// # Errors
+    /// [`DirtyError::UffdOpen`], [`DirtyError::UffdApi`], [`DirtyError::PagemapOpen`].
+    pub fn new(scope: Scope) -> Result<Self, DirtyError> {
+        let fd = match uffd::open(0) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                // vm.unprivileged_userfaultfd=0: user-mode-only faults are still allowed, and the
+                // kernel's own writes into tracked pages are still seen (async mode resolves in-kernel).
+                uffd::open(uffd::UFFD_USER_MODE_ONLY).map_err(DirtyError::UffdOpen)?
+            }
+            Err(e) => return Err(DirtyError::UffdOpen(e)),
+        };
+        let want = uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED;
+        // shmem and hugetlbfs write-protect where offered (6.0+); asked for separately because the
+        // handshake fails as a whole on an unknown bit and can be made only once per descriptor.
+        let fd = match uffd::api(&fd, want | uffd::FEATURE_WP_HUGETLBFS_SHMEM) {
+            Ok(_) => fd,
+            Err(_) => {
+                let fd = reopen_like(&fd)?;
+                uffd::api(&fd, want).map_err(DirtyError::UffdApi)?;
+                fd
+            }
+        };
+        let pagemap = File::open("/proc/self/pagemap").map_err(DirtyError::PagemapOpen)?;
+        let marker = marker_swap_type(&fd, &pagemap).unwrap_or(DEFAULT_MARKER_SWAP_TYPE);
+        let populated = PopulatedQuery::new(&pagemap, marker);
+        Ok(Self {
+            scope,
+            uffd: fd,
+            pagemap,
+            populated,
+            vec: vec![PageRegion::default(); SCAN_VEC],
+            untrackable: HashSet::new(),
+            registered: Vec::new(),
+            zero: ZeroWatch::default(),
+            started: false,
+            stats: UffdRoundStats::default(),
+        })
+    }
+
+    /// Counters of the last `start` or `collect`.
+    #[must_use]
+    pub fn last_round(&self) -> UffdRoundStats {
+        self.stats
+    }
+
+    /// Registers and write-protects `range`, then adds its populated pages to `out`. A range that
+    /// cannot be registered is remembered as untrackable and reported in full.
+    fn arm(&mut self, range: Range<u64>, out: &mut RangeTable) -> Result<(), DirtyError> {
+        let len = range.end - range.start;
+        match uffd::register_wp(&self.uffd, range.start, len) {
+            Ok(()) => {
+                // Protect first, then look: a page written in between is both reported now and
+                // reported next round, never missed.
+                uffd::writeprotect(&self.uffd, range.start, len, true).map_err(|source| {
+                    DirtyError::WriteProtect {
+                        start: range.start,
+                        end: range.end,
+                        source,
+                    }
+                })?;
+                self.registered.push(range.clone());
+                self.stats.registered += 1;
+            }
+            Err(e) => {
+                let code = e.raw_os_error();
+                if code == Some(libc::ENOMEM) {
+                    // Part of the range was unmapped since the maps were read: the next round sees
+                    // the new layout. Report what is there now.
+                    tracing::debug!(start = range.start, end = range.end, "range changed while arming");
+                } else {
+                    tracing::info!(start = format_args!("{:#x}", range.start), end = format_args!("{:#x}", range.end), error = %e,
+                        "cannot track this range with userfaultfd; it is sent in full every round");
+                    self.untrackable.insert((range.start, range.end));
+                }
+                self.stats.untrackable += 1;
+            }
+        }
+        self.populated.add(&self.pagemap, range, out)
+    }
+
+    /// Scans `range` for written pages and re-protects them. Returns false when the walk met an
+    /// unregistered VMA (the pages found before it are in `out` all the same).
+    fn scan_written(&mut self, range: Range<u64>, out: &mut RangeTable) -> Result<bool, DirtyError> {
+        let mut start = range.start;
+        while start < range.end {
+            // Zeroed so that the entries written before an EPERM can be told apart.
+            self.vec.fill(PageRegion::default());
+            let arg = PmScanArg {
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start,
+                end: range.end,
+                // Exactly these masks take the kernel's fast path for written-page scans.
+                category_mask: PAGE_IS_WRITTEN,
+                return_mask: PAGE_IS_WRITTEN,
+                ..Default::default()
+            };
+            self.stats.scans += 1;
+            let res =
+                pagemap::scan(&self.pagemap, arg, &mut self.vec).map_err(|source| DirtyError::Scan {
+                    start,
+                    end: range.end,
+                    source,
+                })?;
+            match res {
+                ScanResult::Done { n, walk_end } => {
+                    for r in &self.vec[..n] {
+                        out.push(r.start..r.end);
+                    }
+                    if walk_end <= start {
+                        break;
+                    }
+                    start = walk_end;
+                }
+                ScanResult::NotRegistered => {
+                    for r in self.vec.iter().take_while(|r| r.end != 0) {
+                        out.push(r.start..r.end);
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn round(&mut self) -> Result<Round, DirtyError> {
+        self.stats = UffdRoundStats::default();
+        let maps = maps::read_self()?;
+        let tracked: Vec<(Range<u64>, bool)> = tracked_ranges(&maps, &self.scope)
+            .map(|(r, _)| {
+                let known_bad = self.untrackable.contains(&(r.start, r.end));
+                (r, known_bad)
+            })
+            .collect();
+        // A VMA that changed is tried again; one that is gone is forgotten.
+        self.untrackable
+            .retain(|k| tracked.iter().any(|(r, _)| (r.start, r.end) == *k));
+
+        let mut out = RangeTable::new();
+        let mut i = 0;
+        while i < tracked.len() {
+            if tracked[i].1 {
+                self.stats.untrackable += 1;
+                self.populated
+                    .add(&self.pagemap, tracked[i].0.clone(), &mut out)?;
+                i += 1;
+                continue;
+            }
+            // A span: consecutive trackable VMAs, scanned in one call.
+            let first = i;
+            while i < tracked.len() && !tracked[i].1 {
+                i += 1;
+            }
+            let span = tracked[first].0.start..tracked[i - 1].0.end;
+            if self.scan_written(span, &mut out)? {
+                continue;
+            }
+            // Something in the span is not registered: VMA by VMA.
+            let mut part = RangeTable::new();
+            for (r, _) in &tracked[first..i] {
+                if !self.scan_written(r.clone(), &mut part)? {
+                    self.arm(r.clone(), &mut part)?;
+                }
+            }
+            out = out.union(&part);
+        }
+        let tracked = tracked_table(&maps, &self.scope);
+        let zeroed = self.zero.round(&mut self.populated, &self.pagemap, &tracked)?;
+        Ok(Round { dirty: out, zeroed })
+    }
+}
+
+/// Learns the swap type the kernel gives PTE markers: write-protects an unpopulated probe page, which
+/// leaves a marker, and reads its pagemap entry.
+fn marker_swap_type(fd: &OwnedFd, pagemap: &File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let page = crate::sys::page_size() as u64;
+    let probe = crate::sys::mman::Region::map_anon(usize::try_from(page).ok()?, None).ok()?;
+    let a = probe.addr() as u64;
+    uffd::register_wp(fd, a, page).ok()?;
+    let wp = uffd::writeprotect(fd, a, page, true);
+    let mut e = [0u8; 8];
+    let read = pagemap.read_exact_at(&mut e, a / page * 8);
+    let _ = uffd::unregister(fd, a, page);
+    wp.ok()?;
+    read.ok()?;
+    let e = u64::from_ne_bytes(e);
+    (e & crate::sys::pagemap::PM_SWAP != 0).then_some(e & 0x1f)
+}
+
+/// A second userfaultfd opened the way `fd` was (the API handshake can be made only once per fd).
+fn reopen_like(_fd: &OwnedFd) -> Result<OwnedFd, DirtyError> {
+    match uffd::open(0) {
+        Ok(fd) => Ok(fd),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            uffd::open(uffd::UFFD_USER_MODE_ONLY).map_err(DirtyError::UffdOpen)
+        }
+        Err(e) => Err(DirtyError::UffdOpen(e)),
+    }
+}
+
+impl Tracker for UffdTracker {
+    fn mechanism(&self) -> Mechanism {
+        Mechanism::UffdWp
+    }
+
+    fn start(&mut self) -> Result<RangeTable, DirtyError> {
+        self.stats = UffdRoundStats::default();
+        self.started = true;
+        let maps: Vec<Vma> = maps::read_self()?;
+        let ranges: Vec<Range<u64>> = tracked_ranges(&maps, &self.scope).map(|(r, _)| r).collect();
+        let mut out = RangeTable::new();
+        for r in ranges {
+            self.arm(r, &mut out)?;
+        }
+        self.zero.begin(&out);
+        Ok(out)
+    }
+
+    fn collect(&mut self) -> Result<Round, DirtyError> {
+        if !self.started {
+            return Err(DirtyError::NotStarted);
+        }
+        self.round()
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        if !std::mem::take(&mut self.started) {
+            return Ok(());
+        }
+        // Unregistering clears the protection of every page, so no write faults after this. Ranges
+        // that were unmapped or changed since are skipped; closing the descriptor releases the rest.
+        for r in std::mem::take(&mut self.registered) {
+            if let Err(e) = uffd::unregister(&self.uffd, r.start, r.end - r.start) {
+                if e.kind() != io::ErrorKind::OutOfMemory && e.raw_os_error() != Some(libc::EINVAL) {
+                    tracing::debug!(start = r.start, error = %e, "unregister failed");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UffdTracker {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
