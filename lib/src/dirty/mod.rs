@@ -35,7 +35,7 @@ use std::io;
 use std::ops::Range;
 
 pub use full::FullTracker;
-pub use mprotect::{MprotectTracker, before_kernel_write};
+pub use mprotect::{MprotectTracker, open_range};
 pub use ranges::{RangeTable, Run};
 
 /// What one round found.
@@ -281,8 +281,15 @@ fn new_unchecked(mechanism: Mechanism, scope: Scope) -> Result<Box<dyn Tracker>,
 /// # Errors
 /// [`DirtyError::UnknownMechanism`], or the forced mechanism's error.
 pub fn select(scope: Scope) -> Result<Box<dyn Tracker>, DirtyError> {
-    let forced = Mechanism::parse(&std::env::var(TRACKER_ENV).unwrap_or_default())?;
-    if let Some(m) = forced {
+    select_with(&std::env::var(TRACKER_ENV).unwrap_or_default(), scope)
+}
+
+/// [`select`] with the value of `OM_DIRTY_TRACKER` given (`""` or `"auto"`: the best that works).
+///
+/// # Errors
+/// As [`select`].
+pub fn select_with(forced: &str, scope: Scope) -> Result<Box<dyn Tracker>, DirtyError> {
+    if let Some(m) = Mechanism::parse(forced)? {
         return open(m, scope);
     }
     for m in Mechanism::ALL {
@@ -328,7 +335,7 @@ pub fn self_test(mechanism: Mechanism) -> Result<(), DirtyError> {
     t.stop()?;
     let written = base + p;
     let ok1 = if mechanism == Mechanism::Full {
-        round1 == RangeTable::from_runs([base..base + 3 * p])
+        round1 == RangeTable::from_runs(std::iter::once(base..base + 3 * p))
     } else {
         round1.contains(written) && round1.bytes() <= gran.max(p)
     };

@@ -20,7 +20,9 @@
 //! moved is tracked anew.
 //!
 //! Kernel writes (`read(2)` into a tracked buffer) do not trap: the system call fails with `EFAULT`.
-//! [`before_kernel_write`] opens the chunks of a buffer first; the runtime's system-call wrappers call it.
+//! [`open_range`] opens the chunks of a buffer first; the runtime's system-call wrappers call it, and
+//! call it before `mremap(2)` too (moved pages would keep our read-only protection where we no longer
+//! track them).
 
 use std::fs::File;
 use std::ops::Range;
@@ -157,19 +159,49 @@ fn claim_in_active(addr: u64) -> bool {
     true
 }
 
-/// Opens the tracked chunks under `[addr, addr+len)` before the kernel writes there (`read(2)`,
-/// `recv(2)`, ...), which would otherwise fail with `EFAULT`, and marks them dirty. A no-op when no
-/// mprotect tracker runs. The runtime's system-call wrappers call this.
-pub fn before_kernel_write(addr: usize, len: usize) {
-    if ACTIVE.load(SeqCst) > 1 || len == 0 {
+/// Opens the tracked memory in `[addr, addr+len)` (restores write access) and marks it dirty. A no-op
+/// when no mprotect tracker runs; cheap when none of the range is tracked.
+///
+/// The runtime's system-call wrappers call it before the kernel writes into application memory
+/// (`read(2)`, `recv(2)`, ...: a protected buffer would make the call fail with `EFAULT`) and before
+/// `mremap(2)` (moved pages would keep their read-only protection at an address the tracker does not
+/// know, and the next write there would kill the process).
+pub fn open_range(addr: usize, len: usize) {
+    if len == 0 {
         return;
     }
-    let page = crate::sys::page_size();
-    let mut a = addr & !(page - 1);
-    while a < addr.saturating_add(len) {
-        claim(a);
-        a += page;
+    INFLIGHT.fetch_add(1, SeqCst);
+    let t = ACTIVE.load(SeqCst);
+    if t <= 1 {
+        let (a, b) = (addr as u64, (addr as u64).saturating_add(len as u64));
+        let table = &TABLES[t];
+        for s in &table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)] {
+            let (start, end, shift, off) = (
+                s.start.load(SeqCst),
+                s.end.load(SeqCst),
+                s.shift.load(SeqCst),
+                s.off.load(SeqCst),
+            );
+            let (lo, hi) = (a.max(start), b.min(end));
+            if lo >= hi {
+                continue;
+            }
+            // Whole chunks, writable first and marked after, as in the handler.
+            let (lo, hi) = (
+                chunk_of(start, end, shift, lo).start,
+                chunk_of(start, end, shift, hi - 1).end,
+            );
+            if set_tracked_protection(lo, hi - lo, prot_of(s)).is_err() {
+                continue;
+            }
+            for bit in bit_of(start, shift, lo)..=bit_of(start, shift, hi - 1) {
+                if let Some(w) = POOL[t].get(off + usize::try_from(bit / 64).unwrap_or(usize::MAX)) {
+                    w.fetch_or(1 << (bit % 64), SeqCst);
+                }
+            }
+        }
     }
+    INFLIGHT.fetch_sub(1, SeqCst);
 }
 
 /// A tracked range's extent and what backs it: `(start, end, device, inode, shared)`.
@@ -194,7 +226,8 @@ pub struct MprotectTracker {
     base_shift: u32,
     /// Extent and identity of each active slot's memory, to tell replaced memory apart.
     identity: Vec<Identity>,
-    /// Writable ranges that did not fit in a table: reported in full, never protected.
+    /// Writable ranges that did not fit in a table, or must never be protected (stacks, the tracker's
+    /// own state): reported in full every round.
     overflow: Vec<Range<u64>>,
     zero: ZeroWatch,
     started: bool,
@@ -232,24 +265,34 @@ impl MprotectTracker {
         })
     }
 
-    /// Plans the next table from the maps: continuing ranges keep going, the rest is fresh.
-    fn plan(&self, maps: &[Vma], active: Option<usize>) -> Vec<Planned> {
+    /// Plans the next table from the maps: continuing ranges keep going, the rest is fresh. Pieces
+    /// that must never be protected go to `pinned`.
+    fn plan(&self, maps: &[Vma], active: Option<usize>, pinned: &mut Vec<Range<u64>>) -> Vec<Planned> {
         let mut planned: Vec<Planned> = Vec::new();
         let mut continuing: Vec<bool> = vec![true; self.identity.len()];
-        // Pieces (start, end, slot or none, writable).
+        // Pieces, split at tracked-range boundaries: the kernel merges a range we made read-only with a
+        // read-only neighbour of the same file (a library's .data with its RELRO), so one VMA can
+        // hold a tracked range and more.
         let mut pieces: Vec<(Range<u64>, Option<usize>, &Vma)> = Vec::new();
         for (r, v) in tracked_ranges(maps, &self.scope) {
-            let slot = active.and_then(|_| {
-                let i = self.identity.partition_point(|id| id.1 <= r.start);
-                let id = self.identity.get(i)?;
-                (id.0 <= r.start
-                    && r.end <= id.1
-                    && id.2 == v.dev
-                    && id.3 == v.inode
-                    && id.4 == v.perms.shared)
-                    .then_some(i)
-            });
-            pieces.push((r, slot, v));
+            if v.perms.write && must_not_protect(maps, v) {
+                pinned.push(r);
+                continue;
+            }
+            let mut a = r.start;
+            while a < r.end {
+                let i = self.identity.partition_point(|id| id.1 <= a);
+                let (b, slot) = match self.identity.get(i).filter(|_| active.is_some()) {
+                    Some(id) if id.0 <= a => {
+                        let same = id.2 == v.dev && id.3 == v.inode && id.4 == v.perms.shared;
+                        (r.end.min(id.1), same.then_some(i))
+                    }
+                    Some(id) => (r.end.min(id.0), None),
+                    None => (r.end, None),
+                };
+                pieces.push((a..b, slot, v));
+                a = b;
+            }
         }
         // A slot continues only if its pieces cover it exactly, each with its protection or its
         // protection minus write.
@@ -401,6 +444,35 @@ impl MprotectTracker {
         out
     }
 
+    /// Memory of the active table that the next table will not track goes back to its own protection
+    /// first, while the active table still claims its faults: nothing stays read-only untracked.
+    fn restore_dropped(&self, t: usize, maps: &[Vma], planned: &[Planned]) -> Result<(), DirtyError> {
+        let next = RangeTable::from_runs(planned.iter().map(|p| p.start..p.end));
+        let table = &TABLES[t];
+        for (i, s) in table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)]
+            .iter()
+            .enumerate()
+        {
+            let (start, end, prot) = (s.start.load(SeqCst), s.end.load(SeqCst), prot_of(s));
+            let Some(id) = self.identity.get(i) else { continue };
+            let dropped = RangeTable::from_runs(std::iter::once(start..end)).difference(&next);
+            for r in dropped.runs() {
+                for v in maps.iter().filter(|v| v.start < r.end && r.start < v.end) {
+                    let ours = v.perms.prot() == prot & !libc::PROT_WRITE && v.dev == id.2 && v.inode == id.3;
+                    if ours {
+                        let (a, b) = (v.start.max(r.start), v.end.min(r.end));
+                        set_tracked_protection(a, b - a, prot).map_err(|source| DirtyError::Protect {
+                            start: a,
+                            end: b,
+                            source,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn remember_identity(&mut self, maps: &[Vma]) {
         let t = ACTIVE.load(SeqCst);
         if t > 1 {
@@ -428,8 +500,13 @@ impl MprotectTracker {
         } else {
             Some(ACTIVE.load(SeqCst)).filter(|t| *t <= 1)
         };
-        let planned = self.plan(&maps, active);
+        let mut pinned = Vec::new();
+        let planned = self.plan(&maps, active, &mut pinned);
+        if let Some(t) = active {
+            self.restore_dropped(t, &maps, &planned)?;
+        }
         let (fresh, old) = self.publish(&planned)?;
+        self.overflow.extend(pinned);
         let mut dirty = RangeTable::new();
         if let Some(old) = old {
             dirty = Self::harvest(old);
@@ -482,6 +559,27 @@ impl MprotectTracker {
         };
         Ok(Round { dirty: out, zeroed })
     }
+}
+
+/// Memory whose protection would kill the process or the tracker, reported in full instead:
+///
+/// - stacks: a write fault on a read-only stack cannot be delivered (the kernel has nowhere to put
+///   the signal frame) and kills the process. `[stack]`, and thread stacks, which glibc and most
+///   runtimes map with a `PROT_NONE` guard page directly below;
+/// - the VMA holding the tracker's own state, which the handler writes.
+fn must_not_protect(maps: &[Vma], v: &Vma) -> bool {
+    if v.path == "[stack]" {
+        return true;
+    }
+    let guarded = maps
+        .iter()
+        .any(|g| g.end == v.start && g.perms.prot() == libc::PROT_NONE && !g.perms.shared);
+    let own = [
+        std::ptr::from_ref(&POOL) as u64,
+        std::ptr::from_ref(&TABLES) as u64,
+        std::ptr::from_ref(&INFLIGHT) as u64,
+    ];
+    guarded || own.iter().any(|a| v.start <= *a && *a < v.end)
 }
 
 fn max_map_count() -> usize {

@@ -181,3 +181,27 @@ pub(crate) fn set_tracked_protection(addr: u64, len: u64, prot: i32) -> io::Resu
         Err(io::Error::last_os_error())
     }
 }
+
+/// Moves the program break up by at least `bytes` (`sbrk`) and returns the new memory as atomics. It
+/// belongs to the caller from then on and is never given back, hence `'static`. For tests that need
+/// `brk` growth while other threads allocate from mmap'd arenas, where malloc would not grow the
+/// break itself.
+///
+/// # Errors
+/// `ENOMEM` from the kernel.
+pub fn grow_brk(bytes: usize) -> io::Result<&'static [AtomicU64]> {
+    let want = bytes
+        .checked_add(8)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let incr = libc::intptr_t::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: growing the break only adds memory past the current break, which nothing references;
+    // glibc's malloc copes with foreign sbrk calls (its main arena treats the break as non-contiguous).
+    let old = unsafe { libc::sbrk(incr) };
+    if old as isize == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let start = (old as usize).next_multiple_of(8);
+    // SAFETY: [start, start + bytes) lies inside the `want` bytes just added to the break, readable,
+    // writable and zeroed, 8-byte aligned, referenced by nothing else and never released.
+    Ok(unsafe { std::slice::from_raw_parts(start as *const AtomicU64, bytes / 8) })
+}

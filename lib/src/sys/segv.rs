@@ -44,14 +44,11 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
 /// Passes a fault that is not ours to the handler that was installed before ours.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let prev = PREVIOUS_RAW.load(Ordering::Acquire) as *const libc::sigaction;
-    // SAFETY: `prev` is null or points at the leaked, immutable copy made by `install`.
-    let handler = if prev.is_null() {
-        libc::SIG_DFL
-    } else {
-        unsafe { (*prev).sa_sigaction }
-    };
-    // SAFETY: as above.
-    let siginfo = !prev.is_null() && unsafe { (*prev).sa_flags } & libc::SA_SIGINFO != 0;
+    // SAFETY: `prev` is null or points at the leaked, immutable copy made by `install`, which lives
+    // for the rest of the process.
+    let prev = unsafe { prev.as_ref() };
+    let handler = prev.map_or(libc::SIG_DFL, |p| p.sa_sigaction);
+    let siginfo = prev.is_some_and(|p| p.sa_flags & libc::SA_SIGINFO != 0);
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
         // Returning re-executes the faulting instruction, which now gets the default action (a
         // SIGSEGV that cannot be ignored would loop forever, so SIG_IGN also gets the default).
