@@ -230,6 +230,8 @@ pub struct MprotectTracker {
     /// own state): reported in full every round.
     overflow: Vec<Range<u64>>,
     zero: ZeroWatch,
+    /// New writable VMAs seen last round: protected from this round on if still there, unchanged.
+    probation: Vec<(u64, u64)>,
     started: bool,
 }
 
@@ -261,13 +263,27 @@ impl MprotectTracker {
             identity: Vec::new(),
             overflow: Vec::new(),
             zero: ZeroWatch::default(),
+            probation: Vec::new(),
             started: false,
         })
     }
 
+    /// Protection changes on memory that may have been unmapped meanwhile: `ENOMEM` means it is gone.
+    fn protect_if_mapped(start: u64, end: u64, prot: i32) -> Result<(), DirtyError> {
+        match set_tracked_protection(start, end - start, prot) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => Ok(()),
+            r => r.map_err(|source| DirtyError::Protect { start, end, source }),
+        }
+    }
+
     /// Plans the next table from the maps: continuing ranges keep going, the rest is fresh. Pieces
     /// that must never be protected go to `pinned`.
-    fn plan(&self, maps: &[Vma], active: Option<usize>, pinned: &mut Vec<Range<u64>>) -> Vec<Planned> {
+    ///
+    /// New writable memory serves one round of probation, reported in full but not protected: memory
+    /// being set up (a thread's signal stack is mapped writable first and gets its guard page a moment
+    /// later) must not become read-only before it shows what it is.
+    fn plan(&mut self, maps: &[Vma], active: Option<usize>, pinned: &mut Vec<Range<u64>>) -> Vec<Planned> {
+        let mut probation: Vec<(u64, u64)> = Vec::new();
         let mut planned: Vec<Planned> = Vec::new();
         let mut continuing: Vec<bool> = vec![true; self.identity.len()];
         // Pieces, split at tracked-range boundaries: the kernel merges a range we made read-only with a
@@ -294,23 +310,18 @@ impl MprotectTracker {
                 a = b;
             }
         }
-        // A slot continues only if its pieces cover it exactly, each with its protection or its
-        // protection minus write.
+        // A slot continues unless a piece inside it shows a change: other permissions than its own or its
+        // own minus write. Pieces with other backing were already split off (slot `None`). A gap is no
+        // evidence: /proc/self/maps is read in parts while our handler splits and merges VMAs, so a
+        // read can miss a piece; memory that really went away is simply not found again (re-protecting
+        // it fails with ENOMEM, which is ignored).
         if let Some(t) = active {
-            for (i, id) in self.identity.iter().enumerate() {
+            for (r, slot, v) in &pieces {
+                let Some(i) = *slot else { continue };
                 let prot = prot_of(&TABLES[t].slots[i]);
-                let mut cursor = id.0;
-                for (r, s, v) in &pieces {
-                    if *s != Some(i) {
-                        continue;
-                    }
-                    let p = v.perms.prot();
-                    if r.start != cursor || (p != prot && p != prot & !libc::PROT_WRITE) {
-                        continuing[i] = false;
-                    }
-                    cursor = r.end;
-                }
-                if cursor != id.1 {
+                let p = v.perms.prot();
+                if p != prot && p != prot & !libc::PROT_WRITE {
+                    tracing::debug!(start = r.start, "tracked range changed protection");
                     continuing[i] = false;
                 }
             }
@@ -342,16 +353,23 @@ impl MprotectTracker {
                     });
                 }
                 None if v.perms.write => {
-                    planned.push(Planned {
-                        start: r.start,
-                        end: r.end,
-                        prot: v.perms.prot(),
-                        fresh: true,
-                    });
+                    let key = (v.start, v.end);
+                    if active.is_none() || self.probation.contains(&key) {
+                        planned.push(Planned {
+                            start: r.start,
+                            end: r.end,
+                            prot: v.perms.prot(),
+                            fresh: true,
+                        });
+                    } else {
+                        probation.push(key);
+                        pinned.push(r.clone());
+                    }
                 }
                 None => {}
             }
         }
+        self.probation = probation;
         planned
     }
 
@@ -400,13 +418,7 @@ impl MprotectTracker {
         ACTIVE.store(next, SeqCst);
         let mut fresh = Vec::new();
         for p in fit.iter().filter(|p| p.fresh) {
-            set_tracked_protection(p.start, p.end - p.start, p.prot & !libc::PROT_WRITE).map_err(
-                |source| DirtyError::Protect {
-                    start: p.start,
-                    end: p.end,
-                    source,
-                },
-            )?;
+            Self::protect_if_mapped(p.start, p.end, p.prot & !libc::PROT_WRITE)?;
             fresh.push(p.start..p.end);
         }
         Ok((fresh, old))
@@ -461,11 +473,7 @@ impl MprotectTracker {
                     let ours = v.perms.prot() == prot & !libc::PROT_WRITE && v.dev == id.2 && v.inode == id.3;
                     if ours {
                         let (a, b) = (v.start.max(r.start), v.end.min(r.end));
-                        set_tracked_protection(a, b - a, prot).map_err(|source| DirtyError::Protect {
-                            start: a,
-                            end: b,
-                            source,
-                        })?;
+                        Self::protect_if_mapped(a, b, prot)?;
                     }
                 }
             }
@@ -527,13 +535,7 @@ impl MprotectTracker {
             // different protections).
             for p in planned.iter().filter(|p| !p.fresh) {
                 for r in dirty.intersect(&(p.start..p.end)).runs() {
-                    set_tracked_protection(r.start, r.end - r.start, p.prot & !libc::PROT_WRITE).map_err(
-                        |source| DirtyError::Protect {
-                            start: r.start,
-                            end: r.end,
-                            source,
-                        },
-                    )?;
+                    Self::protect_if_mapped(r.start, r.end, p.prot & !libc::PROT_WRITE)?;
                 }
             }
         }

@@ -87,7 +87,7 @@ impl PopulatedQuery {
                                     entries(pagemap, r.start..r.end, marker, &mut self.entries, out)?;
                                 }
                             }
-                            if walk_end <= start {
+                            if n < vec.len() || walk_end <= start {
                                 break;
                             }
                             start = walk_end;

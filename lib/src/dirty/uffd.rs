@@ -53,7 +53,11 @@ pub struct UffdTracker {
     untrackable: HashSet<(u64, u64)>,
     /// Ranges we registered, to unregister at stop.
     registered: Vec<Range<u64>>,
-    zero: ZeroWatch,
+    /// Pages that lost their data are found by a full populated-page diff every round only when the
+    /// kernel's written-page scan does not report zapped pages (probed in `new`).
+    zero: Option<ZeroWatch>,
+    /// Zeroed ranges found while arming this round: a re-armed range minus its populated pages.
+    armed_zeroed: RangeTable,
     started: bool,
     stats: UffdRoundStats,
 }
@@ -88,7 +92,13 @@ impl UffdTracker {
         let pagemap = File::open("/proc/self/pagemap").map_err(DirtyError::PagemapOpen)?;
         let marker = marker_swap_type(&fd, &pagemap).unwrap_or(DEFAULT_MARKER_SWAP_TYPE);
         let populated = PopulatedQuery::new(&pagemap, marker);
-        Ok(Self {
+        let zaps_reported = zaps_are_reported(&fd, &pagemap);
+        if !zaps_reported {
+            tracing::info!(
+                "this kernel's written-page scan misses zapped pages; diffing populated pages every round"
+            );
+        }
+        let mut t = Self {
             scope,
             uffd: fd,
             pagemap,
@@ -96,10 +106,15 @@ impl UffdTracker {
             vec: vec![PageRegion::default(); SCAN_VEC],
             untrackable: HashSet::new(),
             registered: Vec::new(),
-            zero: ZeroWatch::default(),
+            zero: None,
+            armed_zeroed: RangeTable::new(),
             started: false,
             stats: UffdRoundStats::default(),
-        })
+        };
+        if !zaps_reported {
+            t.zero = Some(ZeroWatch::default());
+        }
+        Ok(t)
     }
 
     /// Counters of the last `start` or `collect`.
@@ -140,7 +155,14 @@ impl UffdTracker {
                 self.stats.untrackable += 1;
             }
         }
-        self.populated.add(&self.pagemap, range, out)
+        let mut now = RangeTable::new();
+        self.populated.add(&self.pagemap, range.clone(), &mut now)?;
+        // Whatever was here before is gone; the receiver zeroes what holds no data now.
+        self.armed_zeroed = self
+            .armed_zeroed
+            .union(&RangeTable::from_runs(std::iter::once(range)).difference(&now));
+        *out = out.union(&now);
+        Ok(())
     }
 
     /// Scans `range` for written pages and re-protects them. Returns false when the walk met an
@@ -171,7 +193,7 @@ impl UffdTracker {
                     for r in &self.vec[..n] {
                         out.push(r.start..r.end);
                     }
-                    if walk_end <= start {
+                    if n < self.vec.len() || walk_end <= start {
                         break;
                     }
                     start = walk_end;
@@ -189,6 +211,7 @@ impl UffdTracker {
 
     fn round(&mut self) -> Result<Round, DirtyError> {
         self.stats = UffdRoundStats::default();
+        self.armed_zeroed = RangeTable::new();
         let maps = maps::read_self()?;
         let tracked: Vec<(Range<u64>, bool)> = tracked_ranges(&maps, &self.scope)
             .map(|(r, _)| {
@@ -222,16 +245,67 @@ impl UffdTracker {
             // Something in the span is not registered: VMA by VMA.
             let mut part = RangeTable::new();
             for (r, _) in &tracked[first..i] {
-                if !self.scan_written(r.clone(), &mut part)? {
-                    self.arm(r.clone(), &mut part)?;
+                let mut written = RangeTable::new();
+                if !self.scan_written(r.clone(), &mut written)? {
+                    // Written pages found before the failure and the whole VMA's populated pages
+                    // overlap: merged, not appended.
+                    let mut armed = RangeTable::new();
+                    self.arm(r.clone(), &mut armed)?;
+                    written = written.union(&armed);
                 }
+                part = part.union(&written);
             }
             out = out.union(&part);
         }
-        let tracked = tracked_table(&maps, &self.scope);
-        let zeroed = self.zero.round(&mut self.populated, &self.pagemap, &tracked)?;
+        let zeroed = match self.zero.as_mut() {
+            Some(z) => z.round(
+                &mut self.populated,
+                &self.pagemap,
+                &tracked_table(&maps, &self.scope),
+            )?,
+            // Zapped pages in registered ranges are reported as written (and read back as zeros);
+            // replaced or moved ranges were re-armed.
+            None => std::mem::take(&mut self.armed_zeroed),
+        };
         Ok(Round { dirty: out, zeroed })
     }
+}
+
+/// Does the written-page scan report pages that `MADV_DONTNEED` zapped? Probed on a write-protected
+/// 4 MiB region advised for huge pages: a whole 2 MiB (a page table's, or a huge page's, worth) and
+/// 16 pages of another are zapped, and all must be reported. True on 6.18, including with
+/// `CONFIG_PT_RECLAIM`; a kernel that frees the emptied table would report a hole instead.
+fn zaps_are_reported(fd: &OwnedFd, pagemap: &File) -> bool {
+    const HUGE: usize = 2 << 20;
+    let page = crate::sys::page_size();
+    let Ok(mut probe) = crate::sys::mman::Region::map_anon(3 * HUGE, None) else {
+        return false;
+    };
+    let base = probe.addr();
+    let off = base.next_multiple_of(HUGE) - base;
+    let _ = probe.advise_hugepage(off, 2 * HUGE);
+    probe.bytes_mut()[off..off + 2 * HUGE].fill(1);
+    let (a, len) = ((base + off) as u64, (2 * HUGE) as u64);
+    if uffd::register_wp(fd, a, len).is_err() || uffd::writeprotect(fd, a, len, true).is_err() {
+        let _ = uffd::unregister(fd, a, len);
+        return false;
+    }
+    let zapped = probe.dontneed(off, HUGE).is_ok() && probe.dontneed(off + HUGE, 16 * page).is_ok();
+    let mut vec = vec![PageRegion::default(); 64];
+    let arg = PmScanArg {
+        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        start: a,
+        end: a + len,
+        category_mask: PAGE_IS_WRITTEN,
+        return_mask: PAGE_IS_WRITTEN,
+        ..Default::default()
+    };
+    let reported = match pagemap::scan(pagemap, arg, &mut vec) {
+        Ok(ScanResult::Done { n, .. }) => vec[..n].iter().map(|r| r.end - r.start).sum::<u64>(),
+        _ => 0,
+    };
+    let _ = uffd::unregister(fd, a, len);
+    zapped && reported == (HUGE + 16 * page) as u64
 }
 
 /// Learns the swap type the kernel gives PTE markers: write-protects an unpopulated probe page, which
@@ -277,7 +351,9 @@ impl Tracker for UffdTracker {
         for r in ranges {
             self.arm(r, &mut out)?;
         }
-        self.zero.begin(&out);
+        if let Some(z) = self.zero.as_mut() {
+            z.begin(&out);
+        }
         Ok(out)
     }
 

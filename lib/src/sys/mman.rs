@@ -122,6 +122,22 @@ impl Region {
         }
     }
 
+    /// Advises transparent huge pages for `[offset, offset+len)` (`MADV_HUGEPAGE`).
+    ///
+    /// # Errors
+    /// The `madvise` error (`EINVAL` without THP support).
+    pub fn advise_hugepage(&mut self, offset: usize, len: usize) -> io::Result<()> {
+        self.check_part(offset, len)?;
+        let part = self.addr.as_ptr().wrapping_add(offset);
+        // SAFETY: the part lies inside our mapping; MADV_HUGEPAGE changes no contents.
+        let r = unsafe { libc::madvise(part.cast(), len, libc::MADV_HUGEPAGE) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Maps fresh zeroed memory over `[offset, offset+len)` (`MAP_FIXED`): a new VMA in place of the
     /// old part, as an allocator or a loader does.
     ///

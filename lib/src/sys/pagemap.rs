@@ -81,11 +81,14 @@ const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);
 /// What one `PAGEMAP_SCAN` call found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanResult {
-    /// The walk covered `[start, walk_end)`; `n` regions were written.
+    /// `n` regions were written. With fewer regions than the vector holds, the walk covered the whole
+    /// range. With a full vector, continue from `walk_end`. Only then: the kernel sets `walk_end` on
+    /// each internal `ENOSPC` (its bounce buffer holds 512 regions) and leaves it stale when the walk
+    /// then completes, below regions the same call returned.
     Done {
         /// Regions written.
         n: usize,
-        /// Where the walk stopped (the output vector was full if below the requested end).
+        /// Where to continue when the vector was full.
         walk_end: u64,
     },
     /// `EPERM` under `PM_SCAN_CHECK_WPASYNC`: the walk met a VMA not registered for async
