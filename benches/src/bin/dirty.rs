@@ -6,6 +6,7 @@
 //! - the cost of the first write to a tracked page, next to a plain write to a populated page;
 //! - the slowdown of a write-heavy loop (random writes all over the region, one second) while
 //!   tracked, with a collector thread calling `collect` every 20 ms, against the same loop untracked.
+//!
 //! All baselines are measured in the same run.
 
 use std::hint::black_box;
