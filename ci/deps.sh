@@ -8,6 +8,7 @@ declare -A NEED=(
   [ip]=iproute2      # the rig: network namespaces, veth, bridge
   [pgrep]=procps     # rig tests find processes
   [sh]=dash
+  [setpriv]=util-linux # dirty-tracking tests run a process unprivileged
 )
 
 missing=()

@@ -254,3 +254,32 @@ fn a_program_that_uses_userfaultfd_itself_keeps_working_and_is_still_tracked() {
     );
     app.stop().unwrap();
 }
+
+#[test]
+fn unprivileged_processes_get_uffd_through_user_mode_only() {
+    // vm.unprivileged_userfaultfd=0 refuses plain userfaultfd to a non-root process; the tracker
+    // must fall back to UFFD_USER_MODE_ONLY. Run the forced-mechanism test again as nobody.
+    if !nix::unistd::geteuid().is_root() {
+        // Already unprivileged: the other tests of this file exercise the path directly.
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "forced_mechanisms_and_unknown_names",
+            "--test-threads=1",
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    eprintln!("vm.unprivileged_userfaultfd = {}", plain.trim());
+}
