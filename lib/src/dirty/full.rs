@@ -32,34 +32,23 @@ impl FullTracker {
     }
 }
 
-impl FullTracker {
-    fn populated_now(&mut self) -> Result<RangeTable, DirtyError> {
-        let mut out = RangeTable::new();
-        for r in tracked_table(&maps::read_self()?, &self.scope).runs() {
-            self.populated.add(&self.pagemap, r.clone(), &mut out)?;
-        }
-        Ok(out)
-    }
-}
-
 impl Tracker for FullTracker {
     fn mechanism(&self) -> Mechanism {
         Mechanism::Full
     }
 
     fn start(&mut self) -> Result<RangeTable, DirtyError> {
-        let dirty = self.populated_now()?;
+        let tracked = tracked_table(&maps::read_self()?, &self.scope);
+        let dirty = self.populated.over(&self.pagemap, &tracked)?;
         self.zero.begin(&dirty);
         Ok(dirty)
     }
 
     fn collect(&mut self) -> Result<Round, DirtyError> {
         let tracked = tracked_table(&maps::read_self()?, &self.scope);
-        let zeroed = self.zero.round(&mut self.populated, &self.pagemap, &tracked)?;
-        Ok(Round {
-            dirty: self.populated_now()?,
-            zeroed,
-        })
+        let dirty = self.populated.over(&self.pagemap, &tracked)?;
+        let zeroed = self.zero.round(&tracked, &dirty);
+        Ok(Round { dirty, zeroed })
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {

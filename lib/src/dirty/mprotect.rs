@@ -87,6 +87,28 @@ static OPENED: AtomicUsize = AtomicUsize::new(0);
 static BUDGET: AtomicUsize = AtomicUsize::new(MAX_BUDGET);
 static OWNED: AtomicBool = AtomicBool::new(false);
 
+/// A slot's fields, loaded once.
+#[derive(Clone, Copy)]
+struct SlotView {
+    start: u64,
+    end: u64,
+    shift: u32,
+    off: usize,
+    prot: i32,
+}
+
+impl Slot {
+    fn view(&self) -> SlotView {
+        SlotView {
+            start: self.start.load(SeqCst),
+            end: self.end.load(SeqCst),
+            shift: self.shift.load(SeqCst),
+            off: self.off.load(SeqCst),
+            prot: prot_of(self),
+        }
+    }
+}
+
 fn prot_of(slot: &Slot) -> i32 {
     i32::try_from(slot.prot.load(SeqCst)).unwrap_or(libc::PROT_READ | libc::PROT_WRITE)
 }
@@ -176,12 +198,13 @@ pub fn open_range(addr: usize, len: usize) {
         let (a, b) = (addr as u64, (addr as u64).saturating_add(len as u64));
         let table = &TABLES[t];
         for s in &table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)] {
-            let (start, end, shift, off) = (
-                s.start.load(SeqCst),
-                s.end.load(SeqCst),
-                s.shift.load(SeqCst),
-                s.off.load(SeqCst),
-            );
+            let SlotView {
+                start,
+                end,
+                shift,
+                off,
+                prot,
+            } = s.view();
             let (lo, hi) = (a.max(start), b.min(end));
             if lo >= hi {
                 continue;
@@ -191,7 +214,7 @@ pub fn open_range(addr: usize, len: usize) {
                 chunk_of(start, end, shift, lo).start,
                 chunk_of(start, end, shift, hi - 1).end,
             );
-            if set_tracked_protection(lo, hi - lo, prot_of(s)).is_err() {
+            if set_tracked_protection(lo, hi - lo, prot).is_err() {
                 continue;
             }
             for bit in bit_of(start, shift, lo)..=bit_of(start, shift, hi - 1) {
@@ -204,17 +227,35 @@ pub fn open_range(addr: usize, len: usize) {
     INFLIGHT.fetch_sub(1, SeqCst);
 }
 
-/// A tracked range's extent and what backs it: `(start, end, device, inode, shared)`.
-type Identity = (u64, u64, (u32, u32), u64, bool);
-
-/// One range of a table being built.
+/// One range of a table, with what backs it (to tell replaced memory apart) and its own protection.
 #[derive(Debug, Clone)]
 struct Planned {
     start: u64,
     end: u64,
     prot: i32,
+    dev: (u32, u32),
+    inode: u64,
+    shared: bool,
     /// True when it is new (or changed) this round: protect it and report it in full.
     fresh: bool,
+}
+
+impl Planned {
+    fn new(r: &Range<u64>, prot: i32, v: &Vma, fresh: bool) -> Self {
+        Self {
+            start: r.start,
+            end: r.end,
+            prot,
+            dev: v.dev,
+            inode: v.inode,
+            shared: v.perms.shared,
+            fresh,
+        }
+    }
+
+    fn backs(&self, v: &Vma) -> bool {
+        self.dev == v.dev && self.inode == v.inode && self.shared == v.perms.shared
+    }
 }
 
 /// See the module documentation.
@@ -224,8 +265,8 @@ pub struct MprotectTracker {
     pagemap: File,
     populated: PopulatedQuery,
     base_shift: u32,
-    /// Extent and identity of each active slot's memory, to tell replaced memory apart.
-    identity: Vec<Identity>,
+    /// The ranges of the active table, slot by slot.
+    identity: Vec<Planned>,
     /// Writable ranges that did not fit in a table, or must never be protected (stacks, the tracker's
     /// own state): reported in full every round.
     overflow: Vec<Range<u64>>,
@@ -297,13 +338,10 @@ impl MprotectTracker {
             }
             let mut a = r.start;
             while a < r.end {
-                let i = self.identity.partition_point(|id| id.1 <= a);
+                let i = self.identity.partition_point(|id| id.end <= a);
                 let (b, slot) = match self.identity.get(i).filter(|_| active.is_some()) {
-                    Some(id) if id.0 <= a => {
-                        let same = id.2 == v.dev && id.3 == v.inode && id.4 == v.perms.shared;
-                        (r.end.min(id.1), same.then_some(i))
-                    }
-                    Some(id) => (r.end.min(id.0), None),
+                    Some(id) if id.start <= a => (r.end.min(id.end), id.backs(v).then_some(i)),
+                    Some(id) => (r.end.min(id.start), None),
                     None => (r.end, None),
                 };
                 pieces.push((a..b, slot, v));
@@ -315,10 +353,9 @@ impl MprotectTracker {
         // evidence: /proc/self/maps is read in parts while our handler splits and merges VMAs, so a
         // read can miss a piece; memory that really went away is simply not found again (re-protecting
         // it fails with ENOMEM, which is ignored).
-        if let Some(t) = active {
-            for (r, slot, v) in &pieces {
-                let Some(i) = *slot else { continue };
-                let prot = prot_of(&TABLES[t].slots[i]);
+        for (r, slot, v) in &pieces {
+            if let Some(i) = *slot {
+                let prot = self.identity[i].prot;
                 let p = v.perms.prot();
                 if p != prot && p != prot & !libc::PROT_WRITE {
                     tracing::debug!(start = r.start, "tracked range changed protection");
@@ -330,13 +367,10 @@ impl MprotectTracker {
             match s {
                 Some(i) if continuing[*i] => {
                     let id = &self.identity[*i];
-                    if planned.last().is_none_or(|p| p.start != id.0) {
-                        let prot = prot_of(&TABLES[active.unwrap_or(0)].slots[*i]);
+                    if planned.last().is_none_or(|p| p.start != id.start) {
                         planned.push(Planned {
-                            start: id.0,
-                            end: id.1,
-                            prot,
                             fresh: false,
+                            ..id.clone()
                         });
                     }
                 }
@@ -344,23 +378,12 @@ impl MprotectTracker {
                     // Part of a range that was cut, moved or changed: track anew. Its read-only pieces
                     // are ours (same identity, protection minus write), so they keep the writable
                     // protection as their own.
-                    let prot = prot_of(&TABLES[active.unwrap_or(0)].slots[*i]);
-                    planned.push(Planned {
-                        start: r.start,
-                        end: r.end,
-                        prot,
-                        fresh: true,
-                    });
+                    planned.push(Planned::new(r, self.identity[*i].prot, v, true));
                 }
                 None if v.perms.write => {
                     let key = (v.start, v.end);
                     if active.is_none() || self.probation.contains(&key) {
-                        planned.push(Planned {
-                            start: r.start,
-                            end: r.end,
-                            prot: v.perms.prot(),
-                            fresh: true,
-                        });
+                        planned.push(Planned::new(r, v.perms.prot(), v, true));
                     } else {
                         probation.push(key);
                         pinned.push(r.clone());
@@ -411,6 +434,7 @@ impl MprotectTracker {
             off += words;
         }
         table.len.store(fit.len(), SeqCst);
+        self.identity = fit.to_vec();
         // Publish, then make fresh ranges read-only: the table that claims their faults must be active
         // before any can trap. A write before the protection lands needs no trap: the range is
         // reported in full this round and read after.
@@ -433,12 +457,13 @@ impl MprotectTracker {
         let table = &TABLES[old];
         let mut out = RangeTable::new();
         for s in &table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)] {
-            let (start, end, shift, off) = (
-                s.start.load(SeqCst),
-                s.end.load(SeqCst),
-                s.shift.load(SeqCst),
-                s.off.load(SeqCst),
-            );
+            let SlotView {
+                start,
+                end,
+                shift,
+                off,
+                ..
+            } = s.view();
             let nbits = bit_of(start, shift, end - 1) + 1;
             for w in 0..usize::try_from(nbits.div_ceil(64)).unwrap_or(0) {
                 let mut bits = POOL[old][off + w].swap(0, SeqCst);
@@ -458,45 +483,20 @@ impl MprotectTracker {
 
     /// Memory of the active table that the next table will not track goes back to its own protection
     /// first, while the active table still claims its faults: nothing stays read-only untracked.
-    fn restore_dropped(&self, t: usize, maps: &[Vma], planned: &[Planned]) -> Result<(), DirtyError> {
+    fn restore_dropped(&self, maps: &[Vma], planned: &[Planned]) -> Result<(), DirtyError> {
         let next = RangeTable::from_runs(planned.iter().map(|p| p.start..p.end));
-        let table = &TABLES[t];
-        for (i, s) in table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)]
-            .iter()
-            .enumerate()
-        {
-            let (start, end, prot) = (s.start.load(SeqCst), s.end.load(SeqCst), prot_of(s));
-            let Some(id) = self.identity.get(i) else { continue };
-            let dropped = RangeTable::from_runs(std::iter::once(start..end)).difference(&next);
+        for id in &self.identity {
+            let dropped = RangeTable::from_runs(std::iter::once(id.start..id.end)).difference(&next);
             for r in dropped.runs() {
                 for v in maps.iter().filter(|v| v.start < r.end && r.start < v.end) {
-                    let ours = v.perms.prot() == prot & !libc::PROT_WRITE && v.dev == id.2 && v.inode == id.3;
-                    if ours {
+                    if v.perms.prot() == id.prot & !libc::PROT_WRITE && id.backs(v) {
                         let (a, b) = (v.start.max(r.start), v.end.min(r.end));
-                        Self::protect_if_mapped(a, b, prot)?;
+                        Self::protect_if_mapped(a, b, id.prot)?;
                     }
                 }
             }
         }
         Ok(())
-    }
-
-    fn remember_identity(&mut self, maps: &[Vma]) {
-        let t = ACTIVE.load(SeqCst);
-        if t > 1 {
-            self.identity.clear();
-            return;
-        }
-        let table = &TABLES[t];
-        self.identity = table.slots[..table.len.load(SeqCst).min(MAX_SLOTS)]
-            .iter()
-            .map(|s| {
-                let (start, end) = (s.start.load(SeqCst), s.end.load(SeqCst));
-                let v = maps.iter().find(|v| v.start <= start && start < v.end);
-                let (dev, inode, shared) = v.map_or(((0, 0), 0, false), |v| (v.dev, v.inode, v.perms.shared));
-                (start, end, dev, inode, shared)
-            })
-            .collect();
     }
 
     fn round(&mut self, first: bool) -> Result<Round, DirtyError> {
@@ -510,26 +510,25 @@ impl MprotectTracker {
         };
         let mut pinned = Vec::new();
         let planned = self.plan(&maps, active, &mut pinned);
-        if let Some(t) = active {
-            self.restore_dropped(t, &maps, &planned)?;
+        if active.is_some() {
+            self.restore_dropped(&maps, &planned)?;
         }
         let (fresh, old) = self.publish(&planned)?;
         self.overflow.extend(pinned);
         let mut dirty = RangeTable::new();
         if let Some(old) = old {
             dirty = Self::harvest(old);
-            // Writable pieces inside continuing ranges that no bit explains: replaced or opened by the
-            // application. Dirty, like the marked chunks.
+            // Writable memory inside continuing ranges that no bit explains: replaced or opened by the
+            // application. Dirty, like the marked chunks. An intersection, not containment: the kernel
+            // may merge such memory with a writable neighbour outside the range.
+            let continuing =
+                RangeTable::from_runs(planned.iter().filter(|p| !p.fresh).map(|p| p.start..p.end));
             let writable = RangeTable::from_runs(
                 maps.iter()
                     .filter(|v| v.perms.write)
-                    .filter_map(|v| self.scope.clip(v))
-                    .filter(|r| {
-                        planned
-                            .iter()
-                            .any(|p| !p.fresh && p.start <= r.start && r.end <= p.end)
-                    }),
+                    .filter_map(|v| self.scope.clip(v)),
             );
+            let writable = writable.intersection(&continuing);
             dirty = dirty.union(&writable);
             // Cleared above, now read-only again, range by range (a merged run may span two ranges of
             // different protections).
@@ -539,25 +538,19 @@ impl MprotectTracker {
                 }
             }
         }
-        let maps_after = maps::read_self()?;
-        self.remember_identity(&maps_after);
-        // Only data: the populated pages of the dirty chunks, fresh ranges and overflow.
-        let mut out = RangeTable::new();
+        // Only data: the populated pages of the dirty chunks, fresh ranges and overflow, from one scan
+        // of the tracked memory that also tells which pages lost their data.
         let wanted = dirty.union(&RangeTable::from_runs(
             fresh.into_iter().chain(self.overflow.iter().cloned()),
         ));
-        for r in wanted.runs() {
-            self.populated.add(&self.pagemap, r.clone(), &mut out)?;
-        }
+        let tracked = tracked_table(&maps, &self.scope);
+        let now = self.populated.over(&self.pagemap, &tracked)?;
+        let out = now.intersection(&wanted);
         let zeroed = if first {
-            self.zero.begin(&out);
+            self.zero.begin(&now);
             RangeTable::new()
         } else {
-            self.zero.round(
-                &mut self.populated,
-                &self.pagemap,
-                &tracked_table(&maps_after, &self.scope),
-            )?
+            self.zero.round(&tracked, &now)
         };
         Ok(Round { dirty: out, zeroed })
     }

@@ -52,6 +52,15 @@ impl PopulatedQuery {
         }
     }
 
+    /// The populated pages of every range of `ranges`.
+    pub(crate) fn over(&mut self, pagemap: &File, ranges: &RangeTable) -> Result<RangeTable, DirtyError> {
+        let mut out = RangeTable::new();
+        for r in ranges.runs() {
+            self.add(pagemap, r.clone(), &mut out)?;
+        }
+        Ok(out)
+    }
+
     /// Adds the populated pages of `range` to `out`, in order.
     pub(crate) fn add(
         &mut self,
@@ -153,20 +162,12 @@ impl ZeroWatch {
         self.previous = populated.clone();
     }
 
-    /// A later round over `tracked` (the ranges tracked now): returns what became empty. Memory that
-    /// is no longer mapped at all is not "zeroed": the VMA table tells the receiver it is gone.
-    pub(crate) fn round(
-        &mut self,
-        query: &mut PopulatedQuery,
-        pagemap: &File,
-        tracked: &RangeTable,
-    ) -> Result<RangeTable, DirtyError> {
-        let mut now = RangeTable::new();
-        for r in tracked.runs() {
-            query.add(pagemap, r.clone(), &mut now)?;
-        }
-        let zeroed = self.previous.intersection(tracked).difference(&now);
-        self.previous = now;
-        Ok(zeroed)
+    /// A later round: `now` is what is populated in `tracked` (the ranges tracked now). Returns what
+    /// became empty. Memory that is no longer mapped at all is not "zeroed": the VMA table tells the
+    /// receiver it is gone.
+    pub(crate) fn round(&mut self, tracked: &RangeTable, now: &RangeTable) -> RangeTable {
+        let zeroed = self.previous.intersection(tracked).difference(now);
+        self.previous = now.clone();
+        zeroed
     }
 }

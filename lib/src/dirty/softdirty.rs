@@ -105,11 +105,9 @@ impl Tracker for SoftDirtyTracker {
             }
         }
         self.clear()?;
-        let zeroed = self.zero.round(
-            &mut self.populated,
-            &self.pagemap,
-            &tracked_table(&maps, &self.scope),
-        )?;
+        let tracked = tracked_table(&maps, &self.scope);
+        let now = self.populated.over(&self.pagemap, &tracked)?;
+        let zeroed = self.zero.round(&tracked, &now);
         Ok(Round { dirty: out, zeroed })
     }
 

@@ -69,22 +69,14 @@ impl UffdTracker {
     /// # Errors
     /// [`DirtyError::UffdOpen`], [`DirtyError::UffdApi`], [`DirtyError::PagemapOpen`].
     pub fn new(scope: Scope) -> Result<Self, DirtyError> {
-        let fd = match uffd::open(0) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                // vm.unprivileged_userfaultfd=0: user-mode-only faults are still allowed, and the
-                // kernel's own writes into tracked pages are still seen (async mode resolves in-kernel).
-                uffd::open(uffd::UFFD_USER_MODE_ONLY).map_err(DirtyError::UffdOpen)?
-            }
-            Err(e) => return Err(DirtyError::UffdOpen(e)),
-        };
+        let fd = open_uffd()?;
         let want = uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED;
         // shmem and hugetlbfs write-protect where offered (6.0+); asked for separately because the
         // handshake fails as a whole on an unknown bit and can be made only once per descriptor.
         let fd = match uffd::api(&fd, want | uffd::FEATURE_WP_HUGETLBFS_SHMEM) {
             Ok(_) => fd,
             Err(_) => {
-                let fd = reopen_like(&fd)?;
+                let fd = open_uffd()?;
                 uffd::api(&fd, want).map_err(DirtyError::UffdApi)?;
                 fd
             }
@@ -258,11 +250,10 @@ impl UffdTracker {
             out = out.union(&part);
         }
         let zeroed = match self.zero.as_mut() {
-            Some(z) => z.round(
-                &mut self.populated,
-                &self.pagemap,
-                &tracked_table(&maps, &self.scope),
-            )?,
+            Some(z) => {
+                let tracked = tracked_table(&maps, &self.scope);
+                z.round(&tracked, &self.populated.over(&self.pagemap, &tracked)?)
+            }
             // Zapped pages in registered ranges are reported as written (and read back as zeros);
             // replaced or moved ranges were re-armed.
             None => std::mem::take(&mut self.armed_zeroed),
@@ -326,14 +317,15 @@ fn marker_swap_type(fd: &OwnedFd, pagemap: &File) -> Option<u64> {
     (e & crate::sys::pagemap::PM_SWAP != 0).then_some(e & 0x1f)
 }
 
-/// A second userfaultfd opened the way `fd` was (the API handshake can be made only once per fd).
-fn reopen_like(_fd: &OwnedFd) -> Result<OwnedFd, DirtyError> {
+/// Opens a userfaultfd: plain, or with `UFFD_USER_MODE_ONLY` when `vm.unprivileged_userfaultfd=0`
+/// refuses a plain one to an unprivileged process. User-mode-only still sees the kernel's own writes
+/// into tracked pages: async write-protect faults resolve in the kernel.
+fn open_uffd() -> Result<OwnedFd, DirtyError> {
     match uffd::open(0) {
-        Ok(fd) => Ok(fd),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             uffd::open(uffd::UFFD_USER_MODE_ONLY).map_err(DirtyError::UffdOpen)
         }
-        Err(e) => Err(DirtyError::UffdOpen(e)),
+        r => r.map_err(DirtyError::UffdOpen),
     }
 }
 

@@ -111,15 +111,7 @@ impl Region {
     /// # Errors
     /// The `madvise` error.
     pub fn dontneed(&mut self, offset: usize, len: usize) -> io::Result<()> {
-        self.check_part(offset, len)?;
-        let part = self.addr.as_ptr().wrapping_add(offset);
-        // SAFETY: the part lies inside our mapping and `&mut self` excludes other references to it.
-        let r = unsafe { libc::madvise(part.cast(), len, libc::MADV_DONTNEED) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        self.advise(offset, len, libc::MADV_DONTNEED)
     }
 
     /// Advises transparent huge pages for `[offset, offset+len)` (`MADV_HUGEPAGE`).
@@ -127,10 +119,17 @@ impl Region {
     /// # Errors
     /// The `madvise` error (`EINVAL` without THP support).
     pub fn advise_hugepage(&mut self, offset: usize, len: usize) -> io::Result<()> {
+        self.advise(offset, len, libc::MADV_HUGEPAGE)
+    }
+
+    /// `madvise` on a part of the region. Taking `&mut self` covers `MADV_DONTNEED`, which changes
+    /// contents.
+    fn advise(&mut self, offset: usize, len: usize, advice: i32) -> io::Result<()> {
         self.check_part(offset, len)?;
         let part = self.addr.as_ptr().wrapping_add(offset);
-        // SAFETY: the part lies inside our mapping; MADV_HUGEPAGE changes no contents.
-        let r = unsafe { libc::madvise(part.cast(), len, libc::MADV_HUGEPAGE) };
+        // SAFETY: the part lies inside our mapping and `&mut self` excludes other references to it,
+        // so advice that drops its contents cannot surprise anyone.
+        let r = unsafe { libc::madvise(part.cast(), len, advice) };
         if r == 0 {
             Ok(())
         } else {

@@ -19,7 +19,8 @@ pub type Claim = fn(usize) -> bool;
 static CLAIM: AtomicUsize = AtomicUsize::new(0);
 /// `si_code` of a protection fault.
 const SEGV_ACCERR: i32 = 2;
-static PREVIOUS: Mutex<Option<libc::sigaction>> = Mutex::new(None);
+/// Serializes `install`; true once the handler is in place.
+static INSTALLED: Mutex<bool> = Mutex::new(false);
 // The previous action, readable from the handler without a lock.
 static PREVIOUS_RAW: AtomicUsize = AtomicUsize::new(0);
 
@@ -75,9 +76,11 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
 /// # Errors
 /// The `sigaction` error.
 pub fn install(claim: Claim) -> io::Result<()> {
-    let mut prev = PREVIOUS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut installed = INSTALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     CLAIM.store(claim as *const () as usize, Ordering::Release);
-    if prev.is_some() {
+    if *installed {
         return Ok(());
     }
     // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value.
@@ -92,10 +95,10 @@ pub fn install(claim: Claim) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // Kept for the process's lifetime: the handler may read it at any time. An earlier om handler is
-    // never chained to itself: `prev` being set above returns early.
+    // never chained to itself: a second `install` returns early above.
     let leaked: &'static libc::sigaction = Box::leak(Box::new(old));
     PREVIOUS_RAW.store(std::ptr::from_ref(leaked) as usize, Ordering::Release);
-    *prev = Some(old);
+    *installed = true;
     Ok(())
 }
 
