@@ -3,17 +3,67 @@
 //! Replies start with `OK ` or `ERR `. Requests are at most [`MAX_REQUEST`] bytes; a longer or
 //! non-UTF-8 request gets an `ERR` reply and the connection is closed.
 
+use std::path::Path;
+
 use om::{Feature, Unavailable};
+use om_transport::ImageSink;
+
+use crate::checkpoint;
+use crate::image::Store;
 
 /// The longest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
 
 /// The reply to one request line.
+///
+/// - `ping`: `OK omd VERSION`
+/// - `images`: `OK N` then ` id=ID pid=PID bytes=BYTES vmas=N` per committed image
+/// - `save ID DIR`: writes the image as a checkpoint directory
+/// - `drop ID`: forgets the image and frees its memory
 #[must_use]
-pub fn answer(request: &str) -> String {
+pub fn answer(request: &str, store: &Store) -> String {
     let mut words = request.split_ascii_whitespace();
     match words.next() {
         Some("ping") => format!("OK omd {}", env!("CARGO_PKG_VERSION")),
+        Some("images") => {
+            let images = store.committed();
+            let mut out = format!("OK {}", images.len());
+            for i in images {
+                out.push_str(&format!(
+                    " id={} pid={} bytes={} vmas={}",
+                    i.id(),
+                    i.info().pid,
+                    i.bytes(),
+                    i.vmas().len()
+                ));
+            }
+            out
+        }
+        Some("save") => {
+            let id = words.next().and_then(|w| w.parse::<u64>().ok());
+            let dir = request
+                .trim_start()
+                .splitn(3, char::is_whitespace)
+                .nth(2)
+                .map(str::trim);
+            match (id, dir) {
+                (Some(id), Some(dir)) if !dir.is_empty() => match store.get(id) {
+                    Some(image) => match checkpoint::write(&image, Path::new(dir)) {
+                        Ok(bytes) => format!("OK saved image {id} to {dir} ({bytes} bytes of pages)"),
+                        Err(e) => format!("ERR cannot save image {id}: {e}: {}", source_of(&e)),
+                    },
+                    None => format!("ERR no committed image {id}"),
+                },
+                _ => "ERR usage: save ID DIR".to_owned(),
+            }
+        }
+        Some("drop") => match words.next().and_then(|w| w.parse::<u64>().ok()) {
+            Some(id) => match store.remove(id) {
+                Some(_) => format!("OK dropped image {id}"),
+                None => format!("ERR no committed image {id}"),
+            },
+            None => "ERR usage: drop ID".to_owned(),
+        },
         Some("ps") => format!("ERR {}", Unavailable::new(Feature::ProcessList)),
         Some("migrate") => format!("ERR {}", Unavailable::new(Feature::Migrate)),
         Some("checkpoint") => format!("ERR {}", Unavailable::new(Feature::Checkpoint)),
@@ -21,6 +71,10 @@ pub fn answer(request: &str) -> String {
         Some(other) => format!("ERR unknown request {:?}", truncate(other, 64)),
         None => "ERR empty request".to_owned(),
     }
+}
+
+fn source_of(e: &dyn std::error::Error) -> String {
+    e.source().map_or_else(String::new, ToString::to_string)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -34,12 +88,23 @@ fn truncate(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
+    use crate::image::Limits;
+
     #[test]
     fn answers() {
+        let store = Store::new(Limits {
+            per_image: 1 << 20,
+            total: 1 << 20,
+        });
+        let answer = |r: &str| answer(r, &store);
         assert!(answer("ping").starts_with("OK omd "));
         assert!(answer("ps").starts_with("ERR process list"));
         assert!(answer("  migrate 12 ").contains("issue #6"));
         assert_eq!(answer(""), "ERR empty request");
+        assert_eq!(answer("images"), "OK 0");
+        assert_eq!(answer("save 3 /tmp/x"), "ERR no committed image 3");
+        assert_eq!(answer("save 3"), "ERR usage: save ID DIR");
+        assert_eq!(answer("drop x"), "ERR usage: drop ID");
         let long = "x".repeat(1000);
         assert!(answer(&long).len() < 100);
     }

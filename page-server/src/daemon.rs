@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
-use om::{Feature, Unavailable};
-use om_transport::{ClusterKey, KeyError};
+use std::sync::Arc;
+
+use om_transport::{ClusterKey, KeyError, Receiver, ReceiverConfig};
 
 use crate::control;
+use crate::image::{Limits, Store};
 
 /// omd's configuration, as `omd --help` describes it.
 #[derive(Debug, Clone)]
@@ -25,6 +27,10 @@ pub struct Config {
     pub control: PathBuf,
     /// Where images and state are kept.
     pub state_dir: Option<PathBuf>,
+    /// Memory limits for incoming images.
+    pub limits: Limits,
+    /// How long a silent peer keeps its image.
+    pub idle_timeout: Duration,
 }
 
 /// Why omd could not start or serve.
@@ -113,19 +119,29 @@ impl Daemon {
     /// # Errors
     /// When a serving thread cannot be started.
     pub fn serve(self) -> io::Result<ServeHandle> {
-        tracing::info!(listen = %self.config.listen, control = %self.config.control.display(), key = ?self.key, "omd serving");
+        tracing::info!(listen = %self.config.listen, control = %self.config.control.display(), key = ?self.key,
+            image_limit = self.config.limits.per_image, total_limit = self.config.limits.total, "omd serving");
         let Self {
             config,
+            key,
             listener,
             control,
-            ..
         } = self;
+        let store = Store::new(config.limits);
+        let receiver = Receiver::new(
+            key,
+            Arc::new(store.clone()),
+            ReceiverConfig {
+                idle_timeout: config.idle_timeout,
+                ..ReceiverConfig::default()
+            },
+        );
         thread::Builder::new()
             .name("omd-peers".into())
-            .spawn(move || serve_peers(&listener))?;
+            .spawn(move || serve_peers(&listener, &receiver))?;
         thread::Builder::new()
             .name("omd-control".into())
-            .spawn(move || serve_control(&control))?;
+            .spawn(move || serve_control(&control, &store))?;
         Ok(ServeHandle {
             control_path: config.control,
         })
@@ -186,27 +202,51 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-fn serve_peers(listener: &TcpListener) {
+fn serve_peers(listener: &TcpListener, receiver: &Arc<Receiver<Store>>) {
     for conn in listener.incoming() {
         match conn {
-            Ok(stream) => refuse_peer(stream),
+            Ok(stream) => {
+                let r = Arc::clone(receiver);
+                let spawned = thread::Builder::new()
+                    .name("omd-peer".into())
+                    .spawn(move || serve_peer(&r, stream));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a peer thread; connection dropped");
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
     }
 }
 
-fn refuse_peer(mut stream: TcpStream) {
+fn serve_peer(receiver: &Arc<Receiver<Store>>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
-    let msg = Unavailable::new(Feature::PageServer);
-    tracing::warn!(?peer, "refusing page stream: {msg}");
-    let _ = stream.write_all(format!("om: {msg}\n").as_bytes());
+    match receiver.serve(stream) {
+        Ok(outcome) => tracing::debug!(?peer, ?outcome, "peer done"),
+        Err(e) => tracing::warn!(?peer, error = %ErrorChain(&e), "peer failed"),
+    }
 }
 
-fn serve_control(listener: &UnixListener) {
+/// Displays an error with its sources, `a: b: c`.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut s = self.0.source();
+        while let Some(e) = s {
+            write!(f, ": {e}")?;
+            s = e.source();
+        }
+        Ok(())
+    }
+}
+
+fn serve_control(listener: &UnixListener, store: &Store) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                if let Err(e) = handle_control(stream) {
+                if let Err(e) = handle_control(stream, store) {
                     tracing::debug!(error = %e, "control connection failed");
                 }
             }
@@ -215,7 +255,7 @@ fn serve_control(listener: &UnixListener) {
     }
 }
 
-fn handle_control(stream: UnixStream) -> io::Result<()> {
+fn handle_control(stream: UnixStream, store: &Store) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(
         stream
@@ -232,7 +272,7 @@ fn handle_control(stream: UnixStream) -> io::Result<()> {
                 writeln!(writer, "ERR request longer than {} bytes", control::MAX_REQUEST)?;
                 return Ok(());
             }
-            Ok(_) => writeln!(writer, "{}", control::answer(line.trim_end()))?,
+            Ok(_) => writeln!(writer, "{}", control::answer(line.trim_end(), store))?,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 writeln!(writer, "ERR request is not UTF-8")?;
                 return Ok(());

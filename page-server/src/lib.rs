@@ -1,11 +1,17 @@
 //! omd, om's per-node daemon.
 //!
-//! One omd runs on every node. It will be the page server that receives images from other nodes
-//! (issue #4), the spawner of `om-restore` (issue #5), and the local control point for `omrun`, `omctl`
-//! and the runtime. Today it authenticates its configuration (the cluster key), owns its listen and
-//! control sockets, answers `ping` on the control socket, and refuses everything else clearly.
+//! One omd runs on every node. It is the page server that receives images from other nodes over the
+//! authenticated wire protocol of `om-transport` ([`image`]: memfd-backed sparse images with memory
+//! limits; [`checkpoint`]: images written to and read from checkpoint directories), the local control
+//! point for `omrun`, `omctl` and the runtime ([`control`]), and later the spawner of `om-restore`
+//! (issue #5).
 
+pub mod checkpoint;
 pub mod control;
 pub mod daemon;
+pub mod image;
+mod sys;
 
 pub use daemon::{Config, Daemon, DaemonError};
+pub use image::{Image, Limits, Store};
+pub use sys::ImageMemory;

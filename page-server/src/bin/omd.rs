@@ -3,11 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use om_cli::{EXIT_FAILURE, init_logging, report};
-use om_page_server::{Config, Daemon};
+use om_page_server::{Config, Daemon, Limits};
 
 /// om's per-node daemon: page server for incoming migrations, restorer, and the local control point
 /// for omrun and omctl. Stops cleanly on SIGTERM, SIGINT or SIGHUP.
@@ -26,11 +27,40 @@ struct Args {
     /// Where images and state are kept.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Most memory one incoming image may use (bytes; K, M, G, T suffixes) [default: half of RAM]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_image_mem: Option<u64>,
+    /// Most memory all images together may use [default: half of RAM]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_total_mem: Option<u64>,
+    /// Seconds a silent peer may keep its image before it is discarded.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    idle_timeout: u64,
 }
 
-const AFTER_HELP: &str = "Status of this build: omd checks its key, binds both sockets and answers \
-`ping` on the control socket. Receiving pages (issue #4) and restoring processes (issue #5) are not \
-built yet; peers that connect are told so and disconnected.";
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size in bytes"))
+}
+
+const AFTER_HELP: &str = "Status of this build: omd receives images from authenticated peers into \
+memory and keeps them once committed; the control socket answers `ping`, `images`, `save ID DIR` \
+(write a checkpoint directory) and `drop ID`. Restoring processes lands with issue #5.";
 
 fn main() -> ExitCode {
     init_logging(tracing::Level::INFO);
@@ -40,6 +70,15 @@ fn main() -> ExitCode {
         key: args.key,
         control: om::control::resolve_socket_path(args.control.as_deref()),
         state_dir: args.state_dir,
+        limits: {
+            let default = Limits::from_memory();
+            let total = args.max_total_mem.unwrap_or(default.total);
+            Limits {
+                per_image: args.max_image_mem.unwrap_or(default.per_image).min(total),
+                total,
+            }
+        },
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
     };
     // Blocked before any thread starts, so every thread inherits the mask and only sigwait sees them.
     let mut stop = SigSet::empty();

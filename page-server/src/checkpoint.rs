@@ -1,0 +1,368 @@
+//! The checkpoint directory, format version 1: an image written to disk, and read back and checked.
+//!
+//! ```text
+//! DIR/om-image   manifest (little-endian):
+//!                  "OMIMAGE\0"  u32 version = 1  u32 page size
+//!                  u64 len + the Begin body of the wire protocol (process identity, VMA table, names)
+//!                  u64 len + runs: { u64 addr, u32 pages, u32 kind (1 = data, 2 = zero) } in address order
+//!                  u64 len + one u32 page checksum per data page (the wire protocol's page sum)
+//!                  u64 len + records: { u32 kind, u32 len, bytes }
+//!                  u32 CRC-32C of everything above
+//! DIR/pages      the data pages, concatenated in address order
+//! ```
+//!
+//! Addresses not covered by a run are absent: never populated, or left to the mapped file. Every
+//! length is capped before anything is allocated; the reader rejects a wrong magic, version, size or
+//! checksum with an error naming the file.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use om_transport::sys::{crc32c, page_sum_bytes};
+use om_transport::wire::{Begin, MAX_BEGIN_BODY, Record};
+
+use crate::image::Image;
+
+/// The manifest's file name.
+pub const MANIFEST: &str = "om-image";
+/// The page data's file name.
+pub const PAGES: &str = "pages";
+const MAGIC: [u8; 8] = *b"OMIMAGE\0";
+/// The format version written.
+pub const VERSION: u32 = 1;
+const MAX_RUNS: u64 = 1 << 26;
+const MAX_RECORDS_LEN: u64 = crate::image::MAX_RECORD_BYTES + (1 << 20);
+
+/// Why a checkpoint directory could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file could not be created, written or read.
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The directory does not hold a valid checkpoint.
+    #[error("{path} is not a valid om checkpoint: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A page does not match its checksum.
+    #[error("{path}: page at {addr:#x} does not match its checksum")]
+    PageChecksum {
+        /// The pages file.
+        path: PathBuf,
+        /// The page's address in the process.
+        addr: u64,
+    },
+}
+
+/// A run of the image in the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Source addresses.
+    pub addr: Range<u64>,
+    /// Data (in the pages file) or zero.
+    pub data: bool,
+}
+
+/// A checkpoint read back from disk (the manifest; pages are read on demand).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Page size.
+    pub page_size: u64,
+    /// Process identity and VMAs.
+    pub begin: Begin,
+    /// Data and zero runs in address order.
+    pub runs: Vec<Run>,
+    /// One checksum per data page.
+    pub sums: Vec<u32>,
+    /// Records for the restorer.
+    pub records: Vec<Record>,
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn section(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Writes a committed image to `dir` (created, mode 0700; existing checkpoint files are replaced).
+/// Page checksums are computed from the image memory as it is written.
+///
+/// # Errors
+/// The file that could not be written.
+pub fn write(image: &Image, dir: &Path) -> Result<u64, CheckpointError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    let ps = image.page_size();
+    let psz = usize::try_from(ps).unwrap_or(4096);
+    let pages_path = dir.join(PAGES);
+    let pages = File::create(&pages_path).map_err(io_err(&pages_path))?;
+    let mut runs = Vec::new();
+    let mut sums = Vec::new();
+    let mut written = 0u64;
+    for r in image.state_runs() {
+        let kind: u32 = if r.data { 1 } else { 2 };
+        let n = (r.addr.end - r.addr.start) / ps;
+        runs.extend_from_slice(&r.addr.start.to_le_bytes());
+        runs.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+        runs.extend_from_slice(&kind.to_le_bytes());
+        if r.data {
+            let off = usize::try_from(r.offset).unwrap_or(usize::MAX);
+            let len = usize::try_from(n * ps).unwrap_or(usize::MAX);
+            for p in (0..len).step_by(psz) {
+                let s = image
+                    .memory()
+                    .page_sum(off + p, psz)
+                    .map_err(io_err(&pages_path))?;
+                sums.extend_from_slice(&s.to_le_bytes());
+            }
+            image
+                .memory()
+                .write_to(&pages, off, len)
+                .map_err(io_err(&pages_path))?;
+            written += n * ps;
+        }
+    }
+    pages.sync_all().map_err(io_err(&pages_path))?;
+    let begin = Begin {
+        info: *image.info(),
+        vmas: image.vmas().to_vec(),
+    };
+    let mut records = Vec::new();
+    for r in image.records() {
+        records.extend_from_slice(&r.kind.to_le_bytes());
+        records.extend_from_slice(&u32::try_from(r.bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+        records.extend_from_slice(&r.bytes);
+    }
+    let mut m = MAGIC.to_vec();
+    m.extend_from_slice(&VERSION.to_le_bytes());
+    m.extend_from_slice(&u32::try_from(ps).unwrap_or(4096).to_le_bytes());
+    let manifest_path = dir.join(MANIFEST);
+    let begin_body = begin.encode().map_err(|e| CheckpointError::Invalid {
+        path: manifest_path.clone(),
+        reason: e.to_string(),
+    })?;
+    section(&mut m, &begin_body);
+    section(&mut m, &runs);
+    section(&mut m, &sums);
+    section(&mut m, &records);
+    let crc = crc32c(&m);
+    m.extend_from_slice(&crc.to_le_bytes());
+    // The manifest goes last and by rename: a crash mid-write never leaves a manifest that names
+    // pages which are not there.
+    let tmp = dir.join(format!("{MANIFEST}.tmp"));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&m).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &manifest_path).map_err(io_err(&manifest_path))?;
+    Ok(written)
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn bad(&self, reason: impl Into<String>) -> CheckpointError {
+        CheckpointError::Invalid {
+            path: self.path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], CheckpointError> {
+        let n = usize::try_from(n).map_err(|_| self.bad(format!("{what} too large")))?;
+        if self.bytes.len() < n {
+            return Err(self.bad(format!("truncated {what}")));
+        }
+        let (a, b) = self.bytes.split_at(n);
+        self.bytes = b;
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, CheckpointError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, CheckpointError> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+
+    fn section(&mut self, what: &str, max: u64) -> Result<&'a [u8], CheckpointError> {
+        let len = self.u64(what)?;
+        if len > max {
+            return Err(self.bad(format!("{what} of {len} bytes exceeds {max}")));
+        }
+        self.take(len, what)
+    }
+}
+
+impl Checkpoint {
+    /// Reads and checks the manifest of the checkpoint in `dir`.
+    ///
+    /// # Errors
+    /// A missing or unreadable file, or a manifest that is not valid.
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let path = dir.join(MANIFEST);
+        let max = MAX_BEGIN_BODY as u64 + MAX_RUNS * 16 + MAX_RUNS * 4 + MAX_RECORDS_LEN + 64;
+        let mut bytes = Vec::new();
+        File::open(&path)
+            .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+            .map_err(io_err(&path))?;
+        Self::decode(dir, &path, &bytes)
+    }
+
+    fn decode(dir: &Path, path: &Path, bytes: &[u8]) -> Result<Self, CheckpointError> {
+        let bad = |reason: &str| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        };
+        if bytes.len() < 20 || bytes[..8] != MAGIC {
+            return Err(bad("no om checkpoint magic"));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c(body).to_le_bytes() != crc {
+            return Err(bad("manifest checksum mismatch (corrupted or truncated)"));
+        }
+        let mut c = Cursor {
+            bytes: &body[8..],
+            path,
+        };
+        let version = c.u32("version")?;
+        if version != VERSION {
+            return Err(bad(&format!(
+                "format version {version}; this build reads version {VERSION}"
+            )));
+        }
+        let page_size = u64::from(c.u32("page size")?);
+        if !page_size.is_power_of_two() || !(4096..=65536).contains(&page_size) {
+            return Err(bad("bad page size"));
+        }
+        let begin = Begin::decode(c.section("VMA table", MAX_BEGIN_BODY as u64)?, page_size)
+            .map_err(|e| bad(&e.to_string()))?;
+        let run_bytes = c.section("runs", MAX_RUNS * 16)?;
+        let mut runs = Vec::with_capacity(run_bytes.len() / 16);
+        let mut data_pages = 0u64;
+        let mut prev_end = 0;
+        for e in run_bytes.chunks(16) {
+            if e.len() != 16 {
+                return Err(bad("truncated run"));
+            }
+            let addr = u64::from_le_bytes(e[..8].try_into().unwrap_or([0; 8]));
+            let n = u64::from(u32::from_le_bytes([e[8], e[9], e[10], e[11]]));
+            let kind = u32::from_le_bytes([e[12], e[13], e[14], e[15]]);
+            let end = n
+                .checked_mul(page_size)
+                .and_then(|l| addr.checked_add(l))
+                .ok_or_else(|| bad("run overflows"))?;
+            if n == 0 || addr % page_size != 0 || addr < prev_end || !(1..=2).contains(&kind) {
+                return Err(bad(&format!("bad run at {addr:#x}")));
+            }
+            prev_end = end;
+            if kind == 1 {
+                data_pages += n;
+            }
+            runs.push(Run {
+                addr: addr..end,
+                data: kind == 1,
+            });
+        }
+        let sum_bytes = c.section("checksums", MAX_RUNS * 4)?;
+        if sum_bytes.len() as u64 != data_pages * 4 {
+            return Err(bad("checksum count does not match the data pages"));
+        }
+        let sums = sum_bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut rc = Cursor {
+            bytes: c.section("records", MAX_RECORDS_LEN)?,
+            path,
+        };
+        let mut records = Vec::new();
+        while !rc.bytes.is_empty() {
+            let kind = rc.u32("record kind")?;
+            let len = rc.u32("record length")?;
+            records.push(Record {
+                kind,
+                bytes: rc.take(u64::from(len), "record")?.to_vec(),
+            });
+        }
+        if !c.bytes.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            page_size,
+            begin,
+            runs,
+            sums,
+            records,
+        })
+    }
+
+    /// Reads every data page, checks it against its checksum and hands it to `visit` with its address.
+    ///
+    /// # Errors
+    /// An unreadable or short pages file, a page that fails its checksum, or an error from `visit`.
+    pub fn for_each_page(
+        &self,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<(), CheckpointError>,
+    ) -> Result<(), CheckpointError> {
+        let path = self.dir.join(PAGES);
+        let mut f = io::BufReader::with_capacity(1 << 20, File::open(&path).map_err(io_err(&path))?);
+        let mut page = vec![0u8; usize::try_from(self.page_size).unwrap_or(4096)];
+        let mut i = 0;
+        for r in self.runs.iter().filter(|r| r.data) {
+            for addr in (r.addr.start..r.addr.end).step_by(page.len()) {
+                f.read_exact(&mut page).map_err(io_err(&path))?;
+                if self.sums.get(i) != Some(&page_sum_bytes(&page)) {
+                    return Err(CheckpointError::PageChecksum { path, addr });
+                }
+                visit(addr, &page)?;
+                i += 1;
+            }
+        }
+        let mut rest = [0u8; 1];
+        if f.read(&mut rest).map_err(io_err(&path))? != 0 {
+            return Err(CheckpointError::Invalid {
+                path,
+                reason: "more page data than the manifest lists".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Decodes a manifest held in memory (the fuzz target's entry point).
+    ///
+    /// # Errors
+    /// As [`Checkpoint::open`].
+    pub fn decode_manifest(bytes: &[u8]) -> Result<Self, CheckpointError> {
+        Self::decode(Path::new("."), Path::new(MANIFEST), bytes)
+    }
+}

@@ -1,0 +1,185 @@
+//! Image memory: one sparse memfd per image, mapped shared into omd. Every `unsafe` block of omd lives
+//! in this module.
+//!
+//! The memfd is what the restorer maps (`MAP_PRIVATE`) at the process's addresses later, so pages land
+//! exactly once. omd never forms a Rust reference over it: the kernel writes it (`readv` from the
+//! socket), checksums read it with atomic loads, and files are written from it with `write(2)`.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+
+use nix::fcntl::{FallocateFlags, fallocate};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
+use om_transport::sys::{MemRun, page_sum};
+
+/// A sparse memfd of a fixed length, mapped shared and writable into this process.
+#[derive(Debug)]
+pub struct ImageMemory {
+    fd: OwnedFd,
+    base: NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is process-wide memory owned by this value; every access goes through the
+// kernel or atomic loads, which are safe from any thread.
+unsafe impl Send for ImageMemory {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for ImageMemory {}
+
+impl ImageMemory {
+    /// Creates a memfd of `len` bytes (no memory is used until pages land) and maps it.
+    ///
+    /// # Errors
+    /// `memfd_create`, `ftruncate` or `mmap` failures.
+    pub fn create(name: &str, len: usize) -> io::Result<Self> {
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)?;
+        nix::unistd::ftruncate(&fd, i64::try_from(len).map_err(|_| io::Error::other("too large"))?)?;
+        let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty image"))?;
+        // SAFETY: a fresh shared mapping of our own memfd at an address the kernel picks: it cannot
+        // overlap anything Rust owns.
+        let base = unsafe {
+            mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
+                &fd,
+                0,
+            )
+        }?;
+        Ok(Self { fd, base, len })
+    }
+
+    /// The memfd (for the restorer, which maps it at the process's addresses).
+    #[must_use]
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn check(&self, off: usize, len: usize) -> io::Result<()> {
+        if off.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(io::Error::other(format!(
+                "range {off:#x}+{len:#x} outside image memory of {:#x} bytes",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
+    fn at(&self, off: usize, len: usize) -> io::Result<NonNull<libc::c_void>> {
+        self.check(off, len)?;
+        NonNull::new((self.base.as_ptr() as usize + off) as *mut libc::c_void)
+            .ok_or_else(|| io::Error::other("null"))
+    }
+
+    /// The raw zone for `len` bytes at `off`, for the transport to write into.
+    ///
+    /// # Errors
+    /// A range outside the mapping.
+    pub fn zone(&self, off: usize, len: usize) -> io::Result<MemRun> {
+        self.check(off, len)?;
+        Ok(MemRun {
+            addr: self.base.as_ptr() as usize + off,
+            len,
+        })
+    }
+
+    /// The offset in this mapping of an address inside it.
+    #[must_use]
+    pub fn offset_of(&self, addr: usize) -> Option<usize> {
+        addr.checked_sub(self.base.as_ptr() as usize)
+            .filter(|&o| o < self.len)
+    }
+
+    /// Frees the memory of `len` bytes at `off`; they read as zero afterwards.
+    ///
+    /// # Errors
+    /// A range outside the mapping, or `fallocate` failing.
+    pub fn punch(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        let o = i64::try_from(off).map_err(io::Error::other)?;
+        let l = i64::try_from(len).map_err(io::Error::other)?;
+        fallocate(
+            &self.fd,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )?;
+        Ok(())
+    }
+
+    /// Allocates the pages of `len` bytes at `off` ahead of a write (`MADV_POPULATE_WRITE`): one call
+    /// instead of one fault per page.
+    ///
+    /// # Errors
+    /// A range outside the mapping, or `madvise` failing (for instance out of memory).
+    pub fn populate(&self, off: usize, len: usize) -> io::Result<()> {
+        let at = self.at(off, len)?;
+        // SAFETY: the range lies inside our own mapping (checked); populating changes no contents.
+        unsafe { madvise(at, len, MmapAdvise::MADV_POPULATE_WRITE) }?;
+        Ok(())
+    }
+
+    /// Asks for transparent huge pages (effective when shmem THP is `advise` or `always`).
+    ///
+    /// # Errors
+    /// `madvise` failing.
+    pub fn advise_hugepages(&self) -> io::Result<()> {
+        // SAFETY: the whole range is our own mapping; the advice changes no contents.
+        unsafe { madvise(self.base, self.len, MmapAdvise::MADV_HUGEPAGE) }?;
+        Ok(())
+    }
+
+    /// The checksum of the page of `page` bytes at `off`.
+    ///
+    /// # Errors
+    /// A range outside the mapping.
+    pub fn page_sum(&self, off: usize, page: usize) -> io::Result<u32> {
+        let at = self.at(off, page)?;
+        // SAFETY: inside our mapping (checked), which lives as long as `self`; page-aligned offsets
+        // keep the 8-byte alignment.
+        Ok(unsafe { page_sum(at.as_ptr().cast::<u8>(), page) })
+    }
+
+    /// Writes `len` bytes at `off` to `out` (the kernel reads the mapping).
+    ///
+    /// # Errors
+    /// A range outside the mapping, or the write failing.
+    pub fn write_to(&self, out: &impl AsFd, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        let mut done = 0;
+        while done < len {
+            let run = self.zone(off + done, len - done)?;
+            // SAFETY: the source range lies inside our live mapping (checked); write(2) only reads it.
+            let n = unsafe {
+                libc::write(
+                    std::os::fd::AsRawFd::as_raw_fd(&out.as_fd()),
+                    run.addr as *const libc::c_void,
+                    run.len.min(1 << 30),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            done += usize::try_from(n).unwrap_or(0);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ImageMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `create` and nothing refers into it any more (no method
+        // hands out references; zones handed to the transport are only used while the image lives).
+        if let Err(e) = unsafe { munmap(self.base, self.len) } {
+            tracing::warn!(error = %e, "cannot unmap image memory");
+        }
+    }
+}

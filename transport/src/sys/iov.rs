@@ -1,0 +1,193 @@
+//! Vectored socket I/O over raw memory runs: `sendmsg` straight from the application's pages and
+//! `readv` straight into the image, with no intermediate buffer and no Rust reference over either.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// At most this many iovecs go to one system call (`IOV_MAX` on Linux).
+pub const IOV_MAX: usize = 1024;
+
+/// A run of raw memory: `len` bytes at address `addr` of this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRun {
+    /// Start address.
+    pub addr: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+fn iovec(addr: usize, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    }
+}
+
+/// Drops `n` bytes from the front of `iovs[*first..]`, advancing `*first` past exhausted entries.
+fn advance(iovs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
+    while n > 0 && *first < iovs.len() {
+        let cur = &mut iovs[*first];
+        if n >= cur.iov_len {
+            n -= cur.iov_len;
+            *first += 1;
+        } else {
+            cur.iov_base = (cur.iov_base as usize + n) as *mut libc::c_void;
+            cur.iov_len -= n;
+            n = 0;
+        }
+    }
+    while *first < iovs.len() && iovs[*first].iov_len == 0 {
+        *first += 1;
+    }
+}
+
+/// Sends `head` (ordinary buffers) followed by the bytes of `runs`, all of it, with as few `sendmsg`
+/// calls as the socket allows. `MSG_NOSIGNAL`: a closed peer is `EPIPE`, never a signal.
+///
+/// # Errors
+/// The first failed `sendmsg`; `EFAULT` if a run was not mapped (the memory is left untouched: the
+/// kernel only reads it).
+///
+/// # Safety
+/// Every run must be memory of this process that stays readable for the whole call, or be unmapped
+/// (then the call fails with `EFAULT`). The kernel only reads it.
+pub unsafe fn send_vectored(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun]) -> io::Result<()> {
+    let mut iovs: Vec<libc::iovec> = head
+        .iter()
+        .map(|b| iovec(b.as_ptr() as usize, b.len()))
+        .chain(runs.iter().map(|r| iovec(r.addr, r.len)))
+        .filter(|v| v.iov_len > 0)
+        .collect();
+    let mut first = 0;
+    while first < iovs.len() {
+        let window = &mut iovs[first..];
+        let count = window.len().min(IOV_MAX);
+        // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = window.as_mut_ptr();
+        msg.msg_iovlen = count;
+        // SAFETY: the iovecs describe `head` (borrowed for this call) and runs the caller guarantees
+        // readable; the kernel only reads them and reports bad addresses as EFAULT.
+        let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        advance(&mut iovs, &mut first, n);
+    }
+    Ok(())
+}
+
+/// Fills every zone completely from the socket with `readv`, in order.
+///
+/// # Errors
+/// The first failed `readv`, or `UnexpectedEof` if the peer closed the stream first.
+///
+/// # Safety
+/// Every zone must be memory that this process may overwrite and that stays mapped and writable for
+/// the whole call. No Rust reference to it may be in use (the kernel writes it behind Rust's back).
+pub unsafe fn recv_exact_into(fd: BorrowedFd<'_>, zones: &[MemRun]) -> io::Result<()> {
+    let mut iovs: Vec<libc::iovec> = zones
+        .iter()
+        .filter(|z| z.len > 0)
+        .map(|z| iovec(z.addr, z.len))
+        .collect();
+    let mut first = 0;
+    while first < iovs.len() {
+        let window = &iovs[first..];
+        let count = libc::c_int::try_from(window.len().min(IOV_MAX)).unwrap_or(1);
+        // SAFETY: the iovecs describe zones the caller guarantees writable and unaliased.
+        let n = unsafe { libc::readv(fd.as_raw_fd(), window.as_ptr(), count) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the stream in the middle of a page batch",
+            ));
+        }
+        advance(&mut iovs, &mut first, usize::try_from(n).unwrap_or(0));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn advance_steps_over_partial_and_empty_entries() {
+        let buf = [0u8; 64];
+        let base = buf.as_ptr() as usize;
+        let mut v = vec![iovec(base, 10), iovec(base + 10, 0), iovec(base + 20, 5)];
+        let mut first = 0;
+        advance(&mut v, &mut first, 4);
+        assert_eq!((first, v[0].iov_len, v[0].iov_base as usize), (0, 6, base + 4));
+        advance(&mut v, &mut first, 6);
+        assert_eq!(first, 2, "the empty entry is skipped");
+        advance(&mut v, &mut first, 5);
+        assert_eq!(first, 3);
+    }
+
+    #[test]
+    fn sends_more_iovecs_than_iov_max_and_large_runs() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let src: Vec<u8> = (0..3 * IOV_MAX * 16).map(|i| (i % 251) as u8).collect();
+        let runs: Vec<MemRun> = src
+            .chunks(16)
+            .map(|c| MemRun {
+                addr: c.as_ptr() as usize,
+                len: c.len(),
+            })
+            .collect();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        // SAFETY: every run lies inside `src`, alive for the call.
+        unsafe { send_vectored(a.as_fd(), &[b"head"], &runs).unwrap() };
+        drop(a);
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert_eq!(&got[4..], &src[..]);
+    }
+
+    #[test]
+    fn receives_into_zones_and_reports_early_eof() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        let w = std::thread::spawn(move || {
+            use std::io::Write;
+            a.write_all(&data).unwrap();
+            data
+        });
+        let mut dst = vec![0u8; 10_000];
+        let base = dst.as_mut_ptr() as usize;
+        let zones = [
+            MemRun { addr: base, len: 3000 },
+            MemRun { addr: base + 3000, len: 7000 },
+        ];
+        // SAFETY: both zones lie inside `dst`, which nothing else touches during the call.
+        unsafe { recv_exact_into(b.as_fd(), &zones).unwrap() };
+        let data = w.join().unwrap();
+        assert_eq!(dst, data);
+        let zones = [MemRun { addr: base, len: 10 }];
+        // SAFETY: as above; the writer is gone, so the stream is at EOF.
+        let e = unsafe { recv_exact_into(b.as_fd(), &zones) }.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}

@@ -1,0 +1,8 @@
+//! The TCP transport: `sendmsg` from the application's pages on the sending side, `readv` into the
+//! image on the receiving side, several connections per session to use more cores.
+
+pub mod receiver;
+pub mod sender;
+
+pub use receiver::{Outcome, Receiver, ReceiverConfig};
+pub use sender::{SenderConfig, TcpSender};

@@ -1,0 +1,516 @@
+//! The TCP receiver: authenticates connections, runs the session state machine of [`crate::wire`], and
+//! lands pages straight into the memory an [`ImageStore`] provides.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::api::{ImageSink, ImageStore, Refusal};
+use crate::auth;
+use crate::conn::Conn;
+use crate::error::TransportError;
+use crate::key::ClusterKey;
+use crate::wire::{
+    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_ACK_RUNS, Record, Role, RoundAck,
+    WireError, Zero, caps,
+};
+
+/// Receiver settings.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Most data streams granted to one session.
+    pub max_streams: u16,
+    /// A peer silent for this long is dropped and its image discarded.
+    pub idle_timeout: Duration,
+    /// Most suspect pages (checksum mismatches) tolerated in one round.
+    pub max_suspect_pages: u64,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 8,
+            idle_timeout: Duration::from_secs(60),
+            max_suspect_pages: 1 << 16,
+        }
+    }
+}
+
+/// How one connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A control connection committed its image.
+    Committed {
+        /// The image id.
+        image: u64,
+    },
+    /// A data stream finished.
+    StreamDone,
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    round: u32,
+    sealed: bool,
+    batches: u32,
+    pages: u64,
+    suspects: Vec<u64>,
+    failed: Option<Refusal>,
+}
+
+struct Session<I> {
+    peer: String,
+    granted: u16,
+    image: Mutex<Option<Arc<I>>>,
+    joined: Mutex<Vec<(u16, TcpStream)>>,
+    control: TcpStream,
+    progress: Mutex<Progress>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<I> Session<I> {
+    /// Records the first failure and wakes everyone: the control thread reports it to the sender, and
+    /// every stream of the session is shut down.
+    fn fail(&self, code: ErrorCode, reason: String) {
+        {
+            let mut p = lock(&self.progress);
+            if p.failed.is_none() {
+                p.failed = Some((code, reason));
+            }
+        }
+        self.cv.notify_all();
+        for (_, s) in lock(&self.joined).iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // Wakes the control thread from a blocking read; it still writes the reason to the sender.
+        let _ = self.control.shutdown(std::net::Shutdown::Read);
+    }
+
+    fn failure(&self) -> Option<Refusal> {
+        lock(&self.progress).failed.clone()
+    }
+}
+
+/// Serves incoming transfers into an [`ImageStore`].
+pub struct Receiver<S: ImageStore> {
+    key: ClusterKey,
+    store: Arc<S>,
+    config: ReceiverConfig,
+    page_size: u64,
+    sessions: Mutex<HashMap<u64, Arc<Session<S::Image>>>>,
+}
+
+impl<S: ImageStore> std::fmt::Debug for Receiver<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("sessions", &lock(&self.sessions).len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn refusal_of(e: &TransportError) -> Refusal {
+    (e.code(), e.to_string())
+}
+
+impl<S: ImageStore> Receiver<S> {
+    /// A receiver that lands images in `store`.
+    #[must_use]
+    pub fn new(key: ClusterKey, store: Arc<S>, config: ReceiverConfig) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            store,
+            config,
+            page_size: crate::sys::page_size() as u64,
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sessions in progress.
+    #[must_use]
+    pub fn sessions(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    fn decide(&self, hello: &Hello) -> auth::Decision {
+        if !hello.versions.contains(&wire::VERSION) {
+            return Err((
+                ErrorCode::Version,
+                format!(
+                    "no common protocol version (peer speaks {}..={}, this omd {})",
+                    hello.versions.start,
+                    hello.versions.end - 1,
+                    wire::VERSION
+                ),
+            ));
+        }
+        if hello.caps & caps::REQUIRED != caps::REQUIRED {
+            return Err((
+                ErrorCode::Capability,
+                "peer lacks required capabilities".into(),
+            ));
+        }
+        if u64::from(hello.page_size) != self.page_size {
+            return Err((
+                ErrorCode::Capability,
+                format!(
+                    "page size {} differs from this node's {}",
+                    hello.page_size, self.page_size
+                ),
+            ));
+        }
+        let (streams, session) = match hello.role {
+            Role::Control => (
+                hello.streams.min(self.config.max_streams),
+                u64::from_le_bytes(auth::random_bytes()),
+            ),
+            Role::Data => (hello.streams, hello.session),
+        };
+        Ok(Hello {
+            versions: wire::VERSION..wire::VERSION + 1,
+            role: hello.role,
+            streams,
+            caps: hello.caps & caps::SUPPORTED,
+            page_size: hello.page_size,
+            session,
+            nonce: auth::random_bytes(),
+        })
+    }
+
+    /// Runs one accepted connection to its end (call it on a thread per connection).
+    ///
+    /// # Errors
+    /// Why the connection failed; the peer was told the same in an `Error` frame.
+    pub fn serve(self: &Arc<Self>, stream: TcpStream) -> Result<Outcome, TransportError> {
+        let control_clone = stream.try_clone();
+        let mut conn = Conn::new(stream);
+        conn.set_read_timeout(Some(self.config.idle_timeout))?;
+        let (hello, welcome) = auth::server(&mut conn, &self.key, |h| self.decide(h))?;
+        match hello.role {
+            Role::Control => {
+                let control = control_clone.map_err(|e| conn.io("duplicate socket", e))?;
+                let session = Arc::new(Session {
+                    peer: conn.peer().to_owned(),
+                    granted: welcome.streams,
+                    image: Mutex::new(None),
+                    joined: Mutex::new(Vec::new()),
+                    control,
+                    progress: Mutex::new(Progress::default()),
+                    cv: Condvar::new(),
+                });
+                lock(&self.sessions).insert(welcome.session, Arc::clone(&session));
+                let r = self.run_control(&mut conn, &session);
+                lock(&self.sessions).remove(&welcome.session);
+                if let Err(e) = &r {
+                    // The sender hears the first failure (maybe a data stream's), not a consequence.
+                    let (code, reason) = session.failure().unwrap_or_else(|| refusal_of(e));
+                    session.fail(code, reason.clone());
+                    conn.send_error(code, &reason);
+                    tracing::warn!(peer = %session.peer, %reason, "image discarded");
+                }
+                r
+            }
+            Role::Data => self.run_data(&mut conn, hello.session, hello.streams),
+        }
+    }
+
+    fn run_control(
+        &self,
+        conn: &mut Conn,
+        session: &Arc<Session<S::Image>>,
+    ) -> Result<Outcome, TransportError> {
+        let body = conn.expect(Kind::Begin, "before begin")?;
+        let begin = Begin::decode(&body, self.page_size).map_err(|e| conn.wire(e))?;
+        let image = self
+            .store
+            .open(&begin, self.page_size, conn.peer())
+            .map_err(|(code, reason)| TransportError::Refused {
+                peer: conn.peer().to_owned(),
+                code,
+                reason,
+            })?;
+        let image = Arc::new(image);
+        *lock(&session.image) = Some(Arc::clone(&image));
+        tracing::info!(peer = %session.peer, pid = begin.info.pid, vmas = begin.vmas.len(), "image opened");
+        conn.send(Kind::Begun, &image.id().to_le_bytes())?;
+        loop {
+            let frame = match conn.recv() {
+                Ok(f) => f,
+                // A data stream failed and shut our read side: report its reason.
+                Err(e) => return Err(session.failure().map_or(e, |(code, reason)| {
+                    TransportError::Refused {
+                        peer: session.peer.clone(),
+                        code,
+                        reason,
+                    }
+                })),
+            };
+            match frame.kind {
+                Kind::Batch => self.land_batch(conn, session, &image, &frame.body)?,
+                Kind::Zero => {
+                    let z = Zero::decode(&frame.body, self.page_size).map_err(|e| conn.wire(e))?;
+                    self.check_round(conn, session, z.round, "zero runs")?;
+                    for r in &z.runs {
+                        image.zero(r).map_err(|(c, m)| refused(conn, c, m))?;
+                    }
+                }
+                Kind::EndRound => {
+                    let end = EndRound::decode(&frame.body).map_err(|e| conn.wire(e))?;
+                    let ack = self.end_round(conn, session, &image, end)?;
+                    conn.send(Kind::RoundAck, &ack.encode(self.page_size))?;
+                }
+                Kind::Record => {
+                    let r = Record::decode(&frame.body).map_err(|e| conn.wire(e))?;
+                    image.record(r).map_err(|(c, m)| refused(conn, c, m))?;
+                }
+                Kind::Commit => {
+                    if !lock(&session.progress).sealed {
+                        return Err(refused(
+                            conn,
+                            ErrorCode::Session,
+                            "commit before the final round".into(),
+                        ));
+                    }
+                    let id = Arc::clone(&image).commit().map_err(|(c, m)| refused(conn, c, m))?;
+                    conn.send(Kind::Committed, &id.to_le_bytes())?;
+                    tracing::info!(peer = %session.peer, image = id, bytes = image.bytes(), "image committed");
+                    return Ok(Outcome::Committed { image: id });
+                }
+                other => {
+                    return Err(conn.wire(WireError::Unexpected {
+                        got: other,
+                        state: "in an open image",
+                    }));
+                }
+            }
+        }
+    }
+
+    fn check_round(
+        &self,
+        conn: &Conn,
+        session: &Session<S::Image>,
+        round: u32,
+        what: &'static str,
+    ) -> Result<(), TransportError> {
+        let p = lock(&session.progress);
+        if let Some((code, reason)) = &p.failed {
+            return Err(refused(conn, *code, reason.clone()));
+        }
+        if p.sealed || round != p.round {
+            return Err(conn.wire(WireError::Invalid(format!(
+                "{what} for round {round} while the receiver is in round {}{}",
+                p.round,
+                if p.sealed { " (sealed)" } else { "" }
+            ))));
+        }
+        Ok(())
+    }
+
+    fn end_round(
+        &self,
+        conn: &Conn,
+        session: &Session<S::Image>,
+        image: &S::Image,
+        end: EndRound,
+    ) -> Result<RoundAck, TransportError> {
+        self.check_round(conn, session, end.round, "end of round")?;
+        let deadline = Instant::now() + self.config.idle_timeout;
+        let mut p = lock(&session.progress);
+        while p.batches < end.batches && p.failed.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(refused(
+                    conn,
+                    ErrorCode::Timeout,
+                    format!(
+                        "round {}: {} of {} batches arrived before the timeout",
+                        end.round, p.batches, end.batches
+                    ),
+                ));
+            }
+            p = session
+                .cv
+                .wait_timeout(p, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        if let Some((code, reason)) = &p.failed {
+            return Err(refused(conn, *code, reason.clone()));
+        }
+        if p.batches != end.batches || p.pages != end.pages {
+            return Err(conn.wire(WireError::Invalid(format!(
+                "round {}: {} batches with {} pages arrived, {} with {} announced",
+                end.round, p.batches, p.pages, end.batches, end.pages
+            ))));
+        }
+        let suspects = page_runs(&p.suspects, self.page_size);
+        if !suspects.is_empty() && end.last {
+            return Err(refused(
+                conn,
+                ErrorCode::Checksum,
+                format!(
+                    "{} page(s) from {:#x} failed their checksum in the final round {}: corrupted in transit",
+                    p.suspects.len(),
+                    p.suspects[0],
+                    end.round
+                ),
+            ));
+        }
+        if suspects.len() > MAX_ACK_RUNS {
+            return Err(refused(
+                conn,
+                ErrorCode::Checksum,
+                format!(
+                    "round {}: {} pages failed their checksum",
+                    end.round,
+                    p.suspects.len()
+                ),
+            ));
+        }
+        if !suspects.is_empty() {
+            tracing::warn!(round = end.round, pages = p.suspects.len(), first = format_args!("{:#x}", p.suspects[0]),
+                "pages failed their checksum; accepted only if the sender sends them again");
+        }
+        let ack = RoundAck {
+            round: end.round,
+            pages: p.pages,
+            image_bytes: image.bytes(),
+            suspects,
+        };
+        *p = Progress {
+            round: end.round + 1,
+            sealed: end.last,
+            ..Progress::default()
+        };
+        Ok(ack)
+    }
+
+    /// Receives one batch into the image and checks it.
+    fn land_batch(
+        &self,
+        conn: &mut Conn,
+        session: &Session<S::Image>,
+        image: &S::Image,
+        body: &[u8],
+    ) -> Result<(), TransportError> {
+        let b = Batch::decode(body, self.page_size).map_err(|e| conn.wire(e))?;
+        self.check_round(conn, session, b.round, "batch")?;
+        let mut zones = Vec::with_capacity(b.runs.len());
+        for r in &b.runs {
+            zones.extend(image.landing(r).map_err(|(c, m)| refused(conn, c, m))?);
+        }
+        // SAFETY: the zones come from the sink's landing(), which (ImageSink's contract) is image
+        // memory that stays mapped while `image` lives and that no Rust reference covers.
+        unsafe { conn.recv_pages(&zones) }?;
+        let ps = usize::try_from(self.page_size).unwrap_or(4096);
+        let bad = image.verify(&zones, &b.sums, ps);
+        let mut p = lock(&session.progress);
+        if !bad.is_empty() {
+            let addrs = page_addrs(&b.runs, self.page_size);
+            p.suspects.extend(bad.iter().filter_map(|&i| addrs.get(i)));
+            if p.suspects.len() as u64 > self.config.max_suspect_pages {
+                drop(p);
+                return Err(refused(
+                    conn,
+                    ErrorCode::Checksum,
+                    "too many pages failed their checksum".into(),
+                ));
+            }
+        }
+        p.batches += 1;
+        p.pages += b.pages() as u64;
+        drop(p);
+        session.cv.notify_all();
+        Ok(())
+    }
+
+    fn run_data(
+        &self,
+        conn: &mut Conn,
+        session_id: u64,
+        index: u16,
+    ) -> Result<Outcome, TransportError> {
+        let session = lock(&self.sessions).get(&session_id).cloned();
+        let Some(session) = session else {
+            let e = refused(conn, ErrorCode::Session, "no such session".into());
+            conn.send_error(ErrorCode::Session, "no such session");
+            return Err(e);
+        };
+        let image = lock(&session.image).clone();
+        let Some(image) = image else {
+            conn.send_error(ErrorCode::Session, "data stream before begin");
+            return Err(refused(conn, ErrorCode::Session, "data stream before begin".into()));
+        };
+        {
+            let mut joined = lock(&session.joined);
+            if index >= session.granted || joined.iter().any(|(i, _)| *i == index) {
+                drop(joined);
+                let m = format!("data stream {index} not granted or already joined");
+                conn.send_error(ErrorCode::Session, &m);
+                return Err(refused(conn, ErrorCode::Session, m));
+            }
+            joined.push((index, conn.try_clone_stream()?));
+        }
+        loop {
+            let r = conn.recv().and_then(|f| match f.kind {
+                Kind::Batch => self.land_batch(conn, &session, &image, &f.body),
+                other => Err(conn.wire(WireError::Unexpected {
+                    got: other,
+                    state: "on a data stream",
+                })),
+            });
+            match r {
+                Ok(()) => {}
+                // The sender closes its data streams when it is done or gives up; the control
+                // connection decides the image's fate.
+                Err(TransportError::Closed { during: "between frames", .. }) => {
+                    return Ok(Outcome::StreamDone);
+                }
+                Err(e) => {
+                    if session.failure().is_none() {
+                        let (code, reason) = refusal_of(&e);
+                        tracing::warn!(peer = %session.peer, stream = index, %reason, "data stream failed");
+                        session.fail(code, format!("data stream {index}: {reason}"));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn refused(conn: &Conn, code: ErrorCode, reason: String) -> TransportError {
+    TransportError::Refused {
+        peer: conn.peer().to_owned(),
+        code,
+        reason,
+    }
+}
+
+fn page_addrs(runs: &[Range<u64>], page_size: u64) -> Vec<u64> {
+    runs.iter()
+        .flat_map(|r| (r.start..r.end).step_by(usize::try_from(page_size).unwrap_or(4096)))
+        .collect()
+}
+
+/// Sorted, merged runs from page addresses in any order.
+fn page_runs(pages: &[u64], page_size: u64) -> Vec<Range<u64>> {
+    let mut v = pages.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for p in v {
+        match out.last_mut() {
+            Some(r) if r.end == p => r.end = p + page_size,
+            _ => out.push(p..p + page_size),
+        }
+    }
+    out
+}

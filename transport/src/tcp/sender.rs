@@ -1,0 +1,384 @@
+//! The TCP sender: one control connection, N data connections, pages sent with `sendmsg` straight from
+//! the application's memory.
+
+use std::net::{SocketAddr, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::api::{PageSender, RoundStats};
+use crate::auth;
+use crate::batch;
+use crate::conn::Conn;
+use crate::error::TransportError;
+use crate::key::ClusterKey;
+use crate::sys::{self, MemRun};
+use crate::wire::{
+    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS,
+    MAX_ZERO_RUNS, Record, Role, RoundAck, Text, Zero, caps,
+};
+
+/// How a [`TcpSender`] uses the link.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Data connections besides the control connection; 0 sends pages on the control connection.
+    pub streams: u16,
+    /// Pages per batch (one `sendmsg` series and one checksum vector each).
+    pub batch_pages: u32,
+    /// How long to wait for the receiver before giving up.
+    pub timeout: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            streams: 2,
+            batch_pages: 2048,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connected,
+    Open,
+    Sealed,
+    Done,
+}
+
+/// Sends an image to an omd over TCP.
+#[derive(Debug)]
+pub struct TcpSender {
+    control: Conn,
+    data: Vec<Conn>,
+    addr: SocketAddr,
+    key: ClusterKey,
+    session: u64,
+    granted: u16,
+    page_size: u64,
+    config: SenderConfig,
+    state: State,
+    round: u32,
+    /// Suspect pages of the last acknowledged round, with that round's number.
+    suspects: (u32, Vec<Range<u64>>),
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
+    let s = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    let c = Conn::new(s);
+    c.set_read_timeout(Some(timeout))?;
+    Ok(c)
+}
+
+impl TcpSender {
+    /// Connects and authenticates the control connection. No page moves until [`PageSender::begin`].
+    ///
+    /// # Errors
+    /// Connection failure, refusal, a receiver that does not hold the key.
+    pub fn connect(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        config: SenderConfig,
+    ) -> Result<Self, TransportError> {
+        let page_size = u32::try_from(sys::page_size()).map_err(|_| TransportError::Misuse("page size"))?;
+        let mut control = connect(addr, config.timeout)?;
+        let hello = Hello {
+            versions: wire::VERSION..wire::VERSION + 1,
+            role: Role::Control,
+            streams: config.streams,
+            caps: caps::SUPPORTED,
+            page_size,
+            session: 0,
+            nonce: auth::random_bytes(),
+        };
+        let welcome = auth::client(&mut control, key, &hello)?;
+        if welcome.caps & caps::REQUIRED != caps::REQUIRED || welcome.page_size != page_size {
+            control.send_error(ErrorCode::Capability, "capabilities do not match");
+            return Err(TransportError::Refused {
+                peer: control.peer().to_owned(),
+                code: ErrorCode::Capability,
+                reason: "the receiver lacks a required capability or page size".into(),
+            });
+        }
+        Ok(Self {
+            control,
+            data: Vec::new(),
+            addr,
+            key: key.clone(),
+            session: welcome.session,
+            granted: welcome.streams.min(config.streams),
+            page_size: u64::from(page_size),
+            config,
+            state: State::Connected,
+            round: 0,
+            suspects: (0, Vec::new()),
+        })
+    }
+
+    /// Data streams in use.
+    #[must_use]
+    pub fn streams(&self) -> usize {
+        self.data.len()
+    }
+
+    fn open_data_streams(&mut self) -> Result<(), TransportError> {
+        for i in 0..self.granted {
+            let mut c = connect(self.addr, self.config.timeout)?;
+            let hello = Hello {
+                versions: wire::VERSION..wire::VERSION + 1,
+                role: Role::Data,
+                streams: i,
+                caps: caps::SUPPORTED,
+                page_size: u32::try_from(self.page_size).unwrap_or(4096),
+                session: self.session,
+                nonce: auth::random_bytes(),
+            };
+            auth::client(&mut c, &self.key, &hello)?;
+            self.data.push(c);
+        }
+        Ok(())
+    }
+
+    /// Fails the session on both ends with `err` and returns it.
+    fn fail(&mut self, err: TransportError) -> TransportError {
+        if self.state != State::Done {
+            self.control.send_error(err.code(), &err.to_string());
+            for d in &self.data {
+                d.shutdown();
+            }
+            self.state = State::Done;
+        }
+        err
+    }
+
+    /// A data stream failed while sending: the receiver usually said why on the control connection.
+    fn reason_from_peer(&mut self, err: TransportError) -> TransportError {
+        let _ = self.control.set_read_timeout(Some(Duration::from_secs(2)));
+        match self.control.recv() {
+            Err(e @ (TransportError::Refused { .. } | TransportError::Aborted { .. })) => e,
+            _ => err,
+        }
+    }
+
+    fn send_zero(&mut self, zeroed: &[Range<u64>]) -> Result<(), TransportError> {
+        for chunk in zeroed.chunks(MAX_ZERO_RUNS) {
+            let body = Zero::encode(self.round, chunk, self.page_size);
+            self.control.send(Kind::Zero, &body)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the batches over the data streams (or the control stream), in parallel.
+    ///
+    /// # Safety
+    /// As [`PageSender::send_round`].
+    unsafe fn send_batches(&mut self, batches: &[Vec<Range<u64>>]) -> Result<(), TransportError> {
+        let round = self.round;
+        let page_size = self.page_size;
+        let next = AtomicUsize::new(0);
+        let work = |conn: &mut Conn| -> Result<(), TransportError> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(runs) = batches.get(i) else {
+                    return Ok(());
+                };
+                // SAFETY: forwarded from send_round's contract (runs are mapped, readable memory).
+                unsafe { send_batch(conn, round, runs, page_size) }?;
+            }
+        };
+        if self.data.is_empty() {
+            return work(&mut self.control);
+        }
+        let results: Vec<Result<(), TransportError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .data
+                .iter_mut()
+                .map(|c| s.spawn(|| work(c)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or(Err(TransportError::Misuse("stream thread panicked")))
+                })
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+}
+
+/// Sends one batch: checksums first (read from the live memory), then the frame and the pages.
+///
+/// # Safety
+/// As [`PageSender::send_round`].
+unsafe fn send_batch(
+    conn: &mut Conn,
+    round: u32,
+    runs: &[Range<u64>],
+    page_size: u64,
+) -> Result<(), TransportError> {
+    let ps = usize::try_from(page_size).unwrap_or(4096);
+    let mut sums = Vec::new();
+    let mut mem = Vec::with_capacity(runs.len());
+    for r in runs {
+        let (addr, len) = (addr_of(r.start), addr_of(r.end - r.start));
+        for off in (0..len).step_by(ps) {
+            // SAFETY: the caller guarantees the run is mapped and readable; page-aligned.
+            sums.push(unsafe { sys::page_sum((addr + off) as *const u8, ps) });
+        }
+        mem.push(MemRun { addr, len });
+    }
+    let body = Batch::encode(round, runs, &sums, page_size);
+    // SAFETY: as above.
+    unsafe { conn.send_with_pages(Kind::Batch, &body, &mem) }
+}
+
+fn addr_of(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+
+impl PageSender for TcpSender {
+    fn begin(&mut self, begin: &Begin) -> Result<u64, TransportError> {
+        if self.state != State::Connected {
+            return Err(TransportError::Misuse("begin called twice"));
+        }
+        let body = begin
+            .encode()
+            .map_err(|source| self.control.wire(source))?;
+        self.control.send(Kind::Begin, &body)?;
+        let id = self
+            .control
+            .expect(Kind::Begun, "after begin")
+            .and_then(|b| wire::msg::decode_u64(&b, "begun").map_err(|e| self.control.wire(e)))?;
+        if let Err(e) = self.open_data_streams() {
+            return Err(self.fail(e));
+        }
+        self.state = State::Open;
+        Ok(id)
+    }
+
+    unsafe fn send_round(
+        &mut self,
+        pages: &[Range<u64>],
+        zeroed: &[Range<u64>],
+        last: bool,
+    ) -> Result<RoundStats, TransportError> {
+        if self.state != State::Open {
+            return Err(TransportError::Misuse("send_round outside an open image"));
+        }
+        let (sus_round, suspects) = &self.suspects;
+        if let Some(first) = batch::first_uncovered(suspects, pages) {
+            let pages_bad = suspects.iter().map(|r| (r.end - r.start) / self.page_size).sum();
+            let e = TransportError::Corrupted {
+                round: *sus_round,
+                first,
+                pages: pages_bad,
+            };
+            return Err(self.fail(e));
+        }
+        let started = Instant::now();
+        let max_pages = u64::from(self.config.batch_pages).clamp(1, MAX_BATCH_PAGES as u64);
+        let batches = batch::split(pages, self.page_size, max_pages, MAX_BATCH_RUNS);
+        let sent = self.send_zero(zeroed).and_then(|()| {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { self.send_batches(&batches) }
+        });
+        if let Err(e) = sent {
+            let e = self.reason_from_peer(e);
+            return Err(self.fail(e));
+        }
+        let page_count: u64 = pages.iter().map(|r| (r.end - r.start) / self.page_size).sum();
+        let end = EndRound {
+            round: self.round,
+            last,
+            batches: u32::try_from(batches.len()).unwrap_or(u32::MAX),
+            pages: page_count,
+        };
+        let acked = self
+            .control
+            .send(Kind::EndRound, &end.encode())
+            .and_then(|()| self.control.expect(Kind::RoundAck, "after end of round"))
+            .and_then(|b| RoundAck::decode(&b, self.page_size).map_err(|e| self.control.wire(e)));
+        let ack = match acked {
+            Ok(a) => a,
+            Err(e) => return Err(self.fail(e)),
+        };
+        if ack.round != self.round || ack.pages != page_count || (last && !ack.suspects.is_empty())
+        {
+            let e = self.control.wire(wire::WireError::Invalid(format!(
+                "acknowledgement of round {} does not match round {} ({} pages sent, {} acknowledged)",
+                ack.round, self.round, page_count, ack.pages
+            )));
+            return Err(self.fail(e));
+        }
+        let stats = RoundStats {
+            round: self.round,
+            pages: page_count,
+            bytes: page_count * self.page_size,
+            zero_runs: zeroed.len() as u64,
+            batches: end.batches,
+            elapsed: started.elapsed(),
+            suspects: ack.suspects.clone(),
+            image_bytes: ack.image_bytes,
+        };
+        self.suspects = (self.round, ack.suspects);
+        self.round += 1;
+        if last {
+            self.state = State::Sealed;
+        }
+        Ok(stats)
+    }
+
+    fn send_record(&mut self, kind: u32, bytes: &[u8]) -> Result<(), TransportError> {
+        if !matches!(self.state, State::Open | State::Sealed) {
+            return Err(TransportError::Misuse("record outside an open image"));
+        }
+        let body = Record::encode(kind, bytes);
+        if body.len() > Kind::Record.max_body() {
+            return Err(TransportError::Misuse("record over the size cap"));
+        }
+        self.control.send(Kind::Record, &body)
+    }
+
+    fn commit(&mut self) -> Result<u64, TransportError> {
+        if self.state != State::Sealed {
+            return Err(TransportError::Misuse("commit before the final round"));
+        }
+        let r = self
+            .control
+            .send(Kind::Commit, &[])
+            .and_then(|()| self.control.expect(Kind::Committed, "after commit"))
+            .and_then(|b| {
+                wire::msg::decode_u64(&b, "committed").map_err(|e| self.control.wire(e))
+            });
+        match r {
+            Ok(id) => {
+                self.state = State::Done;
+                Ok(id)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn abort(&mut self, reason: &str) {
+        if self.state != State::Done {
+            let _ = self
+                .control
+                .send(Kind::Abort, &Text::encode(ErrorCode::Aborted as u32, reason));
+            self.control.shutdown();
+            for d in &self.data {
+                d.shutdown();
+            }
+            self.state = State::Done;
+        }
+    }
+}
+
+impl Drop for TcpSender {
+    fn drop(&mut self) {
+        self.abort("sender dropped before commit");
+    }
+}

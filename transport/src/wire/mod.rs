@@ -1,0 +1,209 @@
+//! om's wire protocol, version 1.
+//!
+//! # Connections and sessions
+//!
+//! A sender (the runtime inside a migrating process, or omctl) opens one **control** connection to the
+//! receiving omd and, when it wants parallel streams, N **data** connections that join the session the
+//! control connection opened. Every connection is authenticated on its own with the cluster key before
+//! any other frame is accepted.
+//!
+//! ```text
+//!  sender                                            receiver (omd)
+//!    |--- Hello{versions, caps, page size, nonce_c} --->|  unauthenticated; 1 KiB cap
+//!    |<-- Welcome{version, caps∩, session, nonce_s} ----|  or Refused{code, reason}
+//!    |--- Proof{HMAC(K, "client" | transcript)} ------->|  receiver checks; on failure Refused
+//!    |<-- Proof{HMAC(K, "server" | transcript)} --------|  sender checks: the receiver holds K too
+//!    |      from here on every frame carries seq and HMAC(K_dir, header | body)                 |
+//!    |--- Begin{pid, uid, gid, VMA table} ------------->|  receiver checks limits, makes the image
+//!    |<-- Begun{image id} ------------------------------|  or Error{LIMIT, reason}
+//!    |=== data streams: Hello{Data, session} ... Proof ==|  (same handshake, joins the session)
+//!    |--- Batch{round r, runs, sums} + pages ---------->|  on any stream; lands in the image
+//!    |--- Zero{round r, runs} ------------------------->|  pages that are zero now
+//!    |--- EndRound{r, batches, pages, last} ----------->|  control stream
+//!    |<-- RoundAck{r, pages, suspects} -----------------|  after every batch of r is verified
+//!    |        ... rounds r+1, r+2, ...; the final one has last = 1 ...                         |
+//!    |--- Record{kind, bytes} ------------------------->|  threads, fds, process state
+//!    |--- Commit ------------------------------------->|
+//!    |<-- Committed{image id} --------------------------|  the image is complete and kept
+//! ```
+//!
+//! # Receiver states (one session)
+//!
+//! ```text
+//!   Handshake --auth ok--> Authenticated --Begin ok--> Open(round 0)
+//!   Open(r) --Batch/Zero of round r--> Open(r)
+//!   Open(r) --EndRound r, all batches verified--> Open(r+1)     (RoundAck sent)
+//!   Open(r) --EndRound r, last--> Sealed                         (RoundAck sent)
+//!   Sealed --Record--> Sealed;  Sealed --Commit--> Committed     (image handed over)
+//!   any state --Abort / error / disconnect / timeout--> Discarded (all memory freed)
+//! ```
+//!
+//! A round is durable only when its `RoundAck` arrives: the receiver sends it after every batch the
+//! `EndRound` announced has landed and been checked. The sender starts round r+1 only after the ack of
+//! round r, so a page sent in two rounds always lands in round order even over parallel streams.
+//!
+//! # Integrity
+//!
+//! Frame headers and bodies (run tables, checksums, records) are authenticated with HMAC-SHA256 under a
+//! per-connection, per-direction key derived from both nonces, with a sequence number: a forged,
+//! corrupted, reordered or replayed frame is rejected. The raw pages after a `Batch` are covered by one
+//! CRC-based checksum per page inside the authenticated body ([`crate::sys::checksum`]). Pre-copy sends
+//! pages while the application writes them, so a mismatch in a non-final round is reported back as a
+//! *suspect*; the sender accepts it only if the page is sent again in a later round (the application
+//! wrote it), and otherwise fails the migration as corrupted in transit. In the final round (the
+//! application is stopped) any mismatch fails at once.
+//!
+//! # Limits
+//!
+//! Every count and length is checked against a cap before anything is allocated: see the `MAX_*`
+//! constants. Unknown kinds, set reserved bits and trailing bytes are errors.
+
+pub mod frame;
+pub mod msg;
+
+pub use frame::{FrameHeader, Kind, TAG_LEN};
+pub use msg::{
+    Batch, Begin, EndRound, Hello, ImageInfo, Record, Role, RoundAck, RunEntry, Text, Vma, Zero,
+};
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+
+/// Capability bits negotiated in the handshake.
+pub mod caps {
+    /// Pages over TCP byte streams.
+    pub const TCP: u32 = 1 << 0;
+    /// Pages by RDMA WRITE into registered image memory (issue #7).
+    pub const VERBS: u32 = 1 << 1;
+    /// Pages by PIO/DMA into a SISCI segment (issue #8).
+    pub const SCI: u32 = 1 << 2;
+    /// Per-page four-lane CRC-32C checksums (always used in version 1).
+    pub const PAGE_CRC32C: u32 = 1 << 8;
+    /// Everything this build implements.
+    pub const SUPPORTED: u32 = TCP | PAGE_CRC32C;
+    /// What a version-1 peer must offer.
+    pub const REQUIRED: u32 = TCP | PAGE_CRC32C;
+}
+
+/// Highest user-space address (exclusive) accepted anywhere: 57-bit (five-level paging) user space.
+pub const MAX_USER_ADDR: u64 = 1 << 56;
+/// VMAs in one image (Linux's default `vm.max_map_count` is 65530).
+pub const MAX_VMAS: usize = 1 << 17;
+/// Bytes of one VMA name (`PATH_MAX`).
+pub const MAX_NAME: usize = 4096;
+/// Bytes of all VMA names together.
+pub const MAX_NAMES: usize = 8 << 20;
+/// Largest `Begin` body.
+pub const MAX_BEGIN_BODY: usize = 32 + MAX_VMAS * 40 + MAX_NAMES;
+/// Pages in one batch.
+pub const MAX_BATCH_PAGES: usize = 16384;
+/// Runs in one batch (one iovec each, plus the header and body, within `IOV_MAX`).
+pub const MAX_BATCH_RUNS: usize = 1022;
+/// Largest `Batch` body.
+pub const MAX_BATCH_BODY: usize = 24 + MAX_BATCH_RUNS * 16 + MAX_BATCH_PAGES * 4;
+/// Runs in one `Zero` frame.
+pub const MAX_ZERO_RUNS: usize = 1 << 16;
+/// Largest `Zero` body.
+pub const MAX_ZERO_BODY: usize = 24 + MAX_ZERO_RUNS * 16;
+/// Suspect runs in one ack; more mismatches than this fail the round.
+pub const MAX_ACK_RUNS: usize = 4096;
+/// Largest `RoundAck` body.
+pub const MAX_ACK_BODY: usize = 24 + MAX_ACK_RUNS * 16;
+/// Largest `Record` body.
+pub const MAX_RECORD_BODY: usize = 16 << 20;
+/// Bytes of text in `Error`, `Refused` and `Abort`.
+pub const MAX_TEXT: usize = 1024;
+
+/// Why the peer's bytes were rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The frame does not start with the protocol's magic.
+    #[error("not an om frame (magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    /// A kind this version does not know.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    /// A length or count above its cap.
+    #[error("{what} of {len} exceeds the limit of {max}")]
+    Oversized {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        len: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// A body shorter than its fixed part.
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    /// A field with a value the protocol does not allow.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// The authentication tag does not match: forged or corrupted.
+    #[error("frame {seq} failed authentication (forged or corrupted)")]
+    BadTag {
+        /// The frame's sequence number.
+        seq: u64,
+    },
+    /// A frame out of sequence: replayed, dropped or reordered.
+    #[error("frame out of sequence: expected {expected}, got {got} (replayed or reordered)")]
+    BadSeq {
+        /// The expected number.
+        expected: u64,
+        /// The number received.
+        got: u64,
+    },
+    /// A kind that is valid but not in this state.
+    #[error("unexpected {got:?} frame {state}")]
+    Unexpected {
+        /// The kind received.
+        got: Kind,
+        /// Where the protocol was.
+        state: &'static str,
+    },
+}
+
+/// Codes carried by `Error` and `Refused` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// Malformed or unexpected frame.
+    Protocol = 1,
+    /// The peer did not prove the cluster key.
+    Auth = 2,
+    /// No common protocol version.
+    Version = 3,
+    /// Page size or required capabilities differ.
+    Capability = 4,
+    /// A memory or size limit would be exceeded.
+    Limit = 5,
+    /// Pages failed their checksum.
+    Checksum = 6,
+    /// The session or image is unknown or in the wrong state.
+    Session = 7,
+    /// The receiver failed internally (out of memory, I/O).
+    Internal = 8,
+    /// The sender gave up.
+    Aborted = 9,
+    /// The peer was idle too long.
+    Timeout = 10,
+}
+
+impl ErrorCode {
+    /// The code for a received value; unknown values read as `Protocol`.
+    #[must_use]
+    pub fn from_u32(v: u32) -> Self {
+        match v {
+            2 => Self::Auth,
+            3 => Self::Version,
+            4 => Self::Capability,
+            5 => Self::Limit,
+            6 => Self::Checksum,
+            7 => Self::Session,
+            8 => Self::Internal,
+            9 => Self::Aborted,
+            10 => Self::Timeout,
+            _ => Self::Protocol,
+        }
+    }
+}
