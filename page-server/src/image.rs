@@ -264,6 +264,31 @@ impl Image {
         &self.mem
     }
 
+    /// Copies the page at `addr` into `buf` (one page long); returns whether it was landed (false for
+    /// absent and zero pages, which read as zeros).
+    ///
+    /// # Errors
+    /// An address outside the image, or the read failing.
+    pub fn read_page(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<bool> {
+        let run = addr..addr + self.page_size;
+        let (_, off) = self
+            .locate(&run)
+            .map_err(|(_, m)| std::io::Error::other(m))?;
+        let landed = lock(&self.pages).get(off / self.page_size) == DATA;
+        let off = i64::try_from(off).map_err(std::io::Error::other)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let at = off + i64::try_from(done).map_err(std::io::Error::other)?;
+            let n = nix::sys::uio::pread(self.mem.fd(), &mut buf[done..], at)?;
+            if n == 0 {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(landed)
+    }
+
     /// The VMA index and image offset of `run`, which must lie inside one VMA.
     fn locate(&self, run: &Range<u64>) -> Result<(usize, u64), Refusal> {
         let i = self.vmas.partition_point(|v| v.end <= run.start);

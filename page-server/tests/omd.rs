@@ -60,6 +60,15 @@ fn start(dir: &Path, key: &Path, port: u16) -> Child {
         .unwrap()
 }
 
+/// Kills the daemon if the test fails before stopping it (an orphan would hold the test's output open).
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
@@ -73,7 +82,7 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
     let d = tempdir("serve");
     let k = key(&d.0, 0o600);
     let port = free_port();
-    let mut omd = start(&d.0, &k, port);
+    let mut omd = KillOnDrop(start(&d.0, &k, port));
     let control = d.0.join("sock/omd.sock");
     wait_for(&control);
     assert_eq!(
@@ -96,22 +105,22 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
     assert!(String::from_utf8_lossy(&second.stderr).contains("already serving"));
     assert!(request(&control, "ping").starts_with("OK"));
 
-    // A peer is told that the page server is not built, not left hanging.
+    // A peer that does not speak the protocol is told so and disconnected, not left hanging.
     let mut peer = TcpStream::connect(("127.0.0.1", port)).unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut msg = String::new();
-    peer.read_to_string(&mut msg).unwrap();
-    assert!(
-        msg.contains("page server") && msg.contains("not built yet"),
-        "{msg}"
-    );
+    peer.write_all(&[b'x'; 40]).unwrap();
+    let mut msg = Vec::new();
+    peer.read_to_end(&mut msg).unwrap();
+    let msg = String::from_utf8_lossy(&msg);
+    assert!(msg.contains("not an om frame"), "{msg}");
+    assert!(request(&control, "images").starts_with("OK 0"));
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(omd.id()).unwrap()),
+        nix::unistd::Pid::from_raw(i32::try_from(omd.0.id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(omd.wait().unwrap().success());
+    assert!(omd.0.wait().unwrap().success());
     assert!(!control.exists(), "control socket left behind");
 }
 

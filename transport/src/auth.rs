@@ -73,40 +73,27 @@ pub type Decision = Result<Hello, (ErrorCode, String)>;
 /// Runs the server side on an accepted connection. `decide` turns the client's `Hello` into the
 /// `Welcome` (or a refusal); it runs before authentication, so it must not grant anything by itself.
 /// Returns the client's `Hello` and the `Welcome` that was sent, once the client has proved the key.
+/// The caller tells the client why when this fails ([`Conn::send_error`]).
 ///
 /// # Errors
-/// A refusal (also sent to the client), a client without the key, protocol and socket errors.
+/// A refusal, a client without the key, protocol and socket errors.
 pub fn server(
     conn: &mut Conn,
     key: &ClusterKey,
     decide: impl FnOnce(&Hello) -> Decision,
 ) -> Result<(Hello, Hello), TransportError> {
     let hello_body = conn.expect(Kind::Hello, "in the handshake")?;
-    let hello = match Hello::decode(&hello_body) {
-        Ok(h) => h,
-        Err(e) => {
-            conn.send_error(ErrorCode::Protocol, &e.to_string());
-            return Err(conn.wire(e));
-        }
-    };
-    let welcome = match decide(&hello) {
-        Ok(w) => w,
-        Err((code, reason)) => {
-            conn.send_error(code, &reason);
-            return Err(TransportError::Refused {
-                peer: conn.peer().to_owned(),
-                code,
-                reason,
-            });
-        }
-    };
+    let hello = Hello::decode(&hello_body).map_err(|e| conn.wire(e))?;
+    let welcome = decide(&hello).map_err(|(code, reason)| TransportError::Refused {
+        peer: conn.peer().to_owned(),
+        code,
+        reason,
+    })?;
     let welcome_body = welcome.encode();
     conn.send(Kind::Welcome, &welcome_body)?;
     let transcript = [hello_body, welcome_body].concat();
     let proof = conn.expect(Kind::Proof, "in the handshake")?;
     if !constant_time_eq(&proof, &prf(key, CLIENT_PROOF, &transcript)) {
-        let reason = "authentication failed: the client does not hold this cluster's key";
-        conn.send_error(ErrorCode::Auth, reason);
         return Err(TransportError::PeerNotAuthenticated {
             peer: conn.peer().to_owned(),
         });

@@ -85,13 +85,15 @@ impl Conn {
         &self.peer
     }
 
-    /// Fails reads that wait longer than `t` (a stalled peer must not pin memory forever).
+    /// Fails reads and writes that wait longer than `t` (a stalled peer must not pin memory or a
+    /// thread forever).
     ///
     /// # Errors
     /// When the socket refuses the option.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), TransportError> {
         self.stream
             .set_read_timeout(t)
+            .and_then(|()| self.stream.set_write_timeout(t))
             .map_err(|source| self.io("set timeout", source))
     }
 
@@ -281,6 +283,11 @@ impl Conn {
             return Err(self.wire(WireError::Unexpected { got: f.kind, state }));
         }
         Ok(f.body)
+    }
+
+    /// Makes closing this connection abortive (a reset), for connections given up mid-stream.
+    pub fn reset_on_close(&self) {
+        let _ = sys::reset_on_close(self.stream.as_fd());
     }
 
     /// Shuts the connection down in both directions, waking any thread blocked on it.

@@ -93,7 +93,7 @@ impl TransportError {
     #[must_use]
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Wire { .. } | Self::Misuse(_) => ErrorCode::Protocol,
+            Self::Wire { .. } | Self::Misuse(_) | Self::Closed { .. } => ErrorCode::Protocol,
             Self::PeerNotAuthenticated { .. } => ErrorCode::Auth,
             Self::Refused { code, .. } => *code,
             Self::Corrupted { .. } => ErrorCode::Checksum,
@@ -104,4 +104,17 @@ impl TransportError {
             _ => ErrorCode::Internal,
         }
     }
+}
+
+/// An error with all its sources, `a: b: c`, for messages that cross the wire or reach people.
+#[must_use]
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }

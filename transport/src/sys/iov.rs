@@ -120,6 +120,34 @@ pub unsafe fn recv_exact_into(fd: BorrowedFd<'_>, zones: &[MemRun]) -> io::Resul
     Ok(())
 }
 
+/// Makes the socket's last close abortive (`SO_LINGER` with a zero timeout): the peer gets a reset at
+/// once instead of waiting on a full window for data nobody will read.
+///
+/// # Errors
+/// `setsockopt` failing.
+pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let len = libc::socklen_t::try_from(size_of::<libc::linger>()).unwrap_or(8);
+    // SAFETY: a valid linger struct and its exact size; the fd is borrowed for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {

@@ -11,7 +11,7 @@ pub mod checksum;
 pub mod iov;
 
 pub use checksum::{crc32c, page_sum, page_sum_bytes};
-pub use iov::{MemRun, recv_exact_into, send_vectored};
+pub use iov::{MemRun, recv_exact_into, reset_on_close, send_vectored};
 
 /// The page size of this machine.
 #[must_use]

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -85,7 +86,10 @@ impl<I> Session<I> {
             }
         }
         self.cv.notify_all();
-        for (_, s) in lock(&self.joined).iter() {
+        // Abortive close: a sender blocked on a full window gets a reset at once, and the clones are
+        // dropped here so that the data threads' own close is the last one.
+        for (_, s) in lock(&self.joined).drain(..) {
+            let _ = crate::sys::reset_on_close(s.as_fd());
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         // Wakes the control thread from a blocking read; it still writes the reason to the sender.
@@ -116,7 +120,7 @@ impl<S: ImageStore> std::fmt::Debug for Receiver<S> {
 }
 
 fn refusal_of(e: &TransportError) -> Refusal {
-    (e.code(), e.to_string())
+    (e.code(), crate::error::chain(e))
 }
 
 impl<S: ImageStore> Receiver<S> {
@@ -191,7 +195,13 @@ impl<S: ImageStore> Receiver<S> {
         let control_clone = stream.try_clone();
         let mut conn = Conn::new(stream);
         conn.set_read_timeout(Some(self.config.idle_timeout))?;
-        let (hello, welcome) = auth::server(&mut conn, &self.key, |h| self.decide(h))?;
+        let (hello, welcome) = match auth::server(&mut conn, &self.key, |h| self.decide(h)) {
+            Ok(hw) => hw,
+            Err(e) => {
+                conn.send_error(e.code(), &crate::error::chain(&e));
+                return Err(e);
+            }
+        };
         match hello.role {
             Role::Control => {
                 let control = control_clone.map_err(|e| conn.io("duplicate socket", e))?;
@@ -474,6 +484,7 @@ impl<S: ImageStore> Receiver<S> {
                     return Ok(Outcome::StreamDone);
                 }
                 Err(e) => {
+                    conn.reset_on_close();
                     if session.failure().is_none() {
                         let (code, reason) = refusal_of(&e);
                         tracing::warn!(peer = %session.peer, stream = index, %reason, "data stream failed");

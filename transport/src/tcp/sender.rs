@@ -357,6 +357,9 @@ impl PageSender for TcpSender {
         match r {
             Ok(id) => {
                 self.state = State::Done;
+                for d in self.data.drain(..) {
+                    d.shutdown();
+                }
                 Ok(id)
             }
             Err(e) => Err(self.fail(e)),

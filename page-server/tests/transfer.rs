@@ -1,0 +1,544 @@
+//! Pages from a live process's memory into omd's image: byte-for-byte on loopback and between two rig
+//! nodes, and every way a transfer can go wrong (a dead receiver, a flipped byte, a wrong key, hostile
+//! streams) fails clearly at both ends and leaves the source memory and the receiver's store as they
+//! were.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use om::sys::mman::Region;
+use om_page_server::checkpoint::Checkpoint;
+use om_page_server::{Image, Limits, Store};
+use om_transport::wire::{Begin, ErrorCode, ImageInfo, Vma};
+use om_transport::{
+    ClusterKey, ImageSink, PageSender, Receiver, ReceiverConfig, SenderConfig, TcpSender,
+    TransportError,
+};
+
+const OMD: &str = env!("CARGO_BIN_EXE_omd");
+const PAGE: u64 = 4096;
+const MIB: usize = 1 << 20;
+
+fn key() -> ClusterKey {
+    ClusterKey::from_bytes(vec![42u8; 32]).unwrap()
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The word at index `i` of the test content for `seed`.
+fn word(seed: u64, i: usize) -> u64 {
+    splitmix(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d))
+}
+
+/// A mapped region filled with seeded random words.
+fn random_region(len: usize, seed: u64) -> Region {
+    let r = Region::map_anon(len, None).unwrap();
+    for (i, w) in r.words().iter().enumerate() {
+        w.store(word(seed, i), Ordering::Relaxed);
+    }
+    r
+}
+
+fn region_matches_seed(r: &Region, seed: u64) -> bool {
+    r.words()
+        .iter()
+        .enumerate()
+        .all(|(i, w)| w.load(Ordering::Relaxed) == word(seed, i))
+}
+
+fn begin_for(r: &Region) -> Begin {
+    let start = r.addr() as u64;
+    Begin {
+        info: ImageInfo {
+            pid: std::process::id(),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            flags: 0,
+            populated_bytes: r.len() as u64,
+        },
+        vmas: vec![Vma {
+            start,
+            end: start + r.len() as u64,
+            prot: 3,
+            flags: 0,
+            pgoff: 0,
+            name: b"[test heap]".to_vec(),
+        }],
+    }
+}
+
+fn whole(r: &Region) -> Range<u64> {
+    r.addr() as u64..(r.addr() + r.len()) as u64
+}
+
+/// An in-process omd page server on loopback.
+struct Server {
+    addr: SocketAddr,
+    store: Store,
+    receiver: Arc<Receiver<Store>>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    finished: Arc<AtomicU64>,
+}
+
+fn server(limits: Limits) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let store = Store::new(limits);
+    let receiver = Receiver::new(
+        key(),
+        Arc::new(store.clone()),
+        ReceiverConfig {
+            idle_timeout: Duration::from_secs(20),
+            ..ReceiverConfig::default()
+        },
+    );
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let finished = Arc::new(AtomicU64::new(0));
+    let (r, e, f) = (Arc::clone(&receiver), Arc::clone(&errors), Arc::clone(&finished));
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let (r, e, f) = (Arc::clone(&r), Arc::clone(&e), Arc::clone(&f));
+            thread::spawn(move || {
+                if let Err(err) = r.serve(s.unwrap()) {
+                    let mut msg = err.to_string();
+                    let mut src = std::error::Error::source(&err);
+                    while let Some(x) = src {
+                        msg.push_str(&format!(": {x}"));
+                        src = x.source();
+                    }
+                    e.lock().unwrap().push(msg);
+                }
+                f.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    Server {
+        addr,
+        store,
+        receiver,
+        errors,
+        finished,
+    }
+}
+
+fn big_limits() -> Limits {
+    Limits {
+        per_image: 8 << 30,
+        total: 8 << 30,
+    }
+}
+
+impl Server {
+    /// Waits until no session is open and `n` connections have finished.
+    fn settle(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.receiver.sessions() > 0 || self.finished.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "receiver never settled");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn errors(&self) -> String {
+        self.errors.lock().unwrap().join(" | ")
+    }
+}
+
+fn assert_image_equals(image: &Image, r: &Region, zeroed: &[Range<u64>]) {
+    let mut buf = vec![0u8; PAGE as usize];
+    let src = r.words();
+    for (p, addr) in (whole(r)).step_by(PAGE as usize).enumerate() {
+        let landed = image.read_page(addr, &mut buf).unwrap();
+        let is_zero = zeroed.iter().any(|z| z.contains(&addr));
+        assert_eq!(landed, !is_zero, "page {addr:#x} state");
+        for (i, chunk) in buf.chunks_exact(8).enumerate() {
+            let want = if is_zero {
+                0
+            } else {
+                src[p * 512 + i].load(Ordering::Relaxed)
+            };
+            let got = u64::from_le_bytes(chunk.try_into().unwrap());
+            assert_eq!(got, want, "page {addr:#x} word {i}");
+        }
+    }
+}
+
+#[test]
+fn ships_a_gib_in_rounds_byte_for_byte_over_loopback() {
+    let srv = server(big_limits());
+    let len = 1 << 30;
+    let mut r = random_region(len, 1);
+    let mut tx = TcpSender::connect(srv.addr, &key(), SenderConfig::default()).unwrap();
+    assert_eq!(tx.streams(), 0, "data streams open only after begin");
+    tx.begin(&begin_for(&r)).unwrap();
+    assert_eq!(tx.streams(), 2);
+    // SAFETY: the region stays mapped for the whole call.
+    let s0 = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap();
+    assert_eq!(s0.bytes, len as u64);
+    assert!(s0.suspects.is_empty());
+    assert_eq!(s0.image_bytes, len as u64);
+    // Round 1: rewrite scattered pages, free a range; only those travel.
+    let base = r.addr() as u64;
+    let mut dirty = Vec::new();
+    for p in (0..(len as u64 / PAGE)).step_by(97) {
+        let w = usize::try_from(p * 512).unwrap();
+        r.words()[w].store(!word(1, w), Ordering::Relaxed);
+        dirty.push(base + p * PAGE..base + (p + 1) * PAGE);
+    }
+    let freed = base + 64 * PAGE * 1000 + 4 * PAGE..base + 64 * PAGE * 1000 + 68 * PAGE;
+    dirty.retain(|d| !(freed.start < d.end && d.start < freed.end));
+    r.dontneed(usize::try_from(freed.start - base).unwrap(), 64 * PAGE as usize)
+        .unwrap();
+    // SAFETY: as above.
+    let s1 = unsafe { tx.send_round(&dirty, std::slice::from_ref(&freed), true) }.unwrap();
+    assert_eq!(s1.pages, dirty.len() as u64);
+    assert_eq!(s1.image_bytes, len as u64 - 64 * PAGE);
+    tx.send_record(7, b"threads go here").unwrap();
+    let id = tx.commit().unwrap();
+    srv.settle(3);
+    let image = srv.store.get(id).expect("committed image kept");
+    assert_eq!(image.records()[0].bytes, b"threads go here");
+    assert_image_equals(&image, &r, &[freed]);
+    // Dropping the image frees its memory.
+    drop(image);
+    assert!(srv.store.remove(id).is_some());
+    assert_eq!(srv.store.used(), 0);
+}
+
+#[test]
+fn wrong_key_is_refused_before_any_page_moves() {
+    let srv = server(big_limits());
+    let wrong = ClusterKey::from_bytes(vec![7u8; 32]).unwrap();
+    let e = TcpSender::connect(srv.addr, &wrong, SenderConfig::default()).unwrap_err();
+    assert!(
+        matches!(&e, TransportError::Refused { code: ErrorCode::Auth, .. }),
+        "{e:?}"
+    );
+    srv.settle(1);
+    assert!(srv.errors().contains("does not hold the cluster key"), "{}", srv.errors());
+    assert_eq!(srv.store.used(), 0);
+    assert!(srv.store.committed().is_empty());
+}
+
+/// Forwards one connection to `to`, flipping the byte at `flip` (client to server direction, counted
+/// from the first byte) if given.
+fn proxy(to: SocketAddr, flip: Option<u64>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        let (client, _) = l.accept().unwrap();
+        let server = TcpStream::connect(to).unwrap();
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(std::net::Shutdown::Both);
+        });
+        let (mut c, mut s) = (client, server);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut at = 0u64;
+        loop {
+            let n = match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Some(f) = flip {
+                if (at..at + n as u64).contains(&f) {
+                    buf[usize::try_from(f - at).unwrap()] ^= 0x20;
+                }
+            }
+            at += n as u64;
+            if s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+fn single_stream() -> SenderConfig {
+    SenderConfig {
+        streams: 0,
+        ..SenderConfig::default()
+    }
+}
+
+#[test]
+fn a_flipped_page_byte_fails_the_final_round_at_both_ends() {
+    let srv = server(big_limits());
+    let r = random_region(16 * MIB, 2);
+    // Well past the handshake and the first batch header: inside page data.
+    let via = proxy(srv.addr, Some(3 * MIB as u64));
+    let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    // SAFETY: the region stays mapped.
+    let e = unsafe { tx.send_round(&[whole(&r)], &[], true) }.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, TransportError::Refused { code: ErrorCode::Checksum, .. }),
+        "{e:?}"
+    );
+    assert!(msg.contains("failed their checksum in the final round"), "{msg}");
+    srv.settle(1);
+    assert!(srv.errors().contains("checksum"), "{}", srv.errors());
+    assert_eq!(srv.store.used(), 0, "the rejected image was freed");
+    assert!(srv.store.committed().is_empty());
+    assert!(region_matches_seed(&r, 2), "source memory untouched");
+}
+
+#[test]
+fn a_flipped_page_byte_not_sent_again_is_corruption() {
+    let srv = server(big_limits());
+    let r = random_region(16 * MIB, 3);
+    let via = proxy(srv.addr, Some(3 * MIB as u64));
+    let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    // SAFETY: the region stays mapped.
+    let s0 = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap();
+    assert_eq!(s0.suspects.len(), 1, "one page reported: {:?}", s0.suspects);
+    // The page was not written again, so it is not in the next round: corruption, not a race.
+    // SAFETY: as above.
+    let e = unsafe { tx.send_round(&[], &[], true) }.unwrap_err();
+    assert!(matches!(e, TransportError::Corrupted { round: 0, pages: 1, .. }), "{e:?}");
+    srv.settle(1);
+    assert!(srv.errors().contains("corrupted in transit"), "{}", srv.errors());
+    assert_eq!(srv.store.used(), 0);
+}
+
+#[test]
+fn a_suspect_page_sent_again_is_accepted() {
+    let srv = server(big_limits());
+    let r = random_region(16 * MIB, 4);
+    let via = proxy(srv.addr, Some(3 * MIB as u64));
+    let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    // SAFETY: the region stays mapped.
+    let s0 = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap();
+    // As if the application had written it during round 0: it is dirty and goes again.
+    // SAFETY: as above.
+    unsafe { tx.send_round(&s0.suspects, &[], true) }.unwrap();
+    let id = tx.commit().unwrap();
+    assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
+}
+
+#[test]
+fn a_flipped_header_byte_is_rejected_as_forged() {
+    let srv = server(big_limits());
+    let r = random_region(MIB, 5);
+    // Byte 250: inside the Begin frame's VMA entry (after a 104-byte Hello and a 72-byte Proof).
+    let via = proxy(srv.addr, Some(250));
+    let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
+    let e = tx.begin(&begin_for(&r)).unwrap_err();
+    assert!(e.to_string().contains("protocol violation") || matches!(e, TransportError::Refused { .. }), "{e:?}");
+    srv.settle(1);
+    assert!(srv.errors().contains("protocol violation"), "{}", srv.errors());
+    assert_eq!(srv.store.used(), 0);
+}
+
+#[test]
+fn an_image_over_the_limit_is_refused_before_pages_move() {
+    let srv = server(Limits {
+        per_image: 8 * MIB as u64,
+        total: 8 * MIB as u64,
+    });
+    let r = random_region(16 * MIB, 6);
+    let mut tx = TcpSender::connect(srv.addr, &key(), SenderConfig::default()).unwrap();
+    let e = tx.begin(&begin_for(&r)).unwrap_err();
+    assert!(
+        matches!(&e, TransportError::Refused { code: ErrorCode::Limit, reason, .. } if reason.contains("per-image limit")),
+        "{e:?}"
+    );
+    // A sender that understates its size is stopped page by page.
+    let mut tx = TcpSender::connect(srv.addr, &key(), SenderConfig::default()).unwrap();
+    let mut b = begin_for(&r);
+    b.info.populated_bytes = MIB as u64;
+    tx.begin(&b).unwrap();
+    // SAFETY: the region stays mapped.
+    let t = Instant::now();
+    let e = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap_err();
+    assert!(e.to_string().contains("memory limit exceeded"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "the refusal took {:?}", t.elapsed());
+    srv.settle(2);
+    assert_eq!(srv.store.used(), 0);
+}
+
+/// Raw bytes at the receiver: a handshake-less or truncated stream changes nothing.
+#[test]
+fn hostile_streams_change_nothing() {
+    let srv = server(big_limits());
+    let cases: Vec<Vec<u8>> = vec![
+        vec![],                         // connect and close
+        b"GET / HTTP/1.0\r\nHost: omd.example\r\nAccept: */*\r\n\r\n".to_vec(), // not om
+        {
+            // a header claiming a huge hello body
+            let mut h = b"OMF1".to_vec();
+            h.extend_from_slice(&1u16.to_le_bytes());
+            h.extend_from_slice(&0u16.to_le_bytes());
+            h.extend_from_slice(&u32::MAX.to_le_bytes());
+            h.resize(40, 0);
+            h
+        },
+        {
+            // a Begin before authentication
+            let mut h = b"OMF1".to_vec();
+            h.extend_from_slice(&16u16.to_le_bytes());
+            h.resize(40, 0);
+            h
+        },
+        b"OMF1\x01\x00".to_vec(), // truncated header
+    ];
+    let n = cases.len() as u64;
+    for bytes in cases {
+        let mut s = TcpStream::connect(srv.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+    }
+    srv.settle(n);
+    let errs = srv.errors();
+    for want in ["not an om frame", "exceeds the limit", "before authentication", "closed the connection"] {
+        assert!(errs.contains(want), "{want:?} not in {errs}");
+    }
+    // A real transfer still works afterwards.
+    let r = random_region(MIB, 7);
+    let mut tx = TcpSender::connect(srv.addr, &key(), SenderConfig::default()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    // SAFETY: the region stays mapped.
+    unsafe { tx.send_round(&[whole(&r)], &[], true) }.unwrap();
+    let id = tx.commit().unwrap();
+    assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
+}
+
+#[test]
+fn a_killed_receiver_fails_the_sender_and_leaves_the_source_untouched() {
+    let dir = std::env::temp_dir().join(format!("om-transfer-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keyfile = dir.join("key");
+    std::fs::write(&keyfile, [42u8; 32]).unwrap();
+    std::fs::set_permissions(&keyfile, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut omd = Command::new(OMD)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--key"])
+        .arg(&keyfile)
+        .arg("--control")
+        .arg(dir.join("omd.sock"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tx = loop {
+        match TcpSender::connect(addr, &key(), SenderConfig::default()) {
+            Ok(t) => break t,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("omd never came up: {e}"),
+        }
+    };
+    let r = random_region(1 << 30, 8);
+    tx.begin(&begin_for(&r)).unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(omd.id()).unwrap());
+    let killer = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(150));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    });
+    let t = Instant::now();
+    // SAFETY: the region stays mapped.
+    let e = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap_err();
+    killer.join().unwrap();
+    omd.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(30), "the sender noticed late");
+    assert!(
+        matches!(e, TransportError::Io { .. } | TransportError::Closed { .. }),
+        "{e:?}"
+    );
+    assert!(region_matches_seed(&r, 8), "source memory changed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs inside a rig node (see `ships_a_gib_between_two_rig_nodes`): ships a seeded GiB to the omd
+/// named by the environment and prints the image id and the region's address.
+#[test]
+#[ignore = "helper run inside a rig node by ships_a_gib_between_two_rig_nodes"]
+fn ship_helper() {
+    let Ok(to) = std::env::var("OM_TEST_SHIP_TO") else {
+        return;
+    };
+    let key = ClusterKey::load(Path::new(&std::env::var("OM_TEST_SHIP_KEY").unwrap())).unwrap();
+    let seed: u64 = std::env::var("OM_TEST_SHIP_SEED").unwrap().parse().unwrap();
+    let r = random_region(1 << 30, seed);
+    let mut tx = TcpSender::connect(to.parse().unwrap(), &key, SenderConfig::default()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    // SAFETY: the region stays mapped.
+    unsafe { tx.send_round(&[whole(&r)], &[], true) }.unwrap();
+    let id = tx.commit().unwrap();
+    println!("SHIPPED id={id} addr={}", r.addr());
+}
+
+#[test]
+fn ships_a_gib_between_two_rig_nodes() {
+    let rig = om_rig::Rig::new(2).expect("rig");
+    let b = rig.start_omd(1, Path::new(OMD), &[]).expect("omd on node 1");
+    let seed = 99;
+    let out = rig
+        .node(0)
+        .unwrap()
+        .command(std::env::current_exe().unwrap())
+        .args(["--exact", "ship_helper", "--ignored", "--nocapture"])
+        .env("OM_TEST_SHIP_TO", b.listen.to_string())
+        .env("OM_TEST_SHIP_KEY", &b.key)
+        .env("OM_TEST_SHIP_SEED", seed.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("SHIPPED")).expect("helper output");
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (id, base) = (field("id="), field("addr="));
+    let dir = Path::new("/dev/shm").join(format!("om-transfer-{}", std::process::id()));
+    let reply = control(&b.control, &format!("save {id} {}", dir.display()));
+    assert!(reply.starts_with("OK saved"), "{reply}");
+    let ck = Checkpoint::open(&dir).unwrap();
+    assert_eq!(ck.begin.vmas[0].start, base);
+    let mut pages = 0u64;
+    ck.for_each_page(|addr, page| {
+        let first = usize::try_from((addr - base) / 8).unwrap();
+        for (i, w) in page.chunks_exact(8).enumerate() {
+            assert_eq!(u64::from_le_bytes(w.try_into().unwrap()), word(seed, first + i), "page {addr:#x}");
+        }
+        pages += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(pages, (1u64 << 30) / PAGE);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(control(&b.control, &format!("drop {id}")).starts_with("OK"));
+    assert!(control(&b.control, "images").starts_with("OK 0"));
+    rig.teardown().unwrap();
+}
+
+fn control(sock: &Path, line: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut reply = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut reply).unwrap();
+    reply
+}
