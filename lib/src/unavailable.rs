@@ -57,7 +57,7 @@ impl fmt::Display for Feature {
 /// Every feature and whether this build has it.
 pub const FEATURES: &[(Feature, bool)] = &[
     (Feature::Runtime, false),
-    (Feature::PageServer, false),
+    (Feature::PageServer, true),
     (Feature::Checkpoint, false),
     (Feature::Restart, false),
     (Feature::Migrate, false),

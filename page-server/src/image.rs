@@ -160,7 +160,10 @@ impl ImageStore for Store {
         if want > limits.per_image {
             return Err((
                 ErrorCode::Limit,
-                format!("image of {want} bytes exceeds this node's per-image limit of {} bytes", limits.per_image),
+                format!(
+                    "image of {want} bytes exceeds this node's per-image limit of {} bytes",
+                    limits.per_image
+                ),
             ));
         }
         if used.saturating_add(want) > limits.total {
@@ -186,9 +189,8 @@ impl ImageStore for Store {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let len = usize::try_from(span.max(page_size)).map_err(|_| (ErrorCode::Limit, "span".into()))?;
-        let mem = ImageMemory::create(&format!("om-image-{id}"), len).map_err(|e| {
-            (ErrorCode::Internal, format!("cannot create image memory: {e}"))
-        })?;
+        let mem = ImageMemory::create(&format!("om-image-{id}"), len)
+            .map_err(|e| (ErrorCode::Internal, format!("cannot create image memory: {e}")))?;
         // Best effort: huge pages make landing several times faster where shmem THP is enabled.
         let _ = mem.advise_hugepages();
         tracing::debug!(id, peer, span, "image memory created");
@@ -271,9 +273,7 @@ impl Image {
     /// An address outside the image, or the read failing.
     pub fn read_page(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<bool> {
         let run = addr..addr + self.page_size;
-        let (_, off) = self
-            .locate(&run)
-            .map_err(|(_, m)| std::io::Error::other(m))?;
+        let (_, off) = self.locate(&run).map_err(|(_, m)| std::io::Error::other(m))?;
         let landed = lock(&self.pages).get(off / self.page_size) == DATA;
         let off = i64::try_from(off).map_err(std::io::Error::other)?;
         let mut done = 0;

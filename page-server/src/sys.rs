@@ -36,7 +36,10 @@ impl ImageMemory {
     /// `memfd_create`, `ftruncate` or `mmap` failures.
     pub fn create(name: &str, len: usize) -> io::Result<Self> {
         let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)?;
-        nix::unistd::ftruncate(&fd, i64::try_from(len).map_err(|_| io::Error::other("too large"))?)?;
+        nix::unistd::ftruncate(
+            &fd,
+            i64::try_from(len).map_err(|_| io::Error::other("too large"))?,
+        )?;
         let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty image"))?;
         // SAFETY: a fresh shared mapping of our own memfd at an address the kernel picks: it cannot
         // overlap anything Rust owns.

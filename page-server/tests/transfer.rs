@@ -3,6 +3,8 @@
 //! streams) fails clearly at both ends and leaves the source memory and the receiver's store as they
 //! were.
 
+#![allow(clippy::cast_possible_truncation)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
@@ -18,8 +20,7 @@ use om_page_server::checkpoint::Checkpoint;
 use om_page_server::{Image, Limits, Store};
 use om_transport::wire::{Begin, ErrorCode, ImageInfo, Vma};
 use om_transport::{
-    ClusterKey, ImageSink, PageSender, Receiver, ReceiverConfig, SenderConfig, TcpSender,
-    TransportError,
+    ClusterKey, PageSender, Receiver, ReceiverConfig, SenderConfig, TcpSender, TransportError,
 };
 
 const OMD: &str = env!("CARGO_BIN_EXE_omd");
@@ -222,11 +223,21 @@ fn wrong_key_is_refused_before_any_page_moves() {
     let wrong = ClusterKey::from_bytes(vec![7u8; 32]).unwrap();
     let e = TcpSender::connect(srv.addr, &wrong, SenderConfig::default()).unwrap_err();
     assert!(
-        matches!(&e, TransportError::Refused { code: ErrorCode::Auth, .. }),
+        matches!(
+            &e,
+            TransportError::Refused {
+                code: ErrorCode::Auth,
+                ..
+            }
+        ),
         "{e:?}"
     );
     srv.settle(1);
-    assert!(srv.errors().contains("does not hold the cluster key"), "{}", srv.errors());
+    assert!(
+        srv.errors().contains("does not hold the cluster key"),
+        "{}",
+        srv.errors()
+    );
     assert_eq!(srv.store.used(), 0);
     assert!(srv.store.committed().is_empty());
 }
@@ -286,7 +297,13 @@ fn a_flipped_page_byte_fails_the_final_round_at_both_ends() {
     let e = unsafe { tx.send_round(&[whole(&r)], &[], true) }.unwrap_err();
     let msg = e.to_string();
     assert!(
-        matches!(&e, TransportError::Refused { code: ErrorCode::Checksum, .. }),
+        matches!(
+            &e,
+            TransportError::Refused {
+                code: ErrorCode::Checksum,
+                ..
+            }
+        ),
         "{e:?}"
     );
     assert!(msg.contains("failed their checksum in the final round"), "{msg}");
@@ -310,7 +327,17 @@ fn a_flipped_page_byte_not_sent_again_is_corruption() {
     // The page was not written again, so it is not in the next round: corruption, not a race.
     // SAFETY: as above.
     let e = unsafe { tx.send_round(&[], &[], true) }.unwrap_err();
-    assert!(matches!(e, TransportError::Corrupted { round: 0, pages: 1, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            TransportError::Corrupted {
+                round: 0,
+                pages: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     srv.settle(1);
     assert!(srv.errors().contains("corrupted in transit"), "{}", srv.errors());
     assert_eq!(srv.store.used(), 0);
@@ -340,7 +367,10 @@ fn a_flipped_header_byte_is_rejected_as_forged() {
     let via = proxy(srv.addr, Some(250));
     let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
     let e = tx.begin(&begin_for(&r)).unwrap_err();
-    assert!(e.to_string().contains("protocol violation") || matches!(e, TransportError::Refused { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("protocol violation") || matches!(e, TransportError::Refused { .. }),
+        "{e:?}"
+    );
     srv.settle(1);
     assert!(srv.errors().contains("protocol violation"), "{}", srv.errors());
     assert_eq!(srv.store.used(), 0);
@@ -366,9 +396,14 @@ fn an_image_over_the_limit_is_refused_before_pages_move() {
     tx.begin(&b).unwrap();
     // SAFETY: the region stays mapped.
     let t = Instant::now();
+    // SAFETY: the region stays mapped.
     let e = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap_err();
     assert!(e.to_string().contains("memory limit exceeded"), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(10), "the refusal took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the refusal took {:?}",
+        t.elapsed()
+    );
     srv.settle(2);
     assert_eq!(srv.store.used(), 0);
 }
@@ -378,7 +413,7 @@ fn an_image_over_the_limit_is_refused_before_pages_move() {
 fn hostile_streams_change_nothing() {
     let srv = server(big_limits());
     let cases: Vec<Vec<u8>> = vec![
-        vec![],                         // connect and close
+        vec![],                                                                 // connect and close
         b"GET / HTTP/1.0\r\nHost: omd.example\r\nAccept: */*\r\n\r\n".to_vec(), // not om
         {
             // a header claiming a huge hello body
@@ -409,7 +444,12 @@ fn hostile_streams_change_nothing() {
     }
     srv.settle(n);
     let errs = srv.errors();
-    for want in ["not an om frame", "exceeds the limit", "before authentication", "closed the connection"] {
+    for want in [
+        "not an om frame",
+        "exceeds the limit",
+        "before authentication",
+        "closed the connection",
+    ] {
         assert!(errs.contains(want), "{want:?} not in {errs}");
     }
     // A real transfer still works afterwards.
@@ -429,7 +469,11 @@ fn a_killed_receiver_fails_the_sender_and_leaves_the_source_untouched() {
     let keyfile = dir.join("key");
     std::fs::write(&keyfile, [42u8; 32]).unwrap();
     std::fs::set_permissions(&keyfile, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut omd = Command::new(OMD)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--key"])
         .arg(&keyfile)
@@ -503,8 +547,15 @@ fn ships_a_gib_between_two_rig_nodes() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = stdout.lines().find(|l| l.starts_with("SHIPPED")).expect("helper output");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("SHIPPED"))
+        .expect("helper output");
     let field = |k: &str| -> u64 {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(k))
@@ -522,7 +573,11 @@ fn ships_a_gib_between_two_rig_nodes() {
     ck.for_each_page(|addr, page| {
         let first = usize::try_from((addr - base) / 8).unwrap();
         for (i, w) in page.chunks_exact(8).enumerate() {
-            assert_eq!(u64::from_le_bytes(w.try_into().unwrap()), word(seed, first + i), "page {addr:#x}");
+            assert_eq!(
+                u64::from_le_bytes(w.try_into().unwrap()),
+                word(seed, first + i),
+                "page {addr:#x}"
+            );
         }
         pages += 1;
         Ok(())

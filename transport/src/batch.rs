@@ -8,12 +8,7 @@ use std::ops::Range;
 /// # Panics
 /// If `max_pages` or `max_runs` is zero.
 #[must_use]
-pub fn split(
-    runs: &[Range<u64>],
-    page_size: u64,
-    max_pages: u64,
-    max_runs: usize,
-) -> Vec<Vec<Range<u64>>> {
+pub fn split(runs: &[Range<u64>], page_size: u64, max_pages: u64, max_runs: usize) -> Vec<Vec<Range<u64>>> {
     assert!(max_pages > 0 && max_runs > 0);
     let mut out = Vec::new();
     let mut cur: Vec<Range<u64>> = Vec::new();

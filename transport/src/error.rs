@@ -71,7 +71,9 @@ pub enum TransportError {
         reason: String,
     },
     /// Pages failed their checksum and were not sent again: corrupted in transit.
-    #[error("{pages} page(s) from {first:#x} failed their checksum in round {round} and were not written again: corrupted in transit")]
+    #[error(
+        "{pages} page(s) from {first:#x} failed their checksum in round {round} and were not written again: corrupted in transit"
+    )]
     Corrupted {
         /// The round where the mismatch was seen.
         round: u32,
@@ -98,9 +100,7 @@ impl TransportError {
             Self::Refused { code, .. } => *code,
             Self::Corrupted { .. } => ErrorCode::Checksum,
             Self::Aborted { .. } => ErrorCode::Aborted,
-            Self::Io { source, .. } if source.kind() == io::ErrorKind::WouldBlock => {
-                ErrorCode::Timeout
-            }
+            Self::Io { source, .. } if source.kind() == io::ErrorKind::WouldBlock => ErrorCode::Timeout,
             _ => ErrorCode::Internal,
         }
     }

@@ -206,8 +206,14 @@ mod tests {
         let mut dst = vec![0u8; 10_000];
         let base = dst.as_mut_ptr() as usize;
         let zones = [
-            MemRun { addr: base, len: 3000 },
-            MemRun { addr: base + 3000, len: 7000 },
+            MemRun {
+                addr: base,
+                len: 3000,
+            },
+            MemRun {
+                addr: base + 3000,
+                len: 7000,
+            },
         ];
         // SAFETY: both zones lie inside `dst`, which nothing else touches during the call.
         unsafe { recv_exact_into(b.as_fd(), &zones).unwrap() };

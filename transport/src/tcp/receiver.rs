@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::TcpStream;
-use std::os::fd::AsFd;
 use std::ops::Range;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,8 @@ use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
 use crate::wire::{
-    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_ACK_RUNS, Record, Role, RoundAck,
-    WireError, Zero, caps,
+    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_ACK_RUNS, Record, Role, RoundAck, WireError,
+    Zero, caps,
 };
 
 /// Receiver settings.
@@ -155,10 +155,7 @@ impl<S: ImageStore> Receiver<S> {
             ));
         }
         if hello.caps & caps::REQUIRED != caps::REQUIRED {
-            return Err((
-                ErrorCode::Capability,
-                "peer lacks required capabilities".into(),
-            ));
+            return Err((ErrorCode::Capability, "peer lacks required capabilities".into()));
         }
         if u64::from(hello.page_size) != self.page_size {
             return Err((
@@ -253,13 +250,15 @@ impl<S: ImageStore> Receiver<S> {
             let frame = match conn.recv() {
                 Ok(f) => f,
                 // A data stream failed and shut our read side: report its reason.
-                Err(e) => return Err(session.failure().map_or(e, |(code, reason)| {
-                    TransportError::Refused {
-                        peer: session.peer.clone(),
-                        code,
-                        reason,
-                    }
-                })),
+                Err(e) => {
+                    return Err(session
+                        .failure()
+                        .map_or(e, |(code, reason)| TransportError::Refused {
+                            peer: session.peer.clone(),
+                            code,
+                            reason,
+                        }));
+                }
             };
             match frame.kind {
                 Kind::Batch => self.land_batch(conn, session, &image, &frame.body)?,
@@ -287,7 +286,9 @@ impl<S: ImageStore> Receiver<S> {
                             "commit before the final round".into(),
                         ));
                     }
-                    let id = Arc::clone(&image).commit().map_err(|(c, m)| refused(conn, c, m))?;
+                    let id = Arc::clone(&image)
+                        .commit()
+                        .map_err(|(c, m)| refused(conn, c, m))?;
                     conn.send(Kind::Committed, &id.to_le_bytes())?;
                     tracing::info!(peer = %session.peer, image = id, bytes = image.bytes(), "image committed");
                     return Ok(Outcome::Committed { image: id });
@@ -385,8 +386,12 @@ impl<S: ImageStore> Receiver<S> {
             ));
         }
         if !suspects.is_empty() {
-            tracing::warn!(round = end.round, pages = p.suspects.len(), first = format_args!("{:#x}", p.suspects[0]),
-                "pages failed their checksum; accepted only if the sender sends them again");
+            tracing::warn!(
+                round = end.round,
+                pages = p.suspects.len(),
+                first = format_args!("{:#x}", p.suspects[0]),
+                "pages failed their checksum; accepted only if the sender sends them again"
+            );
         }
         let ack = RoundAck {
             round: end.round,
@@ -441,12 +446,7 @@ impl<S: ImageStore> Receiver<S> {
         Ok(())
     }
 
-    fn run_data(
-        &self,
-        conn: &mut Conn,
-        session_id: u64,
-        index: u16,
-    ) -> Result<Outcome, TransportError> {
+    fn run_data(&self, conn: &mut Conn, session_id: u64, index: u16) -> Result<Outcome, TransportError> {
         let session = lock(&self.sessions).get(&session_id).cloned();
         let Some(session) = session else {
             let e = refused(conn, ErrorCode::Session, "no such session".into());
@@ -456,7 +456,11 @@ impl<S: ImageStore> Receiver<S> {
         let image = lock(&session.image).clone();
         let Some(image) = image else {
             conn.send_error(ErrorCode::Session, "data stream before begin");
-            return Err(refused(conn, ErrorCode::Session, "data stream before begin".into()));
+            return Err(refused(
+                conn,
+                ErrorCode::Session,
+                "data stream before begin".into(),
+            ));
         };
         {
             let mut joined = lock(&session.joined);
@@ -480,7 +484,10 @@ impl<S: ImageStore> Receiver<S> {
                 Ok(()) => {}
                 // The sender closes its data streams when it is done or gives up; the control
                 // connection decides the image's fate.
-                Err(TransportError::Closed { during: "between frames", .. }) => {
+                Err(TransportError::Closed {
+                    during: "between frames",
+                    ..
+                }) => {
                     return Ok(Outcome::StreamDone);
                 }
                 Err(e) => {

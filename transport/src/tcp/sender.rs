@@ -14,8 +14,8 @@ use crate::error::TransportError;
 use crate::key::ClusterKey;
 use crate::sys::{self, MemRun};
 use crate::wire::{
-    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS,
-    MAX_ZERO_RUNS, Record, Role, RoundAck, Text, Zero, caps,
+    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_ZERO_RUNS,
+    Record, Role, RoundAck, Text, Zero, caps,
 };
 
 /// How a [`TcpSender`] uses the link.
@@ -77,11 +77,7 @@ impl TcpSender {
     ///
     /// # Errors
     /// Connection failure, refusal, a receiver that does not hold the key.
-    pub fn connect(
-        addr: SocketAddr,
-        key: &ClusterKey,
-        config: SenderConfig,
-    ) -> Result<Self, TransportError> {
+    pub fn connect(addr: SocketAddr, key: &ClusterKey, config: SenderConfig) -> Result<Self, TransportError> {
         let page_size = u32::try_from(sys::page_size()).map_err(|_| TransportError::Misuse("page size"))?;
         let mut control = connect(addr, config.timeout)?;
         let hello = Hello {
@@ -192,11 +188,7 @@ impl TcpSender {
             return work(&mut self.control);
         }
         let results: Vec<Result<(), TransportError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .data
-                .iter_mut()
-                .map(|c| s.spawn(|| work(c)))
-                .collect();
+            let handles: Vec<_> = self.data.iter_mut().map(|c| s.spawn(|| work(c))).collect();
             handles
                 .into_iter()
                 .map(|h| {
@@ -239,15 +231,12 @@ fn addr_of(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
-
 impl PageSender for TcpSender {
     fn begin(&mut self, begin: &Begin) -> Result<u64, TransportError> {
         if self.state != State::Connected {
             return Err(TransportError::Misuse("begin called twice"));
         }
-        let body = begin
-            .encode()
-            .map_err(|source| self.control.wire(source))?;
+        let body = begin.encode().map_err(|source| self.control.wire(source))?;
         self.control.send(Kind::Begin, &body)?;
         let id = self
             .control
@@ -306,8 +295,7 @@ impl PageSender for TcpSender {
             Ok(a) => a,
             Err(e) => return Err(self.fail(e)),
         };
-        if ack.round != self.round || ack.pages != page_count || (last && !ack.suspects.is_empty())
-        {
+        if ack.round != self.round || ack.pages != page_count || (last && !ack.suspects.is_empty()) {
             let e = self.control.wire(wire::WireError::Invalid(format!(
                 "acknowledgement of round {} does not match round {} ({} pages sent, {} acknowledged)",
                 ack.round, self.round, page_count, ack.pages
@@ -351,9 +339,7 @@ impl PageSender for TcpSender {
             .control
             .send(Kind::Commit, &[])
             .and_then(|()| self.control.expect(Kind::Committed, "after commit"))
-            .and_then(|b| {
-                wire::msg::decode_u64(&b, "committed").map_err(|e| self.control.wire(e))
-            });
+            .and_then(|b| wire::msg::decode_u64(&b, "committed").map_err(|e| self.control.wire(e)));
         match r {
             Ok(id) => {
                 self.state = State::Done;

@@ -62,9 +62,7 @@ pub mod frame;
 pub mod msg;
 
 pub use frame::{FrameHeader, Kind, TAG_LEN};
-pub use msg::{
-    Batch, Begin, EndRound, Hello, ImageInfo, Record, Role, RoundAck, RunEntry, Text, Vma, Zero,
-};
+pub use msg::{Batch, Begin, EndRound, Hello, ImageInfo, Record, Role, RoundAck, RunEntry, Text, Vma, Zero};
 
 /// The protocol version this build speaks.
 pub const VERSION: u16 = 1;

@@ -7,8 +7,8 @@ use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{
-    MAX_ACK_RUNS, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_NAME, MAX_NAMES, MAX_TEXT, MAX_USER_ADDR,
-    MAX_VMAS, MAX_ZERO_RUNS, WireError,
+    MAX_ACK_RUNS, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_NAME, MAX_NAMES, MAX_TEXT, MAX_USER_ADDR, MAX_VMAS,
+    MAX_ZERO_RUNS, WireError,
 };
 
 /// A page run on the wire: `pages` pages from `addr`.
@@ -286,8 +286,7 @@ impl Begin {
     /// Truncation, oversized counts, unaligned, unsorted, overlapping or out-of-range VMAs, names
     /// outside the blob.
     pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
-        let (head, rest) =
-            BeginHead::read_from_prefix(body).map_err(|_| WireError::Truncated("begin"))?;
+        let (head, rest) = BeginHead::read_from_prefix(body).map_err(|_| WireError::Truncated("begin"))?;
         let count = head.vma_count.get() as usize;
         let names_len = head.names_len.get() as usize;
         if count > MAX_VMAS {
@@ -316,8 +315,7 @@ impl Begin {
         let mut prev_end = 0u64;
         for (i, e) in entries.iter().enumerate() {
             let (start, end) = (e.start.get(), e.end.get());
-            if start >= end || start % page_size != 0 || end % page_size != 0 || end > MAX_USER_ADDR
-            {
+            if start >= end || start % page_size != 0 || end % page_size != 0 || end > MAX_USER_ADDR {
                 return Err(WireError::Invalid(format!(
                     "VMA {i} {start:#x}-{end:#x} is empty, unaligned or outside user space"
                 )));
@@ -391,8 +389,8 @@ fn decode_runs<'a>(
     page_size: u64,
     what: &'static str,
 ) -> Result<(Vec<Range<u64>>, &'a [u8]), WireError> {
-    let (entries, rest) = <[RunEntry]>::ref_from_prefix_with_elems(bytes, count)
-        .map_err(|_| WireError::Truncated(what))?;
+    let (entries, rest) =
+        <[RunEntry]>::ref_from_prefix_with_elems(bytes, count).map_err(|_| WireError::Truncated(what))?;
     let mut runs = Vec::with_capacity(count);
     let mut prev_end = 0u64;
     for e in entries {
@@ -465,8 +463,7 @@ impl Batch {
     /// # Errors
     /// Truncation, caps, bad runs, a page count that does not match the runs.
     pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
-        let (head, rest) =
-            RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("batch"))?;
+        let (head, rest) = RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("batch"))?;
         let count = head.count.get() as usize;
         let pages = head.a.get();
         if count == 0 || count > MAX_BATCH_RUNS || pages > MAX_BATCH_PAGES as u64 {
@@ -531,8 +528,7 @@ impl Zero {
     /// # Errors
     /// Truncation, caps, bad runs, trailing bytes.
     pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
-        let (head, rest) =
-            RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("zero"))?;
+        let (head, rest) = RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("zero"))?;
         let count = head.count.get() as usize;
         if count > MAX_ZERO_RUNS {
             return Err(WireError::Oversized {
@@ -634,8 +630,7 @@ impl RoundAck {
     /// # Errors
     /// Truncation, caps, bad runs, trailing bytes.
     pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
-        let (h, rest) =
-            RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("round ack"))?;
+        let (h, rest) = RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("round ack"))?;
         let count = h.count.get() as usize;
         if count > MAX_ACK_RUNS {
             return Err(WireError::Oversized {
@@ -732,8 +727,7 @@ impl Record {
     /// # Errors
     /// Fewer than four bytes.
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
-        let (kind, bytes) =
-            U32::read_from_prefix(body).map_err(|_| WireError::Truncated("record"))?;
+        let (kind, bytes) = U32::read_from_prefix(body).map_err(|_| WireError::Truncated("record"))?;
         Ok(Self {
             kind: kind.get(),
             bytes: bytes.to_vec(),

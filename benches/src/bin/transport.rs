@@ -1,0 +1,308 @@
+//! Transport benchmark: `cargo run --release -p om-benches --bin transport [-- --gib 1,4 --runs 3]`
+//! (as root: the veth path needs network namespaces).
+//!
+//! For each size and path (loopback; veth between two rig namespaces), in the same run:
+//! - **plain**: a `send()` loop of the same bytes in 4 MiB chunks to a receiver that reads them into a
+//!   reused buffer (the link's practical limit);
+//! - **om**: the TCP transport shipping the same region (random content) as one round into a real
+//!   `omd`, which lands the pages in its memfd image and checks every page's checksum, until the round
+//!   is acknowledged.
+//!
+//! It prints both rates and `om / plain`. The sub-commands `sink`, `blast` and `ship` are the two ends
+//! of each measurement; the benchmark runs them inside the namespaces.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use om::sys::mman::Region;
+use om_benches::median;
+use om_transport::wire::{Begin, ImageInfo, Vma};
+use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
+
+const CHUNK: usize = 4 << 20;
+const GIB: usize = 1 << 30;
+
+fn populated_region(bytes: usize, seed: u64) -> Region {
+    let r = Region::map_anon(bytes, None).expect("map");
+    let mut x = seed | 1;
+    for w in r.words() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.store(x, Ordering::Relaxed);
+    }
+    r
+}
+
+/// `sink ADDR`: accepts one connection, reads it to the end into a reused buffer, prints the bytes.
+fn sink(addr: &str) {
+    let l = TcpListener::bind(addr).expect("bind");
+    println!("READY");
+    std::io::stdout().flush().ok();
+    let (mut s, _) = l.accept().expect("accept");
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    s.write_all(b"k").ok();
+    println!("SUNK {total}");
+}
+
+/// `blast ADDR GIB`: sends GIB GiB with a plain send loop; prints the seconds from the first byte to the
+/// receiver's confirmation.
+fn blast(addr: &str, gib: usize) {
+    let mut r = populated_region(gib * GIB, 7);
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let bytes: &[u8] = r.bytes_mut();
+    let t = Instant::now();
+    for c in bytes.chunks(CHUNK) {
+        s.write_all(c).expect("send");
+    }
+    s.shutdown(std::net::Shutdown::Write).ok();
+    let mut k = [0u8; 1];
+    s.read_exact(&mut k).expect("confirmation");
+    println!("SECS {}", t.elapsed().as_secs_f64());
+}
+
+/// `ship ADDR KEYFILE GIB STREAMS`: ships GIB GiB as one round into omd; prints seconds and the image id.
+fn ship(addr: &str, key: &Path, gib: usize, streams: u16) {
+    let key = ClusterKey::load(key).expect("key");
+    let r = populated_region(gib * GIB, 11);
+    let start = r.addr() as u64;
+    let begin = Begin {
+        info: ImageInfo {
+            pid: std::process::id(),
+            populated_bytes: r.len() as u64,
+            ..ImageInfo::default()
+        },
+        vmas: vec![Vma {
+            start,
+            end: start + r.len() as u64,
+            prot: 3,
+            ..Vma::default()
+        }],
+    };
+    let config = SenderConfig {
+        streams,
+        ..SenderConfig::default()
+    };
+    let mut tx = TcpSender::connect(addr.parse().expect("addr"), &key, config).expect("connect");
+    tx.begin(&begin).expect("begin");
+    let run = start..start + r.len() as u64;
+    // SAFETY: the region stays mapped until after the round is acknowledged.
+    let stats = unsafe { tx.send_round(&[run], &[], true) }.expect("round");
+    let id = tx.commit().expect("commit");
+    println!("SECS {} ID {id}", stats.elapsed.as_secs_f64());
+}
+
+fn field(out: &str, key: &str) -> String {
+    out.split_whitespace()
+        .skip_while(|w| *w != key)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {key} in {out:?}"))
+        .to_owned()
+}
+
+fn control(sock: &Path, line: &str) -> String {
+    let Ok(mut s) = UnixStream::connect(sock) else {
+        return String::new();
+    };
+    writeln!(s, "{line}").ok();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).ok();
+    reply
+}
+
+/// Where the two ends run.
+struct Path2 {
+    name: &'static str,
+    sender: Box<dyn Fn() -> Command>,
+    receiver: Box<dyn Fn() -> Command>,
+    sink_addr: String,
+    omd_addr: SocketAddr,
+    omd_control: PathBuf,
+    key: PathBuf,
+}
+
+fn run_out(mut c: Command) -> String {
+    let out = c.stderr(Stdio::inherit()).output().expect("run");
+    assert!(out.status.success(), "{c:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn plain_once(p: &Path2, gib: usize) -> Duration {
+    let mut rx = (p.receiver)()
+        .args(["sink", &p.sink_addr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sink");
+    let mut out = BufReader::new(rx.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).ok();
+    assert_eq!(line.trim(), "READY");
+    let mut tx = (p.sender)();
+    tx.args(["blast", &p.sink_addr, &gib.to_string()]);
+    let secs: f64 = field(&run_out(tx), "SECS").parse().expect("secs");
+    rx.wait().ok();
+    Duration::from_secs_f64(secs)
+}
+
+fn om_once(p: &Path2, gib: usize, streams: u16) -> Duration {
+    let mut tx = (p.sender)();
+    tx.args(["ship", &p.omd_addr.to_string()])
+        .arg(&p.key)
+        .args([gib.to_string(), streams.to_string()]);
+    let out = run_out(tx);
+    let id = field(&out, "ID");
+    let reply = control(&p.omd_control, &format!("drop {id}"));
+    assert!(reply.starts_with("OK"), "{reply}");
+    Duration::from_secs_f64(field(&out, "SECS").parse().expect("secs"))
+}
+
+fn rate(gib: usize, d: Duration) -> f64 {
+    (gib * GIB) as f64 / d.as_secs_f64() / 1e9
+}
+
+fn measure(p: &Path2, sizes: &[usize], runs: usize, streams: &[u16]) {
+    for &gib in sizes {
+        let n = if gib > 1 { 1 } else { runs };
+        let plain: Vec<Duration> = (0..n).map(|_| plain_once(p, gib)).collect();
+        let pm = median(&plain).expect("runs");
+        for &s in streams {
+            let om: Vec<Duration> = (0..n).map(|_| om_once(p, gib, s)).collect();
+            let omm = median(&om).expect("runs");
+            println!(
+                "{:<9} {gib} GiB  streams {s}  plain {:5.2} GB/s  om {:5.2} GB/s  om/plain {:.2}  (median of {n})",
+                p.name,
+                rate(gib, pm),
+                rate(gib, omm),
+                pm.as_secs_f64() / omm.as_secs_f64()
+            );
+        }
+    }
+}
+
+fn self_cmd() -> Command {
+    Command::new(std::env::current_exe().expect("exe"))
+}
+
+fn omd_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    exe.parent().expect("dir").join("omd")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("sink") => return sink(&args[2]),
+        Some("blast") => return blast(&args[2], args[3].parse().expect("gib")),
+        Some("ship") => {
+            return ship(
+                &args[2],
+                Path::new(&args[3]),
+                args[4].parse().expect("gib"),
+                args[5].parse().expect("streams"),
+            );
+        }
+        _ => {}
+    }
+    let opt = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.to_owned())
+    };
+    let sizes: Vec<usize> = opt("--gib", "1,4")
+        .split(',')
+        .map(|s| s.parse().expect("--gib"))
+        .collect();
+    let runs: usize = opt("--runs", "3").parse().expect("--runs");
+    let streams: Vec<u16> = opt("--streams", "0,2")
+        .split(',')
+        .map(|s| s.parse().expect("--streams"))
+        .collect();
+    let omd = omd_bin();
+    assert!(
+        omd.exists(),
+        "build omd first: cargo build --release -p om-page-server"
+    );
+    println!(
+        "shmem THP: {}",
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+            .unwrap_or_default()
+            .trim()
+    );
+
+    // Loopback: omd on 127.0.0.1, both ends in this namespace.
+    let dir = std::env::temp_dir().join(format!("om-bench-transport-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("key");
+    std::fs::write(&key, [5u8; 32]).expect("key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let omd_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let sock = dir.join("omd.sock");
+    let mut daemon = Command::new(&omd)
+        .args(["--listen", &omd_addr.to_string(), "--key"])
+        .arg(&key)
+        .arg("--control")
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("omd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control(&sock, "ping").starts_with("OK") {
+        assert!(Instant::now() < deadline, "omd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sink_port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let lo = Path2 {
+        name: "loopback",
+        sender: Box::new(self_cmd),
+        receiver: Box::new(self_cmd),
+        sink_addr: format!("127.0.0.1:{sink_port}"),
+        omd_addr,
+        omd_control: sock.clone(),
+        key: key.clone(),
+    };
+    measure(&lo, &sizes, runs, &streams);
+    daemon.kill().ok();
+    daemon.wait().ok();
+    std::fs::remove_dir_all(&dir).ok();
+
+    // veth: sender in node 0, receivers in node 1.
+    let rig = om_rig::Rig::new(2).expect("rig (needs root)");
+    let h = rig.start_omd(1, &omd, &[]).expect("omd on node 1");
+    let exe = std::env::current_exe().expect("exe");
+    let (n0, n1) = (rig.node(0).expect("n0").clone(), rig.node(1).expect("n1").clone());
+    let sink_addr = format!("{}:7071", n1.addr());
+    let (e0, e1) = (exe.clone(), exe);
+    let veth = Path2 {
+        name: "veth",
+        sender: Box::new(move || n0.command(&e0)),
+        receiver: Box::new(move || n1.command(&e1)),
+        sink_addr,
+        omd_addr: SocketAddr::V4(h.listen),
+        omd_control: h.control.clone(),
+        key: h.key.clone(),
+    };
+    measure(&veth, &sizes, runs, &streams);
+    rig.teardown().expect("teardown");
+}
