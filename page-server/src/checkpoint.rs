@@ -366,3 +366,70 @@ impl Checkpoint {
         Self::decode(Path::new("."), Path::new(MANIFEST), bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn manifest() -> Vec<u8> {
+        let begin = Begin {
+            vmas: vec![om_transport::wire::Vma {
+                start: 0x10000,
+                end: 0x14000,
+                prot: 3,
+                ..Default::default()
+            }],
+            ..Begin::default()
+        };
+        let mut m = MAGIC.to_vec();
+        m.extend_from_slice(&VERSION.to_le_bytes());
+        m.extend_from_slice(&4096u32.to_le_bytes());
+        section(&mut m, &begin.encode().unwrap());
+        let mut runs = 0x10000u64.to_le_bytes().to_vec();
+        runs.extend_from_slice(&2u32.to_le_bytes());
+        runs.extend_from_slice(&1u32.to_le_bytes());
+        section(&mut m, &runs);
+        section(&mut m, &[1, 0, 0, 0, 2, 0, 0, 0]);
+        let mut rec = 5u32.to_le_bytes().to_vec();
+        rec.extend_from_slice(&3u32.to_le_bytes());
+        rec.extend_from_slice(b"abc");
+        section(&mut m, &rec);
+        let crc = crc32c(&m);
+        m.extend_from_slice(&crc.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn decodes_a_valid_manifest_and_rejects_any_flipped_byte() {
+        let m = manifest();
+        let c = Checkpoint::decode_manifest(&m).unwrap();
+        assert_eq!(
+            c.runs,
+            vec![Run {
+                addr: 0x10000..0x12000,
+                data: true
+            }]
+        );
+        assert_eq!(c.sums, vec![1, 2]);
+        assert_eq!(c.records[0].bytes, b"abc");
+        for i in 0..m.len() {
+            let mut bad = m.clone();
+            bad[i] ^= 1;
+            assert!(Checkpoint::decode_manifest(&bad).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn manifest_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Checkpoint::decode_manifest(&bytes);
+            // Also with a valid checksum, so the section parsers see the bytes.
+            let mut m = MAGIC.to_vec();
+            m.extend_from_slice(&bytes);
+            let crc = crc32c(&m);
+            m.extend_from_slice(&crc.to_le_bytes());
+            let _ = Checkpoint::decode_manifest(&m);
+        }
+    }
+}

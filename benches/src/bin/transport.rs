@@ -8,7 +8,10 @@
 //!   `omd`, which lands the pages in its memfd image and checks every page's checksum, until the round
 //!   is acknowledged.
 //!
-//! It prints both rates and `om / plain`. The sub-commands `sink`, `blast` and `ship` are the two ends
+//! - **plain-into-fresh**: the same loop, but the receiver reads into fresh memory of the full size
+//!   (every receiver that keeps the bytes pays for allocating and zeroing each page once).
+//!
+//! It prints the rates, `om / plain` (the figure) and `om / plain-into-fresh`. The sub-commands `sink`, `blast` and `ship` are the two ends
 //! of each measurement; the benchmark runs them inside the namespaces.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -39,16 +42,31 @@ fn populated_region(bytes: usize, seed: u64) -> Region {
     r
 }
 
-/// `sink ADDR`: accepts one connection, reads it to the end into a reused buffer, prints the bytes.
-fn sink(addr: &str) {
+/// `sink ADDR [FRESH_BYTES]`: accepts one connection and reads it to the end, into a reused buffer,
+/// or with FRESH_BYTES into fresh memory of that size (what any receiver that keeps the bytes pays:
+/// every page is allocated and zeroed once).
+fn sink(addr: &str, fresh: Option<usize>) {
     let l = TcpListener::bind(addr).expect("bind");
+    let mut fresh = fresh.map(|n| Region::map_anon(n, None).expect("map"));
+    let mut reused = vec![0u8; CHUNK];
     println!("READY");
     std::io::stdout().flush().ok();
     let (mut s, _) = l.accept().expect("accept");
-    let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
-        match s.read(&mut buf) {
+        let buf: &mut [u8] = match &mut fresh {
+            Some(r) => {
+                let at = usize::try_from(total).expect("size");
+                let b = r.bytes_mut();
+                let end = b.len().min(at + CHUNK);
+                &mut b[at..end]
+            }
+            None => &mut reused,
+        };
+        if buf.is_empty() {
+            break;
+        }
+        match s.read(buf) {
             Ok(0) => break,
             Ok(n) => total += n as u64,
             Err(e) => panic!("read: {e}"),
@@ -140,12 +158,13 @@ fn run_out(mut c: Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn plain_once(p: &Path2, gib: usize) -> Duration {
-    let mut rx = (p.receiver)()
-        .args(["sink", &p.sink_addr])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sink");
+fn plain_once(p: &Path2, gib: usize, fresh: bool) -> Duration {
+    let mut rx = (p.receiver)();
+    rx.args(["sink", &p.sink_addr]);
+    if fresh {
+        rx.arg((gib * GIB).to_string());
+    }
+    let mut rx = rx.stdout(Stdio::piped()).spawn().expect("sink");
     let mut out = BufReader::new(rx.stdout.take().expect("stdout"));
     let mut line = String::new();
     out.read_line(&mut line).ok();
@@ -176,17 +195,21 @@ fn rate(gib: usize, d: Duration) -> f64 {
 fn measure(p: &Path2, sizes: &[usize], runs: usize, streams: &[u16]) {
     for &gib in sizes {
         let n = if gib > 1 { 1 } else { runs };
-        let plain: Vec<Duration> = (0..n).map(|_| plain_once(p, gib)).collect();
+        let plain: Vec<Duration> = (0..n).map(|_| plain_once(p, gib, false)).collect();
         let pm = median(&plain).expect("runs");
+        let fresh: Vec<Duration> = (0..n).map(|_| plain_once(p, gib, true)).collect();
+        let fm = median(&fresh).expect("runs");
         for &s in streams {
             let om: Vec<Duration> = (0..n).map(|_| om_once(p, gib, s)).collect();
             let omm = median(&om).expect("runs");
             println!(
-                "{:<9} {gib} GiB  streams {s}  plain {:5.2} GB/s  om {:5.2} GB/s  om/plain {:.2}  (median of {n})",
+                "{:<9} {gib} GiB  streams {s}  plain {:5.2} GB/s  plain-into-fresh {:5.2} GB/s  om {:5.2} GB/s  om/plain {:.2}  om/plain-into-fresh {:.2}  (median of {n})",
                 p.name,
                 rate(gib, pm),
+                rate(gib, fm),
                 rate(gib, omm),
-                pm.as_secs_f64() / omm.as_secs_f64()
+                pm.as_secs_f64() / omm.as_secs_f64(),
+                fm.as_secs_f64() / omm.as_secs_f64()
             );
         }
     }
@@ -204,7 +227,7 @@ fn omd_bin() -> PathBuf {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("sink") => return sink(&args[2]),
+        Some("sink") => return sink(&args[2], args.get(3).map(|n| n.parse().expect("bytes"))),
         Some("blast") => return blast(&args[2], args[3].parse().expect("gib")),
         Some("ship") => {
             return ship(

@@ -205,3 +205,110 @@ impl ErrorCode {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const P: u64 = 4096;
+
+    fn runs() -> impl Strategy<Value = Vec<std::ops::Range<u64>>> {
+        proptest::collection::vec((0u64..1000, 1u64..50), 1..40).prop_map(|v| {
+            let mut at = 0x1000_0000u64;
+            v.into_iter()
+                .map(|(gap, n)| {
+                    let s = at + gap * P;
+                    at = s + n * P;
+                    s..at
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Every decoder takes arbitrary bytes without panicking (the in-CI stand-in for fuzzing).
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut h = [0u8; 40];
+            let n = bytes.len().min(40);
+            h[..n].copy_from_slice(&bytes[..n]);
+            let _ = FrameHeader::decode(&h);
+            let _ = Hello::decode(&bytes);
+            let _ = Begin::decode(&bytes, P);
+            let _ = Batch::decode(&bytes, P);
+            let _ = Zero::decode(&bytes, P);
+            let _ = EndRound::decode(&bytes);
+            let _ = RoundAck::decode(&bytes, P);
+            let _ = Text::decode(&bytes);
+            let _ = Record::decode(&bytes);
+        }
+
+        #[test]
+        fn batch_round_trips_and_rejects_any_truncation(r in runs(), cut in 1usize..64) {
+            let pages: u64 = r.iter().map(|x| (x.end - x.start) / P).sum();
+            let sums: Vec<u32> = (0..u32::try_from(pages).unwrap()).collect();
+            let body = Batch::encode(3, &r, &sums, P);
+            let b = Batch::decode(&body, P).unwrap();
+            prop_assert_eq!(&b.runs, &r);
+            prop_assert_eq!(b.sums, sums);
+            prop_assert!(Batch::decode(&body[..body.len() - cut.min(body.len())], P).is_err());
+        }
+
+        #[test]
+        fn begin_round_trips(names in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..20)) {
+            let vmas: Vec<Vma> = names.into_iter().enumerate().map(|(i, name)| {
+                let start = 0x40_0000 + (i as u64) * 16 * P;
+                Vma { start, end: start + 8 * P, pgoff: i as u64 * P, prot: 5, flags: 1, name }
+            }).collect();
+            let b = Begin { info: ImageInfo { pid: 9, uid: 1, gid: 2, flags: 0, populated_bytes: 77 }, vmas };
+            prop_assert_eq!(Begin::decode(&b.encode().unwrap(), P).unwrap(), b);
+        }
+
+        #[test]
+        fn zero_and_ack_round_trip(r in runs()) {
+            let z = Zero::decode(&Zero::encode(5, &r, P), P).unwrap();
+            prop_assert_eq!(z, Zero { round: 5, runs: r.clone() });
+            let a = RoundAck { round: 2, pages: 10, image_bytes: 40960, suspects: r };
+            prop_assert_eq!(RoundAck::decode(&a.encode(P), P).unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn rejects_overlapping_unaligned_and_oversized_runs() {
+        let ok = Zero::encode(0, &[0x1000..0x3000, 0x5000..0x6000], P);
+        assert!(Zero::decode(&ok, P).is_ok());
+        let overlap = Zero::encode(0, &[0x1000..0x3000, 0x2000..0x4000], P);
+        assert!(
+            Zero::decode(&overlap, P)
+                .unwrap_err()
+                .to_string()
+                .contains("overlaps")
+        );
+        let mut unaligned = ok.clone();
+        unaligned[24] = 0x10; // low byte of the first run's address
+        assert!(Zero::decode(&unaligned, P).is_err());
+        let high = Zero::encode(0, &[MAX_USER_ADDR - P..MAX_USER_ADDR + P], P);
+        assert!(
+            Zero::decode(&high, P)
+                .unwrap_err()
+                .to_string()
+                .contains("user space")
+        );
+        let mut h = FrameHeader::new(Kind::Batch, 0, 0);
+        h.len = zerocopy::byteorder::little_endian::U32::new(u32::try_from(MAX_BATCH_BODY + 1).unwrap());
+        let bytes: [u8; 40] = zerocopy::IntoBytes::as_bytes(&h).try_into().unwrap();
+        assert!(matches!(
+            FrameHeader::decode(&bytes),
+            Err(WireError::Oversized { .. })
+        ));
+        let mut zero_kind = bytes;
+        zero_kind[4] = 0;
+        zero_kind[5] = 0;
+        assert_eq!(
+            FrameHeader::decode(&zero_kind).unwrap_err(),
+            WireError::UnknownKind(0)
+        );
+    }
+}
