@@ -394,7 +394,6 @@ fn an_image_over_the_limit_is_refused_before_pages_move() {
     let mut b = begin_for(&r);
     b.info.populated_bytes = MIB as u64;
     tx.begin(&b).unwrap();
-    // SAFETY: the region stays mapped.
     let t = Instant::now();
     // SAFETY: the region stays mapped.
     let e = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap_err();
@@ -404,7 +403,9 @@ fn an_image_over_the_limit_is_refused_before_pages_move() {
         "the refusal took {:?}",
         t.elapsed()
     );
-    srv.settle(2);
+    // The refused connection, then the control connection and both data streams: the image is freed
+    // once the last of them lets go of it.
+    srv.settle(4);
     assert_eq!(srv.store.used(), 0);
 }
 
