@@ -381,6 +381,37 @@ fn encode_runs(out: &mut Vec<u8>, runs: &[Range<u64>], page_size: u64) {
     }
 }
 
+/// A round head followed by run entries (`Zero`, `RoundAck`).
+fn encode_with_runs(head: &RoundHead, runs: &[Range<u64>], page_size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size_of::<RoundHead>() + runs.len() * 16);
+    out.extend_from_slice(head.as_bytes());
+    encode_runs(&mut out, runs, page_size);
+    out
+}
+
+/// Decodes a round head followed by exactly `head.count` runs (at most `max`) and nothing else.
+fn decode_with_runs(
+    body: &[u8],
+    page_size: u64,
+    max: usize,
+    what: &'static str,
+) -> Result<(RoundHead, Vec<Range<u64>>), WireError> {
+    let (head, rest) = RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated(what))?;
+    let count = head.count.get() as usize;
+    if count > max {
+        return Err(WireError::Oversized {
+            what,
+            len: count as u64,
+            max: max as u64,
+        });
+    }
+    let (runs, rest) = decode_runs(rest, count, page_size, what)?;
+    if !rest.is_empty() {
+        return Err(WireError::Invalid(format!("{what}: trailing bytes")));
+    }
+    Ok((head, runs))
+}
+
 /// Decodes `count` run entries from the front of `bytes`: page-aligned, non-empty, strictly
 /// increasing and disjoint, inside user space.
 fn decode_runs<'a>(
@@ -509,18 +540,13 @@ impl Zero {
     /// The body bytes.
     #[must_use]
     pub fn encode(round: u32, runs: &[Range<u64>], page_size: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + runs.len() * 16);
-        out.extend_from_slice(
-            RoundHead {
-                round: U32::new(round),
-                count: U32::new(u32_of(runs.len())),
-                a: U64::new(0),
-                b: U64::new(0),
-            }
-            .as_bytes(),
-        );
-        encode_runs(&mut out, runs, page_size);
-        out
+        let head = RoundHead {
+            round: U32::new(round),
+            count: U32::new(u32_of(runs.len())),
+            a: U64::new(0),
+            b: U64::new(0),
+        };
+        encode_with_runs(&head, runs, page_size)
     }
 
     /// Decodes and validates a body.
@@ -528,18 +554,9 @@ impl Zero {
     /// # Errors
     /// Truncation, caps, bad runs, trailing bytes.
     pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
-        let (head, rest) = RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("zero"))?;
-        let count = head.count.get() as usize;
-        if count > MAX_ZERO_RUNS {
-            return Err(WireError::Oversized {
-                what: "zero runs",
-                len: count as u64,
-                max: MAX_ZERO_RUNS as u64,
-            });
-        }
-        let (runs, rest) = decode_runs(rest, count, page_size, "zero")?;
-        if !rest.is_empty() || head.a.get() != 0 || head.b.get() != 0 {
-            return Err(WireError::Invalid("zero: trailing or reserved bytes".into()));
+        let (head, runs) = decode_with_runs(body, page_size, MAX_ZERO_RUNS, "zero runs")?;
+        if head.a.get() != 0 || head.b.get() != 0 {
+            return Err(WireError::Invalid("zero runs: reserved bytes set".into()));
         }
         Ok(Self {
             round: head.round.get(),
@@ -613,16 +630,13 @@ impl RoundAck {
     /// The body bytes.
     #[must_use]
     pub fn encode(&self, page_size: u64) -> Vec<u8> {
-        let mut out = RoundHead {
+        let head = RoundHead {
             round: U32::new(self.round),
             count: U32::new(u32_of(self.suspects.len())),
             a: U64::new(self.pages),
             b: U64::new(self.image_bytes),
-        }
-        .as_bytes()
-        .to_vec();
-        encode_runs(&mut out, &self.suspects, page_size);
-        out
+        };
+        encode_with_runs(&head, &self.suspects, page_size)
     }
 
     /// Decodes and validates a body.
@@ -630,19 +644,7 @@ impl RoundAck {
     /// # Errors
     /// Truncation, caps, bad runs, trailing bytes.
     pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
-        let (h, rest) = RoundHead::read_from_prefix(body).map_err(|_| WireError::Truncated("round ack"))?;
-        let count = h.count.get() as usize;
-        if count > MAX_ACK_RUNS {
-            return Err(WireError::Oversized {
-                what: "suspect runs",
-                len: count as u64,
-                max: MAX_ACK_RUNS as u64,
-            });
-        }
-        let (suspects, rest) = decode_runs(rest, count, page_size, "round ack")?;
-        if !rest.is_empty() {
-            return Err(WireError::Invalid("round ack: trailing bytes".into()));
-        }
+        let (h, suspects) = decode_with_runs(body, page_size, MAX_ACK_RUNS, "round ack")?;
         Ok(Self {
             round: h.round.get(),
             pages: h.a.get(),
