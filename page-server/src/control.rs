@@ -7,6 +7,7 @@ use std::path::Path;
 
 use om::{Feature, Unavailable};
 use om_transport::ImageSink;
+use om_transport::error::chain;
 
 use crate::checkpoint;
 use crate::image::Store;
@@ -50,7 +51,7 @@ pub fn answer(request: &str, store: &Store) -> String {
                 (Some(id), Some(dir)) if !dir.is_empty() => match store.get(id) {
                     Some(image) => match checkpoint::write(&image, Path::new(dir)) {
                         Ok(bytes) => format!("OK saved image {id} to {dir} ({bytes} bytes of pages)"),
-                        Err(e) => format!("ERR cannot save image {id}: {e}: {}", source_of(&e)),
+                        Err(e) => format!("ERR cannot save image {id}: {}", chain(&e)),
                     },
                     None => format!("ERR no committed image {id}"),
                 },
@@ -71,10 +72,6 @@ pub fn answer(request: &str, store: &Store) -> String {
         Some(other) => format!("ERR unknown request {:?}", truncate(other, 64)),
         None => "ERR empty request".to_owned(),
     }
-}
-
-fn source_of(e: &dyn std::error::Error) -> String {
-    e.source().map_or_else(String::new, ToString::to_string)
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -223,22 +223,7 @@ fn serve_peer(receiver: &Arc<Receiver<Store>>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     match receiver.serve(stream) {
         Ok(outcome) => tracing::debug!(?peer, ?outcome, "peer done"),
-        Err(e) => tracing::warn!(?peer, error = %ErrorChain(&e), "peer failed"),
-    }
-}
-
-/// Displays an error with its sources, `a: b: c`.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut s = self.0.source();
-        while let Some(e) = s {
-            write!(f, ": {e}")?;
-            s = e.source();
-        }
-        Ok(())
+        Err(e) => tracing::warn!(?peer, error = %om_transport::error::chain(&e), "peer failed"),
     }
 }
 

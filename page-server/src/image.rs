@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use om_transport::api::{ImageSink, ImageStore, Refusal};
-use om_transport::sys::MemRun;
+use om_transport::sys::Landing;
 use om_transport::wire::{Begin, ErrorCode, ImageInfo, Record, Vma};
 use rayon::prelude::*;
 
@@ -67,17 +67,39 @@ impl PageMap {
     /// before and how many are `DATA` now among them.
     fn set(&mut self, first: u64, n: u64, state: u8) -> (u64, u64) {
         let (mut was, mut now) = (0, 0);
-        for p in first..first + n {
+        let end = first + n;
+        let mut p = first;
+        while p < end {
+            let chunk = p / CHUNK_PAGES;
+            let lo = usize::try_from(p % CHUNK_PAGES).unwrap_or(0);
+            let hi = usize::try_from((end - chunk * CHUNK_PAGES).min(CHUNK_PAGES)).unwrap_or(CHUNK);
             let c = self
                 .chunks
-                .entry(p / CHUNK_PAGES)
+                .entry(chunk)
                 .or_insert_with(|| Box::new([ABSENT; CHUNK]));
-            let slot = &mut c[usize::try_from(p % CHUNK_PAGES).unwrap_or(0)];
-            was += u64::from(*slot == DATA);
-            now += u64::from(state == DATA);
-            *slot = state;
+            for slot in &mut c[lo..hi] {
+                was += u64::from(*slot == DATA);
+                *slot = state;
+            }
+            if state == DATA {
+                now += (hi - lo) as u64;
+            }
+            p = (chunk + 1) * CHUNK_PAGES;
         }
         (was, now)
+    }
+
+    /// Every page that is not absent, as (image page index, state), in index order.
+    fn present(&self) -> impl Iterator<Item = (u64, u8)> + '_ {
+        let mut keys: Vec<u64> = self.chunks.keys().copied().collect();
+        keys.sort_unstable();
+        keys.into_iter().flat_map(move |k| {
+            self.chunks[&k]
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s != ABSENT)
+                .map(move |(i, s)| (k * CHUNK_PAGES + i as u64, *s))
+        })
     }
 
     fn get(&self, p: u64) -> u8 {
@@ -330,42 +352,42 @@ impl Image {
         self.shared.used.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// The image's pages as runs of data and zero pages, in address order.
+    /// The image's pages as runs of data and zero pages, in address order. Walks only the pages that
+    /// arrived, so a huge reserved but unused VMA costs nothing.
     #[must_use]
     pub fn state_runs(&self) -> Vec<StateRun> {
         let map = lock(&self.pages);
         let mut out: Vec<StateRun> = Vec::new();
-        for (v, &base) in self.vmas.iter().zip(&self.offsets) {
-            let first = base / self.page_size;
-            for i in 0..v.len() / self.page_size {
-                let state = map.get(first + i);
-                if state == ABSENT {
-                    continue;
+        for (page, state) in map.present() {
+            let offset = page * self.page_size;
+            let v = self.offsets.partition_point(|&o| o <= offset).saturating_sub(1);
+            let addr = self.vmas[v].start + (offset - self.offsets[v]);
+            let data = state == DATA;
+            match out.last_mut() {
+                Some(r)
+                    if r.addr.end == addr
+                        && r.data == data
+                        && r.offset + (r.addr.end - r.addr.start) == offset =>
+                {
+                    r.addr.end += self.page_size;
                 }
-                let addr = v.start + i * self.page_size;
-                let data = state == DATA;
-                match out.last_mut() {
-                    Some(r) if r.addr.end == addr && r.data == data => r.addr.end += self.page_size,
-                    _ => out.push(StateRun {
-                        addr: addr..addr + self.page_size,
-                        data,
-                        offset: base + i * self.page_size,
-                    }),
-                }
+                _ => out.push(StateRun {
+                    addr: addr..addr + self.page_size,
+                    data,
+                    offset,
+                }),
             }
         }
         out
     }
 }
 
-// SAFETY: landing() returns zones of `self.mem`, a mapping owned by the image that lives as long as it
-// and is never referenced by Rust references (ImageMemory hands out raw zones only).
-unsafe impl ImageSink for Image {
+impl ImageSink for Image {
     fn id(&self) -> u64 {
         self.id
     }
 
-    fn landing(&self, run: &Range<u64>) -> Result<Vec<MemRun>, Refusal> {
+    fn landing(&self, run: &Range<u64>) -> Result<Vec<Landing<'_>>, Refusal> {
         let (_, off) = self.locate(run)?;
         let n = (run.end - run.start) / self.page_size;
         let (was, now) = lock(&self.pages).set(off / self.page_size, n, DATA);
@@ -408,16 +430,13 @@ unsafe impl ImageSink for Image {
         Ok(())
     }
 
-    fn verify(&self, zones: &[MemRun], sums: &[u32], page_size: usize) -> Vec<usize> {
-        let pages: Vec<usize> = zones
+    fn verify(&self, zones: &[Landing<'_>], sums: &[u32], page_size: usize) -> Vec<usize> {
+        let pages: Vec<(&Landing<'_>, usize)> = zones
             .iter()
-            .flat_map(|z| (z.addr..z.addr + z.len).step_by(page_size))
+            .flat_map(|z| (0..z.len()).step_by(page_size).map(move |off| (z, off)))
             .collect();
-        let check = |(i, &addr): (usize, &usize)| {
-            let s = self
-                .mem
-                .offset_of(addr)
-                .and_then(|off| self.mem.page_sum(off, page_size).ok());
+        let check = |(i, &(z, off)): (usize, &(&Landing<'_>, usize))| {
+            let s = z.page_sum(off, page_size);
             (s.is_none() || sums.get(i) != s.as_ref()).then_some(i)
         };
         if pages.len() >= PARALLEL_VERIFY_PAGES {

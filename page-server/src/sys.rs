@@ -13,7 +13,7 @@ use std::ptr::NonNull;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
-use om_transport::sys::{MemRun, page_sum};
+use om_transport::sys::{Landing, page_sum};
 
 /// A sparse memfd of a fixed length, mapped shared and writable into this process.
 #[derive(Debug)]
@@ -78,23 +78,15 @@ impl ImageMemory {
             .ok_or_else(|| io::Error::other("null"))
     }
 
-    /// The raw zone for `len` bytes at `off`, for the transport to write into.
+    /// The zone of `len` bytes at `off`, for the transport to write into; it borrows the mapping.
     ///
     /// # Errors
     /// A range outside the mapping.
-    pub fn zone(&self, off: usize, len: usize) -> io::Result<MemRun> {
-        self.check(off, len)?;
-        Ok(MemRun {
-            addr: self.base.as_ptr() as usize + off,
-            len,
-        })
-    }
-
-    /// The offset in this mapping of an address inside it.
-    #[must_use]
-    pub fn offset_of(&self, addr: usize) -> Option<usize> {
-        addr.checked_sub(self.base.as_ptr() as usize)
-            .filter(|&o| o < self.len)
+    pub fn zone(&self, off: usize, len: usize) -> io::Result<Landing<'_>> {
+        let at = self.at(off, len)?;
+        // SAFETY: inside our own mapping (checked), which lives as long as the borrow of `self`; no
+        // method of ImageMemory hands out references into it; page-aligned offsets keep alignment.
+        Ok(unsafe { Landing::new(at.as_ptr() as usize, len) })
     }
 
     /// Frees the memory of `len` bytes at `off`; they read as zero afterwards.
@@ -155,13 +147,13 @@ impl ImageMemory {
         self.check(off, len)?;
         let mut done = 0;
         while done < len {
-            let run = self.zone(off + done, len - done)?;
+            let at = self.at(off + done, len - done)?;
             // SAFETY: the source range lies inside our live mapping (checked); write(2) only reads it.
             let n = unsafe {
                 libc::write(
                     std::os::fd::AsRawFd::as_raw_fd(&out.as_fd()),
-                    run.addr as *const libc::c_void,
-                    run.len.min(1 << 30),
+                    at.as_ptr(),
+                    (len - done).min(1 << 30),
                 )
             };
             if n < 0 {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use om::sys::mman::Region;
 use om_page_server::checkpoint::Checkpoint;
 use om_page_server::{Image, Limits, Store};
+use om_transport::sys::Readable;
 use om_transport::wire::{Begin, ErrorCode, ImageInfo, Vma};
 use om_transport::{
     ClusterKey, PageSender, Receiver, ReceiverConfig, SenderConfig, TcpSender, TransportError,
@@ -26,6 +27,12 @@ use om_transport::{
 const OMD: &str = env!("CARGO_BIN_EXE_omd");
 const PAGE: u64 = 4096;
 const MIB: usize = 1 << 20;
+
+/// Test regions stay mapped until the test ends, which keeps the promise `send_round` needs.
+fn readable(runs: &[Range<u64>]) -> Readable<'_> {
+    // SAFETY: every run passed here lies in a Region that the test keeps alive across the call.
+    unsafe { Readable::new(runs) }
+}
 
 fn key() -> ClusterKey {
     ClusterKey::from_bytes(vec![42u8; 32]).unwrap()
@@ -113,13 +120,7 @@ fn server(limits: Limits) -> Server {
             let (r, e, f) = (Arc::clone(&r), Arc::clone(&e), Arc::clone(&f));
             thread::spawn(move || {
                 if let Err(err) = r.serve(s.unwrap()) {
-                    let mut msg = err.to_string();
-                    let mut src = std::error::Error::source(&err);
-                    while let Some(x) = src {
-                        msg.push_str(&format!(": {x}"));
-                        src = x.source();
-                    }
-                    e.lock().unwrap().push(msg);
+                    e.lock().unwrap().push(om_transport::error::chain(&err));
                 }
                 f.fetch_add(1, Ordering::SeqCst);
             });
@@ -184,8 +185,7 @@ fn ships_a_gib_in_rounds_byte_for_byte_over_loopback() {
     assert_eq!(tx.streams(), 0, "data streams open only after begin");
     tx.begin(&begin_for(&r)).unwrap();
     assert_eq!(tx.streams(), 2);
-    // SAFETY: the region stays mapped for the whole call.
-    let s0 = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap();
+    let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
     assert_eq!(s0.bytes, len as u64);
     assert!(s0.suspects.is_empty());
     assert_eq!(s0.image_bytes, len as u64);
@@ -201,8 +201,9 @@ fn ships_a_gib_in_rounds_byte_for_byte_over_loopback() {
     dirty.retain(|d| !(freed.start < d.end && d.start < freed.end));
     r.dontneed(usize::try_from(freed.start - base).unwrap(), 64 * PAGE as usize)
         .unwrap();
-    // SAFETY: as above.
-    let s1 = unsafe { tx.send_round(&dirty, std::slice::from_ref(&freed), true) }.unwrap();
+    let s1 = tx
+        .send_round(readable(&dirty), std::slice::from_ref(&freed), true)
+        .unwrap();
     assert_eq!(s1.pages, dirty.len() as u64);
     assert_eq!(s1.image_bytes, len as u64 - 64 * PAGE);
     tx.send_record(7, b"threads go here").unwrap();
@@ -293,8 +294,7 @@ fn a_flipped_page_byte_fails_the_final_round_at_both_ends() {
     let via = proxy(srv.addr, Some(3 * MIB as u64));
     let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
-    // SAFETY: the region stays mapped.
-    let e = unsafe { tx.send_round(&[whole(&r)], &[], true) }.unwrap_err();
+    let e = tx.send_round(readable(&[whole(&r)]), &[], true).unwrap_err();
     let msg = e.to_string();
     assert!(
         matches!(
@@ -321,12 +321,10 @@ fn a_flipped_page_byte_not_sent_again_is_corruption() {
     let via = proxy(srv.addr, Some(3 * MIB as u64));
     let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
-    // SAFETY: the region stays mapped.
-    let s0 = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap();
+    let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
     assert_eq!(s0.suspects.len(), 1, "one page reported: {:?}", s0.suspects);
     // The page was not written again, so it is not in the next round: corruption, not a race.
-    // SAFETY: as above.
-    let e = unsafe { tx.send_round(&[], &[], true) }.unwrap_err();
+    let e = tx.send_round(readable(&[]), &[], true).unwrap_err();
     assert!(
         matches!(
             e,
@@ -350,11 +348,9 @@ fn a_suspect_page_sent_again_is_accepted() {
     let via = proxy(srv.addr, Some(3 * MIB as u64));
     let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
-    // SAFETY: the region stays mapped.
-    let s0 = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap();
+    let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
     // As if the application had written it during round 0: it is dirty and goes again.
-    // SAFETY: as above.
-    unsafe { tx.send_round(&s0.suspects, &[], true) }.unwrap();
+    tx.send_round(readable(&s0.suspects), &[], true).unwrap();
     let id = tx.commit().unwrap();
     assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
 }
@@ -395,8 +391,7 @@ fn an_image_over_the_limit_is_refused_before_pages_move() {
     b.info.populated_bytes = MIB as u64;
     tx.begin(&b).unwrap();
     let t = Instant::now();
-    // SAFETY: the region stays mapped.
-    let e = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap_err();
+    let e = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap_err();
     assert!(e.to_string().contains("memory limit exceeded"), "{e}");
     assert!(
         t.elapsed() < Duration::from_secs(10),
@@ -457,8 +452,7 @@ fn hostile_streams_change_nothing() {
     let r = random_region(MIB, 7);
     let mut tx = TcpSender::connect(srv.addr, &key(), SenderConfig::default()).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
-    // SAFETY: the region stays mapped.
-    unsafe { tx.send_round(&[whole(&r)], &[], true) }.unwrap();
+    tx.send_round(readable(&[whole(&r)]), &[], true).unwrap();
     let id = tx.commit().unwrap();
     assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
 }
@@ -500,8 +494,7 @@ fn a_killed_receiver_fails_the_sender_and_leaves_the_source_untouched() {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
     });
     let t = Instant::now();
-    // SAFETY: the region stays mapped.
-    let e = unsafe { tx.send_round(&[whole(&r)], &[], false) }.unwrap_err();
+    let e = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap_err();
     killer.join().unwrap();
     omd.wait().unwrap();
     assert!(t.elapsed() < Duration::from_secs(30), "the sender noticed late");
@@ -526,8 +519,7 @@ fn ship_helper() {
     let r = random_region(1 << 30, seed);
     let mut tx = TcpSender::connect(to.parse().unwrap(), &key, SenderConfig::default()).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
-    // SAFETY: the region stays mapped.
-    unsafe { tx.send_round(&[whole(&r)], &[], true) }.unwrap();
+    tx.send_round(readable(&[whole(&r)]), &[], true).unwrap();
     let id = tx.commit().unwrap();
     println!("SHIPPED id={id} addr={}", r.addr());
 }

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use crate::error::TransportError;
-use crate::sys::MemRun;
+use crate::sys::{Landing, Readable};
 use crate::wire::{Begin, ErrorCode, Record};
 
 /// What one acknowledged round moved.
@@ -52,17 +52,15 @@ pub trait PageSender {
     /// receiver's acknowledgement. `last` marks the final round (the application is stopped): any
     /// checksum mismatch fails it.
     ///
+    /// `pages` carries the caller's promise that the memory stays mapped ([`Readable::new`]; the
+    /// runtime keeps it by holding its munmap/mremap guard for the round).
+    ///
     /// # Errors
     /// Connection, protocol or checksum errors; pages the previous round reported as suspect that are
     /// not in `pages` ([`TransportError::Corrupted`]).
-    ///
-    /// # Safety
-    /// Every run of `pages` is page-aligned memory of this process that stays mapped and readable
-    /// until the call returns (the application may keep writing it). The runtime guarantees this by
-    /// holding its munmap/mremap guard for the duration.
-    unsafe fn send_round(
+    fn send_round(
         &mut self,
-        pages: &[Range<u64>],
+        pages: Readable<'_>,
         zeroed: &[Range<u64>],
         last: bool,
     ) -> Result<RoundStats, TransportError>;
@@ -101,21 +99,17 @@ pub trait ImageStore: Send + Sync + 'static {
 
 /// One image being received. Dropping it without [`ImageSink::commit`] discards it and frees its
 /// memory.
-///
-/// # Safety
-/// Implementors promise that every [`MemRun`] returned by [`ImageSink::landing`] is memory owned by the
-/// sink, writable, mapped for as long as the sink lives, and never covered by a Rust reference: the
-/// transport lets the kernel (or a NIC) write into it, possibly from several streams at once.
-pub unsafe trait ImageSink: Send + Sync + 'static {
+pub trait ImageSink: Send + Sync + 'static {
     /// The receiver's id for this image (reported to the sender in `Begun` and `Committed`).
     fn id(&self) -> u64;
 
-    /// Where the bytes of `run` (source addresses) land, as one or more zones in run order. Charges the
-    /// image's memory limit for pages that were not present before.
+    /// Where the bytes of `run` (source addresses) land, as one or more zones of the image's memory in
+    /// run order ([`Landing`] borrows the image, which keeps them mapped). Charges the image's memory
+    /// limit for pages that were not present before.
     ///
     /// # Errors
     /// A run outside the image's VMAs, or a limit.
-    fn landing(&self, run: &Range<u64>) -> Result<Vec<MemRun>, Refusal>;
+    fn landing(&self, run: &Range<u64>) -> Result<Vec<Landing<'_>>, Refusal>;
 
     /// Marks `run` as zero (freed or zero-filled), releasing its memory.
     ///
@@ -132,21 +126,17 @@ pub unsafe trait ImageSink: Send + Sync + 'static {
     /// Checks landed pages against their checksums; returns the indices of the pages that differ.
     /// `zones` hold `sums.len()` pages of `page_size` bytes, in order. The default checks one page after
     /// the other; a receiver with cores to spare checks in parallel.
-    fn verify(&self, zones: &[MemRun], sums: &[u32], page_size: usize) -> Vec<usize> {
-        let mut bad = Vec::new();
-        let mut i = 0;
-        for z in zones {
-            for off in (0..z.len).step_by(page_size) {
-                // SAFETY: the zone is image memory that stays mapped while the sink lives (the trait's
-                // contract); checksums read it with atomic loads.
-                let s = unsafe { crate::sys::page_sum((z.addr + off) as *const u8, page_size) };
-                if sums.get(i) != Some(&s) {
-                    bad.push(i);
-                }
-                i += 1;
-            }
-        }
-        bad
+    fn verify(&self, zones: &[Landing<'_>], sums: &[u32], page_size: usize) -> Vec<usize> {
+        let pages = zones.iter().flat_map(|z| {
+            (0..z.len())
+                .step_by(page_size)
+                .map(move |off| z.page_sum(off, page_size))
+        });
+        pages
+            .enumerate()
+            .filter(|(i, s)| s.is_none() || sums.get(*i) != s.as_ref())
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Memory the image holds now, in bytes.

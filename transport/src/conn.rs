@@ -11,7 +11,7 @@ use sha2::Sha256;
 use zerocopy::IntoBytes;
 
 use crate::error::TransportError;
-use crate::sys::{self, MemRun};
+use crate::sys::{self, Landing, ReadableBatch};
 use crate::wire::{ErrorCode, FrameHeader, Kind, TAG_LEN, Text, WireError};
 
 pub(crate) type HmacSha256 = Hmac<Sha256>;
@@ -138,26 +138,21 @@ impl Conn {
     /// # Errors
     /// Socket errors, or a body over the kind's cap.
     pub fn send(&mut self, kind: Kind, body: &[u8]) -> Result<(), TransportError> {
-        // SAFETY: no raw runs are passed, only the header and body buffers.
-        unsafe { self.send_with_pages(kind, body, &[]) }
+        self.send_with_pages(kind, body, None)
     }
 
-    /// Sends one frame followed by the bytes of `pages`, read straight from memory by the kernel.
+    /// Sends one frame followed by the pages of `pages`, read straight from memory by the kernel.
     ///
     /// # Errors
-    /// Socket errors (`EFAULT` if a run is not mapped).
-    ///
-    /// # Safety
-    /// As [`sys::send_vectored`]: every run stays mapped and readable for the call, or the call fails.
-    pub unsafe fn send_with_pages(
+    /// Socket errors.
+    pub fn send_with_pages(
         &mut self,
         kind: Kind,
         body: &[u8],
-        pages: &[MemRun],
+        pages: Option<&ReadableBatch<'_>>,
     ) -> Result<(), TransportError> {
         let h = self.header(kind, body)?;
-        // SAFETY: forwarded from this function's contract.
-        unsafe { sys::send_vectored(self.stream.as_fd(), &[h.as_bytes(), body], pages) }
+        sys::mem::send(self.stream.as_fd(), &[h.as_bytes(), body], pages)
             .map_err(|source| self.io("send", source))
     }
 
@@ -243,13 +238,8 @@ impl Conn {
     ///
     /// # Errors
     /// Socket errors or the peer closing mid-batch.
-    ///
-    /// # Safety
-    /// As [`sys::recv_exact_into`]: the zones are writable memory of this process that stays mapped for
-    /// the call and that no Rust reference covers.
-    pub unsafe fn recv_pages(&mut self, zones: &[MemRun]) -> Result<(), TransportError> {
-        // SAFETY: forwarded from this function's contract.
-        match unsafe { sys::recv_exact_into(self.stream.as_fd(), zones) } {
+    pub fn recv_pages(&mut self, zones: &[Landing<'_>]) -> Result<(), TransportError> {
+        match sys::mem::recv(self.stream.as_fd(), zones) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(TransportError::Closed {
                 peer: self.peer.clone(),

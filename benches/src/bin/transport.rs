@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use om::sys::mman::Region;
 use om_benches::median;
+use om_transport::sys::Readable;
 use om_transport::wire::{Begin, ImageInfo, Vma};
 use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
 
@@ -92,6 +93,12 @@ fn blast(addr: &str, gib: usize) {
     println!("SECS {}", t.elapsed().as_secs_f64());
 }
 
+/// The benchmark's regions stay mapped until after the round is acknowledged.
+fn readable(runs: &[std::ops::Range<u64>]) -> Readable<'_> {
+    // SAFETY: the only caller passes its own region, alive across the call.
+    unsafe { Readable::new(runs) }
+}
+
 /// `ship ADDR KEYFILE GIB STREAMS`: ships GIB GiB as one round into omd; prints seconds and the image id.
 fn ship(addr: &str, key: &Path, gib: usize, streams: u16) {
     let key = ClusterKey::load(key).expect("key");
@@ -117,8 +124,7 @@ fn ship(addr: &str, key: &Path, gib: usize, streams: u16) {
     let mut tx = TcpSender::connect(addr.parse().expect("addr"), &key, config).expect("connect");
     tx.begin(&begin).expect("begin");
     let run = start..start + r.len() as u64;
-    // SAFETY: the region stays mapped until after the round is acknowledged.
-    let stats = unsafe { tx.send_round(&[run], &[], true) }.expect("round");
+    let stats = tx.send_round(readable(&[run]), &[], true).expect("round");
     let id = tx.commit().expect("commit");
     println!("SECS {} ID {id}", stats.elapsed.as_secs_f64());
 }

@@ -6,12 +6,17 @@
 //! on the same image page at once. So memory is handed to the kernel as raw `iovec`s (the kernel copies,
 //! and reports an unmapped address as `EFAULT` instead of faulting), and checksums read it with
 //! relaxed atomic loads, which are defined behaviour under concurrent writes.
+//!
+//! The promises about that memory are made once, by `unsafe` constructors of [`Readable`] (sender) and
+//! [`Landing`] (receiver); everything outside this module is safe code.
 
 pub mod checksum;
 pub mod iov;
+pub mod mem;
 
 pub use checksum::{crc32c, page_sum, page_sum_bytes};
-pub use iov::{MemRun, recv_exact_into, reset_on_close, send_vectored};
+pub use iov::{MemRun, reset_on_close};
+pub use mem::{Landing, Readable, ReadableBatch};
 
 /// The page size of this machine.
 #[must_use]

@@ -421,9 +421,7 @@ impl<S: ImageStore> Receiver<S> {
         for r in &b.runs {
             zones.extend(image.landing(r).map_err(|(c, m)| refused(conn, c, m))?);
         }
-        // SAFETY: the zones come from the sink's landing(), which (ImageSink's contract) is image
-        // memory that stays mapped while `image` lives and that no Rust reference covers.
-        unsafe { conn.recv_pages(&zones) }?;
+        conn.recv_pages(&zones)?;
         let ps = usize::try_from(self.page_size).unwrap_or(4096);
         let bad = image.verify(&zones, &b.sums, ps);
         let mut p = lock(&session.progress);

@@ -12,7 +12,7 @@ use crate::batch;
 use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
-use crate::sys::{self, MemRun};
+use crate::sys::{self, Readable, ReadableBatch};
 use crate::wire::{
     self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_ZERO_RUNS,
     Record, Role, RoundAck, Text, Zero, caps,
@@ -167,22 +167,15 @@ impl TcpSender {
     }
 
     /// Sends the batches over the data streams (or the control stream), in parallel.
-    ///
-    /// # Safety
-    /// As [`PageSender::send_round`].
-    unsafe fn send_batches(&mut self, batches: &[Vec<Range<u64>>]) -> Result<(), TransportError> {
+    fn send_batches(&mut self, batches: &[ReadableBatch<'_>]) -> Result<(), TransportError> {
         let round = self.round;
         let page_size = self.page_size;
         let next = AtomicUsize::new(0);
         let work = |conn: &mut Conn| -> Result<(), TransportError> {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(runs) = batches.get(i) else {
-                    return Ok(());
-                };
-                // SAFETY: forwarded from send_round's contract (runs are mapped, readable memory).
-                unsafe { send_batch(conn, round, runs, page_size) }?;
+            while let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
+                send_batch(conn, round, batch, page_size)?;
             }
+            Ok(())
         };
         if self.data.is_empty() {
             return work(&mut self.control);
@@ -202,33 +195,15 @@ impl TcpSender {
 }
 
 /// Sends one batch: checksums first (read from the live memory), then the frame and the pages.
-///
-/// # Safety
-/// As [`PageSender::send_round`].
-unsafe fn send_batch(
+fn send_batch(
     conn: &mut Conn,
     round: u32,
-    runs: &[Range<u64>],
+    batch: &ReadableBatch<'_>,
     page_size: u64,
 ) -> Result<(), TransportError> {
-    let ps = usize::try_from(page_size).unwrap_or(4096);
-    let mut sums = Vec::new();
-    let mut mem = Vec::with_capacity(runs.len());
-    for r in runs {
-        let (addr, len) = (addr_of(r.start), addr_of(r.end - r.start));
-        for off in (0..len).step_by(ps) {
-            // SAFETY: the caller guarantees the run is mapped and readable; page-aligned.
-            sums.push(unsafe { sys::page_sum((addr + off) as *const u8, ps) });
-        }
-        mem.push(MemRun { addr, len });
-    }
-    let body = Batch::encode(round, runs, &sums, page_size);
-    // SAFETY: as above.
-    unsafe { conn.send_with_pages(Kind::Batch, &body, &mem) }
-}
-
-fn addr_of(v: u64) -> usize {
-    usize::try_from(v).unwrap_or(usize::MAX)
+    let sums = batch.page_sums(usize::try_from(page_size).unwrap_or(4096));
+    let body = Batch::encode(round, batch.runs(), &sums, page_size);
+    conn.send_with_pages(Kind::Batch, &body, Some(batch))
 }
 
 impl PageSender for TcpSender {
@@ -249,9 +224,9 @@ impl PageSender for TcpSender {
         Ok(id)
     }
 
-    unsafe fn send_round(
+    fn send_round(
         &mut self,
-        pages: &[Range<u64>],
+        pages: Readable<'_>,
         zeroed: &[Range<u64>],
         last: bool,
     ) -> Result<RoundStats, TransportError> {
@@ -259,7 +234,7 @@ impl PageSender for TcpSender {
             return Err(TransportError::Misuse("send_round outside an open image"));
         }
         let (sus_round, suspects) = &self.suspects;
-        if let Some(first) = batch::first_uncovered(suspects, pages) {
+        if let Some(first) = batch::first_uncovered(suspects, pages.runs()) {
             let pages_bad = suspects.iter().map(|r| (r.end - r.start) / self.page_size).sum();
             let e = TransportError::Corrupted {
                 round: *sus_round,
@@ -270,16 +245,17 @@ impl PageSender for TcpSender {
         }
         let started = Instant::now();
         let max_pages = u64::from(self.config.batch_pages).clamp(1, MAX_BATCH_PAGES as u64);
-        let batches = batch::split(pages, self.page_size, max_pages, MAX_BATCH_RUNS);
-        let sent = self.send_zero(zeroed).and_then(|()| {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { self.send_batches(&batches) }
-        });
+        let batches = pages.batches(self.page_size, max_pages, MAX_BATCH_RUNS);
+        let sent = self.send_zero(zeroed).and_then(|()| self.send_batches(&batches));
         if let Err(e) = sent {
             let e = self.reason_from_peer(e);
             return Err(self.fail(e));
         }
-        let page_count: u64 = pages.iter().map(|r| (r.end - r.start) / self.page_size).sum();
+        let page_count: u64 = pages
+            .runs()
+            .iter()
+            .map(|r| (r.end - r.start) / self.page_size)
+            .sum();
         let end = EndRound {
             round: self.round,
             last,

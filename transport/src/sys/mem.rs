@@ -1,0 +1,171 @@
+//! Proof-carrying handles on raw memory: the one place where a promise about memory is made, so that
+//! everything above (connections, senders, receivers) is safe code.
+//!
+//! - [`Readable`]: runs of this process's memory that the caller promised stay mapped and readable
+//!   (the application's pages during a round). Created with an `unsafe` constructor by the code that
+//!   can keep the promise (the runtime, holding its munmap guard); split into batches here, so a batch
+//!   is a subset of the promise by construction.
+//! - [`Landing`]: a zone of a receiver's image memory, writable and mapped while the image lives.
+//!   Created with an `unsafe` constructor by the image's owner (omd's `sys` module); it borrows the
+//!   image, so it cannot outlive it.
+
+use std::marker::PhantomData;
+use std::ops::Range;
+
+use super::checksum;
+use super::iov::MemRun;
+
+/// Page runs of this process that stay mapped and readable for `'a`.
+#[derive(Debug, Clone, Copy)]
+pub struct Readable<'a> {
+    runs: &'a [Range<u64>],
+}
+
+impl<'a> Readable<'a> {
+    /// Wraps `runs`: sorted, disjoint, page-aligned ranges of this process's memory.
+    ///
+    /// # Safety
+    /// Every run must stay mapped and readable for `'a` (the application may keep writing it: the
+    /// kernel copies and checksums use atomic loads). If a run is unmapped anyway, sending fails with
+    /// `EFAULT`, but checksums would fault: the caller must prevent it (the runtime's munmap guard).
+    #[must_use]
+    pub unsafe fn new(runs: &'a [Range<u64>]) -> Self {
+        Self { runs }
+    }
+
+    /// The runs.
+    #[must_use]
+    pub fn runs(&self) -> &'a [Range<u64>] {
+        self.runs
+    }
+
+    /// Splits the runs into batches of at most `max_pages` pages and `max_runs` runs.
+    #[must_use]
+    pub fn batches(&self, page_size: u64, max_pages: u64, max_runs: usize) -> Vec<ReadableBatch<'a>> {
+        crate::batch::split(self.runs, page_size, max_pages, max_runs)
+            .into_iter()
+            .map(|runs| ReadableBatch {
+                runs,
+                _promise: PhantomData,
+            })
+            .collect()
+    }
+}
+
+/// A batch cut from a [`Readable`]: covered by the same promise.
+#[derive(Debug, Clone)]
+pub struct ReadableBatch<'a> {
+    runs: Vec<Range<u64>>,
+    _promise: PhantomData<&'a [Range<u64>]>,
+}
+
+impl ReadableBatch<'_> {
+    /// The runs.
+    #[must_use]
+    pub fn runs(&self) -> &[Range<u64>] {
+        &self.runs
+    }
+
+    /// One checksum per page, in run order.
+    #[must_use]
+    pub fn page_sums(&self, page_size: usize) -> Vec<u32> {
+        let mut sums = Vec::new();
+        for r in &self.runs {
+            for addr in (r.start..r.end).step_by(page_size) {
+                // SAFETY: the batch is part of a Readable, whose creator promised the memory stays
+                // mapped and readable; pages are page-aligned.
+                sums.push(unsafe { checksum::page_sum(addr_of(addr) as *const u8, page_size) });
+            }
+        }
+        sums
+    }
+
+    pub(crate) fn mem_runs(&self) -> Vec<MemRun> {
+        self.runs
+            .iter()
+            .map(|r| MemRun {
+                addr: addr_of(r.start),
+                len: addr_of(r.end - r.start),
+            })
+            .collect()
+    }
+}
+
+/// A zone of image memory that pages land in, valid while the image it borrows lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Landing<'a> {
+    run: MemRun,
+    _image: PhantomData<&'a ()>,
+}
+
+impl Landing<'_> {
+    /// A zone of `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// The memory must be owned by the value the lifetime borrows, writable, mapped for that whole
+    /// lifetime, and never covered by a Rust reference: the kernel (or a NIC) writes it, possibly from
+    /// several streams at once. `addr` must be 8-byte aligned.
+    #[must_use]
+    pub unsafe fn new(addr: usize, len: usize) -> Self {
+        Self {
+            run: MemRun { addr, len },
+            _image: PhantomData,
+        }
+    }
+
+    /// Length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.run.len
+    }
+
+    /// True for an empty zone.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.run.len == 0
+    }
+
+    /// The checksum of the `page_size` bytes at `off` in the zone; `None` outside it.
+    #[must_use]
+    pub fn page_sum(&self, off: usize, page_size: usize) -> Option<u32> {
+        if off.checked_add(page_size).is_none_or(|e| e > self.run.len) {
+            return None;
+        }
+        // SAFETY: inside the zone (checked), which its creator promised mapped for the lifetime;
+        // atomic loads tolerate concurrent writers.
+        Some(unsafe { checksum::page_sum((self.run.addr + off) as *const u8, page_size) })
+    }
+
+    pub(crate) fn mem_run(&self) -> MemRun {
+        self.run
+    }
+}
+
+fn addr_of(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+/// Sends `head` followed by the pages of `batch` (if any), straight from memory.
+///
+/// # Errors
+/// The first failed `sendmsg`.
+pub fn send(
+    fd: std::os::fd::BorrowedFd<'_>,
+    head: &[&[u8]],
+    batch: Option<&ReadableBatch<'_>>,
+) -> std::io::Result<()> {
+    let runs = batch.map(ReadableBatch::mem_runs).unwrap_or_default();
+    // SAFETY: the runs come from a ReadableBatch, covered by its Readable's promise.
+    unsafe { super::iov::send_vectored(fd, head, &runs) }
+}
+
+/// Fills every zone completely from the socket, in order.
+///
+/// # Errors
+/// The first failed `readv`, or `UnexpectedEof`.
+pub fn recv(fd: std::os::fd::BorrowedFd<'_>, zones: &[Landing<'_>]) -> std::io::Result<()> {
+    let runs: Vec<MemRun> = zones.iter().map(Landing::mem_run).collect();
+    // SAFETY: every zone is a Landing, whose creator promised writable, unaliased memory that stays
+    // mapped while the borrow lives (at least this call).
+    unsafe { super::iov::recv_exact_into(fd, &runs) }
+}
