@@ -215,6 +215,9 @@ pub enum DirtyError {
     /// `collect` before `start`.
     #[error("the tracker was not started")]
     NotStarted,
+    /// The `PAGEMAP_SCAN` output buffer could not be mapped.
+    #[error("cannot map the PAGEMAP_SCAN buffer")]
+    ScanBuffer(#[source] io::Error),
     /// The self-test could not map its probe.
     #[error("cannot map the self-test probe")]
     Probe(#[source] io::Error),
@@ -364,9 +367,19 @@ pub(crate) fn tracked_ranges<'a>(
 ) -> impl Iterator<Item = (Range<u64>, &'a Vma)> + 'a {
     // Above the user address space: [vsyscall].
     const USER_END: u64 = 1 << 47;
+    // om's own scan buffers are never tracked (see `sys::pagemap::ScanVec`).
+    let internal = RangeTable::from_runs(crate::sys::pagemap::internal_ranges());
     maps.iter()
         .filter(|v| !v.is_special() && v.end <= USER_END)
         .filter_map(move |v| scope.clip(v).map(|r| (r, v)))
+        .flat_map(move |(r, v)| {
+            RangeTable::from_runs([r])
+                .difference(&internal)
+                .runs()
+                .iter()
+                .map(|p| (p.clone(), v))
+                .collect::<Vec<_>>()
+        })
 }
 
 #[cfg(test)]

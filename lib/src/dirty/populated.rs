@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use super::{DirtyError, RangeTable};
 use crate::sys::pagemap::{
     self, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PM_PRESENT, PM_SWAP, PageRegion, PmScanArg,
-    ScanResult,
+    ScanResult, ScanVec,
 };
 
 /// Output slots per `PAGEMAP_SCAN` call.
@@ -27,7 +27,7 @@ const SWAP_TYPE_MASK: u64 = 0x1f;
 #[derive(Debug)]
 pub(crate) struct PopulatedQuery {
     /// `PAGEMAP_SCAN` output buffer; `None` on kernels without it (before 6.7).
-    scan: Option<Vec<PageRegion>>,
+    scan: Option<ScanVec>,
     /// Buffer for classic pagemap entries.
     entries: Vec<u8>,
     marker_type: u64,
@@ -44,7 +44,7 @@ impl PopulatedQuery {
         };
         let scan = pagemap::scan(pagemap, arg, &mut probe)
             .ok()
-            .map(|_| vec![PageRegion::default(); SCAN_VEC]);
+            .and_then(|_| ScanVec::new(SCAN_VEC).ok());
         Self {
             scan,
             entries: Vec::new(),

@@ -27,6 +27,7 @@ use super::populated::{DEFAULT_MARKER_SWAP_TYPE, PopulatedQuery, SCAN_VEC, ZeroW
 use super::{DirtyError, Mechanism, RangeTable, Round, Scope, Tracker, tracked_ranges, tracked_table};
 use crate::sys::pagemap::{
     self, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, PmScanArg, ScanResult,
+    ScanVec,
 };
 use crate::sys::uffd;
 
@@ -48,7 +49,7 @@ pub struct UffdTracker {
     uffd: OwnedFd,
     pagemap: File,
     populated: PopulatedQuery,
-    vec: Vec<PageRegion>,
+    vec: ScanVec,
     /// Ranges whose registration failed, by (start, end): retried only if the VMA changes.
     untrackable: HashSet<(u64, u64)>,
     /// Ranges we registered, to unregister at stop.
@@ -95,7 +96,7 @@ impl UffdTracker {
             uffd: fd,
             pagemap,
             populated,
-            vec: vec![PageRegion::default(); SCAN_VEC],
+            vec: ScanVec::new(SCAN_VEC).map_err(DirtyError::ScanBuffer)?,
             untrackable: HashSet::new(),
             registered: Vec::new(),
             zero: None,

@@ -137,3 +137,71 @@ pub const PM_PRESENT: u64 = 1 << 63;
 pub const PM_SWAP: u64 = 1 << 62;
 /// Bit 55: pte is soft-dirty.
 pub const PM_SOFT_DIRTY: u64 = 1 << 55;
+
+/// Address ranges of om's own scan buffers, which no tracker may track (see [`ScanVec`]).
+static INTERNAL: std::sync::Mutex<Vec<std::ops::Range<u64>>> = std::sync::Mutex::new(Vec::new());
+
+/// The ranges trackers must leave alone: om's own scan buffers.
+#[must_use]
+pub fn internal_ranges() -> Vec<std::ops::Range<u64>> {
+    INTERNAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// A `PAGEMAP_SCAN` output buffer in a mapping of its own that trackers never track.
+///
+/// While the buffers lived on the (tracked) heap, whole-process scans failed with `EFAULT` in about one
+/// run in three of `whole_process_sees_new_heap_new_thread_stacks_and_statics` (11/30, 5/20, 7/30);
+/// with the buffers in their own untracked mapping, 0/40. The likely mechanism: the kernel's copy of
+/// the results faults on a page that tracking write-protected, and a kernel-mode fault gives up when
+/// it cannot take the mmap lock (another thread's mmap or brk queued as a writer).
+#[derive(Debug)]
+pub struct ScanVec {
+    region: super::mman::Region,
+    len: usize,
+}
+
+impl ScanVec {
+    /// A zeroed buffer of `len` entries.
+    ///
+    /// # Errors
+    /// When the mapping fails.
+    pub fn new(len: usize) -> io::Result<Self> {
+        let bytes = (len * size_of::<PageRegion>()).next_multiple_of(super::page_size());
+        let region = super::mman::Region::map_anon(bytes.max(super::page_size()), None)?;
+        let r = region.addr() as u64..(region.addr() + region.len()) as u64;
+        INTERNAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(r);
+        Ok(Self { region, len })
+    }
+}
+
+impl std::ops::Deref for ScanVec {
+    type Target = [PageRegion];
+    fn deref(&self) -> &[PageRegion] {
+        // SAFETY: the region is page-aligned, at least `len` PageRegions long, zero-initialised (a
+        // valid PageRegion: plain u64s) and owned by `self`; the shared borrow of `self` excludes writers.
+        unsafe { std::slice::from_raw_parts(self.region.addr() as *const PageRegion, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for ScanVec {
+    fn deref_mut(&mut self) -> &mut [PageRegion] {
+        // SAFETY: as in `deref`; the exclusive borrow of `self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr() as *mut PageRegion, self.len) }
+    }
+}
+
+impl Drop for ScanVec {
+    fn drop(&mut self) {
+        let start = self.region.addr() as u64;
+        INTERNAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r| r.start != start);
+    }
+}
