@@ -15,6 +15,7 @@ fi
 
 step "format"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -24,6 +25,9 @@ cargo build --workspace --all-targets --locked
 
 step "tests"
 cargo test --workspace --locked
+
+step "fuzz (bounded: ${OM_FUZZ_SECONDS:-10} s per decoder)"
+bash ci/fuzz.sh "${OM_FUZZ_SECONDS:-10}"
 
 step "no rig left behind"
 left=$(ls /run/netns 2>/dev/null | grep '^omrig-' || true)

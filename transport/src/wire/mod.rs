@@ -227,6 +227,16 @@ mod tests {
         })
     }
 
+    #[test]
+    fn invalid_utf8_text_is_capped_after_replacement() {
+        // Found by the `text` fuzz target: each bad byte becomes a 3-byte U+FFFD.
+        let mut body = 7u32.to_le_bytes().to_vec();
+        body.extend(std::iter::repeat_n(0xffu8, MAX_TEXT));
+        let t = Text::decode(&body).unwrap();
+        assert!(t.text.len() <= MAX_TEXT);
+        assert_eq!(Text::decode(&Text::encode(t.code, &t.text)).unwrap(), t);
+    }
+
     proptest! {
         /// Every decoder takes arbitrary bytes without panicking (the in-CI stand-in for fuzzing).
         #[test]

@@ -677,16 +677,13 @@ impl Text {
     /// The body bytes; the text is cut at [`MAX_TEXT`] bytes on a character boundary.
     #[must_use]
     pub fn encode(code: u32, text: &str) -> Vec<u8> {
-        let mut cut = text.len().min(MAX_TEXT);
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
         let mut out = code.to_le_bytes().to_vec();
-        out.extend_from_slice(&text.as_bytes()[..cut]);
+        out.extend_from_slice(capped(text).as_bytes());
         out
     }
 
-    /// Decodes a body; invalid UTF-8 is replaced, never trusted.
+    /// Decodes a body; invalid UTF-8 is replaced, never trusted, and the result is cut to
+    /// [`MAX_TEXT`] bytes again (each replacement character takes three).
     ///
     /// # Errors
     /// Fewer than four bytes, or a text over the cap.
@@ -701,9 +698,18 @@ impl Text {
         }
         Ok(Self {
             code: code.get(),
-            text: String::from_utf8_lossy(text).into_owned(),
+            text: capped(&String::from_utf8_lossy(text)).to_owned(),
         })
     }
+}
+
+/// `text` cut to at most [`MAX_TEXT`] bytes, on a character boundary.
+fn capped(text: &str) -> &str {
+    let mut cut = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
 }
 
 /// A decoded `Record`: a kind and opaque bytes for the restorer.

@@ -1,0 +1,138 @@
+//! Writes the seed corpus in `fuzz/seeds/TARGET/`: valid encodings of every message, made by the real
+//! encoders, so that the fuzzer starts past the magic numbers and length checks. Regenerate after a
+//! format change:
+//!
+//! ```text
+//! cargo run --manifest-path fuzz/Cargo.toml --example seeds
+//! ```
+
+use std::fs;
+use std::path::Path;
+
+use om_page_server::checkpoint::{Checkpoint, Run};
+use om_transport::wire::{
+    Batch, Begin, EndRound, FrameHeader, Hello, ImageInfo, Kind, Record, Role, RoundAck, Text, VERSION, Vma,
+    Zero, caps,
+};
+use zerocopy::IntoBytes;
+
+const P: u64 = 4096;
+
+fn put(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target);
+    fs::create_dir_all(&dir).expect("create the seed directory");
+    fs::write(dir.join(name), bytes).expect("write a seed");
+}
+
+fn begin() -> Begin {
+    let vma = |start: u64, pages: u64, prot: u32, flags: u32, name: &[u8]| Vma {
+        start,
+        end: start + pages * P,
+        pgoff: 0,
+        prot,
+        flags,
+        name: name.to_vec(),
+    };
+    Begin {
+        info: ImageInfo {
+            pid: 4242,
+            uid: 1000,
+            gid: 1000,
+            flags: 0,
+            populated_bytes: 64 * P,
+        },
+        vmas: vec![
+            vma(0x40_0000, 4, 5, 1, b"/usr/bin/app"),
+            vma(0x60_0000, 32, 3, 2, b"[heap]"),
+            vma(0x7ffd_0000_0000, 8, 3, 4, b"[stack]"),
+        ],
+    }
+}
+
+fn main() {
+    for (i, kind) in [
+        Kind::Hello,
+        Kind::Begin,
+        Kind::Batch,
+        Kind::EndRound,
+        Kind::Commit,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let h = FrameHeader::new(kind, 64, i as u64);
+        put("frame_header", &format!("{kind:?}"), h.as_bytes());
+    }
+    let hello = Hello {
+        versions: VERSION..VERSION + 1,
+        role: Role::Control,
+        streams: 2,
+        caps: caps::SUPPORTED,
+        page_size: 4096,
+        session: 7,
+        nonce: [9; 32],
+    };
+    put("hello", "control", &hello.encode());
+    put(
+        "hello",
+        "data",
+        &Hello {
+            role: Role::Data,
+            streams: 1,
+            ..hello
+        }
+        .encode(),
+    );
+    put("begin", "three-vmas", &begin().encode().expect("encode begin"));
+    let runs = [0x60_0000..0x60_0000 + 3 * P, 0x60_8000..0x60_8000 + P];
+    put("batch", "two-runs", &Batch::encode(1, &runs, &[1, 2, 3, 4], P));
+    put("zero", "two-runs", &Zero::encode(2, &runs, P));
+    let end = EndRound {
+        round: 3,
+        last: true,
+        batches: 5,
+        pages: 1000,
+    };
+    put("end_round", "last", &end.encode());
+    let ack = RoundAck {
+        round: 3,
+        pages: 1000,
+        image_bytes: 1000 * P,
+        suspects: runs.to_vec(),
+    };
+    put("round_ack", "suspects", &ack.encode(P));
+    put(
+        "text",
+        "error",
+        &Text::encode(3, "image exceeds the memory limit"),
+    );
+    put("record", "thread", &Record::encode(1, &[0xab; 48]));
+    let manifest = Checkpoint {
+        dir: ".".into(),
+        page_size: P,
+        begin: begin(),
+        runs: vec![
+            Run {
+                addr: 0x60_0000..0x60_0000 + 3 * P,
+                data: true,
+            },
+            Run {
+                addr: 0x60_8000..0x60_8000 + P,
+                data: false,
+            },
+        ],
+        sums: vec![1, 2, 3],
+        records: vec![Record {
+            kind: 1,
+            bytes: vec![7; 16],
+        }],
+    }
+    .encode_manifest()
+    .expect("encode the manifest");
+    put("checkpoint_manifest", "small", &manifest);
+    put(
+        "maps",
+        "self",
+        &fs::read("/proc/self/maps").expect("read /proc/self/maps"),
+    );
+}
