@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod dirty;
+pub mod image;
 pub mod sys;
 pub mod unavailable;
 
