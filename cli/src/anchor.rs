@@ -108,7 +108,9 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
     // Blocked before the child exists, so neither its exit nor an early signal can be missed; the child
     // starts with an empty mask.
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(AnchorError::BlockSignals)?;
-    let sfd = SignalFd::new(&mask).map_err(AnchorError::SignalFd)?;
+    // Close-on-exec: the program must not inherit omrun's signalfd.
+    let sfd = SignalFd::with_flags(&mask, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
+        .map_err(AnchorError::SignalFd)?;
 
     let mut cmd = Command::new(prog);
     cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));

@@ -2,7 +2,19 @@
 //! codes, the home anchor.
 
 pub mod anchor;
+pub mod control;
 mod sys;
+
+/// The path of `name` installed next to the running program (om's binaries live together), or bare
+/// `name` for a `PATH` lookup.
+#[must_use]
+pub fn sibling(name: &str) -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| std::path::PathBuf::from(name))
+}
 
 use std::process::ExitCode;
 

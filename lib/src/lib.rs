@@ -8,6 +8,7 @@
 //! What exists today is listed in [`FEATURES`]; everything else answers with
 //! [`Unavailable`], never a panic.
 
+pub mod capture;
 pub mod control;
 pub mod dirty;
 pub mod image;

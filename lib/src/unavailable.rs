@@ -56,12 +56,12 @@ impl fmt::Display for Feature {
 
 /// Every feature and whether this build has it.
 pub const FEATURES: &[(Feature, bool)] = &[
-    (Feature::Runtime, false),
+    (Feature::Runtime, true),
     (Feature::PageServer, true),
-    (Feature::Checkpoint, false),
+    (Feature::Checkpoint, true),
     (Feature::Restart, false),
     (Feature::Migrate, false),
-    (Feature::ProcessList, false),
+    (Feature::ProcessList, true),
 ];
 
 /// The error for an operation whose machinery this build does not have yet.

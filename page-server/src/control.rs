@@ -11,6 +11,7 @@ use om_transport::error::chain;
 
 use crate::checkpoint;
 use crate::image::Store;
+use crate::runtimes::Runtimes;
 
 /// The longest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
@@ -21,8 +22,11 @@ pub const MAX_REQUEST: usize = 4096;
 /// - `images`: `OK N` then ` id=ID pid=PID bytes=BYTES vmas=N` per committed image
 /// - `save ID DIR`: writes the image as a checkpoint directory
 /// - `drop ID`: forgets the image and frees its memory
+/// - `checkpoint PID LEAVE DIR`: asks the runtime of PID to write its image to DIR (an absolute path);
+///   LEAVE is 1 to keep it running, 0 to end it once the image is safe
+/// - `ps`: `OK N` then ` pid=PID` per om process registered here
 #[must_use]
-pub fn answer(request: &str, store: &Store) -> String {
+pub fn answer(request: &str, store: &Store, runtimes: &Runtimes) -> String {
     let mut words = request.split_ascii_whitespace();
     match words.next() {
         Some("ping") => format!("OK omd {}", env!("CARGO_PKG_VERSION")),
@@ -65,9 +69,37 @@ pub fn answer(request: &str, store: &Store) -> String {
             },
             None => "ERR usage: drop ID".to_owned(),
         },
-        Some("ps") => format!("ERR {}", Unavailable::new(Feature::ProcessList)),
+        Some("ps") => {
+            let pids = runtimes.pids();
+            let mut out = format!("OK {}", pids.len());
+            for p in pids {
+                out.push_str(&format!(" pid={p}"));
+            }
+            out
+        }
         Some("migrate") => format!("ERR {}", Unavailable::new(Feature::Migrate)),
-        Some("checkpoint") => format!("ERR {}", Unavailable::new(Feature::Checkpoint)),
+        Some("checkpoint") => {
+            let pid = words.next().and_then(|w| w.parse::<u32>().ok());
+            let leave = words.next().filter(|w| *w == "0" || *w == "1");
+            let dir = request
+                .trim_start()
+                .splitn(4, char::is_whitespace)
+                .nth(3)
+                .map(str::trim);
+            match (pid, leave, dir) {
+                (Some(pid), Some(leave), Some(dir)) if dir.starts_with('/') => {
+                    match runtimes.ask(pid, &format!("checkpoint {leave} {dir}")) {
+                        Ok(reply) if reply.starts_with("OK") || reply.starts_with("ERR") => reply,
+                        Ok(reply) => format!(
+                            "ERR unexpected answer from process {pid}: {}",
+                            truncate(&reply, 200)
+                        ),
+                        Err(e) => format!("ERR {e}"),
+                    }
+                }
+                _ => "ERR usage: checkpoint PID 0|1 /ABSOLUTE/DIR".to_owned(),
+            }
+        }
         Some("restart") => format!("ERR {}", Unavailable::new(Feature::Restart)),
         Some(other) => format!("ERR unknown request {:?}", truncate(other, 64)),
         None => "ERR empty request".to_owned(),
@@ -93,9 +125,15 @@ mod tests {
             per_image: 1 << 20,
             total: 1 << 20,
         });
-        let answer = |r: &str| answer(r, &store);
+        let runtimes = Runtimes::default();
+        let answer = |r: &str| answer(r, &store, &runtimes);
         assert!(answer("ping").starts_with("OK omd "));
-        assert!(answer("ps").starts_with("ERR process list"));
+        assert_eq!(answer("ps"), "OK 0");
+        assert_eq!(
+            answer("checkpoint 12 1 rel/dir"),
+            "ERR usage: checkpoint PID 0|1 /ABSOLUTE/DIR"
+        );
+        assert!(answer("checkpoint 12 1 /tmp/x").contains("not an om process"));
         assert!(answer("  migrate 12 ").contains("issue #6"));
         assert_eq!(answer(""), "ERR empty request");
         assert_eq!(answer("images"), "OK 0");

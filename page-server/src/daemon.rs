@@ -15,6 +15,7 @@ use om_transport::{ClusterKey, KeyError, Receiver, ReceiverConfig};
 
 use crate::control;
 use crate::image::{Limits, Store};
+use crate::runtimes::Runtimes;
 
 /// omd's configuration, as `omd --help` describes it.
 #[derive(Debug, Clone)]
@@ -139,9 +140,10 @@ impl Daemon {
         thread::Builder::new()
             .name("omd-peers".into())
             .spawn(move || serve_peers(&listener, &receiver))?;
+        let runtimes = Runtimes::default();
         thread::Builder::new()
             .name("omd-control".into())
-            .spawn(move || serve_control(&control, &store))?;
+            .spawn(move || serve_control(&control, &store, &runtimes))?;
         Ok(ServeHandle {
             control_path: config.control,
         })
@@ -227,12 +229,18 @@ fn serve_peer(receiver: &Arc<Receiver<Store>>, stream: TcpStream) {
     }
 }
 
-fn serve_control(listener: &UnixListener, store: &Store) {
+fn serve_control(listener: &UnixListener, store: &Store, runtimes: &Runtimes) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                if let Err(e) = handle_control(stream, store) {
-                    tracing::debug!(error = %e, "control connection failed");
+                let (store, runtimes) = (store.clone(), runtimes.clone());
+                let spawned = thread::Builder::new().name("omd-ctl".into()).spawn(move || {
+                    if let Err(e) = handle_control(stream, &store, &runtimes) {
+                        tracing::debug!(error = %e, "control connection failed");
+                    }
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a control thread");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "control accept failed"),
@@ -240,7 +248,7 @@ fn serve_control(listener: &UnixListener, store: &Store) {
     }
 }
 
-fn handle_control(stream: UnixStream, store: &Store) -> io::Result<()> {
+fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(
         stream
@@ -257,7 +265,23 @@ fn handle_control(stream: UnixStream, store: &Store) -> io::Result<()> {
                 writeln!(writer, "ERR request longer than {} bytes", control::MAX_REQUEST)?;
                 return Ok(());
             }
-            Ok(_) => writeln!(writer, "{}", control::answer(line.trim_end(), store))?,
+            Ok(_) => {
+                let request = line.trim_end();
+                if let Some(pid) = request.strip_prefix("register ") {
+                    // The connection now belongs to the runtime: omd writes requests, it answers.
+                    match pid
+                        .trim()
+                        .parse::<u32>()
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| runtimes.register(p, &writer))
+                    {
+                        Ok(()) => writeln!(writer, "OK registered")?,
+                        Err(e) => writeln!(writer, "ERR {e}")?,
+                    }
+                    return Ok(());
+                }
+                writeln!(writer, "{}", control::answer(request, store, runtimes))?;
+            }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 writeln!(writer, "ERR request is not UTF-8")?;
                 return Ok(());

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use om::{Feature, Unavailable};
-use om_cli::{EXIT_UNAVAILABLE, init_logging, report};
+use om_cli::{EXIT_FAILURE, EXIT_UNAVAILABLE, init_logging, report};
 
 /// Control om processes: move them between nodes, checkpoint them to disk, restart them.
 #[derive(Debug, Parser)]
@@ -82,11 +82,61 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let control = om::control::resolve_socket_path(args.control.as_deref());
     tracing::debug!(control = %control.display(), cmd = ?args.cmd, "omctl");
-    let feature = match args.cmd {
-        Cmd::Migrate { .. } => Feature::Migrate,
-        Cmd::Checkpoint { .. } => Feature::Checkpoint,
-        Cmd::Restart { .. } => Feature::Restart,
-        Cmd::Ps => Feature::ProcessList,
-    };
-    report("omctl", &Unavailable::new(feature), EXIT_UNAVAILABLE)
+    match args.cmd {
+        Cmd::Migrate { .. } => report("omctl", &Unavailable::new(Feature::Migrate), EXIT_UNAVAILABLE),
+        Cmd::Checkpoint {
+            pid,
+            out,
+            leave_running,
+        } => {
+            let dir = match std::path::absolute(&out) {
+                Ok(d) => d,
+                Err(e) => return report("omctl", &e, EXIT_FAILURE),
+            };
+            let line = format!("checkpoint {pid} {} {}", u8::from(leave_running), dir.display());
+            answer(&control, &line)
+        }
+        Cmd::Restart { dir, detach } => restart(&dir, detach),
+        Cmd::Ps => answer(&control, "ps"),
+    }
+}
+
+/// Sends one request line to omd and prints the answer: `OK` text on stdout (exit 0), `ERR` text
+/// on stderr (exit 1).
+fn answer(control: &std::path::Path, line: &str) -> ExitCode {
+    match om_cli::control::request(control, line) {
+        Ok(reply) => match reply.strip_prefix("OK") {
+            Some(rest) => {
+                let rest = rest.trim();
+                if !rest.is_empty() {
+                    println!("{rest}");
+                }
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("omctl: error: {}", reply.strip_prefix("ERR ").unwrap_or(&reply));
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Err(e) => report("omctl", &e, EXIT_FAILURE),
+    }
+}
+
+/// Runs `om-restore` (installed next to omctl) on `dir`, in the foreground unless `detach`.
+fn restart(dir: &std::path::Path, detach: bool) -> ExitCode {
+    let restorer = om_cli::sibling("om-restore");
+    let mut cmd = std::process::Command::new(&restorer);
+    cmd.arg(dir);
+    if detach {
+        return match cmd.spawn() {
+            Ok(child) => {
+                println!("{}", child.id());
+                ExitCode::SUCCESS
+            }
+            Err(e) => report("omctl", &e, EXIT_FAILURE),
+        };
+    }
+    use std::os::unix::process::CommandExt;
+    let e = cmd.exec();
+    report("omctl", &e, EXIT_FAILURE)
 }

@@ -25,19 +25,27 @@ struct Args {
     args: Vec<OsString>,
 }
 
-const AFTER_HELP: &str = "Status of this build: the program runs as omrun's child with signal \
-forwarding and exit-status propagation. The migration runtime (libomrt.so) is not preloaded yet \
-(issue #5), so the program cannot be checkpointed or migrated yet.";
+const AFTER_HELP: &str = "The program runs as omrun's child with the om runtime (libomrt.so, found \
+next to omrun or named by OM_RUNTIME) preloaded; `omctl checkpoint PID` can then write its image. \
+Live migration and the stdio relay are not built yet (issue #6).";
 
 fn main() -> ExitCode {
     init_logging(tracing::Level::WARN);
     let args = Args::parse();
     let control = om::control::resolve_socket_path(args.control.as_deref());
     tracing::debug!(control = %control.display(), "control socket");
-    if !om::Feature::Runtime.available() {
-        tracing::info!("{}", om::Unavailable::new(om::Feature::Runtime));
+    let runtime = std::env::var_os("OM_RUNTIME").map_or_else(|| om_cli::sibling("libomrt.so"), PathBuf::from);
+    let mut env = vec![(OsString::from(om::control::CONTROL_ENV), control.into_os_string())];
+    if runtime.is_file() {
+        let mut preload = runtime.into_os_string();
+        if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+            preload.push(":");
+            preload.push(old);
+        }
+        env.push((OsString::from("LD_PRELOAD"), preload));
+    } else {
+        tracing::warn!(runtime = %runtime.display(), "om runtime not found; the program runs without it");
     }
-    let env = vec![(OsString::from(om::control::CONTROL_ENV), control.into_os_string())];
     match anchor::run(&args.prog, &args.args, &env) {
         Ok(outcome) => outcome.reproduce(),
         Err(e @ anchor::AnchorError::Spawn { .. }) => report("omrun", &e, 127),

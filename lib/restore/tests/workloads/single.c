@@ -8,7 +8,7 @@
 // memory written before a checkpoint is checked after the restart.
 //
 // build: gcc -O2 -Wall -o single single.c
-// usage: single [STEPS]   (default 60000 allocation steps)
+// usage: single [STEPS]   (default 75000 allocation steps)
 // exit:  0 ok; 3 calloc or MADV_DONTNEED memory was not zero; 5 a block's contents changed
 #include <malloc.h>
 #include <stdint.h>
@@ -105,7 +105,7 @@ static void cycle_scratch(uint64_t *scratch, uint64_t *pattern)
 
 int main(int argc, char **argv)
 {
-    long steps = argc > 1 ? atol(argv[1]) : 60000;
+    long steps = argc > 1 ? atol(argv[1]) : 75000;
     long every = steps / 40 > 0 ? steps / 40 : 1;
 
     // A fixed threshold: without it glibc raises the threshold after the first large free and stops

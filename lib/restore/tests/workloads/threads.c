@@ -35,8 +35,9 @@ static uint64_t input[ITEMS], result[ITEMS];
 static pthread_mutex_t errorcheck, robust;
 static int worker_unlock_error = -1;
 
-static __thread uint64_t tl_items, tl_sum;
-static __thread int tl_magic = 0x1234;
+// volatile: kept in TLS memory, not registers, so the restored thread-local block is what is checked.
+static __thread volatile uint64_t tl_items, tl_sum;
+static __thread volatile int tl_magic = 0x1234;
 
 struct tally {
     uint64_t items, sum;
@@ -73,6 +74,7 @@ static void push(int item)
 static void *worker(void *arg)
 {
     int id = (int)(intptr_t)arg;
+    tl_magic += id; // each thread has its own copy, initialised to 0x1234
     for (;;) {
         pthread_mutex_lock(&lock);
         while (count == 0)
@@ -100,7 +102,7 @@ static void *worker(void *arg)
     struct tally *t = malloc(sizeof *t);
     t->items = tl_items;
     t->sum = tl_sum;
-    t->magic = tl_magic;
+    t->magic = tl_magic - id;
     return t;
 }
 

@@ -1,0 +1,256 @@
+//! Capture: freeze every thread of this process and write its image to a checkpoint directory.
+//!
+//! Runs on the runtime's control thread, inside the process. The sequence:
+//!
+//! 1. Preflight, nothing frozen yet: every fd and mapping must be supported ([`preflight`]), and a
+//!    real-time signal that no thread blocks and no handler uses is chosen.
+//! 2. Freeze: each other thread gets the signal and parks in the handler, its registers and FPU state
+//!    in the signal frame on its own stack ([`crate::sys::task`]).
+//! 3. The control thread signals itself and writes the image from inside its own handler, so that its
+//!    frame too is on its stack: after restore it returns from that signal like every other thread.
+//! 4. The handler returns. On the source the threads are released (or the process ends); in a restored
+//!    copy the restorer has bumped the restore marker, and [`Restored`] says so.
+
+mod preflight;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use om_transport::error::chain;
+
+use crate::sys::task::{self, Freeze};
+
+pub use preflight::{Refusal, own_fd, preflight};
+
+/// Why a checkpoint failed. The process keeps running unharmed in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Something the process uses cannot be captured yet.
+    #[error("cannot checkpoint")]
+    Refused(#[from] Refusal),
+    /// No usable real-time signal.
+    #[error("every real-time signal is blocked or handled by the application")]
+    NoSignal,
+    /// Installing the signal handler failed.
+    #[error("installing the checkpoint signal handler")]
+    Handler(#[source] std::io::Error),
+    /// Threads did not park in time.
+    #[error("thread {tid} did not stop within {ms} ms (is it blocking signal {sig}?)")]
+    Freeze {
+        /// A thread that did not park.
+        tid: u32,
+        /// The signal.
+        sig: i32,
+        /// How long we waited.
+        ms: u64,
+    },
+    /// The process has more threads than can be captured.
+    #[error("more than {0} threads")]
+    TooManyThreads(usize),
+    /// Reading this process's state failed.
+    #[error("reading process state: {0}")]
+    State(String),
+    /// Writing the checkpoint failed.
+    #[error("writing the checkpoint")]
+    Write(#[source] crate::image::CheckpointError),
+}
+
+/// What a checkpoint wrote.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Bytes of page data.
+    pub bytes: u64,
+    /// Threads captured.
+    pub threads: usize,
+    /// Time the threads were stopped.
+    pub frozen: Duration,
+}
+
+/// The restore marker: the restorer writes the restore generation here (its address travels in the
+/// process record), so that the control thread can tell a restored copy from the source.
+#[derive(Debug)]
+#[repr(C)]
+pub struct RestoreMarker {
+    /// Bumped by each restore.
+    pub generation: AtomicU64,
+    /// Address of the restorer's leftover mapping (code and plan) for the runtime to unmap.
+    pub leftover_addr: AtomicU64,
+    /// Its length.
+    pub leftover_len: AtomicU64,
+}
+
+/// The process's marker.
+pub static MARKER: RestoreMarker = RestoreMarker {
+    generation: AtomicU64::new(0),
+    leftover_addr: AtomicU64::new(0),
+    leftover_len: AtomicU64::new(0),
+};
+
+/// How a checkpoint ended, as the control thread sees it after its handler returned.
+#[derive(Debug)]
+pub enum Outcome {
+    /// On the source: the image is written.
+    Written(Summary),
+    /// In a restored copy: the process was just restored from an image.
+    Restored,
+}
+
+/// The job the control thread runs inside its own handler.
+struct Job {
+    dir: PathBuf,
+    sig: i32,
+    result: Option<Result<Summary, CaptureError>>,
+    started: Instant,
+}
+
+static JOB: Mutex<Option<Job>> = Mutex::new(None);
+
+fn run_job(frame: u64) {
+    let Ok(mut guard) = JOB.lock() else { return };
+    let Some(job) = guard.as_mut() else { return };
+    let r = state::write_image(&job.dir, job.sig, frame, job.started);
+    job.result = Some(r);
+}
+
+/// Checkpoints this process into `dir`. Must run on the thread registered as the control thread.
+/// Returns once the image is written (the threads are released again unless `leave_frozen`), or, in
+/// a restored copy, once it runs again.
+///
+/// # Errors
+/// [`CaptureError`]; the process continues unharmed.
+pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureError> {
+    preflight()?;
+    let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
+    let f = Freeze::get();
+    f.control_tid.store(task::gettid(), Ordering::Release);
+    f.on_control.store(run_job as fn(u64) as usize, Ordering::Release);
+    // Threads released by the previous checkpoint leave the handler on their own time.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while f.parked.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.parked.store(0, Ordering::Release);
+    f.next.store(0, Ordering::Release);
+    for s in &*f.slots {
+        s.tid.store(0, Ordering::Release);
+    }
+    let old = task::install_checkpoint_handler(sig).map_err(CaptureError::Handler)?;
+    let started = Instant::now();
+    let generation = MARKER.generation.load(Ordering::Acquire);
+    let frozen = freeze(f, sig);
+    if let Err(e) = frozen {
+        release(f);
+        let _ = task::restore_disposition(sig, &old);
+        return Err(e);
+    }
+    *JOB.lock()
+        .map_err(|_| CaptureError::State("job lock poisoned".into()))? = Some(Job {
+        dir: dir.to_path_buf(),
+        sig,
+        result: None,
+        started,
+    });
+    // The image is written inside this call, in the handler, on this thread's stack. The runtime's
+    // thread blocks every signal but this one, for this moment.
+    task::mask_signal(sig, false);
+    let raised = task::tgkill(std::process::id(), task::gettid(), sig);
+    task::mask_signal(sig, true);
+    let job = JOB.lock().ok().and_then(|mut g| g.take());
+    if MARKER.generation.load(Ordering::Acquire) != generation {
+        // A restored copy: the other threads were resumed by the restorer.
+        let _ = task::restore_disposition(sig, &old);
+        return Ok(Outcome::Restored);
+    }
+    let result = match (raised, job.and_then(|j| j.result)) {
+        (Err(e), _) => Err(CaptureError::State(format!("signalling the control thread: {e}"))),
+        (Ok(()), Some(r)) => r,
+        (Ok(()), None) => Err(CaptureError::State("the capture did not run".into())),
+    };
+    if result.is_err() || !leave_frozen {
+        release(f);
+        let _ = task::restore_disposition(sig, &old);
+    }
+    if let Err(e) = &result {
+        tracing::warn!(error = %chain(e), "checkpoint failed; the process continues");
+    }
+    result.map(Outcome::Written)
+}
+
+/// Releases threads parked by a checkpoint that kept them frozen.
+pub fn thaw() {
+    release(Freeze::get());
+}
+
+fn release(f: &Freeze) {
+    f.release.fetch_add(1, Ordering::AcqRel);
+    task::futex_wake_all(&f.release);
+}
+
+/// Signals every other thread until all are parked. Threads created meanwhile are caught by listing
+/// again until the set is stable.
+fn freeze(f: &Freeze, sig: i32) -> Result<(), CaptureError> {
+    let me = task::gettid();
+    let pid = std::process::id();
+    let mut signalled = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = state::list_tasks().map_err(|e| CaptureError::State(format!("listing threads: {e}")))?;
+        let fresh: Vec<u32> = tasks
+            .into_iter()
+            .filter(|t| *t != me && !signalled.contains(t))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        for t in fresh {
+            if signalled.len() + 1 >= task::MAX_THREADS {
+                return Err(CaptureError::TooManyThreads(task::MAX_THREADS));
+            }
+            // A thread that exits meanwhile is simply gone (ESRCH).
+            if task::tgkill(pid, t, sig).is_ok() {
+                signalled.insert(t);
+            }
+        }
+        loop {
+            let parked = f.parked.load(Ordering::Acquire);
+            if parked as usize >= signalled.len() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let done: std::collections::BTreeSet<u32> = f
+                    .slots
+                    .iter()
+                    .map(|s| s.tid.load(Ordering::Acquire))
+                    .filter(|t| *t != 0)
+                    .collect();
+                // A thread that exited after the signal never parks; anything else is stuck.
+                let alive = state::list_tasks().unwrap_or_default();
+                let stuck = signalled.iter().find(|t| !done.contains(t) && alive.contains(t));
+                match stuck {
+                    Some(&tid) => {
+                        return Err(CaptureError::Freeze { tid, sig, ms: 5000 });
+                    }
+                    None => {
+                        signalled.retain(|t| alive.contains(t));
+                        break;
+                    }
+                }
+            }
+            task::futex_wait(&f.parked, parked, Some(10));
+        }
+    }
+}
+
+/// Unmaps what the restorer left behind (its code and plan), once the restored process runs.
+pub fn unmap_leftover() {
+    let addr = MARKER.leftover_addr.swap(0, Ordering::AcqRel);
+    let len = MARKER.leftover_len.swap(0, Ordering::AcqRel);
+    if addr != 0 && len != 0 {
+        task::unmap_restorer_leftover(addr, len);
+    }
+}

@@ -1,0 +1,424 @@
+//! Reading this process's state and writing the image (on the control thread, everything else parked).
+
+use std::fs;
+use std::io::IoSliceMut;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::time::Instant;
+
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+use om_transport::sys::crc32c;
+use om_transport::wire::{Begin, ImageInfo, Record, Vma as WireVma};
+
+use super::preflight::{self, Refusal};
+use super::{CaptureError, MARKER, Summary};
+use crate::dirty::maps::{self, Vma};
+use crate::image::checkpoint::Writer;
+use crate::image::records::{
+    FdKind, FdRecord, KIND_FD, KIND_MAPPED_FILE, KIND_PROCESS, KIND_THREAD, MappedFile, MmFields,
+    ProcessRecord, RLIMITS, Rseq, SigAction, Special, ThreadRecord,
+};
+use crate::image::vma_flags;
+use crate::sys::task::{self, Freeze, RSEQ_SIG, Slot};
+
+const USER_END: u64 = 1 << 47;
+const BOUNCE: usize = 4 << 20;
+
+/// Thread ids of this process.
+pub(crate) fn list_tasks() -> std::io::Result<Vec<u32>> {
+    let mut out = task::numeric_entries(c"/proc/self/task")?;
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn state_err(what: &str) -> impl Fn(std::io::Error) -> CaptureError + '_ {
+    move |e| CaptureError::State(format!("{what}: {e}"))
+}
+
+pub(super) fn write_image(
+    dir: &Path,
+    _sig: i32,
+    frame: u64,
+    started: Instant,
+) -> Result<Summary, CaptureError> {
+    let page = crate::sys::page_size() as u64;
+    let vmas = maps::read_self().map_err(|e| CaptureError::State(format!("/proc/self/maps: {e}")))?;
+    let fds = preflight::fds()?;
+    let f = Freeze::get();
+    let control = Slot::default();
+    task::record_control(&control, frame);
+    let mut threads: Vec<ThreadRecord> = f
+        .slots
+        .iter()
+        .filter(|s| s.tid.load(std::sync::atomic::Ordering::Acquire) != 0)
+        .map(|s| thread_record(s, 0))
+        .collect();
+    threads.push(thread_record(&control, ThreadRecord::CONTROL));
+    for t in &mut threads {
+        t.pending = sig_mask(&format!("/proc/self/task/{}/status", t.tid), "SigPnd:");
+    }
+
+    let mut writer = Writer::create(dir, page).map_err(CaptureError::Write)?;
+    let pagemap = fs::File::open("/proc/self/pagemap").map_err(state_err("/proc/self/pagemap"))?;
+    let mut bounce = vec![0u8; BOUNCE];
+    let mut wire_vmas = Vec::new();
+    let mut populated = 0u64;
+    for v in vmas.iter().filter(|v| !v.is_special() && v.end <= USER_END) {
+        wire_vmas.push(wire_vma(v));
+        if v.perms.shared {
+            continue; // the file holds the data
+        }
+        for run in data_runs(&pagemap, v, page)? {
+            if !v.perms.read {
+                return Err(Refusal::Mapping {
+                    start: v.start,
+                    end: v.end,
+                    name: v.path.clone(),
+                    what: "unreadable memory that holds data",
+                }
+                .into());
+            }
+            let mut addr = run.start;
+            while addr < run.end {
+                let n = usize::try_from((run.end - addr).min(BOUNCE as u64)).unwrap_or(BOUNCE);
+                read_own(addr, &mut bounce[..n])?;
+                writer.data(addr, &bounce[..n]).map_err(CaptureError::Write)?;
+                addr += n as u64;
+                populated += n as u64;
+            }
+        }
+    }
+
+    let mut records = vec![Record {
+        kind: KIND_PROCESS,
+        bytes: process_record(&vmas, &threads)?.encode(),
+    }];
+    records.extend(threads.iter().map(|t| Record {
+        kind: KIND_THREAD,
+        bytes: t.encode(),
+    }));
+    for fd in &fds {
+        records.push(Record {
+            kind: KIND_FD,
+            bytes: fd_record(fd)?.encode(),
+        });
+    }
+    for m in mapped_files(&vmas)? {
+        records.push(Record {
+            kind: KIND_MAPPED_FILE,
+            bytes: m.encode(),
+        });
+    }
+    let begin = Begin {
+        info: ImageInfo {
+            pid: std::process::id(),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            flags: 0,
+            populated_bytes: populated,
+        },
+        vmas: wire_vmas,
+    };
+    let bytes = writer.finish(begin, records).map_err(CaptureError::Write)?;
+    Ok(Summary {
+        dir: dir.to_path_buf(),
+        bytes,
+        threads: threads.len(),
+        frozen: started.elapsed(),
+    })
+}
+
+fn thread_record(s: &Slot, flags: u32) -> ThreadRecord {
+    use std::sync::atomic::Ordering::Acquire;
+    let rseq = s.rseq_addr.load(Acquire);
+    ThreadRecord {
+        tid: s.tid.load(Acquire),
+        flags,
+        frame: s.frame.load(Acquire),
+        fs_base: s.fs_base.load(Acquire),
+        gs_base: s.gs_base.load(Acquire),
+        altstack_sp: s.alt_sp.load(Acquire),
+        altstack_size: s.alt_size.load(Acquire),
+        altstack_flags: s.alt_flags.load(Acquire),
+        robust_head: s.robust_head.load(Acquire),
+        robust_len: s.robust_len.load(Acquire),
+        clear_child_tid: s.clear_child_tid.load(Acquire),
+        rseq: Rseq {
+            addr: rseq,
+            len: if rseq == 0 { 0 } else { s.rseq_len.load(Acquire) },
+            sig: if rseq == 0 { 0 } else { RSEQ_SIG },
+        },
+        pending: 0,
+    }
+}
+
+fn wire_vma(v: &Vma) -> WireVma {
+    let mut prot = 0;
+    if v.perms.read {
+        prot |= libc::PROT_READ as u32;
+    }
+    if v.perms.write {
+        prot |= libc::PROT_WRITE as u32;
+    }
+    if v.perms.exec {
+        prot |= libc::PROT_EXEC as u32;
+    }
+    let mut flags = 0;
+    if v.perms.shared {
+        flags |= vma_flags::SHARED;
+    }
+    if v.inode != 0 {
+        flags |= vma_flags::FILE;
+    }
+    if v.path == "[stack]" {
+        flags |= vma_flags::STACK;
+    }
+    if v.path == "[heap]" {
+        flags |= vma_flags::HEAP;
+    }
+    WireVma {
+        start: v.start,
+        end: v.end,
+        pgoff: v.offset,
+        prot,
+        flags,
+        name: v.path.as_bytes().to_vec(),
+    }
+}
+
+/// The pages of `v` that hold the process's own data: present or swapped, and for a private file
+/// mapping only the pages it wrote (copy-on-write copies, not the file's page cache).
+fn data_runs(pagemap: &fs::File, v: &Vma, page: u64) -> Result<Vec<std::ops::Range<u64>>, CaptureError> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_PAGE: u64 = 1 << 61;
+    let file = v.inode != 0;
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut addr = v.start;
+    while addr < v.end {
+        let pages = ((v.end - addr) / page).min(4096);
+        let bytes = usize::try_from(pages * 8).unwrap_or(0);
+        pagemap
+            .read_exact_at(&mut buf[..bytes], addr / page * 8)
+            .map_err(state_err("/proc/self/pagemap"))?;
+        for (i, e) in buf[..bytes].chunks_exact(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(e);
+            let e = u64::from_le_bytes(w);
+            let data = if file {
+                e & (PRESENT | SWAPPED) != 0 && e & FILE_PAGE == 0
+            } else {
+                e & (PRESENT | SWAPPED) != 0
+            };
+            if data {
+                let a = addr + i as u64 * page;
+                match out.last_mut() {
+                    Some(r) if r.end == a => r.end += page,
+                    _ => out.push(a..a + page),
+                }
+            }
+        }
+        addr += pages * page;
+    }
+    Ok(out)
+}
+
+/// Copies this process's memory at `addr` into `buf` through the kernel (a fault is an error, not a
+/// crash).
+fn read_own(addr: u64, buf: &mut [u8]) -> Result<(), CaptureError> {
+    let len = buf.len();
+    let remote = [RemoteIoVec {
+        base: usize::try_from(addr).unwrap_or(0),
+        len,
+    }];
+    let n = process_vm_readv(Pid::this(), &mut [IoSliceMut::new(buf)], &remote)
+        .map_err(|e| CaptureError::State(format!("reading memory at {addr:#x}: {e}")))?;
+    if n != len {
+        return Err(CaptureError::State(format!("short read of memory at {addr:#x}")));
+    }
+    Ok(())
+}
+
+fn sig_mask(path: &str, key: &str) -> u64 {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(key)
+                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0))
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn status_field(key: &str) -> Option<String> {
+    let s = fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+}
+
+fn mm_fields() -> Result<MmFields, CaptureError> {
+    let stat = fs::read_to_string("/proc/self/stat").map_err(state_err("/proc/self/stat"))?;
+    // Fields after the command name, which may hold spaces and parentheses.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| CaptureError::State("/proc/self/stat: no command".into()))?;
+    let f: Vec<u64> = rest
+        .split_ascii_whitespace()
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    // `f[0]` is field 3 (state); field N is f[N - 3].
+    let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let brk = task::current_brk();
+    Ok(MmFields {
+        start_code: field(26),
+        end_code: field(27),
+        start_data: field(45),
+        end_data: field(46),
+        start_brk: field(47),
+        brk,
+        start_stack: field(28),
+        arg_start: field(48),
+        arg_end: field(49),
+        env_start: field(50),
+        env_end: field(51),
+    })
+}
+
+fn process_record(vmas: &[Vma], threads: &[ThreadRecord]) -> Result<ProcessRecord, CaptureError> {
+    let auxv_bytes = fs::read("/proc/self/auxv").map_err(state_err("/proc/self/auxv"))?;
+    let mut auxv: Vec<u64> = auxv_bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            u64::from_le_bytes(w)
+        })
+        .collect();
+    auxv.truncate(256);
+    let link = |p: &str| {
+        fs::read_link(p)
+            .map(|l| l.to_string_lossy().into_owned())
+            .map_err(state_err(p))
+    };
+    let mut rlimits = Vec::with_capacity(RLIMITS);
+    for r in 0..RLIMITS {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        task::getrlimit(r, &mut lim);
+        rlimits.push((lim.rlim_cur, lim.rlim_max));
+    }
+    let mut sigactions = Vec::new();
+    for s in 1..=64 {
+        if s == libc::SIGKILL || s == libc::SIGSTOP {
+            continue;
+        }
+        if let Ok(a) = task::sigaction_get(s) {
+            if a.handler != 0 {
+                sigactions.push(SigAction {
+                    signo: u32::try_from(s).unwrap_or(0),
+                    handler: a.handler,
+                    flags: a.flags,
+                    restorer: a.restorer,
+                    mask: a.mask,
+                });
+            }
+        }
+    }
+    let mut specials = Vec::new();
+    let mut vdso_sum = 0;
+    for v in vmas.iter().filter(|v| v.is_special() && v.end <= USER_END) {
+        if v.path == "[vdso]" {
+            let mut b = vec![0u8; usize::try_from(v.len()).unwrap_or(0)];
+            read_own(v.start, &mut b)?;
+            vdso_sum = crc32c(&b);
+        }
+        specials.push(Special {
+            name: v.path.clone(),
+            start: v.start,
+            end: v.end,
+        });
+    }
+    let umask = status_field("Umask:")
+        .and_then(|u| u32::from_str_radix(&u, 8).ok())
+        .unwrap_or(0o022);
+    Ok(ProcessRecord {
+        pid: std::process::id(),
+        control_tid: threads
+            .iter()
+            .find(|t| t.flags & ThreadRecord::CONTROL != 0)
+            .map_or(0, |t| t.tid),
+        mm: mm_fields()?,
+        auxv,
+        exe: link("/proc/self/exe")?,
+        cwd: link("/proc/self/cwd")?,
+        umask,
+        personality: crate::sys::task::personality(),
+        rlimits,
+        sigactions,
+        shared_pending: sig_mask("/proc/self/status", "ShdPnd:"),
+        xcr0: task::xcr0(),
+        xsave_size: task::xsave_size(),
+        specials,
+        vdso_sum,
+        restore_marker: std::ptr::from_ref(&MARKER) as u64,
+    })
+}
+
+fn fd_record(fd: &preflight::FdInfo) -> Result<FdRecord, CaptureError> {
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.fd)).map_err(state_err("fdinfo"))?;
+    let field = |k: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_owned()))
+            .unwrap_or_default()
+    };
+    let offset = field("pos:").parse().unwrap_or(0);
+    let flags = u32::from_str_radix(&field("flags:"), 8).unwrap_or(0);
+    let content = if fd.kind == FdKind::Deleted {
+        fs::read(format!("/proc/self/fd/{}", fd.fd)).map_err(state_err("a deleted file"))?
+    } else {
+        Vec::new()
+    };
+    Ok(FdRecord {
+        fd: u32::try_from(fd.fd).unwrap_or(0),
+        kind: fd.kind,
+        flags,
+        offset,
+        path: fd.target.clone(),
+        content,
+    })
+}
+
+/// The files that mappings need, checked to still be the mapped inode.
+fn mapped_files(vmas: &[Vma]) -> Result<Vec<MappedFile>, CaptureError> {
+    let mut out: Vec<MappedFile> = Vec::new();
+    for v in vmas.iter().filter(|v| v.inode != 0 && !v.is_special()) {
+        if out.iter().any(|m| m.path == v.path) {
+            continue;
+        }
+        let meta = fs::metadata(&v.path).map_err(state_err(&v.path))?;
+        if meta.ino() != v.inode {
+            return Err(Refusal::Mapping {
+                start: v.start,
+                end: v.end,
+                name: v.path.clone(),
+                what: "a file that was replaced on disk since it was mapped",
+            }
+            .into());
+        }
+        out.push(MappedFile {
+            path: v.path.clone(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_sec: meta.mtime(),
+            mtime_nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,473 @@
+//! Threads and signals at the level capture needs: raw syscalls, the checkpoint signal's handler and
+//! the slots where each parked thread leaves what its signal frame does not hold.
+//!
+//! # References
+//! `tgkill(2)`, `futex(2)`, `arch_prctl(2)`, `get_robust_list(2)`, `prctl(2)` (`PR_GET_TID_ADDRESS`),
+//! `sigaltstack(2)`, `rt_sigaction(2)`, `rseq(2)`; glibc's `__rseq_offset` / `__rseq_size`.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// The kernel's `struct sigaction` on x86_64 (what the raw syscall takes, not glibc's).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelSigaction {
+    /// Handler, `SIG_DFL` (0) or `SIG_IGN` (1).
+    pub handler: u64,
+    /// `SA_*`.
+    pub flags: u64,
+    /// `sa_restorer`.
+    pub restorer: u64,
+    /// Blocked during the handler.
+    pub mask: u64,
+}
+const _: () = assert!(size_of::<KernelSigaction>() == 32);
+
+/// `SA_RESTORER`.
+pub const SA_RESTORER: u64 = 0x0400_0000;
+
+fn check(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// This thread's id.
+#[must_use]
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let t = unsafe { libc::syscall(libc::SYS_gettid) };
+    u32::try_from(t).unwrap_or(0)
+}
+
+/// Sends `sig` to thread `tid` of process `pid`.
+///
+/// # Errors
+/// `ESRCH` when the thread is gone.
+pub fn tgkill(pid: u32, tid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) }).map(drop)
+}
+
+/// Reads the raw disposition of `sig`.
+///
+/// # Errors
+/// `EINVAL` for a bad signal number.
+pub fn sigaction_get(sig: i32) -> io::Result<KernelSigaction> {
+    let mut old = KernelSigaction::default();
+    // SAFETY: a null new action only reads; `old` is a valid out pointer of the kernel's layout and
+    // the mask size is the kernel's (8 bytes).
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::null::<KernelSigaction>(),
+            &raw mut old,
+            8usize,
+        )
+    })?;
+    Ok(old)
+}
+
+/// Sets the raw disposition of `sig`.
+///
+/// # Errors
+/// `EINVAL` for `SIGKILL`, `SIGSTOP` or a bad number.
+///
+/// # Safety
+/// `act.handler` must be `SIG_DFL`, `SIG_IGN`, or a function that is sound to run as a signal handler
+/// with `act.flags`, and `act.restorer` a valid `rt_sigreturn` trampoline when `SA_RESTORER` is set.
+pub unsafe fn sigaction_set(sig: i32, act: &KernelSigaction) -> io::Result<()> {
+    // SAFETY: the caller vouches for the handler; the pointers are valid for the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::from_ref(act),
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        )
+    })
+    .map(drop)
+}
+
+/// Sleeps while `word` holds `expected` (or until woken, or `timeout_ms` passes).
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ms: Option<u64>) {
+    let ts = timeout_ms.map(|ms| libc::timespec {
+        tv_sec: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        tv_nsec: i64::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    });
+    let tsp = ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref);
+    // SAFETY: `word` is a live aligned u32; the timeout pointer is null or valid for the call. A
+    // futex wait only reads the word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            tsp,
+        );
+    }
+}
+
+/// Wakes every waiter on `word`.
+pub fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: `word` is a live aligned u32.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
+    }
+}
+
+/// Ends the process at once: no atexit handlers, no stdio flush (the image holds the unflushed
+/// buffers; the restored copy flushes them).
+pub fn exit_group(code: i32) -> ! {
+    // SAFETY: never returns.
+    unsafe { libc::syscall(libc::SYS_exit_group, code) };
+    unreachable!("exit_group returned")
+}
+
+unsafe extern "C" {
+    static __rseq_offset: isize;
+    static __rseq_size: u32;
+}
+
+/// The rseq signature glibc registers with on x86_64.
+pub const RSEQ_SIG: u32 = 0x5305_3053;
+
+/// What a thread leaves in its slot while it is parked.
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// The thread (0 while the slot is being filled).
+    pub tid: AtomicU32,
+    /// `&frame.uc`: the stack pointer for `rt_sigreturn`.
+    pub frame: AtomicU64,
+    /// `FS` base.
+    pub fs_base: AtomicU64,
+    /// `GS` base.
+    pub gs_base: AtomicU64,
+    /// `sigaltstack`.
+    pub alt_sp: AtomicU64,
+    /// `sigaltstack` size.
+    pub alt_size: AtomicU64,
+    /// `sigaltstack` flags.
+    pub alt_flags: AtomicU32,
+    /// Robust list head.
+    pub robust_head: AtomicU64,
+    /// Robust list length.
+    pub robust_len: AtomicU64,
+    /// `clear_child_tid`.
+    pub clear_child_tid: AtomicU64,
+    /// rseq area (0: none registered).
+    pub rseq_addr: AtomicU64,
+    /// rseq length.
+    pub rseq_len: AtomicU32,
+}
+
+/// Most threads a process may have to be captured.
+pub const MAX_THREADS: usize = 4096;
+
+/// The state shared by the checkpoint signal's handler and the control thread.
+#[derive(Debug)]
+pub struct Freeze {
+    /// One slot per parked thread.
+    pub slots: Box<[Slot]>,
+    /// Slots handed out.
+    pub next: AtomicUsize,
+    /// Threads parked (a futex word the control thread waits on).
+    pub parked: AtomicU32,
+    /// Parked threads sleep while this holds the value they saw on entry.
+    pub release: AtomicU32,
+    /// The control thread: on it the handler runs [`Freeze::on_control`] instead of parking.
+    pub control_tid: AtomicU32,
+    /// `fn(frame)` run on the control thread inside its own handler, as a `usize`.
+    pub on_control: AtomicUsize,
+}
+
+static FREEZE: AtomicUsize = AtomicUsize::new(0);
+
+impl Freeze {
+    /// The process's freeze state, created on first use (never freed: a handler may run at any time).
+    pub fn get() -> &'static Self {
+        let p = FREEZE.load(Ordering::Acquire);
+        if p != 0 {
+            // SAFETY: a non-zero value is a leaked `Box<Freeze>` stored below and never freed.
+            return unsafe { &*(p as *const Self) };
+        }
+        let slots = (0..MAX_THREADS).map(|_| Slot::default()).collect();
+        let fresh = Box::into_raw(Box::new(Self {
+            slots,
+            next: AtomicUsize::new(0),
+            parked: AtomicU32::new(0),
+            release: AtomicU32::new(0),
+            control_tid: AtomicU32::new(0),
+            on_control: AtomicUsize::new(0),
+        }));
+        match FREEZE.compare_exchange(0, fresh as usize, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                // SAFETY: just leaked, stored, never freed.
+                unsafe { &*fresh }
+            }
+            Err(other) => {
+                // SAFETY: `fresh` was never shared.
+                drop(unsafe { Box::from_raw(fresh) });
+                // SAFETY: `other` is the stored leaked box, never freed.
+                unsafe { &*(other as *const Self) }
+            }
+        }
+    }
+}
+
+fn arch_prctl_get(code: i32) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: ARCH_GET_FS/GS write one u64 to the valid pointer.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, code, &raw mut v) };
+    v
+}
+
+/// Fills `slot` with the calling thread's kernel state. Async-signal-safe: syscalls only.
+fn record_self(slot: &Slot, frame: u64) {
+    slot.frame.store(frame, Ordering::Relaxed);
+    let fs = arch_prctl_get(0x1003); // ARCH_GET_FS
+    slot.fs_base.store(fs, Ordering::Relaxed);
+    slot.gs_base.store(arch_prctl_get(0x1004), Ordering::Relaxed); // ARCH_GET_GS
+    let mut ss = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: 0,
+        ss_size: 0,
+    };
+    // SAFETY: a null new stack only reads into the valid `ss`.
+    unsafe { libc::sigaltstack(std::ptr::null(), &raw mut ss) };
+    slot.alt_sp.store(ss.ss_sp as u64, Ordering::Relaxed);
+    slot.alt_size.store(ss.ss_size as u64, Ordering::Relaxed);
+    slot.alt_flags
+        .store(u32::try_from(ss.ss_flags).unwrap_or(0), Ordering::Relaxed);
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: pid 0 is the caller; both out pointers are valid.
+    unsafe { libc::syscall(libc::SYS_get_robust_list, 0, &raw mut head, &raw mut len) };
+    slot.robust_head.store(head, Ordering::Relaxed);
+    slot.robust_len.store(len as u64, Ordering::Relaxed);
+    let mut ctid: u64 = 0;
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer-sized value to the valid out pointer.
+    unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &raw mut ctid) };
+    slot.clear_child_tid.store(ctid, Ordering::Relaxed);
+    // SAFETY: glibc (2.35+) exports these as constants set before main.
+    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
+    let mut rseq = 0;
+    if size > 0 && fs != 0 {
+        let area = fs.wrapping_add_signed(off as i64);
+        // cpu_id at offset 4 is negative (-1 uninitialized, -2 failed) unless registered.
+        // SAFETY: glibc places the area inside the thread's TCB, which is mapped while it runs.
+        let cpu_id = unsafe { std::ptr::read_volatile((area + 4) as *const i32) };
+        if cpu_id >= 0 {
+            rseq = area;
+        }
+    }
+    slot.rseq_addr.store(rseq, Ordering::Relaxed);
+    slot.rseq_len.store(size.max(32), Ordering::Relaxed);
+}
+
+/// The checkpoint signal's handler (`SA_SIGINFO`).
+extern "C" fn on_checkpoint_signal(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let f = Freeze::get();
+    let tid = gettid();
+    if tid == f.control_tid.load(Ordering::Acquire) {
+        let run = f.on_control.load(Ordering::Acquire);
+        if run != 0 {
+            // SAFETY: the control thread stores a `fn(u64)` here before it signals itself.
+            let run: fn(u64) = unsafe { std::mem::transmute::<usize, fn(u64)>(run) };
+            run(uc as u64);
+        }
+        return;
+    }
+    let seen = f.release.load(Ordering::Acquire);
+    let i = f.next.fetch_add(1, Ordering::AcqRel);
+    if let Some(slot) = f.slots.get(i) {
+        record_self(slot, uc as u64);
+        slot.tid.store(tid, Ordering::Release);
+    }
+    f.parked.fetch_add(1, Ordering::AcqRel);
+    futex_wake_all(&f.parked);
+    while f.release.load(Ordering::Acquire) == seen {
+        futex_wait(&f.release, seen, None);
+    }
+    f.parked.fetch_sub(1, Ordering::AcqRel);
+    futex_wake_all(&f.parked);
+}
+
+/// Installs the checkpoint handler for `sig` (all signals blocked while it runs) and returns the
+/// disposition it replaced.
+///
+/// # Errors
+/// The `rt_sigaction` failure.
+pub fn install_checkpoint_handler(sig: i32) -> io::Result<KernelSigaction> {
+    let old = sigaction_get(sig)?;
+    // Take glibc's restorer from its own sigaction so that the frame returns like any other.
+    let mut tmp: libc::sigaction = unsafe_zeroed_sigaction();
+    tmp.sa_sigaction = on_checkpoint_signal as *const () as usize;
+    tmp.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: `tmp.sa_mask` is a valid sigset_t.
+    unsafe { libc::sigfillset(&raw mut tmp.sa_mask) };
+    // SAFETY: `tmp` is a valid glibc sigaction whose handler is async-signal-safe (syscalls and
+    // atomics only, or the control thread's own job).
+    if unsafe { libc::sigaction(sig, &raw const tmp, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(old)
+}
+
+fn unsafe_zeroed_sigaction() -> libc::sigaction {
+    // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, empty mask, no flags).
+    unsafe { std::mem::zeroed() }
+}
+
+/// Puts back a disposition saved by [`install_checkpoint_handler`].
+///
+/// # Errors
+/// The `rt_sigaction` failure.
+pub fn restore_disposition(sig: i32, old: &KernelSigaction) -> io::Result<()> {
+    // SAFETY: `old` came from the kernel for this very signal.
+    unsafe { sigaction_set(sig, old) }
+}
+
+/// Records the calling thread's kernel state into `slot` (the control thread, inside its handler).
+pub fn record_control(slot: &Slot, frame: u64) {
+    record_self(slot, frame);
+    slot.tid.store(gettid(), Ordering::Release);
+}
+
+/// The `xcr0` register: the xsave features the kernel enabled.
+#[must_use]
+pub fn xcr0() -> u64 {
+    let c = std::arch::x86_64::__cpuid(1);
+    if c.ecx & (1 << 27) == 0 {
+        return 0;
+    }
+    // SAFETY: xgetbv with ecx=0 is valid where the OS enabled xsave (CPUID.1:ECX.OSXSAVE, checked).
+    unsafe { std::arch::x86_64::_xgetbv(0) }
+}
+
+/// The xsave area size for the enabled features (CPUID 0xd, ebx).
+#[must_use]
+pub fn xsave_size() -> u32 {
+    std::arch::x86_64::__cpuid_count(0xd, 0).ebx
+}
+
+/// `personality(0xffffffff)`: the current persona.
+#[must_use]
+pub fn personality() -> u32 {
+    // SAFETY: 0xffffffff only queries.
+    let p = unsafe { libc::personality(0xffff_ffff) };
+    u32::try_from(p).unwrap_or(0)
+}
+
+/// `getrlimit(resource)` into `lim` (left unchanged for an unknown resource).
+pub fn getrlimit(resource: usize, lim: &mut libc::rlimit) {
+    let Ok(r) = libc::__rlimit_resource_t::try_from(resource) else {
+        return;
+    };
+    // SAFETY: `lim` is a valid out pointer.
+    unsafe { libc::getrlimit(r, lim) };
+}
+
+/// The current program break (`brk(0)`).
+#[must_use]
+pub fn current_brk() -> u64 {
+    // SAFETY: brk(0) never moves the break; it returns the current one.
+    let b = unsafe { libc::syscall(libc::SYS_brk, 0) };
+    u64::try_from(b).unwrap_or(0)
+}
+
+/// The numeric names in directory `path` (such as `/proc/self/task`), read with `getdents64`.
+///
+/// Unlike `std::fs::read_dir`, which goes through glibc's `opendir` and so through `malloc`, this
+/// takes no lock that an application thread parked mid-`malloc` could hold.
+///
+/// # Errors
+/// The directory cannot be opened or read.
+pub fn numeric_entries(path: &std::ffi::CStr) -> io::Result<Vec<u32>> {
+    // SAFETY: a valid NUL-terminated path; the fd is closed below.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    let result = loop {
+        // SAFETY: `buf` is valid for its length; getdents64 writes at most that much.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            break Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            break Ok(());
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        let mut off = 0;
+        // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+        while off + 19 <= n {
+            let reclen = usize::from(u16::from_le_bytes([buf[off + 16], buf[off + 17]]));
+            if reclen == 0 || off + reclen > n {
+                break;
+            }
+            let name = &buf[off + 19..off + reclen];
+            let name = name.split(|b| *b == 0).next().unwrap_or(&[]);
+            if let Some(v) = std::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
+                out.push(v);
+            }
+            off += reclen;
+        }
+    };
+    // SAFETY: `fd` was opened above and is closed once.
+    unsafe { libc::close(fd) };
+    result.map(|()| out)
+}
+
+/// Unmaps the restorer's leftover mapping at `addr`, `len` bytes. Only the restore marker names it, and
+/// nothing in the process refers to it once every thread has returned from its signal frame.
+pub fn unmap_restorer_leftover(addr: u64, len: u64) {
+    // SAFETY: the range is the restorer's private code and plan mapping (see above); no Rust object
+    // lives there.
+    unsafe { libc::munmap(addr as *mut libc::c_void, usize::try_from(len).unwrap_or(0)) };
+}
+
+/// Blocks every signal in the calling thread: the runtime's thread must never take a signal meant for
+/// the application (a process-directed signal goes to any thread that does not block it).
+pub fn block_all_signals() {
+    set_mask(libc::SIG_BLOCK, None);
+}
+
+/// Unblocks (`block == false`) or blocks `sig` in the calling thread.
+pub fn mask_signal(sig: i32, block: bool) {
+    set_mask(if block { libc::SIG_BLOCK } else { libc::SIG_UNBLOCK }, Some(sig));
+}
+
+fn set_mask(how: i32, sig: Option<i32>) {
+    let mut set: libc::sigset_t = unsafe_zeroed_sigset();
+    match sig {
+        // SAFETY: `set` is a valid sigset_t.
+        None => unsafe { libc::sigfillset(&raw mut set) },
+        // SAFETY: as above; a bad number only fails with EINVAL.
+        Some(s) => unsafe { libc::sigaddset(&raw mut set, s) },
+    };
+    // SAFETY: a valid set; a null old set is allowed.
+    unsafe { libc::pthread_sigmask(how, &raw const set, std::ptr::null_mut()) };
+}
+
+fn unsafe_zeroed_sigset() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is the empty set.
+    unsafe { std::mem::zeroed() }
+}
