@@ -29,13 +29,13 @@ extern "C" fn omrt_init() {
         return;
     }
     let control = om::control::resolve_socket_path(None);
-    let _ = std::thread::Builder::new()
-        .name("omrt".into())
-        .stack_size(1 << 20)
-        .spawn(move || {
-            om::sys::task::block_all_signals();
-            control_loop(&control);
-        });
+    // The thread inherits a mask with every signal blocked, so it never takes the application's.
+    let _ = om::sys::task::with_all_signals_blocked(|| {
+        std::thread::Builder::new()
+            .name("omrt".into())
+            .stack_size(1 << 20)
+            .spawn(move || control_loop(&control))
+    });
 }
 
 #[used]

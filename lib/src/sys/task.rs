@@ -471,3 +471,19 @@ fn unsafe_zeroed_sigset() -> libc::sigset_t {
     // SAFETY: an all-zero sigset_t is the empty set.
     unsafe { std::mem::zeroed() }
 }
+
+/// Runs `f` with every signal blocked in the calling thread, then puts the old mask back. A thread
+/// created inside `f` starts with every signal blocked: no window in which it could take a signal
+/// meant for the application.
+pub fn with_all_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    let mut all: libc::sigset_t = unsafe_zeroed_sigset();
+    let mut old: libc::sigset_t = unsafe_zeroed_sigset();
+    // SAFETY: `all` is a valid sigset_t.
+    unsafe { libc::sigfillset(&raw mut all) };
+    // SAFETY: valid sets; `old` receives the current mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const all, &raw mut old) };
+    let r = f();
+    // SAFETY: `old` holds the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &raw const old, std::ptr::null_mut()) };
+    r
+}
