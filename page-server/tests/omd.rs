@@ -90,7 +90,8 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
         0o600
     );
     assert!(request(&control, "ping").starts_with("OK omd "));
-    assert!(request(&control, "ps").contains("not built yet"));
+    assert_eq!(request(&control, "ps").trim_end(), "OK 0");
+    assert!(request(&control, "migrate 1").contains("not built yet"));
     assert!(request(&control, "bogus").starts_with("ERR unknown request"));
 
     // A second omd on the same control socket is refused, and the first keeps it.
