@@ -36,7 +36,7 @@ impl Node {
         std::fs::create_dir_all(&dir).unwrap();
         let key = dir.join("key");
         std::fs::write(&key, [7u8; 32]).unwrap();
-        Command::new("chmod").arg("600").arg(&key).status().unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let omd = Command::new(bin_dir().join("omd"))
             .args(["--listen", "127.0.0.1:0", "--key"])
             .arg(&key)

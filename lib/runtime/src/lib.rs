@@ -98,7 +98,7 @@ fn control_loop(path: &PathBuf) {
                             stream = connect(path);
                             continue;
                         }
-                        Err(e) => format!("ERR {}", om_error_chain(&e)),
+                        Err(e) => format!("ERR {}", om_transport::error::chain(&e)),
                     }
                 }
                 None => "ERR usage: checkpoint LEAVE DIR".to_owned(),
@@ -107,15 +107,4 @@ fn control_loop(path: &PathBuf) {
         };
         let _ = writeln!(stream, "{reply}");
     }
-}
-
-fn om_error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

@@ -50,9 +50,36 @@ pub enum CaptureError {
     /// The process has more threads than can be captured.
     #[error("more than {0} threads")]
     TooManyThreads(usize),
-    /// Reading this process's state failed.
-    #[error("reading process state: {0}")]
-    State(String),
+    /// Reading a file of `/proc/self` (or a file a mapping needs) failed.
+    #[error("reading {what}")]
+    Proc {
+        /// What was read.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `/proc/self/maps` could not be read or parsed.
+    #[error("reading the memory map")]
+    Maps(#[source] crate::dirty::maps::MapsError),
+    /// `/proc/self/stat` has no command field.
+    #[error("/proc/self/stat is malformed")]
+    Stat,
+    /// Reading the process's own memory failed.
+    #[error("reading memory at {addr:#x}")]
+    ReadMemory {
+        /// Where.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control thread could not signal itself.
+    #[error("signalling the control thread")]
+    SignalSelf(#[source] std::io::Error),
+    /// The control thread's handler did not run the capture.
+    #[error("the capture did not run in the control thread's handler")]
+    NotRun,
     /// Writing the checkpoint failed.
     #[error("writing the checkpoint")]
     Write(#[source] crate::image::CheckpointError),
@@ -103,7 +130,6 @@ pub enum Outcome {
 /// The job the control thread runs inside its own handler.
 struct Job {
     dir: PathBuf,
-    sig: i32,
     result: Option<Result<Summary, CaptureError>>,
     started: Instant,
 }
@@ -113,7 +139,7 @@ static JOB: Mutex<Option<Job>> = Mutex::new(None);
 fn run_job(frame: u64) {
     let Ok(mut guard) = JOB.lock() else { return };
     let Some(job) = guard.as_mut() else { return };
-    let r = state::write_image(&job.dir, job.sig, frame, job.started);
+    let r = state::write_image(&job.dir, frame, job.started);
     job.result = Some(r);
 }
 
@@ -148,10 +174,8 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
         let _ = task::restore_disposition(sig, &old);
         return Err(e);
     }
-    *JOB.lock()
-        .map_err(|_| CaptureError::State("job lock poisoned".into()))? = Some(Job {
+    *JOB.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Job {
         dir: dir.to_path_buf(),
-        sig,
         result: None,
         started,
     });
@@ -167,9 +191,9 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
         return Ok(Outcome::Restored);
     }
     let result = match (raised, job.and_then(|j| j.result)) {
-        (Err(e), _) => Err(CaptureError::State(format!("signalling the control thread: {e}"))),
+        (Err(e), _) => Err(CaptureError::SignalSelf(e)),
         (Ok(()), Some(r)) => r,
-        (Ok(()), None) => Err(CaptureError::State("the capture did not run".into())),
+        (Ok(()), None) => Err(CaptureError::NotRun),
     };
     if result.is_err() || !leave_frozen {
         release(f);
@@ -186,6 +210,9 @@ pub fn thaw() {
     release(Freeze::get());
 }
 
+/// How long every thread has to park.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn release(f: &Freeze) {
     f.release.fetch_add(1, Ordering::AcqRel);
     task::futex_wake_all(&f.release);
@@ -197,9 +224,12 @@ fn freeze(f: &Freeze, sig: i32) -> Result<(), CaptureError> {
     let me = task::gettid();
     let pid = std::process::id();
     let mut signalled = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + FREEZE_TIMEOUT;
     loop {
-        let tasks = state::list_tasks().map_err(|e| CaptureError::State(format!("listing threads: {e}")))?;
+        let tasks = state::list_tasks().map_err(|source| CaptureError::Proc {
+            what: "/proc/self/task".into(),
+            source,
+        })?;
         let fresh: Vec<u32> = tasks
             .into_iter()
             .filter(|t| *t != me && !signalled.contains(t))
@@ -233,7 +263,11 @@ fn freeze(f: &Freeze, sig: i32) -> Result<(), CaptureError> {
                 let stuck = signalled.iter().find(|t| !done.contains(t) && alive.contains(t));
                 match stuck {
                     Some(&tid) => {
-                        return Err(CaptureError::Freeze { tid, sig, ms: 5000 });
+                        return Err(CaptureError::Freeze {
+                            tid,
+                            sig,
+                            ms: u64::try_from(FREEZE_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+                        });
                     }
                     None => {
                         signalled.retain(|t| alive.contains(t));

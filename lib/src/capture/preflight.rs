@@ -8,7 +8,7 @@ use crate::image::FdKind;
 use crate::sys::task;
 
 /// Something that makes a checkpoint impossible, named so that a person can act on it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum Refusal {
     /// A file descriptor of an unsupported kind.
     #[error("fd {fd} is {what} ({target}), which om cannot capture yet")]
@@ -33,8 +33,17 @@ pub enum Refusal {
         what: &'static str,
     },
     /// `/proc/self` could not be read.
-    #[error("reading {0}")]
-    Proc(String),
+    #[error("reading {what}")]
+    Proc {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `/proc/self/maps` could not be read or parsed.
+    #[error("reading the memory map")]
+    Maps(#[source] maps::MapsError),
 }
 
 /// Fds the runtime owns itself (its omd connection): never captured; a restored runtime reconnects.
@@ -64,8 +73,10 @@ pub(crate) struct FdInfo {
 
 /// Classifies every fd but the runtime's own.
 pub(crate) fn fds() -> Result<Vec<FdInfo>, Refusal> {
-    let list =
-        task::numeric_entries(c"/proc/self/fd").map_err(|e| Refusal::Proc(format!("/proc/self/fd: {e}")))?;
+    let list = task::numeric_entries(c"/proc/self/fd").map_err(|source| Refusal::Proc {
+        what: "/proc/self/fd",
+        source,
+    })?;
     let mut out = Vec::new();
     for fd in list {
         let Ok(fd) = i32::try_from(fd) else { continue };
@@ -148,7 +159,7 @@ fn classify(fd: i32, target: &str, meta: Option<&fs::Metadata>) -> Result<FdKind
 /// The first thing that cannot be captured.
 pub fn preflight() -> Result<(), Refusal> {
     fds()?;
-    let vmas = maps::read_self().map_err(|e| Refusal::Proc(format!("/proc/self/maps: {e}")))?;
+    let vmas = maps::read_self().map_err(Refusal::Maps)?;
     for v in &vmas {
         if v.is_special() {
             continue;
@@ -195,13 +206,7 @@ fn blocked_in_any_thread() -> u64 {
         .into_iter()
         .filter(|t| *t != me)
     {
-        if let Ok(s) = fs::read_to_string(format!("/proc/self/task/{t}/status")) {
-            for line in s.lines() {
-                if let Some(v) = line.strip_prefix("SigBlk:") {
-                    all |= u64::from_str_radix(v.trim(), 16).unwrap_or(0);
-                }
-            }
-        }
+        all |= super::state::sig_mask(&format!("/proc/self/task/{t}/status"), "SigBlk:");
     }
     all
 }

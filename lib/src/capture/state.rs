@@ -33,17 +33,29 @@ pub(crate) fn list_tasks() -> std::io::Result<Vec<u32>> {
 }
 
 fn state_err(what: &str) -> impl Fn(std::io::Error) -> CaptureError + '_ {
-    move |e| CaptureError::State(format!("{what}: {e}"))
+    move |source| CaptureError::Proc {
+        what: what.to_owned(),
+        source,
+    }
 }
 
-pub(super) fn write_image(
-    dir: &Path,
-    _sig: i32,
-    frame: u64,
-    started: Instant,
-) -> Result<Summary, CaptureError> {
+/// The value after `key` (such as `SigBlk:`) in a `/proc` status file, trimmed.
+pub(crate) fn status_value(path: &str, key: &str) -> Option<String> {
+    let s = fs::read_to_string(path).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+}
+
+/// A signal mask (hexadecimal) from a `/proc` status file; 0 when absent.
+pub(crate) fn sig_mask(path: &str, key: &str) -> u64 {
+    status_value(path, key)
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .unwrap_or(0)
+}
+
+pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Summary, CaptureError> {
     let page = crate::sys::page_size() as u64;
-    let vmas = maps::read_self().map_err(|e| CaptureError::State(format!("/proc/self/maps: {e}")))?;
+    let vmas = maps::read_self().map_err(CaptureError::Maps)?;
     let fds = preflight::fds()?;
     let f = Freeze::get();
     let control = Slot::default();
@@ -233,39 +245,25 @@ fn read_own(addr: u64, buf: &mut [u8]) -> Result<(), CaptureError> {
         base: usize::try_from(addr).unwrap_or(0),
         len,
     }];
-    let n = process_vm_readv(Pid::this(), &mut [IoSliceMut::new(buf)], &remote)
-        .map_err(|e| CaptureError::State(format!("reading memory at {addr:#x}: {e}")))?;
+    let n = process_vm_readv(Pid::this(), &mut [IoSliceMut::new(buf)], &remote).map_err(|e| {
+        CaptureError::ReadMemory {
+            addr,
+            source: e.into(),
+        }
+    })?;
     if n != len {
-        return Err(CaptureError::State(format!("short read of memory at {addr:#x}")));
+        return Err(CaptureError::ReadMemory {
+            addr,
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        });
     }
     Ok(())
-}
-
-fn sig_mask(path: &str, key: &str) -> u64 {
-    fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix(key)
-                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn status_field(key: &str) -> Option<String> {
-    let s = fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
 }
 
 fn mm_fields() -> Result<MmFields, CaptureError> {
     let stat = fs::read_to_string("/proc/self/stat").map_err(state_err("/proc/self/stat"))?;
     // Fields after the command name, which may hold spaces and parentheses.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| CaptureError::State("/proc/self/stat: no command".into()))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or(CaptureError::Stat)?;
     let f: Vec<u64> = rest
         .split_ascii_whitespace()
         .map(|w| w.parse().unwrap_or(0))
@@ -344,7 +342,7 @@ fn process_record(vmas: &[Vma], threads: &[ThreadRecord]) -> Result<ProcessRecor
             end: v.end,
         });
     }
-    let umask = status_field("Umask:")
+    let umask = status_value("/proc/self/status", "Umask:")
         .and_then(|u| u32::from_str_radix(&u, 8).ok())
         .unwrap_or(0o022);
     Ok(ProcessRecord {

@@ -279,7 +279,6 @@ fn count(d: &mut Dec<'_>, max: usize, what: &'static str) -> Result<usize, Decod
     Ok(n)
 }
 
-#[allow(clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 impl ProcessRecord {
     /// The record bytes.
     #[must_use]

@@ -444,25 +444,12 @@ pub fn unmap_restorer_leftover(addr: u64, len: u64) {
     unsafe { libc::munmap(addr as *mut libc::c_void, usize::try_from(len).unwrap_or(0)) };
 }
 
-/// Blocks every signal in the calling thread: the runtime's thread must never take a signal meant for
-/// the application (a process-directed signal goes to any thread that does not block it).
-pub fn block_all_signals() {
-    set_mask(libc::SIG_BLOCK, None);
-}
-
 /// Unblocks (`block == false`) or blocks `sig` in the calling thread.
 pub fn mask_signal(sig: i32, block: bool) {
-    set_mask(if block { libc::SIG_BLOCK } else { libc::SIG_UNBLOCK }, Some(sig));
-}
-
-fn set_mask(how: i32, sig: Option<i32>) {
+    let how = if block { libc::SIG_BLOCK } else { libc::SIG_UNBLOCK };
     let mut set: libc::sigset_t = unsafe_zeroed_sigset();
-    match sig {
-        // SAFETY: `set` is a valid sigset_t.
-        None => unsafe { libc::sigfillset(&raw mut set) },
-        // SAFETY: as above; a bad number only fails with EINVAL.
-        Some(s) => unsafe { libc::sigaddset(&raw mut set, s) },
-    };
+    // SAFETY: `set` is a valid sigset_t; a bad number only fails with EINVAL.
+    unsafe { libc::sigaddset(&raw mut set, sig) };
     // SAFETY: a valid set; a null old set is allowed.
     unsafe { libc::pthread_sigmask(how, &raw const set, std::ptr::null_mut()) };
 }
