@@ -9,6 +9,7 @@
 //! [`Unavailable`], never a panic.
 
 pub mod capture;
+pub mod compat;
 pub mod control;
 pub mod dirty;
 pub mod image;

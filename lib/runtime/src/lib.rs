@@ -94,7 +94,6 @@ fn control_loop(path: &PathBuf) {
                             // The old connection belongs to the source; its fd number may already
                             // be one of the restored descriptors, so it is forgotten, not closed.
                             capture::own_fd(stream.into_raw_fd(), false);
-                            om::capture::unmap_leftover();
                             stream = connect(path);
                             continue;
                         }

@@ -105,7 +105,8 @@ pub struct Summary {
 pub struct RestoreMarker {
     /// Bumped by each restore.
     pub generation: AtomicU64,
-    /// Address of the restorer's leftover mapping (code and plan) for the runtime to unmap.
+    /// Address of the restorer's leftover mapping (its code and plan). It is unmapped by the next
+    /// checkpoint once every thread is parked: only then is no thread still on its way out of it.
     pub leftover_addr: AtomicU64,
     /// Its length.
     pub leftover_len: AtomicU64,
@@ -137,10 +138,14 @@ struct Job {
 static JOB: Mutex<Option<Job>> = Mutex::new(None);
 
 fn run_job(frame: u64) {
-    let Ok(mut guard) = JOB.lock() else { return };
-    let Some(job) = guard.as_mut() else { return };
-    let r = state::write_image(&job.dir, frame, job.started);
-    job.result = Some(r);
+    // The job leaves the mutex while the image is written: the mutex is part of the image, and a
+    // restored copy must find it unlocked.
+    let job = JOB.lock().ok().and_then(|mut g| g.take());
+    let Some(mut job) = job else { return };
+    job.result = Some(state::write_image(&job.dir, frame, job.started));
+    if let Ok(mut g) = JOB.lock() {
+        *g = Some(job);
+    }
 }
 
 /// Checkpoints this process into `dir`. Must run on the thread registered as the control thread.
@@ -174,6 +179,9 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
         let _ = task::restore_disposition(sig, &old);
         return Err(e);
     }
+    // Every thread is parked in the handler, so none still runs the last instructions of a
+    // previous restore: its leftover can go, and stays out of this image.
+    unmap_leftover();
     *JOB.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Job {
         dir: dir.to_path_buf(),
         result: None,
@@ -186,7 +194,9 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
     task::mask_signal(sig, true);
     let job = JOB.lock().ok().and_then(|mut g| g.take());
     if MARKER.generation.load(Ordering::Acquire) != generation {
-        // A restored copy: the other threads were resumed by the restorer.
+        // A restored copy: the restorer resumed every thread straight from its signal frame, so
+        // none of them is parked any more.
+        f.parked.store(0, Ordering::Release);
         let _ = task::restore_disposition(sig, &old);
         return Ok(Outcome::Restored);
     }
@@ -280,8 +290,8 @@ fn freeze(f: &Freeze, sig: i32) -> Result<(), CaptureError> {
     }
 }
 
-/// Unmaps what the restorer left behind (its code and plan), once the restored process runs.
-pub fn unmap_leftover() {
+/// Unmaps what the restorer left behind (its code and plan).
+fn unmap_leftover() {
     let addr = MARKER.leftover_addr.swap(0, Ordering::AcqRel);
     let len = MARKER.leftover_len.swap(0, Ordering::AcqRel);
     if addr != 0 && len != 0 {

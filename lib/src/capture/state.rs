@@ -22,7 +22,7 @@ use crate::image::records::{
 use crate::image::vma_flags;
 use crate::sys::task::{self, Freeze, RSEQ_SIG, Slot};
 
-const USER_END: u64 = 1 << 47;
+use crate::compat::USER_END;
 const BOUNCE: usize = 4 << 20;
 
 /// Thread ids of this process.
@@ -73,32 +73,41 @@ pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Su
 
     let mut writer = Writer::create(dir, page).map_err(CaptureError::Write)?;
     let pagemap = fs::File::open("/proc/self/pagemap").map_err(state_err("/proc/self/pagemap"))?;
+    // Everything is planned and allocated before the first page is read: the runtime's own heap is
+    // part of the image, and an allocation between two page reads would tear its metadata.
     let mut bounce = vec![0u8; BOUNCE];
     let mut wire_vmas = Vec::new();
-    let mut populated = 0u64;
+    let mut planned = Vec::new();
+    let (mut run_count, mut page_count) = (0usize, 0u64);
     for v in vmas.iter().filter(|v| !v.is_special() && v.end <= USER_END) {
         wire_vmas.push(wire_vma(v));
         if v.perms.shared {
             continue; // the file holds the data
         }
-        for run in data_runs(&pagemap, v, page)? {
-            if !v.perms.read {
-                return Err(Refusal::Mapping {
-                    start: v.start,
-                    end: v.end,
-                    name: v.path.clone(),
-                    what: "unreadable memory that holds data",
-                }
-                .into());
+        let runs = data_runs(&pagemap, v, page)?;
+        if !runs.is_empty() && !v.perms.read {
+            return Err(Refusal::Mapping {
+                start: v.start,
+                end: v.end,
+                name: v.path.clone(),
+                what: "unreadable memory that holds data",
             }
-            let mut addr = run.start;
-            while addr < run.end {
-                let n = usize::try_from((run.end - addr).min(BOUNCE as u64)).unwrap_or(BOUNCE);
-                read_own(addr, &mut bounce[..n])?;
-                writer.data(addr, &bounce[..n]).map_err(CaptureError::Write)?;
-                addr += n as u64;
-                populated += n as u64;
-            }
+            .into());
+        }
+        run_count += runs.len();
+        page_count += runs.iter().map(|r| (r.end - r.start) / page).sum::<u64>();
+        planned.extend(runs);
+    }
+    writer.reserve(run_count, usize::try_from(page_count).unwrap_or(0));
+    let mut populated = 0u64;
+    for run in &planned {
+        let mut addr = run.start;
+        while addr < run.end {
+            let n = usize::try_from((run.end - addr).min(BOUNCE as u64)).unwrap_or(BOUNCE);
+            read_own(addr, &mut bounce[..n])?;
+            writer.data(addr, &bounce[..n]).map_err(CaptureError::Write)?;
+            addr += n as u64;
+            populated += n as u64;
         }
     }
 

@@ -162,6 +162,14 @@ impl Writer {
         })
     }
 
+    /// Makes room for `runs` more runs and `pages` more pages, so that [`Writer::data`] does not
+    /// allocate. Capture relies on this: it reads the runtime's own heap while it writes, and an
+    /// allocation between two page reads would tear the heap's metadata in the image.
+    pub fn reserve(&mut self, runs: usize, pages: usize) {
+        self.runs.reserve(runs);
+        self.sums.reserve(pages);
+    }
+
     /// Appends the pages at `addr` with contents `bytes` (whole pages, above every earlier run).
     ///
     /// # Errors
@@ -169,17 +177,18 @@ impl Writer {
     pub fn data(&mut self, addr: u64, bytes: &[u8]) -> Result<(), CheckpointError> {
         let ps = self.page_size;
         let len = bytes.len() as u64;
-        let path = self.dir.join(PAGES);
         let prev = self.runs.last().map_or(0, |r| r.addr.end);
         if addr % ps != 0 || len % ps != 0 || addr < prev {
             return Err(CheckpointError::Invalid {
-                path,
+                path: self.dir.join(PAGES),
                 reason: format!("pages at {addr:#x} (+{len:#x}) misaligned or out of order"),
             });
         }
         let psz = usize::try_from(ps).unwrap_or(4096);
         self.sums.extend(bytes.chunks(psz).map(page_sum_bytes));
-        self.pages.write_all(bytes).map_err(io_err(&path))?;
+        if let Err(e) = self.pages.write_all(bytes) {
+            return Err(io_err(&self.dir.join(PAGES))(e));
+        }
         match self.runs.last_mut() {
             Some(r) if r.data && r.addr.end == addr => r.addr.end += len,
             _ => self.runs.push(Run {

@@ -436,8 +436,8 @@ pub fn numeric_entries(path: &std::ffi::CStr) -> io::Result<Vec<u32>> {
     result.map(|()| out)
 }
 
-/// Unmaps the restorer's leftover mapping at `addr`, `len` bytes. Only the restore marker names it, and
-/// nothing in the process refers to it once every thread has returned from its signal frame.
+/// Unmaps the restorer's leftover mapping at `addr`, `len` bytes. Only the restore marker names it;
+/// the caller makes sure that no thread still runs its last instructions (every thread is parked).
 pub fn unmap_restorer_leftover(addr: u64, len: u64) {
     // SAFETY: the range is the restorer's private code and plan mapping (see above); no Rust object
     // lives there.
@@ -473,4 +473,29 @@ pub fn with_all_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: `old` holds the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &raw const old, std::ptr::null_mut()) };
     r
+}
+
+/// The bytes of this process's vdso at `start`, `len` bytes long (from `/proc/self/maps`).
+#[must_use]
+pub fn vdso_bytes(start: u64, len: u64) -> &'static [u8] {
+    let len = usize::try_from(len).unwrap_or(0);
+    // SAFETY: the kernel maps the vdso readable for the life of the process and never changes it;
+    // `start` and `len` are its mapping as `/proc/self/maps` gives it.
+    unsafe { std::slice::from_raw_parts(start as *const u8, len) }
+}
+
+/// Unregisters the calling thread's `rseq` area (glibc's, inside its TCB). A restorer must do this
+/// before it unmaps its own memory: the kernel writes to a registered area on every return to user
+/// space, and kills the thread when the area is gone.
+pub fn rseq_unregister_self() {
+    // SAFETY: glibc (2.35+) exports these as constants set before main.
+    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
+    let fs = arch_prctl_get(0x1003); // ARCH_GET_FS
+    if size == 0 || fs == 0 {
+        return;
+    }
+    let area = fs.wrapping_add_signed(off as i64);
+    // SAFETY: RSEQ_FLAG_UNREGISTER with the very area, length and signature glibc registered; a
+    // mismatch only fails with EINVAL.
+    unsafe { libc::syscall(libc::SYS_rseq, area, size.max(32), 1, RSEQ_SIG) };
 }

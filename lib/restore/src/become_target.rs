@@ -1,0 +1,356 @@
+//! The new process turns itself into the image: premap and fill every VMA, restore fds, the
+//! working directory and signal dispositions, lay the blob out and jump into it.
+//!
+//! Runs in the process that already has the image's pid (in its own pid namespace), forked from
+//! the restorer, single-threaded, every signal blocked. Any failure is reported on the status fd
+//! and ends this process; the restorer then says what failed.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use om::image::Checkpoint;
+use om::image::records::{FdKind, FdRecord, ProcessRecord};
+use om_transport::wire::Vma;
+
+use crate::error::RestoreError;
+use crate::plan::{ChunkKind, Plan};
+use crate::sys::{self, Area};
+
+/// What the new process needs.
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// The checkpoint.
+    pub ckpt: &'a Checkpoint,
+    /// The process record.
+    pub process: &'a ProcessRecord,
+    /// The fd records.
+    pub fds: &'a [FdRecord],
+    /// The plan.
+    pub plan: &'a Plan,
+    /// The reserved leftover area.
+    pub leftover: Area,
+    /// The reserved premap area.
+    pub premap: Area,
+    /// The status fd (already at its planned number).
+    pub status_fd: RawFd,
+    /// The exe fd, if any (already at its planned number).
+    pub exe_fd: Option<RawFd>,
+}
+
+/// Becomes the image. Returns only on failure.
+pub fn become_target(t: &mut Target<'_>) -> RestoreError {
+    if let Err(e) = prepare(t) {
+        return e;
+    }
+    om::sys::task::rseq_unregister_self();
+    match t.leftover.enter_blob(t.plan.ops, t.plan.stack_top, t.status_fd) {
+        Err(e) => RestoreError::os("entering the restore blob")(e),
+        Ok(never) => match never {},
+    }
+}
+
+fn prot_of(v: &Vma) -> i32 {
+    i32::try_from(v.prot).unwrap_or(0) & (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)
+}
+
+fn prepare(t: &mut Target<'_>) -> Result<(), RestoreError> {
+    let plan = t.plan;
+    sys::block_all_signals();
+    let vmas = &t.ckpt.begin.vmas;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // The leftover area: fresh read-write memory over the reservation.
+    t.leftover
+        .map(
+            plan.leftover.start,
+            plan.leftover.end - plan.leftover.start,
+            rw,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+        .map_err(RestoreError::os("mapping the restorer's leftover area"))?;
+
+    // Premap every VMA.
+    let mut files: BTreeMap<(String, bool), File> = BTreeMap::new();
+    for c in &plan.chunks {
+        let v = &vmas[c.vma];
+        let name = String::from_utf8_lossy(&v.name).into_owned();
+        let (prot, flags, fd) =
+            match c.kind {
+                ChunkKind::Anon => (rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+                ChunkKind::Stack => (
+                    rw,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN,
+                    -1,
+                ),
+                ChunkKind::PrivateFile | ChunkKind::SharedFile => {
+                    let shared = c.kind == ChunkKind::SharedFile;
+                    let write = shared && prot_of(v) & libc::PROT_WRITE != 0;
+                    let key = (name.clone(), write);
+                    if !files.contains_key(&key) {
+                        let f = OpenOptions::new().read(true).write(write).open(&name).map_err(
+                            RestoreError::os(format!("opening {name}, which the process maps")),
+                        )?;
+                        files.insert(key.clone(), f);
+                    }
+                    let fd = files.get(&key).map_or(-1, AsRawFd::as_raw_fd);
+                    if shared {
+                        (prot_of(v), libc::MAP_SHARED, fd)
+                    } else {
+                        (rw, libc::MAP_PRIVATE, fd)
+                    }
+                }
+            };
+        t.premap
+            .map(c.at, v.len(), prot, flags, fd, v.pgoff)
+            .map_err(RestoreError::os(format!(
+                "premapping {:#x}..{:#x} {name}",
+                v.start, v.end
+            )))?;
+    }
+    drop(files);
+
+    fill(t)?;
+    mark(t)?;
+    for c in &plan.chunks {
+        let v = &vmas[c.vma];
+        if c.kind != ChunkKind::SharedFile {
+            t.premap
+                .protect(c.at, v.len(), prot_of(v))
+                .map_err(RestoreError::os(format!(
+                    "protecting {:#x}..{:#x}",
+                    v.start, v.end
+                )))?;
+        }
+    }
+    restore_fds(t)?;
+    let p = t.process;
+    std::env::set_current_dir(&p.cwd).map_err(RestoreError::os(format!("entering {}", p.cwd)))?;
+    sys::set_umask(p.umask);
+    sys::set_personality(p.personality);
+    restore_sigactions(p)?;
+    for (r, (soft, hard)) in p.rlimits.iter().enumerate() {
+        let r = u32::try_from(r).unwrap_or(u32::MAX);
+        if sys::setrlimit(r, *soft, *hard).is_err() {
+            // Raising a hard limit needs privilege: keep the highest we may.
+            let mut cur = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            om::sys::task::getrlimit(r as usize, &mut cur);
+            let _ = sys::setrlimit(r, (*soft).min(cur.rlim_max), (*hard).min(cur.rlim_max));
+        }
+    }
+    // The blob: code, ops and data, then the code made executable.
+    t.leftover
+        .write(plan.leftover.start, &plan.image)
+        .map_err(RestoreError::os("copying the restore blob"))?;
+    t.leftover
+        .protect(
+            plan.leftover.start,
+            plan.code_len,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+        .map_err(RestoreError::os("making the blob executable"))?;
+    Ok(())
+}
+
+/// Reads every data page straight into its premapped place, then checks its checksum there.
+fn fill(t: &mut Target<'_>) -> Result<(), RestoreError> {
+    let ckpt = t.ckpt;
+    let page = ckpt.page_size;
+    let path = ckpt.dir.join(om::image::checkpoint::PAGES);
+    let pages = File::open(&path).map_err(RestoreError::os(format!("opening {}", path.display())))?;
+    let vmas = &ckpt.begin.vmas;
+    let mut offset = 0u64;
+    let mut sum = 0usize;
+    for run in ckpt.runs.iter().filter(|r| r.data) {
+        let mut addr = run.addr.start;
+        while addr < run.addr.end {
+            // The part of the run inside one VMA.
+            let i = vmas.partition_point(|v| v.end <= addr);
+            let v = vmas
+                .get(i)
+                .filter(|v| v.start <= addr && v.flags & om::image::vma_flags::SHARED == 0)
+                .ok_or_else(|| {
+                    RestoreError::Setup(format!("page data at {addr:#x} lies outside private memory"))
+                })?;
+            let end = run.addr.end.min(v.end);
+            let at = t
+                .plan
+                .premap_of(addr)
+                .ok_or_else(|| RestoreError::Setup(format!("no premap for {addr:#x}")))?;
+            t.premap
+                .pread(pages.as_raw_fd(), at, end - addr, offset)
+                .map_err(RestoreError::os(format!(
+                    "reading the pages of {addr:#x}..{end:#x}"
+                )))?;
+            let mut a = addr;
+            while a < end {
+                let want = ckpt.sums.get(sum).copied();
+                let got = t
+                    .premap
+                    .page_sum(at + (a - addr), page)
+                    .map_err(RestoreError::os("checking a page"))?;
+                if want != Some(got) {
+                    return Err(RestoreError::PageChecksum { path, addr: a });
+                }
+                sum += 1;
+                a += page;
+            }
+            offset += end - addr;
+            addr = end;
+        }
+    }
+    Ok(())
+}
+
+/// Bumps the restore marker's generation and names the leftover area for the runtime.
+fn mark(t: &mut Target<'_>) -> Result<(), RestoreError> {
+    let m = t.process.restore_marker;
+    let at = t
+        .plan
+        .premap_of(m)
+        .ok_or_else(|| RestoreError::Setup(format!("the restore marker {m:#x} is not mapped")))?;
+    // The plan checked that the marker's 24 bytes lie in private writable memory of the image.
+    let generation = u64::from_le_bytes(
+        t.premap
+            .read::<8>(at)
+            .map_err(RestoreError::os("reading the marker"))?,
+    ) + 1;
+    let mut words = generation.to_le_bytes().to_vec();
+    words.extend_from_slice(&t.plan.leftover.start.to_le_bytes());
+    words.extend_from_slice(&(t.plan.leftover.end - t.plan.leftover.start).to_le_bytes());
+    t.premap
+        .write(at, &words)
+        .map_err(RestoreError::os("writing the marker"))
+}
+
+const REOPEN_FLAGS: i32 = libc::O_ACCMODE
+    | libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_SYNC
+    | libc::O_DSYNC
+    | libc::O_DIRECT
+    | libc::O_NOATIME
+    | libc::O_LARGEFILE;
+
+fn open_fd(r: &FdRecord) -> Result<Option<File>, RestoreError> {
+    let flags = i32::try_from(r.flags).unwrap_or(0);
+    let acc = flags & libc::O_ACCMODE;
+    let ctx = |what: &str| format!("fd {}: {what} {}", r.fd, r.path);
+    let open = |path: &str, flags: i32| -> Result<File, RestoreError> {
+        OpenOptions::new()
+            .read(acc != libc::O_WRONLY)
+            .write(acc != libc::O_RDONLY)
+            .custom_flags(flags & REOPEN_FLAGS & !libc::O_ACCMODE)
+            .open(path)
+            .map_err(RestoreError::os(ctx("reopening")))
+    };
+    Ok(Some(match r.kind {
+        FdKind::Stdio => return Ok(None),
+        FdKind::DevNull => open("/dev/null", flags)?,
+        FdKind::DevZero => open("/dev/zero", flags)?,
+        FdKind::URandom => open("/dev/urandom", flags)?,
+        FdKind::File => {
+            let mut f = open(&r.path, flags)?;
+            f.seek(SeekFrom::Start(r.offset))
+                .map_err(RestoreError::os(ctx("seeking in")))?;
+            f
+        }
+        FdKind::Deleted => {
+            let name = r.path.trim_end_matches(" (deleted)");
+            let dir = std::path::Path::new(name)
+                .parent()
+                .unwrap_or(std::path::Path::new("/tmp"));
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .open(dir)
+                .or_else(|_| {
+                    nix::sys::memfd::memfd_create(c"om-deleted", nix::sys::memfd::MFdFlags::empty())
+                        .map(File::from)
+                        .map_err(std::io::Error::from)
+                })
+                .map_err(RestoreError::os(ctx("recreating the deleted file")))?;
+            f.write_all(&r.content)
+                .map_err(RestoreError::os(ctx("writing the deleted file")))?;
+            f.seek(SeekFrom::Start(r.offset))
+                .map_err(RestoreError::os(ctx("seeking in")))?;
+            f
+        }
+    }))
+}
+
+/// Puts every fd of the image at its number and closes everything else but the status and exe
+/// fds.
+fn restore_fds(t: &Target<'_>) -> Result<(), RestoreError> {
+    let mut keep: Vec<RawFd> = vec![t.status_fd];
+    keep.extend(t.exe_fd);
+    for r in t.fds {
+        let n = RawFd::try_from(r.fd).unwrap_or(-1);
+        let cloexec = r.flags & libc::O_CLOEXEC as u32 != 0;
+        match open_fd(r)? {
+            Some(f) => {
+                let fd = f.into_raw_fd();
+                sys::dup_onto(fd, n, cloexec).map_err(RestoreError::os(format!("placing fd {n}")))?;
+                if fd != n {
+                    sys::close(fd);
+                }
+            }
+            None => {
+                // Stdio: the restorer's own, unless it has none there.
+                if sys::set_cloexec(n, cloexec).is_err() {
+                    let f = File::options()
+                        .read(true)
+                        .write(true)
+                        .open("/dev/null")
+                        .map_err(RestoreError::os("opening /dev/null"))?;
+                    let fd = f.into_raw_fd();
+                    sys::dup_onto(fd, n, cloexec).map_err(RestoreError::os(format!("placing fd {n}")))?;
+                    if fd != n {
+                        sys::close(fd);
+                    }
+                }
+            }
+        }
+        keep.push(n);
+    }
+    let open = om::sys::task::numeric_entries(c"/proc/self/fd")
+        .map_err(RestoreError::os("listing /proc/self/fd"))?;
+    for fd in open {
+        let fd = RawFd::try_from(fd).unwrap_or(-1);
+        if !keep.contains(&fd) {
+            sys::close(fd);
+        }
+    }
+    Ok(())
+}
+
+fn restore_sigactions(p: &ProcessRecord) -> Result<(), RestoreError> {
+    for sig in 1..=64u32 {
+        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
+            continue;
+        }
+        let (handler, flags, restorer, mask) = p
+            .sigactions
+            .iter()
+            .find(|a| a.signo == sig)
+            .map_or((0, 0, 0, 0), |a| (a.handler, a.flags, a.restorer, a.mask));
+        sys::set_raw_sigaction(sig, handler, flags, restorer, mask).map_err(RestoreError::os(format!(
+            "setting the disposition of signal {sig}"
+        )))?;
+    }
+    Ok(())
+}
+
+/// Reports a failure of this process on the status fd (as `u64::MAX` and the message).
+pub fn report(status_fd: RawFd, e: &RestoreError) {
+    let mut msg = u64::MAX.to_le_bytes().to_vec();
+    msg.extend_from_slice(om_transport::error::chain(e).as_bytes());
+    sys::write_fd(status_fd, &msg);
+}

@@ -1,0 +1,385 @@
+//! The restorer's process tree and its outcome.
+//!
+//! ```text
+//! om-restore (this process; stdio is the program's, its exit status the program's)
+//!  └─ pid 1 of a new pid and mount namespace (mounts its /proc, reaps, reports the status)
+//!      └─ the program, created with clone3 set_tid = its old pid; becomes the image
+//! ```
+//!
+//! A pid namespace is what lets the program keep its pid and every thread its tid (`getpid()`,
+//! `gettid()` and glibc's cached tids stay right). Without root, a user namespace that maps the
+//! caller's own uid and gid comes first. Two pipes report back: the status pipe (empty at EOF when
+//! the image runs, otherwise what failed) and the exit pipe (the program's wait status).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use om::compat::{Local, USER_END};
+use om::dirty::maps;
+use om::image::Checkpoint;
+use om::image::records::{
+    FdRecord, KIND_FD, KIND_MAPPED_FILE, KIND_PROCESS, KIND_THREAD, MappedFile, ProcessRecord, ThreadRecord,
+};
+
+use crate::become_target::{self, Target};
+use crate::error::RestoreError;
+use crate::plan::{self, Here, Plan};
+use crate::sys::{self, Area};
+
+/// A decoded image, ready to restore.
+#[derive(Debug)]
+pub struct Image {
+    /// The checkpoint.
+    pub ckpt: Checkpoint,
+    /// The process record.
+    pub process: ProcessRecord,
+    /// Thread records.
+    pub threads: Vec<ThreadRecord>,
+    /// Fd records.
+    pub fds: Vec<FdRecord>,
+    /// The files that mappings need.
+    pub files: Vec<MappedFile>,
+}
+
+impl Image {
+    /// Opens and decodes the checkpoint in `dir`.
+    ///
+    /// # Errors
+    /// An unreadable or invalid checkpoint.
+    pub fn open(dir: &Path) -> Result<Self, RestoreError> {
+        let ckpt = Checkpoint::open(dir).map_err(RestoreError::Checkpoint)?;
+        let rec = |what| move |source| RestoreError::Record { what, source };
+        let mut process = None;
+        let mut threads = Vec::new();
+        let mut fds = Vec::new();
+        let mut files = Vec::new();
+        for r in &ckpt.records {
+            match r.kind {
+                KIND_PROCESS => {
+                    if process
+                        .replace(ProcessRecord::decode(&r.bytes).map_err(rec("process"))?)
+                        .is_some()
+                    {
+                        return Err(RestoreError::Records("two process records".into()));
+                    }
+                }
+                KIND_THREAD => threads.push(ThreadRecord::decode(&r.bytes).map_err(rec("thread"))?),
+                KIND_FD => fds.push(FdRecord::decode(&r.bytes).map_err(rec("fd"))?),
+                KIND_MAPPED_FILE => files.push(MappedFile::decode(&r.bytes).map_err(rec("mapped file"))?),
+                other => return Err(RestoreError::Records(format!("an unknown record kind {other}"))),
+            }
+        }
+        let process = process.ok_or_else(|| RestoreError::Records("no process record".into()))?;
+        if threads.is_empty() {
+            return Err(RestoreError::Records("no thread records".into()));
+        }
+        Ok(Self {
+            ckpt,
+            process,
+            threads,
+            fds,
+            files,
+        })
+    }
+
+    /// The checks before anything is touched: owner, CPU and kernel, the mapped files.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn gate(&self) -> Result<(), RestoreError> {
+        let you = nix::unistd::getuid().as_raw();
+        let image = self.ckpt.begin.info.uid;
+        if you != 0 && you != image {
+            return Err(RestoreError::Owner { image, you });
+        }
+        Local::probe()
+            .and_then(|l| l.check(&self.process))
+            .map_err(RestoreError::Incompatible)?;
+        for f in &self.files {
+            check_file(f)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_file(f: &MappedFile) -> Result<(), RestoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |what: String| RestoreError::MappedFile {
+        path: f.path.clone(),
+        what,
+    };
+    let m = std::fs::metadata(&f.path).map_err(|e| err(format!("cannot be opened: {e}")))?;
+    if m.dev() != f.dev || m.ino() != f.ino {
+        return Err(err("was replaced by another file since the checkpoint".into()));
+    }
+    if m.size() != f.size
+        || m.mtime() != f.mtime_sec
+        || u32::try_from(m.mtime_nsec()).ok() != Some(f.mtime_nsec)
+    {
+        return Err(err("was modified since the checkpoint".into()));
+    }
+    Ok(())
+}
+
+/// How the restored program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited with this code.
+    Exited(i32),
+    /// It died of this signal.
+    Signaled(i32),
+}
+
+impl Ended {
+    fn from_wait(status: i32) -> Self {
+        if libc::WIFSIGNALED(status) {
+            Self::Signaled(libc::WTERMSIG(status))
+        } else {
+            Self::Exited(libc::WEXITSTATUS(status))
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), RestoreError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| RestoreError::os("creating a pipe")(e.into()))
+}
+
+/// Fds above every fd of the image, for the restorer's own.
+fn free_fd_floor(img: &Image) -> RawFd {
+    let top = img.fds.iter().map(|f| f.fd).max().unwrap_or(2);
+    RawFd::try_from(top).unwrap_or(1000).saturating_add(1).max(10)
+}
+
+fn here_layout(
+    code: &'static [u8],
+    status_fd: RawFd,
+    exe_fd: Option<RawFd>,
+) -> Result<Here<'static>, RestoreError> {
+    let vmas = maps::read_self().map_err(|e| RestoreError::Setup(format!("reading /proc/self/maps: {e}")))?;
+    Ok(Here {
+        busy: vmas.iter().map(|v| v.start..v.end).collect(),
+        specials: vmas
+            .iter()
+            .filter(|v| v.is_special() && v.end <= USER_END)
+            .map(|v| om::image::records::Special {
+                name: v.path.clone(),
+                start: v.start,
+                end: v.end,
+            })
+            .collect(),
+        code,
+        page: om::sys::page_size() as u64,
+        status_fd: u32::try_from(status_fd).unwrap_or(0),
+        exe_fd: exe_fd.and_then(|f| u32::try_from(f).ok()),
+    })
+}
+
+/// Plans and reserves the restorer's areas (a few attempts: an allocation of this process may
+/// take a chosen range between planning and reserving).
+fn plan_and_reserve(
+    img: &Image,
+    status_fd: RawFd,
+    exe_fd: Option<RawFd>,
+) -> Result<(Plan, Area, Area), RestoreError> {
+    let mut last = None;
+    for _ in 0..4 {
+        let here = here_layout(sys::blob_code(), status_fd, exe_fd)?;
+        let plan = plan::plan(&img.ckpt.begin.vmas, &img.process, &img.threads, &here)
+            .map_err(RestoreError::Plan)?;
+        let leftover = match Area::reserve(plan.leftover.start, plan.leftover.end - plan.leftover.start) {
+            Ok(a) => a,
+            Err(e) => {
+                last = Some(RestoreError::Reserve {
+                    what: "the leftover area",
+                    addr: plan.leftover.start,
+                    source: e,
+                });
+                continue;
+            }
+        };
+        match Area::reserve(plan.premap.start, plan.premap.end - plan.premap.start) {
+            Ok(premap) => return Ok((plan, leftover, premap)),
+            Err(e) => {
+                last = Some(RestoreError::Reserve {
+                    what: "the premap area",
+                    addr: plan.premap.start,
+                    source: e,
+                });
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| RestoreError::Setup("planning failed".into())))
+}
+
+/// Enters a user namespace that maps the caller's own ids, when not root.
+fn enter_user_namespace() -> Result<(), RestoreError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid == 0 {
+        return Ok(());
+    }
+    let gid = nix::unistd::getegid().as_raw();
+    sys::unshare(libc::CLONE_NEWUSER).map_err(RestoreError::os("creating a user namespace"))?;
+    let w = |p: &str, s: String| std::fs::write(p, s).map_err(RestoreError::os(format!("writing {p}")));
+    w("/proc/self/setgroups", "deny".into())?;
+    w("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    w("/proc/self/gid_map", format!("{gid} {gid} 1"))
+}
+
+/// Called when the program runs: its pid as this node sees it.
+pub type OnRunning<'a> = &'a mut dyn FnMut(u32);
+
+/// Restores the image and waits for the program to end.
+///
+/// # Errors
+/// Anything that stops the restore; the program then never ran.
+pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreError> {
+    img.gate()?;
+    let floor = free_fd_floor(img);
+    let (status_r, status_w_low) = pipe()?;
+    let status_w =
+        sys::dup_above(status_w_low.as_raw_fd(), floor).map_err(RestoreError::os("placing the status fd"))?;
+    drop(status_w_low);
+    let exe_fd = File::open(&img.process.exe)
+        .ok()
+        .and_then(|f| sys::dup_above(f.as_raw_fd(), floor).ok());
+    let (exit_r, exit_w) = pipe()?;
+    // The areas stay reserved in this process; only the new process maps them.
+    let (plan, leftover, premap) = plan_and_reserve(img, status_w, exe_fd)?;
+    enter_user_namespace()?;
+
+    let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64;
+    let init = sys::fork3(flags, None).map_err(RestoreError::os("creating the pid namespace"))?;
+    if init == 0 {
+        drop(status_r);
+        drop(exit_r);
+        let code = run_init(img, &plan, leftover, premap, status_w, exe_fd, exit_w);
+        std::process::exit(code);
+    }
+    sys::close(status_w);
+    if let Some(fd) = exe_fd {
+        sys::close(fd);
+    }
+    drop(exit_w);
+
+    let mut report = Vec::new();
+    let _ = File::from(status_r).read_to_end(&mut report);
+    if !report.is_empty() {
+        let _ = sys::wait_any();
+        return Err(explain(&plan, &report));
+    }
+    if let Some(pid) = child_of(init) {
+        on_running(pid);
+    }
+    let mut st = [0u8; 4];
+    let got = File::from(exit_r).read_exact(&mut st);
+    let _ = sys::wait_any();
+    match got {
+        Ok(()) => Ok(Ended::from_wait(i32::from_le_bytes(st))),
+        Err(_) => Err(RestoreError::Vanished(0)),
+    }
+}
+
+/// The program's pid as this node sees it: the one child of the namespace's pid 1.
+fn child_of(init: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+fn explain(plan: &Plan, report: &[u8]) -> RestoreError {
+    let word = |i: usize| {
+        report
+            .get(i * 8..i * 8 + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    match (word(0), word(1)) {
+        (Some(u64::MAX), _) => RestoreError::Setup(String::from_utf8_lossy(&report[8..]).into_owned()),
+        (Some(index), Some(errno)) => {
+            let errno = i32::try_from(errno.wrapping_neg()).unwrap_or(0);
+            RestoreError::Step {
+                index,
+                step: usize::try_from(index)
+                    .ok()
+                    .and_then(|i| plan.steps.get(i).cloned())
+                    .unwrap_or_else(|| "unknown".into()),
+                source: std::io::Error::from_raw_os_error(errno),
+            }
+        }
+        _ => RestoreError::Setup(format!("garbled report {report:?}")),
+    }
+}
+
+/// Pid 1 of the new namespace: mounts its /proc, creates the program with its old pid, reaps and
+/// reports. Returns its own exit code.
+#[allow(clippy::too_many_arguments)]
+fn run_init(
+    img: &Image,
+    plan: &Plan,
+    leftover: Area,
+    premap: Area,
+    status_w: RawFd,
+    exe_fd: Option<RawFd>,
+    exit_w: OwnedFd,
+) -> i32 {
+    let fail = |e: RestoreError| {
+        become_target::report(status_w, &e);
+        127
+    };
+    if let Err(e) = sys::mount_own_proc() {
+        return fail(RestoreError::os("mounting /proc for the new pid namespace")(e));
+    }
+    let pid = match sys::fork3(0, Some(img.process.pid)) {
+        Ok(p) => p,
+        Err(e) => return fail(RestoreError::os(format!("creating pid {}", img.process.pid))(e)),
+    };
+    if pid == 0 {
+        drop(exit_w);
+        let mut t = Target {
+            ckpt: &img.ckpt,
+            process: &img.process,
+            fds: &img.fds,
+            plan,
+            leftover,
+            premap,
+            status_fd: status_w,
+            exe_fd,
+        };
+        let e = become_target::become_target(&mut t);
+        become_target::report(status_w, &e);
+        om::sys::task::exit_group(127);
+    }
+    sys::close(status_w);
+    if let Some(fd) = exe_fd {
+        sys::close(fd);
+    }
+    forward_signals_to(pid);
+    loop {
+        match sys::wait_any() {
+            Ok((p, status)) if p == pid => {
+                let mut f = File::from(exit_w);
+                let _ = std::io::Write::write_all(&mut f, &status.to_le_bytes());
+                return 0;
+            }
+            Ok(_) => {}
+            Err(_) => return 1,
+        }
+    }
+}
+
+/// Pid 1 of a namespace only gets the signals it handles: forward the usual ones to the program.
+fn forward_signals_to(pid: u32) {
+    sys::forward_signals(pid, &FORWARDED);
+}
+
+/// Signals that om-restore and its pid 1 pass on to the program.
+pub const FORWARDED: [i32; 7] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGCONT,
+];
