@@ -24,7 +24,8 @@ pub const MAX_REQUEST: usize = 4096;
 /// - `drop ID`: forgets the image and frees its memory
 /// - `checkpoint PID LEAVE DIR`: asks the runtime of PID to write its image to DIR (an absolute path);
 ///   LEAVE is 1 to keep it running, 0 to end it once the image is safe
-/// - `ps`: `OK N` then ` pid=PID` per om process registered here
+/// - `ps`: `OK N` then ` pid=PID` per om process registered here (` pid=PID,vpid=V` for a restored
+///   process whose own pid, in its namespace, is V)
 #[must_use]
 pub fn answer(request: &str, store: &Store, runtimes: &Runtimes) -> String {
     let mut words = request.split_ascii_whitespace();
@@ -72,8 +73,11 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes) -> String {
         Some("ps") => {
             let pids = runtimes.pids();
             let mut out = format!("OK {}", pids.len());
-            for p in pids {
+            for (p, v) in pids {
                 out.push_str(&format!(" pid={p}"));
+                if v != p {
+                    out.push_str(&format!(",vpid={v}"));
+                }
             }
             out
         }

@@ -1,8 +1,10 @@
 //! The runtimes (`libomrt.so` inside om processes) registered on this node's control socket.
 //!
 //! A runtime connects once, says `register PID`, and keeps the connection open; omd checks with
-//! `SO_PEERCRED` that the connecting process really is PID. Requests for a process (`checkpoint`)
-//! are relayed over that connection, one at a time.
+//! `SO_PEERCRED` that the connecting process really is PID. A restored process lives in its own pid
+//! namespace and says its pid *there* (its old one): omd accepts it when the last entry of the
+//! peer's `NSpid` is that pid, and files it under the pid this node sees, noting the other as its
+//! `vpid`. Requests for a process (`checkpoint`) are relayed over that connection, one at a time.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -15,10 +17,31 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 /// How long a runtime may take to answer (a checkpoint writes the whole image).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The registered runtimes, by pid.
+/// One registered runtime.
+#[derive(Debug)]
+struct Entry {
+    /// The process's pid as the program sees it (its pid namespace's).
+    vpid: u32,
+    conn: Arc<Mutex<UnixStream>>,
+}
+
+/// The registered runtimes, by pid on this node.
 #[derive(Debug, Clone, Default)]
 pub struct Runtimes {
-    inner: Arc<Mutex<BTreeMap<u32, Arc<Mutex<UnixStream>>>>>,
+    inner: Arc<Mutex<BTreeMap<u32, Entry>>>,
+}
+
+/// The pids of process `pid` in each pid namespace it belongs to, outermost first (`NSpid`).
+fn ns_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("NSpid:")
+                    .map(|v| v.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+            })
+        })
+        .unwrap_or_default()
 }
 
 impl Runtimes {
@@ -28,26 +51,30 @@ impl Runtimes {
     /// A text for the `ERR` reply.
     pub fn register(&self, pid: u32, stream: &UnixStream) -> Result<(), String> {
         let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
-        if u32::try_from(cred.pid()).ok() != Some(pid) {
+        let peer = u32::try_from(cred.pid()).unwrap_or(0);
+        if peer != pid && ns_pids(peer).last() != Some(&pid) {
             return Err(format!("register {pid}: the peer is process {}", cred.pid()));
         }
         let s = stream.try_clone().map_err(|e| e.to_string())?;
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(pid, Arc::new(Mutex::new(s)));
-        tracing::debug!(pid, "runtime registered");
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).insert(
+            peer,
+            Entry {
+                vpid: pid,
+                conn: Arc::new(Mutex::new(s)),
+            },
+        );
+        tracing::debug!(pid = peer, vpid = pid, "runtime registered");
         Ok(())
     }
 
-    /// The registered pids.
+    /// The registered processes: `(pid on this node, pid as the program sees it)`.
     #[must_use]
-    pub fn pids(&self) -> Vec<u32> {
+    pub fn pids(&self) -> Vec<(u32, u32)> {
         self.inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .copied()
+            .iter()
+            .map(|(p, e)| (*p, e.vpid))
             .collect()
     }
 
@@ -61,7 +88,7 @@ impl Runtimes {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&pid)
-            .cloned()
+            .map(|e| Arc::clone(&e.conn))
             .ok_or_else(|| {
                 format!("process {pid} is not an om process on this node (not started with omrun?)")
             })?;

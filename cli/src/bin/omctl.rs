@@ -123,20 +123,49 @@ fn answer(control: &std::path::Path, line: &str) -> ExitCode {
 }
 
 /// Runs `om-restore` (installed next to omctl) on `dir`, in the foreground unless `detach`.
+/// Detached, omctl waits until the program runs again and prints its pid on this node.
 fn restart(dir: &std::path::Path, detach: bool) -> ExitCode {
     let restorer = om_cli::sibling("om-restore");
     let mut cmd = std::process::Command::new(&restorer);
     cmd.arg(dir);
     if detach {
-        return match cmd.spawn() {
-            Ok(child) => {
-                println!("{}", child.id());
-                ExitCode::SUCCESS
-            }
-            Err(e) => report("omctl", &e, EXIT_FAILURE),
-        };
+        return restart_detached(cmd);
     }
     use std::os::unix::process::CommandExt;
     let e = cmd.exec();
     report("omctl", &e, EXIT_FAILURE)
+}
+
+fn restart_detached(mut cmd: std::process::Command) -> ExitCode {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    // The write end goes to om-restore (inherited: no CLOEXEC), which writes the pid once the
+    // program runs; EOF without it means the restore failed.
+    let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return report("omctl", &std::io::Error::from(e), EXIT_FAILURE),
+    };
+    if let Err(e) = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())) {
+        return report("omctl", &std::io::Error::from(e), EXIT_FAILURE);
+    }
+    cmd.arg("--ready-fd").arg(w.as_raw_fd().to_string());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return report("omctl", &e, EXIT_FAILURE),
+    };
+    drop(w);
+    let mut line = String::new();
+    // One line: the restorer's pid 1 may hold a copy of the write end for as long as it runs.
+    let _ = std::io::BufReader::new(std::fs::File::from(r)).read_line(&mut line);
+    match line.trim().parse::<u32>() {
+        Ok(pid) => {
+            println!("restarted as pid {pid}");
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            // om-restore said why on stderr; pass its status on.
+            let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
 }

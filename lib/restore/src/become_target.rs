@@ -144,6 +144,16 @@ fn prepare(t: &mut Target<'_>) -> Result<(), RestoreError> {
             let _ = sys::setrlimit(r, (*soft).min(cur.rlim_max), (*hard).min(cur.rlim_max));
         }
     }
+    // Interval timers last: they run from here on, and their signals wait (blocked) for the image.
+    // A periodic ITIMER_REAL whose signal is pending reads as value 0: the kernel re-arms it only
+    // when the signal is taken. Arm it one interval ahead (its pending signal is raised again).
+    for (which, &(interval, value)) in p.itimers.iter().enumerate() {
+        let value = if value == 0 { interval } else { value };
+        if value != 0 {
+            om::sys::task::setitimer(i32::try_from(which).unwrap_or(0), interval, value)
+                .map_err(RestoreError::os(format!("setting interval timer {which}")))?;
+        }
+    }
     // The blob: code, ops and data, then the code made executable.
     t.leftover
         .write(plan.leftover.start, &plan.image)

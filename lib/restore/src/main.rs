@@ -1,12 +1,14 @@
 //! `om-restore DIR [--ready-fd N]`: restores the checkpoint in DIR on this node, with this
 //! process's stdio, and exits as the program does. With `--ready-fd`, writes the program's pid (as
 //! this node sees it) and a newline to fd N once it runs, then closes N.
+//!
+//! `om-restore --describe DIR` prints what the image holds instead.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: om-restore DIR [--ready-fd N]");
+    eprintln!("usage: om-restore DIR [--ready-fd N] | om-restore --describe DIR");
     ExitCode::from(2)
 }
 
@@ -14,9 +16,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut dir = None;
     let mut ready: Option<i32> = None;
+    let mut describe = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--describe" => describe = true,
             "--ready-fd" => match it.next().and_then(|v| v.parse().ok()) {
                 Some(fd) if fd > 2 => ready = Some(fd),
                 _ => return usage(),
@@ -37,6 +41,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if describe {
+        print!("{}", img.describe());
+        return ExitCode::SUCCESS;
+    }
     // The ready fd is only for the caller: the program must not inherit it.
     if let Some(fd) = ready {
         let _ = om_restore::sys::set_cloexec(fd, true);

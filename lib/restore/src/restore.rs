@@ -84,6 +84,58 @@ impl Image {
         })
     }
 
+    /// A human-readable summary of the image.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let p = &self.process;
+        let mut s = String::new();
+        let data: u64 = self
+            .ckpt
+            .runs
+            .iter()
+            .filter(|r| r.data)
+            .map(|r| r.addr.end - r.addr.start)
+            .sum();
+        let _ = writeln!(s, "process {} ({}), cwd {}", p.pid, p.exe, p.cwd);
+        let _ = writeln!(
+            s,
+            "memory: {} VMAs, {} bytes of page data",
+            self.ckpt.begin.vmas.len(),
+            data
+        );
+        for t in &self.threads {
+            let control = if t.flags & ThreadRecord::CONTROL != 0 {
+                " (om runtime)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "thread {}{control}: frame {:#x}, fs {:#x}",
+                t.tid, t.frame, t.fs_base
+            );
+        }
+        for f in &self.fds {
+            let _ = writeln!(s, "fd {}: {:?} {} at {}", f.fd, f.kind, f.path, f.offset);
+        }
+        for (name, (interval, value)) in ["real", "virtual", "prof"].iter().zip(p.itimers) {
+            if value != 0 || interval != 0 {
+                let _ = writeln!(s, "itimer {name}: every {interval} us, next in {value} us");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "signal handlers: {}, pending: {:#x}",
+            p.sigactions.len(),
+            p.shared_pending
+        );
+        for f in &self.files {
+            let _ = writeln!(s, "needs {} ({} bytes)", f.path, f.size);
+        }
+        s
+    }
+
     /// The checks before anything is touched: owner, CPU and kernel, the mapped files.
     ///
     /// # Errors

@@ -20,8 +20,11 @@ use std::time::Duration;
 
 use om::capture::{self, Outcome};
 
+/// dlmalloc, except during a capture, when allocations come from the capture arena (see
+/// `om::sys::arena`).
 #[global_allocator]
-static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOC: om::sys::arena::CaptureAware<dlmalloc::GlobalDlmalloc> =
+    om::sys::arena::CaptureAware(dlmalloc::GlobalDlmalloc);
 
 /// Runs when the library is loaded.
 extern "C" fn omrt_init() {

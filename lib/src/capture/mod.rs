@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use om_transport::error::chain;
 
+use crate::sys::arena;
 use crate::sys::task::{self, Freeze};
 
 pub use preflight::{Refusal, own_fd, preflight};
@@ -34,6 +35,9 @@ pub enum CaptureError {
     /// No usable real-time signal.
     #[error("every real-time signal is blocked or handled by the application")]
     NoSignal,
+    /// The capture arena could not be mapped.
+    #[error("mapping the capture arena")]
+    Arena(#[source] std::io::Error),
     /// Installing the signal handler failed.
     #[error("installing the checkpoint signal handler")]
     Handler(#[source] std::io::Error),
@@ -142,7 +146,10 @@ fn run_job(frame: u64) {
     // restored copy must find it unlocked.
     let job = JOB.lock().ok().and_then(|mut g| g.take());
     let Some(mut job) = job else { return };
-    job.result = Some(state::write_image(&job.dir, frame, job.started));
+    arena::begin();
+    let result = state::write_image(&job.dir, frame, job.started);
+    arena::end();
+    job.result = Some(result);
     if let Ok(mut g) = JOB.lock() {
         *g = Some(job);
     }
@@ -157,6 +164,7 @@ fn run_job(frame: u64) {
 pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureError> {
     preflight()?;
     let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
+    arena::prepare().map_err(CaptureError::Arena)?;
     let f = Freeze::get();
     f.control_tid.store(task::gettid(), Ordering::Release);
     f.on_control.store(run_job as fn(u64) as usize, Ordering::Release);
@@ -194,8 +202,10 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
     task::mask_signal(sig, true);
     let job = JOB.lock().ok().and_then(|mut g| g.take());
     if MARKER.generation.load(Ordering::Acquire) != generation {
-        // A restored copy: the restorer resumed every thread straight from its signal frame, so
-        // none of them is parked any more.
+        // A restored copy. Its arena was left out of the image and the capture that was running
+        // when it was taken is over: nothing may allocate before this line. The restorer resumed
+        // every thread straight from its signal frame, so none of them is parked any more.
+        arena::forget();
         f.parked.store(0, Ordering::Release);
         let _ = task::restore_disposition(sig, &old);
         return Ok(Outcome::Restored);

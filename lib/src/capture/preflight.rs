@@ -32,6 +32,9 @@ pub enum Refusal {
         /// Why.
         what: &'static str,
     },
+    /// The process holds POSIX timers (`timer_create`).
+    #[error("the process has {0} POSIX timer(s) (timer_create), which om cannot capture yet")]
+    PosixTimers(usize),
     /// `/proc/self` could not be read.
     #[error("reading {what}")]
     Proc {
@@ -159,6 +162,13 @@ fn classify(fd: i32, target: &str, meta: Option<&fs::Metadata>) -> Result<FdKind
 /// The first thing that cannot be captured.
 pub fn preflight() -> Result<(), Refusal> {
     fds()?;
+    // Each POSIX timer is one "ID:" line (absent file: a kernel without CONFIG_CHECKPOINT_RESTORE).
+    let timers = fs::read_to_string("/proc/self/timers")
+        .map(|t| t.lines().filter(|l| l.starts_with("ID:")).count())
+        .unwrap_or(0);
+    if timers > 0 {
+        return Err(Refusal::PosixTimers(timers));
+    }
     let vmas = maps::read_self().map_err(Refusal::Maps)?;
     for v in &vmas {
         if v.is_special() {

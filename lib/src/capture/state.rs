@@ -79,7 +79,11 @@ pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Su
     let mut wire_vmas = Vec::new();
     let mut planned = Vec::new();
     let (mut run_count, mut page_count) = (0usize, 0u64);
-    for v in vmas.iter().filter(|v| !v.is_special() && v.end <= USER_END) {
+    let arena = crate::sys::arena::range().unwrap_or(0..0);
+    for v in vmas
+        .iter()
+        .filter(|v| !v.is_special() && v.end <= USER_END && (v.end <= arena.start || v.start >= arena.end))
+    {
         wire_vmas.push(wire_vma(v));
         if v.perms.shared {
             continue; // the file holds the data
@@ -374,6 +378,7 @@ fn process_record(vmas: &[Vma], threads: &[ThreadRecord]) -> Result<ProcessRecor
         specials,
         vdso_sum,
         restore_marker: std::ptr::from_ref(&MARKER) as u64,
+        itimers: [0, 1, 2].map(task::getitimer),
     })
 }
 

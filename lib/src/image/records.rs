@@ -147,6 +147,10 @@ pub struct ProcessRecord {
     pub vdso_sum: u32,
     /// Address of the runtime's restore marker (a `u64` the restorer sets to the restore generation).
     pub restore_marker: u64,
+    /// The interval timers `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`: `(interval, value)` in
+    /// microseconds each (0, 0 when disarmed; a periodic timer whose signal is pending reads as
+    /// `(interval, 0)`: the kernel re-arms it when the signal is taken).
+    pub itimers: [(u64, u64); 3],
 }
 
 /// The thread's `rseq` registration.
@@ -312,6 +316,9 @@ impl ProcessRecord {
             e.bytes(s.name.as_bytes()).u64(s.start).u64(s.end);
         }
         e.u32(self.vdso_sum).u64(self.restore_marker);
+        for (interval, value) in self.itimers {
+            e.u64(interval).u64(value);
+        }
         e.0
     }
 
@@ -370,6 +377,10 @@ impl ProcessRecord {
         }
         let vdso_sum = d.u32("vdso sum")?;
         let restore_marker = d.u64("restore marker")?;
+        let mut itimers = [(0, 0); 3];
+        for t in &mut itimers {
+            *t = (d.u64("itimer interval")?, d.u64("itimer value")?);
+        }
         d.finish("process record")?;
         if pid == 0 {
             return Err(DecodeError::Invalid("pid 0".into()));
@@ -391,6 +402,7 @@ impl ProcessRecord {
             specials,
             vdso_sum,
             restore_marker,
+            itimers,
         })
     }
 }
@@ -571,6 +583,7 @@ mod tests {
             }],
             vdso_sum: 9,
             restore_marker: 0x7f12_3450,
+            itimers: [(50_000, 12_000), (0, 0), (0, 7)],
         }
     }
 

@@ -4,6 +4,7 @@
 //! number is computed from the kernel's `_IOC` encoding and asserted against the value the kernel
 //! headers give, so a layout mistake fails the build instead of corrupting memory.
 
+pub mod arena;
 pub mod mman;
 pub mod pagemap;
 pub mod segv;

@@ -499,3 +499,53 @@ pub fn rseq_unregister_self() {
     // mismatch only fails with EINVAL.
     unsafe { libc::syscall(libc::SYS_rseq, area, size.max(32), 1, RSEQ_SIG) };
 }
+
+/// `getitimer(which)` as `(interval, value)` in microseconds.
+#[must_use]
+pub fn getitimer(which: i32) -> (u64, u64) {
+    // SAFETY: an all-zero itimerval is valid.
+    let mut v: libc::itimerval = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer; a bad `which` only fails.
+    unsafe { libc::syscall(libc::SYS_getitimer, which, &raw mut v) };
+    let us = |t: libc::timeval| {
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec).unwrap_or(0)
+    };
+    (us(v.it_interval), us(v.it_value))
+}
+
+/// `setitimer(which)` from `(interval, value)` in microseconds.
+///
+/// # Errors
+/// The kernel's refusal.
+pub fn setitimer(which: i32, interval_us: u64, value_us: u64) -> io::Result<()> {
+    let tv = |us: u64| libc::timeval {
+        tv_sec: i64::try_from(us / 1_000_000).unwrap_or(i64::MAX),
+        tv_usec: i64::try_from(us % 1_000_000).unwrap_or(0),
+    };
+    let v = libc::itimerval {
+        it_interval: tv(interval_us),
+        it_value: tv(value_us),
+    };
+    // SAFETY: a valid itimerval; no old value wanted.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_setitimer,
+            which,
+            &raw const v,
+            std::ptr::null_mut::<libc::itimerval>(),
+        )
+    })
+    .map(drop)
+}
+
+#[cfg(test)]
+mod itimer_tests {
+    #[test]
+    fn itimers_round_trip() {
+        super::setitimer(0, 500_000, 900_000).unwrap();
+        let (i, v) = super::getitimer(0);
+        super::setitimer(0, 0, 0).unwrap();
+        assert_eq!(i, 500_000);
+        assert!(v > 800_000 && v <= 900_000, "{v}");
+    }
+}
