@@ -9,6 +9,7 @@ declare -A NEED=(
   [pgrep]=procps     # rig tests find processes
   [sh]=dash
   [setpriv]=util-linux # dirty-tracking tests run a process unprivileged
+  [sqlite3]=sqlite3  # a restart test runs the sqlite3 CLI
 )
 
 missing=()

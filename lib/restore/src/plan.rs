@@ -44,6 +44,7 @@ const NR_SIGALTSTACK: i64 = libc::SYS_sigaltstack;
 const NR_RSEQ: i64 = libc::SYS_rseq;
 const MREMAP_MOVE: u64 = 3; // MREMAP_MAYMOVE | MREMAP_FIXED
 const PR_SET_MM: u64 = 35;
+const PR_SET_NAME: u64 = 15;
 const PR_SET_MM_EXE_FILE: u64 = 13;
 const PR_SET_MM_MAP: u64 = 14;
 const ARCH_SET_GS: u64 = 0x1001;
@@ -663,6 +664,22 @@ fn build(
 /// The per-thread kernel state that the signal frame does not hold.
 fn thread_setup(b: &mut Builder, t: &ThreadRecord, leader: bool) {
     let tid = t.tid;
+    if t.name[0] != 0 {
+        let off = b.put(&t.name);
+        b.op(
+            crate::blob::MAYFAIL,
+            NR_PRCTL.unsigned_abs(),
+            [
+                Arg::Imm(PR_SET_NAME),
+                Arg::Data(off),
+                Arg::Imm(0),
+                Arg::Imm(0),
+                Arg::Imm(0),
+                Arg::Imm(0),
+            ],
+            format!("thread {tid}: name"),
+        );
+    }
     if t.robust_head != 0 {
         b.syscall(
             NR_ROBUST,

@@ -2,144 +2,16 @@
 //! checks out, and a program checkpointed with `--leave-running` produces exactly the output of an
 //! uninterrupted run.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use om::image::Checkpoint;
 use om::image::records::{KIND_PROCESS, KIND_THREAD, ProcessRecord, ThreadRecord};
 
-/// The directory holding the workspace's binaries (`omd`, `omrun`, `omctl`, `libomrt.so`).
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
+mod common;
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Node {
-    dir: PathBuf,
-    _omd: Kill,
-}
-
-impl Node {
-    fn start(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("om-ckpt-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = dir.join("key");
-        std::fs::write(&key, [7u8; 32]).unwrap();
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let omd = Command::new(bin_dir().join("omd"))
-            .args(["--listen", "127.0.0.1:0", "--key"])
-            .arg(&key)
-            .arg("--control")
-            .arg(dir.join("ctl.sock"))
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let node = Self { dir, _omd: Kill(omd) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !node.dir.join("ctl.sock").exists() {
-            assert!(Instant::now() < deadline, "omd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node
-    }
-
-    fn omctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin_dir().join("omctl"))
-            .arg("--control")
-            .arg(self.dir.join("ctl.sock"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    /// Starts `prog` under omrun with stdout piped; returns once its runtime registered.
-    fn omrun(&self, prog: &Path, args: &[&str]) -> (Kill, u32) {
-        let child = clean_fds()
-            .arg(bin_dir().join("omrun"))
-            .arg("--control")
-            .arg(self.dir.join("ctl.sock"))
-            .arg("--")
-            .arg(prog)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map(Kill)
-            .unwrap();
-        let omrun = child.0.id();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self.omctl(&["ps"]);
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            // The program is omrun's child.
-            let pid = text
-                .split_whitespace()
-                .filter_map(|w| w.strip_prefix("pid=")?.parse::<u32>().ok())
-                .find(|p| parent_of(*p) == Some(omrun));
-            if let Some(pid) = pid {
-                return (child, pid);
-            }
-            assert!(Instant::now() < deadline, "the program did not register: {text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// A command that closes every inherited descriptor above 2 and then runs its arguments: whatever the
-/// test runner's environment leaks is not the program's.
-fn clean_fds() -> Command {
-    let mut c = Command::new("bash");
-    c.args([
-        "-c",
-        r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
-        "clean-fds",
-    ]);
-    c
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn build(src: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("om-wl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let name = src.trim_end_matches(".c");
-    let out = dir.join(name);
-    let srcp = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/workloads")
-        .join(src);
-    let ok = Command::new("gcc")
-        .args(["-O2", "-pthread", "-o"])
-        .arg(&out)
-        .arg(&srcp)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "gcc {src}");
-    out
-}
-
-fn stdout_of(child: &mut Kill) -> (Vec<u8>, std::process::ExitStatus) {
-    let mut out = Vec::new();
-    child.0.stdout.take().unwrap().read_to_end(&mut out).unwrap();
-    let status = child.0.wait().unwrap();
-    (out, status)
-}
+use common::{Kill, Node, bin_dir, build, clean_fds, parent_of, stdout_of};
 
 #[test]
 fn leave_running_checkpoint_of_threads_is_complete_and_changes_nothing() {
@@ -244,7 +116,7 @@ fn unsupported_descriptor_is_refused_and_the_process_goes_on() {
             let text = String::from_utf8_lossy(&node.omctl(&["ps"]).stdout).into_owned();
             if let Some(p) = text
                 .split_whitespace()
-                .filter_map(|w| w.strip_prefix("pid=")?.parse::<u32>().ok())
+                .filter_map(common::ps_pid)
                 .find(|p| parent_of(*p) == Some(omrun))
             {
                 break (child, p);

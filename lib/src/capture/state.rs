@@ -53,9 +53,39 @@ pub(crate) fn sig_mask(path: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `vmas` without the capture arena. The kernel may have merged the arena with a neighbouring
+/// mapping of the same kind (glibc's arena heaps are `MAP_NORESERVE` too), so the arena is cut out
+/// of whatever VMA holds it rather than that VMA dropped.
+fn without_arena(vmas: Vec<Vma>) -> Vec<Vma> {
+    let Some(arena) = crate::sys::arena::range() else {
+        return vmas;
+    };
+    let mut out = Vec::with_capacity(vmas.len() + 2);
+    for v in vmas {
+        if v.end <= arena.start || v.start >= arena.end {
+            out.push(v);
+            continue;
+        }
+        if v.start < arena.start {
+            out.push(Vma {
+                end: arena.start,
+                ..v.clone()
+            });
+        }
+        if v.end > arena.end {
+            out.push(Vma {
+                start: arena.end,
+                offset: v.offset + (arena.end - v.start),
+                ..v
+            });
+        }
+    }
+    out
+}
+
 pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Summary, CaptureError> {
     let page = crate::sys::page_size() as u64;
-    let vmas = maps::read_self().map_err(CaptureError::Maps)?;
+    let vmas = without_arena(maps::read_self().map_err(CaptureError::Maps)?);
     let fds = preflight::fds()?;
     let f = Freeze::get();
     let control = Slot::default();
@@ -69,35 +99,27 @@ pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Su
     threads.push(thread_record(&control, ThreadRecord::CONTROL));
     for t in &mut threads {
         t.pending = sig_mask(&format!("/proc/self/task/{}/status", t.tid), "SigPnd:");
+        let comm = fs::read(format!("/proc/self/task/{}/comm", t.tid)).unwrap_or_default();
+        let comm = comm.strip_suffix(b"\n").unwrap_or(&comm);
+        let n = comm.len().min(15);
+        t.name[..n].copy_from_slice(&comm[..n]);
     }
 
     let mut writer = Writer::create(dir, page).map_err(CaptureError::Write)?;
     let pagemap = fs::File::open("/proc/self/pagemap").map_err(state_err("/proc/self/pagemap"))?;
-    // Everything is planned and allocated before the first page is read: the runtime's own heap is
-    // part of the image, and an allocation between two page reads would tear its metadata.
+    // Through /proc/self/mem the kernel reads even pages the process may not (PROT_NONE memory
+    // that holds data), and a fault is an error, not a crash.
+    let mem = fs::File::open("/proc/self/mem").map_err(state_err("/proc/self/mem"))?;
     let mut bounce = vec![0u8; BOUNCE];
     let mut wire_vmas = Vec::new();
     let mut planned = Vec::new();
     let (mut run_count, mut page_count) = (0usize, 0u64);
-    let arena = crate::sys::arena::range().unwrap_or(0..0);
-    for v in vmas
-        .iter()
-        .filter(|v| !v.is_special() && v.end <= USER_END && (v.end <= arena.start || v.start >= arena.end))
-    {
+    for v in vmas.iter().filter(|v| !v.is_special() && v.end <= USER_END) {
         wire_vmas.push(wire_vma(v));
         if v.perms.shared {
             continue; // the file holds the data
         }
         let runs = data_runs(&pagemap, v, page)?;
-        if !runs.is_empty() && !v.perms.read {
-            return Err(Refusal::Mapping {
-                start: v.start,
-                end: v.end,
-                name: v.path.clone(),
-                what: "unreadable memory that holds data",
-            }
-            .into());
-        }
         run_count += runs.len();
         page_count += runs.iter().map(|r| (r.end - r.start) / page).sum::<u64>();
         planned.extend(runs);
@@ -108,7 +130,7 @@ pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Su
         let mut addr = run.start;
         while addr < run.end {
             let n = usize::try_from((run.end - addr).min(BOUNCE as u64)).unwrap_or(BOUNCE);
-            read_own(addr, &mut bounce[..n])?;
+            read_mem(&mem, addr, &mut bounce[..n])?;
             writer.data(addr, &bounce[..n]).map_err(CaptureError::Write)?;
             addr += n as u64;
             populated += n as u64;
@@ -175,6 +197,7 @@ fn thread_record(s: &Slot, flags: u32) -> ThreadRecord {
             sig: if rseq == 0 { 0 } else { RSEQ_SIG },
         },
         pending: 0,
+        name: [0; 16],
     }
 }
 
@@ -248,6 +271,12 @@ fn data_runs(pagemap: &fs::File, v: &Vma, page: u64) -> Result<Vec<std::ops::Ran
         addr += pages * page;
     }
     Ok(out)
+}
+
+/// Copies this process's memory at `addr` into `buf` from `/proc/self/mem`.
+fn read_mem(mem: &fs::File, addr: u64, buf: &mut [u8]) -> Result<(), CaptureError> {
+    mem.read_exact_at(buf, addr)
+        .map_err(|source| CaptureError::ReadMemory { addr, source })
 }
 
 /// Copies this process's memory at `addr` into `buf` through the kernel (a fault is an error, not a

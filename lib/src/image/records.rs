@@ -193,6 +193,8 @@ pub struct ThreadRecord {
     pub rseq: Rseq,
     /// Signals pending for this thread only.
     pub pending: u64,
+    /// The thread's name (`comm`, at most 15 bytes, NUL-padded).
+    pub name: [u8; 16],
 }
 
 impl ThreadRecord {
@@ -427,6 +429,7 @@ impl ThreadRecord {
             .u32(self.rseq.len)
             .u32(self.rseq.sig)
             .u64(self.pending);
+        e.0.extend_from_slice(&self.name);
         e.0
     }
 
@@ -454,6 +457,7 @@ impl ThreadRecord {
                 sig: d.u32("rseq signature")?,
             },
             pending: d.u64("thread pending")?,
+            name: d.take(16, "thread name")?.try_into().unwrap_or([0; 16]),
         };
         d.finish("thread record")?;
         if t.tid == 0 || t.frame == 0 || t.frame % 8 != 0 {

@@ -43,6 +43,18 @@ pub fn prepare() -> io::Result<()> {
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
+    // A name keeps the kernel from merging the arena with a neighbour (and shows it in the maps);
+    // kernels without CONFIG_ANON_VMA_NAME refuse, which capture copes with (it cuts the arena out).
+    // SAFETY: PR_SET_VMA_ANON_NAME only labels the mapping just made; the name is a valid C string.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_VMA,
+            libc::PR_SET_VMA_ANON_NAME,
+            p as libc::c_ulong,
+            SIZE as libc::c_ulong,
+            c"om-capture-arena".as_ptr() as libc::c_ulong,
+        )
+    };
     BASE.store(p as usize, Ordering::Release);
     Ok(())
 }
@@ -81,7 +93,8 @@ fn bump(layout: Layout) -> *mut u8 {
     let base = BASE.load(Ordering::Acquire);
     let mut cur = NEXT.load(Ordering::Acquire);
     loop {
-        let start = cur.next_multiple_of(layout.align());
+        // At least malloc's alignment, as the heap it stands in for gives.
+        let start = cur.next_multiple_of(layout.align().max(16));
         let Some(end) = start.checked_add(layout.size()) else {
             return std::ptr::null_mut();
         };

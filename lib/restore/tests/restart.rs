@@ -1,0 +1,212 @@
+//! Checkpoint and restart of real programs: each is checkpointed at a random moment under `omrun`
+//! (which ends it once the image is safe), restarted with `omctl restart`, and what it printed
+//! before and after must be, byte for byte, what an uninterrupted run prints, with the same exit
+//! status.
+
+mod common;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use common::{Kill, Node, Workload, bin_dir, build, stdout_of, workload_source};
+
+/// A delay in `lo..hi` ms from the clock: the checkpoint lands at a different place in each run.
+fn random_ms(lo: u64, hi: u64) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    lo + x % (hi - lo)
+}
+
+fn program(path: PathBuf, args: &[&str]) -> Workload {
+    Workload {
+        argv: std::iter::once(path.into_os_string())
+            .chain(args.iter().map(Into::into))
+            .collect(),
+        stdin: None,
+        cwd: None,
+    }
+}
+
+/// `omctl restart DIR` in the foreground, stdout piped.
+fn restart(node: &Node, ck: &std::path::Path) -> Kill {
+    Command::new(bin_dir().join("omctl"))
+        .arg("--control")
+        .arg(node.dir.join("ctl.sock"))
+        .arg("restart")
+        .arg(ck)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Kill)
+        .unwrap()
+}
+
+fn finish(mut k: Kill) -> (Vec<u8>, std::process::ExitStatus, String) {
+    let mut err = String::new();
+    let mut e = k.0.stderr.take().unwrap();
+    let (out, status) = stdout_of(&mut k);
+    let _ = e.read_to_string(&mut err);
+    (out, status, err)
+}
+
+/// Checkpoints `w` after `delay` ms (or a random moment in `window`), restarts it `cycles` times
+/// in a row (each restarted copy checkpointed again), and compares with an uninterrupted run.
+fn checkpoint_restart(name: &str, w: &Workload, window: (u64, u64), cycles: usize) {
+    let (want, want_status) = w.reference();
+    assert!(!want.is_empty(), "{name}: the reference run printed nothing");
+    let node = Node::start(&format!("rs-{name}"));
+    let (mut run, pid) = node.run(w);
+    let mut got = Vec::new();
+    let mut delays = Vec::new();
+    let delay = random_ms(window.0, window.1);
+    delays.push(delay);
+    std::thread::sleep(Duration::from_millis(delay));
+    let ck = node.dir.join("ck0");
+    let out = node.omctl(&["checkpoint", &pid.to_string(), "--out", ck.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{name}: checkpoint after {delay} ms: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (part, status) = stdout_of(&mut run);
+    assert!(status.success(), "{name}: omrun after the checkpoint: {status:?}");
+    got.extend(part);
+
+    let mut ck = ck;
+    let mut seen = vec![pid];
+    for cycle in 1..=cycles {
+        let running = restart(&node, &ck);
+        if cycle == cycles {
+            let (part, status, err) = finish(running);
+            got.extend(part);
+            assert_eq!(
+                status.code(),
+                want_status.code(),
+                "{name}: exit status after restart (delays {delays:?}): {err}"
+            );
+            break;
+        }
+        // The restored copy registers again under a new node pid, with its own pid unchanged.
+        let now = node.wait_registered(|p, v| v == pid && !seen.contains(&p));
+        seen.push(now);
+        let delay = random_ms(window.0 / 2, window.1 / 2);
+        delays.push(delay);
+        std::thread::sleep(Duration::from_millis(delay));
+        let next = node.dir.join(format!("ck{cycle}"));
+        let out = node.omctl(&["checkpoint", &now.to_string(), "--out", next.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{name}: checkpoint {cycle}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (part, status, err) = finish(running);
+        assert!(
+            status.success(),
+            "{name}: restart {cycle} ended with {status:?}: {err}"
+        );
+        got.extend(part);
+        ck = next;
+    }
+    if got != want {
+        let g = String::from_utf8_lossy(&got);
+        let w = String::from_utf8_lossy(&want);
+        panic!(
+            "{name}: output differs (checkpoints after {delays:?} ms)\n--- restarted:\n{g}\n--- uninterrupted:\n{w}"
+        );
+    }
+}
+
+#[test]
+fn single_threaded_c() {
+    let w = program(build("single.c"), &[]);
+    checkpoint_restart("single", &w, (200, 1200), 1);
+}
+
+#[test]
+fn c_with_eight_pthreads_mutexes_and_condvars() {
+    let w = program(build("threads.c"), &[]);
+    checkpoint_restart("threads", &w, (200, 1200), 1);
+}
+
+#[test]
+fn rust_threads_and_channels() {
+    let w = program(build("rust_threads.rs"), &[]);
+    checkpoint_restart("rust", &w, (200, 1200), 1);
+}
+
+#[test]
+fn openmp_loop() {
+    let w = program(build("openmp.c"), &[]);
+    checkpoint_restart("openmp", &w, (200, 1200), 1);
+}
+
+#[test]
+fn python3_computation() {
+    // The interpreter itself, not a pyenv shim script.
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let mut w = program(python, &[]);
+    w.argv.push(workload_source("compute.py").into_os_string());
+    checkpoint_restart("python", &w, (300, 1200), 1);
+}
+
+#[test]
+fn sqlite3_transaction_script_on_stdin() {
+    let mut w = program(PathBuf::from("sqlite3"), &[":memory:"]);
+    w.stdin = Some(workload_source("sqlite.sql"));
+    checkpoint_restart("sqlite", &w, (200, 1200), 1);
+}
+
+#[test]
+fn sigalrm_handler_on_a_sigaltstack() {
+    let w = program(build("sigalrm.c"), &[]);
+    checkpoint_restart("sigalrm", &w, (200, 1200), 1);
+}
+
+#[test]
+fn file_written_while_running_continues_at_its_offset() {
+    let prog = build("filewriter.c");
+    let dir = std::env::temp_dir().join(format!("om-fw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = program(prog, &[]);
+    w.cwd = Some(dir.clone());
+    checkpoint_restart("filewriter", &w, (200, 1200), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_gib_heap() {
+    let w = program(build("bigheap.c"), &["2048"]);
+    checkpoint_restart("bigheap", &w, (500, 1500), 1);
+}
+
+#[test]
+fn ten_thousand_vmas() {
+    let w = program(build("manyvmas.c"), &[]);
+    checkpoint_restart("manyvmas", &w, (200, 1000), 1);
+}
+
+#[test]
+fn exit_status_of_the_restarted_program() {
+    let w = program(build("exitcode.c"), &[]);
+    checkpoint_restart("exitcode", &w, (200, 1000), 1);
+}
+
+#[test]
+fn checkpoint_and_restart_five_times_in_a_row() {
+    let w = program(build("threads.c"), &["500"]);
+    checkpoint_restart("cycles", &w, (200, 600), 6);
+}
