@@ -28,7 +28,6 @@ fn unbuilt_operations_say_so() {
             ][..],
             "live migration",
         ),
-        (&["restart", "/tmp/x"][..], "restart"),
     ] {
         let (code, err) = omctl(args);
         assert_eq!(code, Some(69), "{args:?}: {err}");
@@ -37,6 +36,25 @@ fn unbuilt_operations_say_so() {
             "{args:?}: {err}"
         );
     }
+}
+
+#[test]
+fn restart_of_something_that_is_no_checkpoint_names_it() {
+    let dir = std::env::temp_dir().join(format!("om-not-a-checkpoint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("om-image"), b"garbage that is not a manifest").unwrap();
+    for (d, what) in [
+        (
+            std::path::PathBuf::from("/nonexistent/ck"),
+            "/nonexistent/ck/om-image",
+        ),
+        (dir.clone(), "no om checkpoint magic"),
+    ] {
+        let (code, err) = omctl(&["restart", d.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(what), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

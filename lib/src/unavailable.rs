@@ -59,7 +59,7 @@ pub const FEATURES: &[(Feature, bool)] = &[
     (Feature::Runtime, true),
     (Feature::PageServer, true),
     (Feature::Checkpoint, true),
-    (Feature::Restart, false),
+    (Feature::Restart, true),
     (Feature::Migrate, false),
     (Feature::ProcessList, true),
 ];

@@ -104,7 +104,9 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes) -> String {
                 _ => "ERR usage: checkpoint PID 0|1 /ABSOLUTE/DIR".to_owned(),
             }
         }
-        Some("restart") => format!("ERR {}", Unavailable::new(Feature::Restart)),
+        Some("restart") => {
+            "ERR restart runs on the node itself: omctl restart DIR (om-restore), not through omd".to_owned()
+        }
         Some(other) => format!("ERR unknown request {:?}", truncate(other, 64)),
         None => "ERR empty request".to_owned(),
     }

@@ -31,6 +31,24 @@ pub struct Runtimes {
     inner: Arc<Mutex<BTreeMap<u32, Entry>>>,
 }
 
+/// False once the runtime's end of `conn` is closed. A connection busy with a request is alive.
+fn connected(conn: &Mutex<UnixStream>) -> bool {
+    let Ok(s) = conn.try_lock() else {
+        return true;
+    };
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    match recv(
+        s.as_raw_fd(),
+        &mut [0u8; 1],
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e == nix::errno::Errno::EAGAIN,
+    }
+}
+
 /// The pids of process `pid` in each pid namespace it belongs to, outermost first (`NSpid`).
 fn ns_pids(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -67,15 +85,13 @@ impl Runtimes {
         Ok(())
     }
 
-    /// The registered processes: `(pid on this node, pid as the program sees it)`.
+    /// The registered processes: `(pid on this node, pid as the program sees it)`. Runtimes whose
+    /// connection has closed (the process ended) are dropped first.
     #[must_use]
     pub fn pids(&self) -> Vec<(u32, u32)> {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(p, e)| (*p, e.vpid))
-            .collect()
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, e| connected(&e.conn));
+        map.iter().map(|(p, e)| (*p, e.vpid)).collect()
     }
 
     /// Sends `request` to the runtime of `pid` and returns its one-line answer.

@@ -210,3 +210,112 @@ fn checkpoint_and_restart_five_times_in_a_row() {
     let w = program(build("threads.c"), &["500"]);
     checkpoint_restart("cycles", &w, (200, 600), 6);
 }
+
+/// Checkpoints `w` (a fresh copy of a built program) once, returning the node, the checkpoint and
+/// the program's path.
+fn checkpointed(name: &str, src: &str) -> (Node, PathBuf, PathBuf) {
+    let node = Node::start(&format!("rs-{name}"));
+    let prog = node.dir.join(src.trim_end_matches(".c"));
+    std::fs::copy(build(src), &prog).unwrap();
+    let (mut run, pid) = node.run(&program(prog.clone(), &[]));
+    std::thread::sleep(Duration::from_millis(300));
+    let ck = node.dir.join("ck");
+    let out = node.omctl(&["checkpoint", &pid.to_string(), "--out", ck.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = stdout_of(&mut run);
+    (node, ck, prog)
+}
+
+fn assert_restart_fails(node: &Node, ck: &std::path::Path, what: &str) {
+    let (_, status, err) = finish(restart(node, ck));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(what), "wanted {what:?} in: {err}");
+    // Nothing of it runs or registered.
+    let ps = String::from_utf8_lossy(&node.omctl(&["ps"]).stdout).into_owned();
+    assert_eq!(ps.trim(), "0", "{ps}");
+}
+
+#[test]
+fn a_mapped_file_changed_since_the_checkpoint_is_refused_by_name() {
+    let (node, ck, prog) = checkpointed("changed", "single.c");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&prog).unwrap();
+    std::io::Write::write_all(&mut f, b"\0").unwrap();
+    drop(f);
+    assert_restart_fails(
+        &node,
+        &ck,
+        &format!("{} (mapped by the process) was modified", prog.display()),
+    );
+    std::fs::remove_file(&prog).unwrap();
+    assert_restart_fails(
+        &node,
+        &ck,
+        &format!("{} (mapped by the process) cannot be opened", prog.display()),
+    );
+}
+
+#[test]
+fn a_corrupted_page_is_refused_and_nothing_runs() {
+    let (node, ck, _) = checkpointed("corrupt", "single.c");
+    let pages = ck.join("pages");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&pages, &bytes).unwrap();
+    assert_restart_fails(&node, &ck, "fails its checksum");
+}
+
+#[test]
+fn detached_restart_prints_the_pid_and_the_file_output_continues() {
+    let prog = build("threads.c");
+    let w = program(prog.clone(), &[]);
+    let (want, _) = w.reference();
+    let node = Node::start("rs-detach");
+    let out_file = node.dir.join("out.txt");
+    // stdout is a regular file this time: the restored process reopens it at its offset.
+    let mut cmd = common::clean_fds();
+    cmd.arg(bin_dir().join("omrun"))
+        .arg("--control")
+        .arg(node.dir.join("ctl.sock"))
+        .arg("--")
+        .arg(&prog)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(Stdio::null());
+    let mut run = cmd.spawn().map(Kill).unwrap();
+    let omrun = run.0.id();
+    let pid = node.wait_registered(|p, _| common::parent_of(p) == Some(omrun));
+    std::thread::sleep(Duration::from_millis(random_ms(200, 1000)));
+    let ck = node.dir.join("ck");
+    let out = node.omctl(&["checkpoint", &pid.to_string(), "--out", ck.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(run.0.wait().unwrap().success());
+
+    let out = Command::new(bin_dir().join("omctl"))
+        .arg("--control")
+        .arg(node.dir.join("ctl.sock"))
+        .args(["restart", "--detach"])
+        .arg(&ck)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let now: u32 = text
+        .trim()
+        .strip_prefix("restarted as pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output {text:?}"));
+    // It runs under its old pid in its namespace and registers again.
+    node.wait_registered(|p, v| p == now && v == pid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::path::Path::new(&format!("/proc/{now}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted program did not end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(&out_file).unwrap(), want);
+}
