@@ -38,6 +38,11 @@ pub struct Target<'a> {
     pub status_fd: RawFd,
     /// The exe fd, if any (already at its planned number).
     pub exe_fd: Option<RawFd>,
+    /// For a lazy restore: the planned userfaultfd number and the socket that hands it to the
+    /// restorer.
+    pub lazy: Option<(RawFd, std::os::fd::OwnedFd)>,
+    /// The userfaultfd once placed (kept open for the blob, which closes it).
+    pub uffd_fd: Option<RawFd>,
 }
 
 /// Becomes the image. Returns only on failure.
@@ -126,6 +131,15 @@ fn prepare(t: &mut Target<'_>) -> Result<(), RestoreError> {
                 )))?;
         }
     }
+    if let Some((n, sock)) = t.lazy.take() {
+        // The userfaultfd belongs to this process's memory; the restorer serves it.
+        let uffd = sys::lazy_uffd().map_err(RestoreError::os("opening a userfaultfd for lazy pages"))?;
+        sys::dup_onto(uffd.as_raw_fd(), n, true).map_err(RestoreError::os("placing the userfaultfd"))?;
+        drop(uffd);
+        sys::send_fd(&sock, n).map_err(RestoreError::os("handing the userfaultfd to the restorer"))?;
+        drop(sock);
+        t.uffd_fd = Some(n);
+    }
     restore_fds(t)?;
     let p = t.process;
     std::env::set_current_dir(&p.cwd).map_err(RestoreError::os(format!("entering {}", p.cwd)))?;
@@ -189,6 +203,13 @@ fn fill(t: &mut Target<'_>) -> Result<(), RestoreError> {
                     RestoreError::Setup(format!("page data at {addr:#x} lies outside private memory"))
                 })?;
             let end = run.addr.end.min(v.end);
+            if t.plan.chunks[i].lazy {
+                // Served on demand once the process runs.
+                sum += usize::try_from((end - addr) / page).unwrap_or(0);
+                offset += end - addr;
+                addr = end;
+                continue;
+            }
             let at = t
                 .plan
                 .premap_of(addr)
@@ -301,6 +322,7 @@ fn open_fd(r: &FdRecord) -> Result<Option<File>, RestoreError> {
 fn restore_fds(t: &Target<'_>) -> Result<(), RestoreError> {
     let mut keep: Vec<RawFd> = vec![t.status_fd];
     keep.extend(t.exe_fd);
+    keep.extend(t.uffd_fd);
     for r in t.fds {
         let n = RawFd::try_from(r.fd).unwrap_or(-1);
         let cloexec = r.flags & libc::O_CLOEXEC as u32 != 0;

@@ -8,6 +8,7 @@
 pub mod become_target;
 pub mod blob;
 pub mod error;
+pub mod lazy;
 pub mod plan;
 pub mod restore;
 pub mod sys;

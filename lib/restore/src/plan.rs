@@ -36,6 +36,7 @@ const NR_MREMAP: i64 = libc::SYS_mremap;
 const NR_PRCTL: i64 = libc::SYS_prctl;
 const NR_ARCH_PRCTL: i64 = libc::SYS_arch_prctl;
 const NR_CLOSE: i64 = libc::SYS_close;
+const NR_IOCTL: i64 = libc::SYS_ioctl;
 const NR_KILL: i64 = libc::SYS_kill;
 const NR_TGKILL: i64 = libc::SYS_tgkill;
 const NR_ROBUST: i64 = libc::SYS_set_robust_list;
@@ -103,6 +104,8 @@ pub struct Here<'a> {
     pub status_fd: u32,
     /// An fd open on the image's executable, for `/proc/PID/exe`.
     pub exe_fd: Option<u32>,
+    /// The userfaultfd through which lazy VMAs are served (registered by the blob, then closed).
+    pub uffd: Option<u32>,
 }
 
 /// How a VMA is premapped.
@@ -127,6 +130,8 @@ pub struct Chunk {
     pub at: u64,
     /// How to map it.
     pub kind: ChunkKind,
+    /// Its pages are served on demand after the process runs (private anonymous memory only).
+    pub lazy: bool,
 }
 
 /// Everything the restorer does, with addresses.
@@ -261,11 +266,14 @@ struct Areas {
 ///
 /// # Errors
 /// [`PlanError`]: an image that cannot be restored here, or no room.
+/// `lazy[i]` asks for VMA `i` to be served on demand; it is honoured for private anonymous memory
+/// when `here.uffd` is set.
 pub fn plan(
     vmas: &[Vma],
     process: &ProcessRecord,
     threads: &[ThreadRecord],
     here: &Here<'_>,
+    lazy: &[bool],
 ) -> Result<Plan, PlanError> {
     let page = here.page;
     check_vmas(vmas, page)?;
@@ -294,10 +302,14 @@ pub fn plan(
     let mut chunks = Vec::with_capacity(vmas.len());
     let mut off = 0;
     for (i, v) in vmas.iter().enumerate() {
+        let kind = chunk_kind(v);
         chunks.push(Chunk {
             vma: i,
             at: off,
-            kind: chunk_kind(v),
+            kind,
+            lazy: here.uffd.is_some()
+                && lazy.get(i) == Some(&true)
+                && matches!(kind, ChunkKind::Anon | ChunkKind::Stack),
         });
         off += v.len() + page;
     }
@@ -439,6 +451,28 @@ fn build(
         &[areas.premap, areas.premap_len],
         "unmap the premap area",
     );
+
+    // Lazy VMAs: registered for missing-page faults, which the restorer serves from the image.
+    if let Some(uffd) = here.uffd {
+        for c in chunks.iter().filter(|c| c.lazy) {
+            let v = &vmas[c.vma];
+            let reg = b.put(&om::sys::uffd::register_missing_bytes(v.start, v.len()));
+            b.op(
+                crate::blob::SYSCALL,
+                NR_IOCTL.unsigned_abs(),
+                [
+                    Arg::Imm(u64::from(uffd)),
+                    Arg::Imm(u64::from(om::sys::uffd::UFFDIO_REGISTER)),
+                    Arg::Data(reg),
+                    Arg::Imm(0),
+                    Arg::Imm(0),
+                    Arg::Imm(0),
+                ],
+                format!("register {:#x}..{:#x} for lazy pages", v.start, v.end),
+            );
+        }
+        b.mayfail(NR_CLOSE, &[u64::from(uffd)], "close the userfaultfd");
+    }
 
     // 4. The mm fields, with a fallback to one field at a time (needs CAP_SYS_RESOURCE).
     let mut auxv: Vec<u64> = Vec::new();
@@ -864,8 +898,13 @@ mod tests {
             page: 4096,
             status_fd: 9,
             exe_fd: Some(10),
+            uffd: Some(11),
         };
-        let plan = plan(&vmas, &p, &threads, &here).unwrap();
+        let plan = plan(&vmas, &p, &threads, &here, &[true, true, false]).unwrap();
+        assert_eq!(
+            plan.chunks.iter().map(|c| c.lazy).collect::<Vec<_>>(),
+            [false, true, false]
+        );
         let mut all: Vec<Range<u64>> = vmas.iter().map(|v| v.start..v.end).collect();
         all.extend(here.busy.iter().cloned());
         for r in [&plan.premap, &plan.leftover] {
@@ -890,6 +929,8 @@ mod tests {
             "PR_SET_MM_MAP",
             "create thread 101",
             "raise pending signal 10",
+            "register 0x555500004000..0x555500008000 for lazy pages",
+            "close the userfaultfd",
             "raise signal 1 for thread 101",
             "resume thread 100",
             "thread 101 ready",
@@ -933,31 +974,35 @@ mod tests {
             page: 4096,
             status_fd: 3,
             exe_fd: None,
+            uffd: None,
         };
         let mut t2 = threads.clone();
         t2[0].tid = 5;
-        assert_eq!(plan(&vmas, &p, &t2, &here).unwrap_err(), PlanError::NoLeader(100));
+        assert_eq!(
+            plan(&vmas, &p, &t2, &here, &[]).unwrap_err(),
+            PlanError::NoLeader(100)
+        );
         let mut t3 = threads.clone();
         t3[1].tid = 100;
         assert_eq!(
-            plan(&vmas, &p, &t3, &here).unwrap_err(),
+            plan(&vmas, &p, &t3, &here, &[]).unwrap_err(),
             PlanError::BadThread(100)
         );
         let mut v2 = vmas.clone();
         v2.swap(0, 1);
         assert!(matches!(
-            plan(&v2, &p, &threads, &here),
+            plan(&v2, &p, &threads, &here, &[]),
             Err(PlanError::VmaOrder(_))
         ));
         let mut h2 = here.clone();
         h2.specials[1].end += 4096;
         assert!(matches!(
-            plan(&vmas, &p, &threads, &h2),
+            plan(&vmas, &p, &threads, &h2, &[]),
             Err(PlanError::Specials { .. })
         ));
         p.restore_marker = 0x5555_0000_0100; // read-only file mapping
         assert_eq!(
-            plan(&vmas, &p, &threads, &here).unwrap_err(),
+            plan(&vmas, &p, &threads, &here, &[]).unwrap_err(),
             PlanError::Marker(0x5555_0000_0100)
         );
     }

@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use om::compat::{Local, USER_END};
@@ -209,6 +209,7 @@ fn here_layout(
     code: &'static [u8],
     status_fd: RawFd,
     exe_fd: Option<RawFd>,
+    uffd: Option<RawFd>,
 ) -> Result<Here<'static>, RestoreError> {
     let vmas = maps::read_self().map_err(|e| RestoreError::Setup(format!("reading /proc/self/maps: {e}")))?;
     Ok(Here {
@@ -226,6 +227,7 @@ fn here_layout(
         page: om::sys::page_size() as u64,
         status_fd: u32::try_from(status_fd).unwrap_or(0),
         exe_fd: exe_fd.and_then(|f| u32::try_from(f).ok()),
+        uffd: uffd.and_then(|f| u32::try_from(f).ok()),
     })
 }
 
@@ -235,11 +237,13 @@ fn plan_and_reserve(
     img: &Image,
     status_fd: RawFd,
     exe_fd: Option<RawFd>,
+    uffd: Option<RawFd>,
+    lazy: &[bool],
 ) -> Result<(Plan, Area, Area), RestoreError> {
     let mut last = None;
     for _ in 0..4 {
-        let here = here_layout(sys::blob_code(), status_fd, exe_fd)?;
-        let plan = plan::plan(&img.ckpt.begin.vmas, &img.process, &img.threads, &here)
+        let here = here_layout(sys::blob_code(), status_fd, exe_fd, uffd)?;
+        let plan = plan::plan(&img.ckpt.begin.vmas, &img.process, &img.threads, &here, lazy)
             .map_err(RestoreError::Plan)?;
         let leftover = match Area::reserve(plan.leftover.start, plan.leftover.end - plan.leftover.start) {
             Ok(a) => a,
@@ -283,6 +287,27 @@ fn enter_user_namespace() -> Result<(), RestoreError> {
 /// Called when the program runs: its pid as this node sees it.
 pub type OnRunning<'a> = &'a mut dyn FnMut(u32);
 
+/// VMAs with at least this much page data are restored lazily.
+pub const LAZY_MIN: u64 = 1 << 20;
+
+/// Which VMAs to serve on demand: those holding at least [`LAZY_MIN`] bytes of data, unless
+/// `OM_RESTORE_EAGER` is set.
+fn lazy_vmas(img: &Image) -> Vec<bool> {
+    let vmas = &img.ckpt.begin.vmas;
+    let mut data = vec![0u64; vmas.len()];
+    if std::env::var_os("OM_RESTORE_EAGER").is_some() {
+        return vec![false; vmas.len()];
+    }
+    for r in img.ckpt.runs.iter().filter(|r| r.data) {
+        let mut i = vmas.partition_point(|v| v.end <= r.addr.start);
+        while let Some(v) = vmas.get(i).filter(|v| v.start < r.addr.end) {
+            data[i] += r.addr.end.min(v.end) - r.addr.start.max(v.start);
+            i += 1;
+        }
+    }
+    data.iter().map(|d| *d >= LAZY_MIN).collect()
+}
+
 /// Restores the image and waits for the program to end.
 ///
 /// # Errors
@@ -297,9 +322,27 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
     let exe_fd = File::open(&img.process.exe)
         .ok()
         .and_then(|f| sys::dup_above(f.as_raw_fd(), floor).ok());
+    let lazy = lazy_vmas(img);
+    // A lazy restore: a placeholder holds the userfaultfd's number, a socket brings it back here.
+    let handoff = if lazy.contains(&true) {
+        let placeholder = File::open("/dev/null").map_err(RestoreError::os("opening /dev/null"))?;
+        let n = sys::dup_above(placeholder.as_raw_fd(), floor)
+            .map_err(RestoreError::os("placing the userfaultfd"))?;
+        let (mine, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| RestoreError::os("creating a socket pair")(e.into()))?;
+        Some((n, mine, theirs))
+    } else {
+        None
+    };
+    let uffd_n = handoff.as_ref().map(|h| h.0);
     let (exit_r, exit_w) = pipe()?;
     // The areas stay reserved in this process; only the new process maps them.
-    let (plan, leftover, premap) = plan_and_reserve(img, status_w, exe_fd)?;
+    let (plan, leftover, premap) = plan_and_reserve(img, status_w, exe_fd, uffd_n, &lazy)?;
     enter_user_namespace()?;
 
     let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64;
@@ -307,7 +350,11 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
     if init == 0 {
         drop(status_r);
         drop(exit_r);
-        let code = run_init(img, &plan, leftover, premap, status_w, exe_fd, exit_w);
+        let lazy = handoff.map(|(n, mine, theirs)| {
+            drop(mine);
+            (n, theirs)
+        });
+        let code = run_init(img, &plan, leftover, premap, status_w, exe_fd, exit_w, lazy);
         std::process::exit(code);
     }
     sys::close(status_w);
@@ -315,15 +362,50 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         sys::close(fd);
     }
     drop(exit_w);
+    let server_sock = handoff.map(|(n, mine, theirs)| {
+        sys::close(n);
+        drop(theirs);
+        mine
+    });
 
-    let mut report = Vec::new();
-    let _ = File::from(status_r).read_to_end(&mut report);
-    if !report.is_empty() {
+    let lazy_ranges: Vec<std::ops::Range<u64>> = plan
+        .chunks
+        .iter()
+        .filter(|c| c.lazy)
+        .map(|c| {
+            let v = &img.ckpt.begin.vmas[c.vma];
+            v.start..v.end
+        })
+        .collect();
+    let uffd = match &server_sock {
+        Some(sock) => sys::recv_fd(sock).map_err(RestoreError::os("receiving the userfaultfd"))?,
+        None => None,
+    };
+    let pages_map;
+    let mut server = match uffd {
+        Some(u) => {
+            let path = img.ckpt.dir.join(om::image::checkpoint::PAGES);
+            let f = File::open(&path).map_err(RestoreError::os(format!("opening {}", path.display())))?;
+            let len = f
+                .metadata()
+                .map_err(RestoreError::os("reading the pages file size"))?
+                .len();
+            pages_map = sys::map_file(&f, len).map_err(RestoreError::os("mapping the pages file"))?;
+            Some(crate::lazy::Server::new(&img.ckpt, pages_map, &lazy_ranges, u))
+        }
+        None => None,
+    };
+    let running = watch(&plan, status_r, server.as_mut(), || {
+        if let Some(pid) = child_of(init) {
+            on_running(pid);
+        }
+    });
+    if let Err(e) = running {
+        if let Some(pid) = child_of(init) {
+            sys::kill(pid, libc::SIGKILL);
+        }
         let _ = sys::wait_any();
-        return Err(explain(&plan, &report));
-    }
-    if let Some(pid) = child_of(init) {
-        on_running(pid);
+        return Err(e);
     }
     let mut st = [0u8; 4];
     let got = File::from(exit_r).read_exact(&mut st);
@@ -331,6 +413,72 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
     match got {
         Ok(()) => Ok(Ended::from_wait(i32::from_le_bytes(st))),
         Err(_) => Err(RestoreError::Vanished(0)),
+    }
+}
+
+/// Waits for the restore's outcome on the status pipe, serving lazy pages meanwhile and after,
+/// until every page is in. Calls `running` once the program runs.
+fn watch(
+    plan: &Plan,
+    status: OwnedFd,
+    mut server: Option<&mut crate::lazy::Server<'_>>,
+    mut running: impl FnMut(),
+) -> Result<(), RestoreError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut status = Some(File::from(status));
+    let mut report = Vec::new();
+    loop {
+        let lazy_left = server.as_ref().is_some_and(|s| !s.done());
+        if status.is_none() && !lazy_left {
+            return Ok(());
+        }
+        let (status_ready, ready) = {
+            let uffds = server.as_ref().map(|s| s.fds()).unwrap_or_default();
+            let mut fds: Vec<PollFd<'_>> = uffds.iter().map(|f| PollFd::new(*f, PollFlags::POLLIN)).collect();
+            if let Some(st) = &status {
+                fds.push(PollFd::new(st.as_fd(), PollFlags::POLLIN));
+            }
+            // The background fill runs whenever nothing is waiting.
+            let timeout = if status.is_none() {
+                PollTimeout::ZERO
+            } else {
+                PollTimeout::from(100u16)
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(RestoreError::os("polling")(e.into())),
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            let status_ready = status.is_some() && ready.last() == Some(&true);
+            (status_ready, ready)
+        };
+        if let Some(s) = server.as_mut() {
+            s.serve(&ready)
+                .map_err(|e| RestoreError::Setup(om_transport::error::chain(&e)))?;
+        }
+        if status_ready {
+            let mut buf = [0u8; 4096];
+            let n = status
+                .as_mut()
+                .map_or(0, |f| std::io::Read::read(f, &mut buf).unwrap_or(0));
+            if n == 0 {
+                status = None;
+                if !report.is_empty() {
+                    return Err(explain(plan, &report));
+                }
+                running();
+            } else {
+                report.extend_from_slice(&buf[..n]);
+            }
+        } else if status.is_none() {
+            if let Some(s) = server.as_mut() {
+                s.step()
+                    .map_err(|e| RestoreError::Setup(om_transport::error::chain(&e)))?;
+            }
+        }
     }
 }
 
@@ -374,6 +522,7 @@ fn run_init(
     status_w: RawFd,
     exe_fd: Option<RawFd>,
     exit_w: OwnedFd,
+    lazy: Option<(RawFd, OwnedFd)>,
 ) -> i32 {
     let fail = |e: RestoreError| {
         become_target::report(status_w, &e);
@@ -397,6 +546,8 @@ fn run_init(
             premap,
             status_fd: status_w,
             exe_fd,
+            lazy,
+            uffd_fd: None,
         };
         let e = become_target::become_target(&mut t);
         become_target::report(status_w, &e);
@@ -405,6 +556,10 @@ fn run_init(
     sys::close(status_w);
     if let Some(fd) = exe_fd {
         sys::close(fd);
+    }
+    if let Some((n, sock)) = lazy {
+        sys::close(n);
+        drop(sock);
     }
     forward_signals_to(pid);
     loop {

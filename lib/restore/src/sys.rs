@@ -738,3 +738,111 @@ pub fn take_fd(fd: RawFd) -> Option<std::fs::File> {
     // in it uses that number.
     Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
+
+/// Sends `fd` over the unix socket `sock` (`SCM_RIGHTS`).
+///
+/// # Errors
+/// The `sendmsg` failure.
+pub fn send_fd(sock: &impl std::os::fd::AsFd, fd: RawFd) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let fds = [fd];
+    let iov = [io::IoSlice::new(b"u")];
+    sendmsg::<()>(
+        std::os::fd::AsRawFd::as_raw_fd(&sock.as_fd()),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map(drop)
+    .map_err(io::Error::from)
+}
+
+/// Receives one fd sent with [`send_fd`]; `None` when the peer closed without sending.
+///
+/// # Errors
+/// The `recvmsg` failure.
+pub fn recv_fd(sock: &impl std::os::fd::AsFd) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        std::os::fd::AsRawFd::as_raw_fd(&sock.as_fd()),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel just installed this descriptor in our table for us
+                // (SCM_RIGHTS); nothing else owns it.
+                return Ok(Some(unsafe {
+                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Maps `len` bytes of the file `fd` read-only for the life of the program.
+///
+/// # Errors
+/// The `mmap` failure.
+pub fn map_file(fd: &impl std::os::fd::AsFd, len: u64) -> io::Result<&'static [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    let n = usize_of(len)?;
+    // SAFETY: a fresh read-only shared mapping chosen by the kernel; it is never unmapped, so the
+    // slice stays valid. Checkpoint files are not modified while restored from (and a page that
+    // changes anyway fails its checksum before it is used).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            n,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `n` readable bytes just mapped at `p`, never unmapped.
+    Ok(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), n) })
+}
+
+/// A userfaultfd for the calling process, with the non-cooperative events a lazy restore needs.
+///
+/// # Errors
+/// No userfaultfd, or a kernel without those events.
+pub fn lazy_uffd() -> io::Result<std::os::fd::OwnedFd> {
+    use om::sys::uffd;
+    let fd = uffd::open(0).or_else(|_| uffd::open(uffd::UFFD_USER_MODE_ONLY))?;
+    uffd::api(
+        &fd,
+        uffd::FEATURE_EVENT_FORK
+            | uffd::FEATURE_EVENT_REMAP
+            | uffd::FEATURE_EVENT_REMOVE
+            | uffd::FEATURE_EVENT_UNMAP,
+    )?;
+    Ok(fd)
+}
+
+/// Takes ownership of `fd`, which the kernel just installed in this process's table for it (the
+/// new userfaultfd of a `UFFD_EVENT_FORK`); `None` for a negative number.
+#[must_use]
+pub fn adopt_fd(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: F_GETFD only queries.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the kernel created this descriptor for this process as part of the event message;
+    // nothing else refers to it.
+    Some(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}

@@ -1,4 +1,5 @@
-//! userfaultfd: the structs and ioctls om uses for write-protect tracking.
+//! userfaultfd: the structs and ioctls om uses for write-protect tracking and for lazy restore
+//! (missing-page faults served from an image, with the non-cooperative events).
 //!
 //! # References
 //! `userfaultfd(2)`, `ioctl_userfaultfd(2)`, `include/uapi/linux/userfaultfd.h`,
@@ -21,6 +22,17 @@ pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// `UFFD_FEATURE_WP_ASYNC`: the kernel resolves write-protect faults itself (Linux 6.7).
 pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
+/// `UFFD_FEATURE_EVENT_FORK`: a fork of the process hands over a userfaultfd for the child.
+pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
+/// `UFFD_FEATURE_EVENT_REMAP`: `mremap` of a registered range is reported.
+pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
+/// `UFFD_FEATURE_EVENT_REMOVE`: `MADV_DONTNEED`/`MADV_REMOVE` of a registered range is reported.
+pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// `UFFD_FEATURE_EVENT_UNMAP`: `munmap` of a registered range is reported.
+pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `UFFDIO_REGISTER_MODE_WP`.
 pub const REGISTER_MODE_WP: u64 = 1 << 1;
 /// `UFFDIO_WRITEPROTECT_MODE_WP`.
@@ -83,6 +95,74 @@ pub const UFFDIO_REGISTER: u32 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x00, size_of::
 pub const UFFDIO_UNREGISTER: u32 = ioc(IOC_READ, 0xAA, 0x01, size_of::<UffdioRange>());
 /// `UFFDIO_WRITEPROTECT = _IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
 pub const UFFDIO_WRITEPROTECT: u32 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, size_of::<UffdioWriteprotect>());
+/// `UFFDIO_COPY`.
+pub const UFFDIO_COPY: u32 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x03, size_of::<UffdioCopy>());
+/// `UFFDIO_ZEROPAGE`.
+pub const UFFDIO_ZEROPAGE: u32 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x04, size_of::<UffdioZeropage>());
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioCopy {
+    /// Destination in the registered range.
+    pub dst: u64,
+    /// Source in the caller's memory.
+    pub src: u64,
+    /// Bytes.
+    pub len: u64,
+    /// `UFFDIO_COPY_MODE_*`.
+    pub mode: u64,
+    /// Out: bytes copied, or a negative errno.
+    pub copy: i64,
+}
+
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioZeropage {
+    /// The range.
+    pub range: UffdioRange,
+    /// `UFFDIO_ZEROPAGE_MODE_*`.
+    pub mode: u64,
+    /// Out: bytes zeroed, or a negative errno.
+    pub zeropage: i64,
+}
+
+/// `struct uffd_msg` (32 bytes): the event and its first three argument words.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdMsg {
+    /// `UFFD_EVENT_*`.
+    pub event: u8,
+    /// Reserved.
+    pub reserved1: u8,
+    /// Reserved.
+    pub reserved2: u16,
+    /// Reserved.
+    pub reserved3: u32,
+    /// pagefault: flags; fork: the new fd (low 32 bits); remap: from; remove/unmap: start.
+    pub arg0: u64,
+    /// pagefault: address; remap: to; remove/unmap: end.
+    pub arg1: u64,
+    /// remap: len.
+    pub arg2: u64,
+}
+const _: () = assert!(size_of::<UffdMsg>() == 32);
+const _: () = assert!(size_of::<UffdioCopy>() == 40);
+const _: () = assert!(size_of::<UffdioZeropage>() == 32);
+const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
+const _: () = assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
+
+/// `UFFD_EVENT_PAGEFAULT`.
+pub const EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_FORK`.
+pub const EVENT_FORK: u8 = 0x13;
+/// `UFFD_EVENT_REMAP`.
+pub const EVENT_REMAP: u8 = 0x14;
+/// `UFFD_EVENT_REMOVE`.
+pub const EVENT_REMOVE: u8 = 0x15;
+/// `UFFD_EVENT_UNMAP`.
+pub const EVENT_UNMAP: u8 = 0x16;
 
 // The values of the kernel headers.
 const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
@@ -172,4 +252,83 @@ pub fn writeprotect(fd: &OwnedFd, start: u64, len: u64, protect: bool) -> io::Re
         mode,
     };
     ioctl(fd, UFFDIO_WRITEPROTECT, &mut w)
+}
+
+/// How a fill ioctl ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Every byte was filled.
+    Done,
+    /// The first `n` bytes were filled, then the kernel said `errno` (`EEXIST`: a page there is
+    /// already present; `EAGAIN`: events are pending and must be read first; `ENOENT`/`EINVAL`: the
+    /// range is no longer registered).
+    Partial(u64, i32),
+}
+
+fn fill_result(r: io::Result<()>, done: i64, len: u64) -> Fill {
+    match r {
+        Ok(()) => Fill::Done,
+        Err(e) => Fill::Partial(
+            u64::try_from(done).unwrap_or(0).min(len),
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ),
+    }
+}
+
+/// `UFFDIO_COPY`: fills `[dst, dst + src.len())` of the registered process with `src`, waking the
+/// threads that wait there.
+pub fn copy(fd: &OwnedFd, dst: u64, src: &[u8]) -> Fill {
+    let mut c = UffdioCopy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode: 0,
+        copy: 0,
+    };
+    // The kernel only reads `src` (a live slice) and writes `c`.
+    let r = ioctl(fd, UFFDIO_COPY, &mut c);
+    fill_result(r, c.copy, c.len)
+}
+
+/// `UFFDIO_ZEROPAGE`: maps zero pages at `[start, start + len)` and wakes the waiters.
+pub fn zeropage(fd: &OwnedFd, start: u64, len: u64) -> Fill {
+    let mut z = UffdioZeropage {
+        range: UffdioRange { start, len },
+        mode: 0,
+        zeropage: 0,
+    };
+    let r = ioctl(fd, UFFDIO_ZEROPAGE, &mut z);
+    fill_result(r, z.zeropage, len)
+}
+
+/// Reads the pending messages (non-blocking fd): an empty vector when there are none.
+///
+/// # Errors
+/// A read error other than `EAGAIN`.
+pub fn read_msgs(fd: &OwnedFd) -> io::Result<Vec<UffdMsg>> {
+    let mut buf = [UffdMsg::default(); 64];
+    // SAFETY: the buffer is valid for `size_of_val(&buf)` bytes and UffdMsg is plain integers, so
+    // any bytes the kernel writes form valid values.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), size_of_val(&buf)) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(Vec::new())
+        } else {
+            Err(e)
+        };
+    }
+    let count = n.unsigned_abs() / size_of::<UffdMsg>();
+    Ok(buf[..count].to_vec())
+}
+
+/// The `struct uffdio_register` for missing-page faults on `[start, start + len)`, as bytes (for
+/// a restorer that issues the ioctl itself).
+#[must_use]
+pub fn register_missing_bytes(start: u64, len: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..8].copy_from_slice(&start.to_le_bytes());
+    out[8..16].copy_from_slice(&len.to_le_bytes());
+    out[16..24].copy_from_slice(&REGISTER_MODE_MISSING.to_le_bytes());
+    out
 }

@@ -1,0 +1,436 @@
+//! Lazy restore: the big VMAs of an image are not read before the process runs. They are
+//! registered with a userfaultfd (missing-page mode) and this server, in the restorer, fills each
+//! page on its first touch and, in the background, every other page, straight from the mapped pages
+//! file (`UFFDIO_COPY`). Once every page is in, it closes the userfaultfd and the process no longer
+//! depends on it.
+//!
+//! The process keeps running meanwhile and may change its memory map; the non-cooperative events say
+//! so and keep the server right (the kernel holds back fills while an event is unread, `EAGAIN`):
+//!
+//! - `REMOVE` (`MADV_DONTNEED`) and `UNMAP`: those addresses no longer take image data; a fault
+//!   there gets a zero page, as it would have without om (the memfd trap of PLATFORM.md avoided).
+//! - `REMAP` (`mremap`): the image data moves with the mapping.
+//! - `FORK`: the child gets a userfaultfd of its own, with the parent's map at that moment; pages
+//!   neither had touched are served to it too.
+//!
+//! Each page's checksum is checked before it is copied. A bad page cannot be refused any more (the
+//! process runs): the process is killed and the restore reports the page; the checkpoint is intact.
+
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use om::image::Checkpoint;
+use om::sys::uffd::{self, Fill, UffdMsg};
+
+/// Bytes filled per background step (faults are served between steps).
+const STEP: u64 = 1 << 20;
+
+/// Image data: `addr` in the image, at `offset` in the pages file, with its first checksum index.
+#[derive(Debug, Clone)]
+struct Data {
+    addr: Range<u64>,
+    offset: u64,
+    sum: usize,
+}
+
+/// Where part of the image's lazy memory is now: `now` in the process, starting at image `image`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    start: u64,
+    end: u64,
+    image: u64,
+}
+
+/// One address space served: the restored process, or a child it forked meanwhile.
+#[derive(Debug)]
+struct Space {
+    uffd: OwnedFd,
+    pieces: Vec<Piece>,
+    /// Background fill position: an address in the process; everything below is done.
+    cursor: u64,
+    /// Faulting addresses read but not yet served.
+    faults: std::collections::VecDeque<u64>,
+}
+
+/// How a fill ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filled {
+    /// The range is done (filled, or no longer there).
+    Done,
+    /// An event came first and was handled: look again.
+    Retry,
+    /// The space is gone (the process ended).
+    Gone,
+}
+
+/// Why serving stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// A page failed its checksum.
+    #[error("page {0:#x} of the image fails its checksum; the restored process was stopped")]
+    Checksum(u64),
+    /// The userfaultfd failed.
+    #[error("serving lazy pages")]
+    Uffd(#[source] std::io::Error),
+}
+
+/// The server.
+#[derive(Debug)]
+pub struct Server<'a> {
+    page: u64,
+    pages: &'a [u8],
+    sums: &'a [u32],
+    data: Vec<Data>,
+    spaces: Vec<Space>,
+}
+
+fn cut(pieces: &mut Vec<Piece>, r: &Range<u64>) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut kept = Vec::with_capacity(pieces.len() + 1);
+    for p in pieces.drain(..) {
+        if p.end <= r.start || p.start >= r.end {
+            kept.push(p);
+            continue;
+        }
+        if p.start < r.start {
+            kept.push(Piece { end: r.start, ..p });
+        }
+        if p.end > r.end {
+            kept.push(Piece {
+                start: r.end,
+                image: p.image + (r.end - p.start),
+                ..p
+            });
+        }
+        let s = p.start.max(r.start);
+        let e = p.end.min(r.end);
+        out.push(Piece {
+            start: s,
+            end: e,
+            image: p.image + (s - p.start),
+        });
+    }
+    *pieces = kept;
+    out
+}
+
+impl<'a> Server<'a> {
+    /// A server for the lazy ranges `lazy` (image addresses) of `ckpt`, whose pages file is mapped
+    /// at `pages`, on `uffd`.
+    #[must_use]
+    pub fn new(ckpt: &'a Checkpoint, pages: &'a [u8], lazy: &[Range<u64>], uffd: OwnedFd) -> Self {
+        let mut data = Vec::new();
+        let mut offset = 0;
+        let mut sum = 0;
+        for r in ckpt.runs.iter().filter(|r| r.data) {
+            let n = (r.addr.end - r.addr.start) / ckpt.page_size;
+            for l in lazy {
+                let s = r.addr.start.max(l.start);
+                let e = r.addr.end.min(l.end);
+                if s < e {
+                    let skip = (s - r.addr.start) / ckpt.page_size;
+                    data.push(Data {
+                        addr: s..e,
+                        offset: offset + (s - r.addr.start),
+                        sum: sum + usize::try_from(skip).unwrap_or(0),
+                    });
+                }
+            }
+            offset += r.addr.end - r.addr.start;
+            sum += usize::try_from(n).unwrap_or(0);
+        }
+        data.sort_by_key(|d| d.addr.start);
+        let mut pieces: Vec<Piece> = lazy
+            .iter()
+            .map(|l| Piece {
+                start: l.start,
+                end: l.end,
+                image: l.start,
+            })
+            .collect();
+        pieces.sort_by_key(|p| p.start);
+        Self {
+            page: ckpt.page_size,
+            pages,
+            sums: &ckpt.sums,
+            data,
+            spaces: vec![Space {
+                uffd,
+                pieces,
+                cursor: 0,
+                faults: std::collections::VecDeque::new(),
+            }],
+        }
+    }
+
+    /// True once every space has all its pages.
+    #[must_use]
+    pub fn done(&self) -> bool {
+        self.spaces.is_empty()
+    }
+
+    /// The userfaultfds to poll.
+    #[must_use]
+    pub fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.spaces.iter().map(|s| s.uffd.as_fd()).collect()
+    }
+
+    /// Image bytes for image address `at`, up to `max` bytes, checked; `None` when the image holds
+    /// no data there (a zero page).
+    fn image_bytes(&self, at: u64, max: u64) -> Result<Option<&'a [u8]>, LazyError> {
+        let i = self.data.partition_point(|d| d.addr.end <= at);
+        let Some(d) = self.data.get(i).filter(|d| d.addr.start <= at) else {
+            return Ok(None);
+        };
+        let len = max.min(d.addr.end - at);
+        let off = usize::try_from(d.offset + (at - d.addr.start)).unwrap_or(usize::MAX);
+        let n = usize::try_from(len).unwrap_or(0);
+        let bytes = self.pages.get(off..off + n).ok_or(LazyError::Checksum(at))?;
+        let ps = usize::try_from(self.page).unwrap_or(4096);
+        let first = d.sum + usize::try_from((at - d.addr.start) / self.page).unwrap_or(0);
+        for (k, p) in bytes.chunks(ps).enumerate() {
+            if self.sums.get(first + k) != Some(&om_transport::sys::page_sum_bytes(p)) {
+                return Err(LazyError::Checksum(at + (k * ps) as u64));
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Fills `[at, at + len)` of space `s` (process addresses within one piece, image address
+    /// `image`): image data where there is some, zero pages elsewhere.
+    fn fill(&mut self, s: usize, at: u64, len: u64, image: u64) -> Result<Filled, LazyError> {
+        let mut done = 0;
+        while done < len {
+            let src = self.image_bytes(image + done, len - done)?;
+            let (n, r) = match src {
+                Some(b) => (b.len() as u64, uffd::copy(&self.spaces[s].uffd, at + done, b)),
+                None => {
+                    // No data up to the next image run (or the end): zero pages.
+                    let i = self.data.partition_point(|d| d.addr.start <= image + done);
+                    let next = self.data.get(i).map_or(u64::MAX, |d| d.addr.start);
+                    let n = (len - done).min(next - (image + done));
+                    (n, uffd::zeropage(&self.spaces[s].uffd, at + done, n))
+                }
+            };
+            match r {
+                Fill::Done => done += n,
+                Fill::Partial(k, e) if e == libc::EEXIST => done += k + self.page,
+                Fill::Partial(_, e) if e == libc::EAGAIN => {
+                    // An event is pending: it must be read (and applied) first.
+                    return Ok(if self.pump(s) { Filled::Retry } else { Filled::Gone });
+                }
+                Fill::Partial(_, e) if e == libc::ESRCH => {
+                    self.spaces.remove(s);
+                    return Ok(Filled::Gone);
+                }
+                Fill::Partial(k, _) => {
+                    // No longer registered (unmapped meanwhile): nothing to fill there.
+                    cut(&mut self.spaces[s].pieces, &(at + done + k..at + len));
+                    return Ok(Filled::Done);
+                }
+            }
+        }
+        Ok(Filled::Done)
+    }
+
+    /// Reads the pending messages of space `s`: events are applied at once (before any later
+    /// fill), faults are queued. Returns false when the space is gone.
+    fn pump(&mut self, s: usize) -> bool {
+        loop {
+            let msgs = match uffd::read_msgs(&self.spaces[s].uffd) {
+                Ok(m) => m,
+                Err(_) => {
+                    self.spaces.remove(s);
+                    return false;
+                }
+            };
+            if msgs.is_empty() {
+                return true;
+            }
+            for m in msgs {
+                self.apply(s, m);
+            }
+        }
+    }
+
+    fn apply(&mut self, s: usize, m: UffdMsg) {
+        match m.event {
+            uffd::EVENT_PAGEFAULT => self.spaces[s].faults.push_back(m.arg1 & !(self.page - 1)),
+            uffd::EVENT_REMOVE | uffd::EVENT_UNMAP => {
+                cut(&mut self.spaces[s].pieces, &(m.arg0..m.arg1));
+            }
+            uffd::EVENT_REMAP => {
+                let (from, to, len) = (m.arg0, m.arg1, m.arg2);
+                let sp = &mut self.spaces[s];
+                let moved = cut(&mut sp.pieces, &(from..from + len));
+                cut(&mut sp.pieces, &(to..to + len));
+                sp.pieces.extend(moved.into_iter().map(|p| Piece {
+                    start: p.start - from + to,
+                    end: p.end - from + to,
+                    image: p.image,
+                }));
+                sp.pieces.sort_by_key(|p| p.start);
+                sp.cursor = 0;
+            }
+            uffd::EVENT_FORK => {
+                let fd = i32::try_from(m.arg0 & 0xffff_ffff).unwrap_or(-1);
+                if let Some(child) = crate::sys::adopt_fd(fd) {
+                    let pieces = self.spaces[s].pieces.clone();
+                    self.spaces.push(Space {
+                        uffd: child,
+                        pieces,
+                        cursor: 0,
+                        faults: std::collections::VecDeque::new(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Serves one queued fault of space `s`: the page (and a few after it) from the image, or a
+    /// zero page where the image has nothing (any more). Returns false when the space is gone.
+    fn fault(&mut self, s: usize, at: u64) -> Result<bool, LazyError> {
+        let page = self.page;
+        loop {
+            let piece = self.spaces[s]
+                .pieces
+                .iter()
+                .find(|p| p.start <= at && at < p.end)
+                .copied();
+            let r = match piece {
+                Some(p) => {
+                    let len = (16 * page).min(p.end - at);
+                    self.fill(s, at, len, p.image + (at - p.start))?
+                }
+                None => match uffd::zeropage(&self.spaces[s].uffd, at, page) {
+                    Fill::Partial(_, e) if e == libc::EAGAIN => {
+                        if self.pump(s) {
+                            Filled::Retry
+                        } else {
+                            Filled::Gone
+                        }
+                    }
+                    Fill::Partial(_, e) if e == libc::ESRCH => {
+                        self.spaces.remove(s);
+                        Filled::Gone
+                    }
+                    _ => Filled::Done,
+                },
+            };
+            match r {
+                Filled::Done => return Ok(true),
+                Filled::Gone => return Ok(false),
+                Filled::Retry => {}
+            }
+        }
+    }
+
+    /// Serves the pending faults and events of every space whose fd `ready` marks.
+    ///
+    /// # Errors
+    /// A page that fails its checksum.
+    pub fn serve(&mut self, ready: &[bool]) -> Result<(), LazyError> {
+        for s in (0..self.spaces.len().min(ready.len())).rev() {
+            if !ready[s] || !self.pump(s) {
+                continue;
+            }
+            while let Some(at) = self.spaces[s].faults.pop_front() {
+                if !self.fault(s, at)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One background step: copies up to [`STEP`] bytes of image data into the first unfinished
+    /// space (pages without data are left to fault: they are zero, with or without om). A space
+    /// that has every page gets its userfaultfd closed, which unregisters its ranges.
+    ///
+    /// # Errors
+    /// A page that fails its checksum.
+    pub fn step(&mut self) -> Result<(), LazyError> {
+        let Some(sp) = self.spaces.first() else {
+            return Ok(());
+        };
+        let cursor = sp.cursor;
+        // The next image data at or after the cursor, in process addresses.
+        let mut target = None;
+        for p in sp.pieces.iter().filter(|p| p.end > cursor) {
+            let from = p.start.max(cursor);
+            let image = p.image + (from - p.start);
+            let image_end = p.image + (p.end - p.start);
+            let i = self.data.partition_point(|d| d.addr.end <= image);
+            if let Some(d) = self.data.get(i).filter(|d| d.addr.start < image_end) {
+                let img = d.addr.start.max(image);
+                let len = STEP.min(d.addr.end.min(image_end) - img);
+                target = Some((p.start + (img - p.image), len, img));
+                break;
+            }
+        }
+        let Some((at, len, image)) = target else {
+            self.spaces.remove(0);
+            return Ok(());
+        };
+        // Faults first: a thread waiting on a page must not wait for the background.
+        while let Some(f) = self.spaces.first_mut().and_then(|sp| sp.faults.pop_front()) {
+            if !self.fault(0, f)? {
+                return Ok(());
+            }
+        }
+        if self.fill(0, at, len, image)? == Filled::Done {
+            if let Some(sp) = self.spaces.first_mut() {
+                sp.cursor = at + len;
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw fd of space 0 (the restored process), for tests.
+    #[must_use]
+    pub fn first_fd(&self) -> Option<i32> {
+        self.spaces.first().map(|s| s.uffd.as_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cutting_pieces_keeps_the_image_offsets() {
+        let mut v = vec![Piece {
+            start: 0x1000,
+            end: 0x5000,
+            image: 0x1000,
+        }];
+        let out = cut(&mut v, &(0x2000..0x3000));
+        assert_eq!(
+            out,
+            vec![Piece {
+                start: 0x2000,
+                end: 0x3000,
+                image: 0x2000
+            }]
+        );
+        assert_eq!(
+            v,
+            vec![
+                Piece {
+                    start: 0x1000,
+                    end: 0x2000,
+                    image: 0x1000
+                },
+                Piece {
+                    start: 0x3000,
+                    end: 0x5000,
+                    image: 0x3000
+                }
+            ]
+        );
+        let out = cut(&mut v, &(0..0x10_000));
+        assert_eq!(out.len(), 2);
+        assert!(v.is_empty());
+    }
+}
