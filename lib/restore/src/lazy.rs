@@ -41,6 +41,29 @@ struct Piece {
     image: u64,
 }
 
+/// One bit per data page of the image.
+#[derive(Debug, Clone)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Self {
+        Self(vec![0; n.div_ceil(64)])
+    }
+    fn get(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    fn set(&mut self, i: usize) {
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
+    /// How many of the `n` bits from `i` on equal `value`, counted from `i` until the first that
+    /// does not.
+    fn run(&self, i: usize, n: usize, value: bool) -> usize {
+        (0..n).take_while(|k| self.get(i + k) == value).count()
+    }
+}
+
 /// One address space served: the restored process, or a child it forked meanwhile.
 #[derive(Debug)]
 struct Space {
@@ -50,6 +73,8 @@ struct Space {
     cursor: u64,
     /// Faulting addresses read but not yet served.
     faults: std::collections::VecDeque<u64>,
+    /// Data pages already in this space (filled, or found present).
+    filled: Bits,
 }
 
 /// How a fill ended.
@@ -82,6 +107,8 @@ pub struct Server<'a> {
     sums: &'a [u32],
     data: Vec<Data>,
     spaces: Vec<Space>,
+    /// Data pages whose checksum was checked.
+    verified: Bits,
 }
 
 fn cut(pieces: &mut Vec<Piece>, r: &Range<u64>) -> Vec<Piece> {
@@ -159,7 +186,9 @@ impl<'a> Server<'a> {
                 pieces,
                 cursor: 0,
                 faults: std::collections::VecDeque::new(),
+                filled: Bits::new(ckpt.sums.len()),
             }],
+            verified: Bits::new(ckpt.sums.len()),
         }
     }
 
@@ -175,46 +204,83 @@ impl<'a> Server<'a> {
         self.spaces.iter().map(|s| s.uffd.as_fd()).collect()
     }
 
-    /// Image bytes for image address `at`, up to `max` bytes, checked; `None` when the image holds
-    /// no data there (a zero page).
-    fn image_bytes(&self, at: u64, max: u64) -> Result<Option<&'a [u8]>, LazyError> {
+    /// The data segment holding image address `at`, if any.
+    fn locate(&self, at: u64) -> Option<&Data> {
         let i = self.data.partition_point(|d| d.addr.end <= at);
-        let Some(d) = self.data.get(i).filter(|d| d.addr.start <= at) else {
-            return Ok(None);
-        };
-        let len = max.min(d.addr.end - at);
-        let off = usize::try_from(d.offset + (at - d.addr.start)).unwrap_or(usize::MAX);
-        let n = usize::try_from(len).unwrap_or(0);
-        let bytes = self.pages.get(off..off + n).ok_or(LazyError::Checksum(at))?;
+        self.data.get(i).filter(|d| d.addr.start <= at)
+    }
+
+    /// The image bytes of data pages `first..first + n` (page indexes), starting at image address
+    /// `at` in segment `d`, each checked against its checksum once.
+    fn checked(&mut self, d: &Data, at: u64, first: usize, n: usize) -> Result<&'a [u8], LazyError> {
         let ps = usize::try_from(self.page).unwrap_or(4096);
-        let first = d.sum + usize::try_from((at - d.addr.start) / self.page).unwrap_or(0);
+        let off = usize::try_from(d.offset + (at - d.addr.start)).unwrap_or(usize::MAX);
+        let pages: &'a [u8] = self.pages;
+        let bytes = pages.get(off..off + n * ps).ok_or(LazyError::Checksum(at))?;
         for (k, p) in bytes.chunks(ps).enumerate() {
+            if self.verified.get(first + k) {
+                continue;
+            }
             if self.sums.get(first + k) != Some(&om_transport::sys::page_sum_bytes(p)) {
                 return Err(LazyError::Checksum(at + (k * ps) as u64));
             }
+            self.verified.set(first + k);
         }
-        Ok(Some(bytes))
+        Ok(bytes)
     }
 
     /// Fills `[at, at + len)` of space `s` (process addresses within one piece, image address
-    /// `image`): image data where there is some, zero pages elsewhere.
+    /// `image`): image data where there is some and the space lacks it, zero pages elsewhere.
     fn fill(&mut self, s: usize, at: u64, len: u64, image: u64) -> Result<Filled, LazyError> {
+        let page = self.page;
+        // One fill may not cross a VMA boundary (ENOENT); the server does not know where the
+        // process split its VMAs, so after such a refusal it goes on one page at a time.
+        let mut limit = len;
         let mut done = 0;
         while done < len {
-            let src = self.image_bytes(image + done, len - done)?;
-            let (n, r) = match src {
-                Some(b) => (b.len() as u64, uffd::copy(&self.spaces[s].uffd, at + done, b)),
+            let want = (len - done).min(limit);
+            let img = image + done;
+            let (n, r, first) = match self.locate(img).cloned() {
+                Some(d) => {
+                    let first = d.sum + usize::try_from((img - d.addr.start) / page).unwrap_or(0);
+                    let avail = usize::try_from(want.min(d.addr.end - img) / page)
+                        .unwrap_or(0)
+                        .max(1);
+                    let have = self.spaces[s].filled.run(first, avail, true);
+                    if have > 0 {
+                        done += have as u64 * page;
+                        continue;
+                    }
+                    let run = self.spaces[s].filled.run(first, avail, false);
+                    let b = self.checked(&d, img, first, run)?;
+                    let r = uffd::copy(&self.spaces[s].uffd, at + done, b);
+                    (b.len() as u64, r, Some(first))
+                }
                 None => {
                     // No data up to the next image run (or the end): zero pages.
-                    let i = self.data.partition_point(|d| d.addr.start <= image + done);
+                    let i = self.data.partition_point(|d| d.addr.start <= img);
                     let next = self.data.get(i).map_or(u64::MAX, |d| d.addr.start);
-                    let n = (len - done).min(next - (image + done));
-                    (n, uffd::zeropage(&self.spaces[s].uffd, at + done, n))
+                    let n = want.min(next - img);
+                    (n, uffd::zeropage(&self.spaces[s].uffd, at + done, n), None)
+                }
+            };
+            let mark = |sp: &mut Space, pages: u64| {
+                if let Some(f) = first {
+                    for k in 0..usize::try_from(pages).unwrap_or(0) {
+                        sp.filled.set(f + k);
+                    }
                 }
             };
             match r {
-                Fill::Done => done += n,
-                Fill::Partial(k, e) if e == libc::EEXIST => done += k + self.page,
+                Fill::Done => {
+                    mark(&mut self.spaces[s], n / page);
+                    done += n;
+                }
+                Fill::Partial(k, e) if e == libc::EEXIST => {
+                    // Pages up to k were filled, the one at k was already there.
+                    mark(&mut self.spaces[s], k / page + 1);
+                    done += k + page;
+                }
                 Fill::Partial(_, e) if e == libc::EAGAIN => {
                     // An event is pending: it must be read (and applied) first.
                     return Ok(if self.pump(s) { Filled::Retry } else { Filled::Gone });
@@ -223,10 +289,15 @@ impl<'a> Server<'a> {
                     self.spaces.remove(s);
                     return Ok(Filled::Gone);
                 }
-                Fill::Partial(k, _) => {
-                    // No longer registered (unmapped meanwhile): nothing to fill there.
-                    cut(&mut self.spaces[s].pieces, &(at + done + k..at + len));
-                    return Ok(Filled::Done);
+                Fill::Partial(k, _) if n > page => {
+                    mark(&mut self.spaces[s], k / page);
+                    done += k;
+                    limit = page;
+                }
+                Fill::Partial(_, _) => {
+                    // This very page is not registered any more (unmapped meanwhile).
+                    cut(&mut self.spaces[s].pieces, &(at + done..at + done + page));
+                    done += page;
                 }
             }
         }
@@ -275,12 +346,15 @@ impl<'a> Server<'a> {
             uffd::EVENT_FORK => {
                 let fd = i32::try_from(m.arg0 & 0xffff_ffff).unwrap_or(-1);
                 if let Some(child) = crate::sys::adopt_fd(fd) {
+                    // The child has what the parent had at the fork.
                     let pieces = self.spaces[s].pieces.clone();
+                    let filled = self.spaces[s].filled.clone();
                     self.spaces.push(Space {
                         uffd: child,
                         pieces,
                         cursor: 0,
                         faults: std::collections::VecDeque::new(),
+                        filled,
                     });
                 }
             }

@@ -96,7 +96,26 @@ fn checkpoint_restart(name: &str, w: &Workload, window: (u64, u64), cycles: usiz
             break;
         }
         // The restored copy registers again under a new node pid, with its own pid unchanged.
-        let now = node.wait_registered(|p, v| v == pid && !seen.contains(&p));
+        let mut running = running;
+        let now = loop {
+            if let Some(st) = running.0.try_wait().unwrap() {
+                let (out, _, err) = finish(running);
+                panic!(
+                    "{name}: restart {cycle} ended ({st:?}) before it registered: {err}\n{}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            let ps = String::from_utf8_lossy(&node.omctl(&["ps"]).stdout).into_owned();
+            let found = ps.split_whitespace().find_map(|w| {
+                let p = common::ps_pid(w)?;
+                let v: u32 = w.split_once(",vpid=")?.1.parse().ok()?;
+                (v == pid && !seen.contains(&p)).then_some(p)
+            });
+            if let Some(p) = found {
+                break p;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         seen.push(now);
         let delay = random_ms(window.0 / 2, window.1 / 2);
         delays.push(delay);
@@ -325,4 +344,11 @@ fn detached_restart_prints_the_pid_and_the_file_output_continues() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(std::fs::read(&out_file).unwrap(), want);
+}
+
+#[test]
+fn lazy_restore_keeps_fork_dontneed_mremap_and_munmap_right() {
+    // 512 MiB of heap is restored lazily; every round forks, drops, moves and remaps slices of it.
+    let w = program(build("lazyevents.c"), &[]);
+    checkpoint_restart("lazyevents", &w, (1200, 2600), 3);
 }

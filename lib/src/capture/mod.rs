@@ -162,31 +162,36 @@ fn run_job(frame: u64) {
 /// # Errors
 /// [`CaptureError`]; the process continues unharmed.
 pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureError> {
+    preflight::wait_restored(RESTORE_WAIT)?;
     preflight()?;
     let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
     arena::prepare().map_err(CaptureError::Arena)?;
     let f = Freeze::get();
     f.control_tid.store(task::gettid(), Ordering::Release);
     f.on_control.store(run_job as fn(u64) as usize, Ordering::Release);
-    // Threads released by the previous checkpoint leave the handler on their own time.
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while f.parked.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    f.parked.store(0, Ordering::Release);
-    f.next.store(0, Ordering::Release);
-    for s in &*f.slots {
-        s.tid.store(0, Ordering::Release);
-    }
+    wait_unparked(f);
     let old = task::install_checkpoint_handler(sig).map_err(CaptureError::Handler)?;
-    let started = Instant::now();
-    let generation = MARKER.generation.load(Ordering::Acquire);
-    let frozen = freeze(f, sig);
-    if let Err(e) = frozen {
+    // A child process would not exist in a restored copy: wait for the process to have none, and
+    // freeze again if one was forked meanwhile.
+    let deadline = Instant::now() + CHILD_WAIT;
+    let (started, generation) = loop {
+        if let Err(e) = preflight::wait_childless(deadline.saturating_duration_since(Instant::now())) {
+            let _ = task::restore_disposition(sig, &old);
+            return Err(e.into());
+        }
+        let started = Instant::now();
+        let generation = MARKER.generation.load(Ordering::Acquire);
+        if let Err(e) = freeze(f, sig) {
+            release(f);
+            let _ = task::restore_disposition(sig, &old);
+            return Err(e);
+        }
+        if preflight::children().is_empty() {
+            break (started, generation);
+        }
         release(f);
-        let _ = task::restore_disposition(sig, &old);
-        return Err(e);
-    }
+        wait_unparked(f);
+    };
     // Every thread is parked in the handler, so none still runs the last instructions of a
     // previous restore: its leftover can go, and stays out of this image.
     unmap_leftover();
@@ -229,6 +234,26 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
 pub fn thaw() {
     release(Freeze::get());
 }
+
+/// Lets threads released by an earlier freeze leave the handler (on their own time), then clears
+/// the slots.
+fn wait_unparked(f: &Freeze) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while f.parked.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.parked.store(0, Ordering::Release);
+    f.next.store(0, Ordering::Release);
+    for s in &*f.slots {
+        s.tid.store(0, Ordering::Release);
+    }
+}
+
+/// How long a checkpoint waits for the process to have no child processes.
+const CHILD_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a checkpoint waits for a lazy restore of this process to finish.
+const RESTORE_WAIT: Duration = Duration::from_secs(120);
 
 /// How long every thread has to park.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -35,6 +35,12 @@ pub enum Refusal {
     /// The process holds POSIX timers (`timer_create`).
     #[error("the process has {0} POSIX timer(s) (timer_create), which om cannot capture yet")]
     PosixTimers(usize),
+    /// The process has child processes: they would not exist in a restored copy.
+    #[error("the process has child processes ({0}), which om cannot capture yet")]
+    Children(String),
+    /// The process is a restored copy whose pages are still being filled in.
+    #[error("the process is still being restored (lazy pages pending after {0} s); try again")]
+    StillRestoring(u64),
     /// `/proc/self` could not be read.
     #[error("reading {what}")]
     Proc {
@@ -194,6 +200,61 @@ pub fn preflight() -> Result<(), Refusal> {
         if v.inode != 0 && v.path.starts_with("/memfd:") {
             return Err(refuse("a memfd mapping"));
         }
+    }
+    Ok(())
+}
+
+/// The child processes of every thread of this process (`/proc/self/task/*/children`).
+pub(crate) fn children() -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in super::state::list_tasks().unwrap_or_default() {
+        if let Ok(s) = fs::read_to_string(format!("/proc/self/task/{t}/children")) {
+            out.extend(s.split_whitespace().filter_map(|w| w.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Waits until the process has no child processes (a short-lived child ends and is reaped).
+///
+/// # Errors
+/// [`Refusal::Children`] after `limit`.
+pub fn wait_childless(limit: std::time::Duration) -> Result<(), Refusal> {
+    let start = std::time::Instant::now();
+    loop {
+        let c = children();
+        if c.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            let list: Vec<String> = c.iter().map(u32::to_string).collect();
+            return Err(Refusal::Children(list.join(", ")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// True while any mapping is registered for missing-page faults (`um` in `/proc/self/smaps`): a
+/// lazy restore of this process is still filling it in, and pages not yet in would be missed.
+pub(crate) fn lazy_pages_pending() -> bool {
+    fs::read_to_string("/proc/self/smaps").is_ok_and(|s| {
+        s.lines()
+            .filter_map(|l| l.strip_prefix("VmFlags:"))
+            .any(|f| f.split_whitespace().any(|w| w == "um"))
+    })
+}
+
+/// Waits until a lazy restore of this process has every page in.
+///
+/// # Errors
+/// [`Refusal::StillRestoring`] after `limit`.
+pub fn wait_restored(limit: std::time::Duration) -> Result<(), Refusal> {
+    let start = std::time::Instant::now();
+    while lazy_pages_pending() {
+        if start.elapsed() > limit {
+            return Err(Refusal::StillRestoring(limit.as_secs()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     Ok(())
 }
