@@ -212,7 +212,7 @@ fn one_run(bins: &Path, work: &Path, hold: &Path, mib: usize) -> Sample {
     src.bytes_mut()
         .iter_mut()
         .enumerate()
-        .for_each(|(i, b)| *b = (i * 31 % 251) as u8);
+        .for_each(|(i, b)| *b = u8::try_from(i * 31 % 251).unwrap_or(0));
     let copy = work.join("copy");
     let t = Instant::now();
     let mut f = std::fs::File::create(&copy).expect("create");
