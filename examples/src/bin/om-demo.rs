@@ -1,8 +1,10 @@
 //! The README's demo: `cargo run --release --bin om-demo`.
 //!
-//! It builds om's programs, starts an `omd` on loopback, runs a program under `omrun`, and asks `omctl`
-//! to migrate it. Live migration has not landed yet, so the demo shows what exists and says what does
-//! not; it grows with every feature.
+//! It builds om's programs, starts an `omd` on loopback, runs a small threaded computation under
+//! `omrun`, checkpoints it part-way (the process ends), restarts it from the image (it goes on with the
+//! same pid, threads and state and prints exactly what an uninterrupted run prints), and asks `omctl`
+//! to migrate a program. Live migration has not landed yet, so the demo says so; it grows with every
+//! feature.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -41,8 +43,8 @@ fn demo() -> Res<()> {
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     step("summary");
-    println!("  omd, omrun's home anchor and omctl's interface work; live migration, checkpoint and restart");
-    println!("  are not built yet and say so. This demo will migrate a running program once they land.");
+    println!("  omd, omrun's home anchor, checkpoint and restart work; live migration is not built yet and");
+    println!("  says so. This demo will migrate a running program once it lands.");
     Ok(())
 }
 
@@ -82,6 +84,8 @@ fn with_omd(bin: &Path, dir: &Path) -> Res<()> {
         .status()?;
     println!("  omrun exited with {status} (the program's own status)");
 
+    checkpoint_and_restart(bin, &control, dir)?;
+
     step("ask omctl to migrate a running program");
     let mut sleeper = Command::new(bin.join("omrun"))
         .args(["--", "sleep", "30"])
@@ -104,6 +108,91 @@ fn with_omd(bin: &Path, dir: &Path) -> Res<()> {
         "  omd stopped ({st}); control socket removed: {}",
         !control.exists()
     );
+    Ok(())
+}
+
+fn checkpoint_and_restart(bin: &Path, control: &Path, dir: &Path) -> Res<()> {
+    step("run a computation under omrun, checkpoint it part-way, restart it from the image");
+    let counter = bin.join("om-counter");
+    let plain = Command::new(&counter).arg("30").stdin(Stdio::null()).output()?;
+    let mut run = Command::new(bin.join("omrun"))
+        .arg("--control")
+        .arg(control)
+        .arg("--")
+        .arg(&counter)
+        .arg("30")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut first = Vec::new();
+    let mut out = BufReader::new(run.stdout.take().ok_or("no stdout")?);
+    for _ in 0..10 {
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        print!("  | {line}");
+        first.extend_from_slice(line.as_bytes());
+    }
+    let ck = dir.join("counter.ck");
+    let pid = run.id().to_string();
+    let ps = Command::new(bin.join("omctl"))
+        .arg("--control")
+        .arg(control)
+        .arg("ps")
+        .output()?;
+    let pid = String::from_utf8_lossy(&ps.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("pid="))
+        .map(str::to_owned)
+        .next()
+        .unwrap_or(pid);
+    let o = Command::new(bin.join("omctl"))
+        .arg("--control")
+        .arg(control)
+        .args(["checkpoint", &pid, "--out"])
+        .arg(&ck)
+        .output()?;
+    println!("  $ omctl checkpoint {pid} --out {}", ck.display());
+    print!(
+        "  {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.read_to_end(&mut first)?;
+    let st = run.wait()?;
+    println!("  the original process ended ({st}); the image is on disk");
+    println!("  $ omctl restart {}", ck.display());
+    let t = Instant::now();
+    let mut restarted = Command::new(bin.join("omctl"))
+        .arg("--control")
+        .arg(control)
+        .arg("restart")
+        .arg(&ck)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut rest = Vec::new();
+    let mut out = BufReader::new(restarted.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    while out.read_line(&mut line)? > 0 {
+        print!("  | {line}");
+        rest.extend_from_slice(line.as_bytes());
+        line.clear();
+    }
+    let st = restarted.wait()?;
+    println!(
+        "  restarted program ended ({st}) after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut both = first;
+    both.extend_from_slice(&rest);
+    let same = both == plain.stdout;
+    println!(
+        "  output before + after the restart is {} an uninterrupted run's",
+        if same { "byte for byte" } else { "NOT" }
+    );
+    if !same {
+        return Err("the restarted output differs".into());
+    }
     Ok(())
 }
 
@@ -132,9 +221,22 @@ fn build_binaries() -> Res<PathBuf> {
     let dir = here.parent().ok_or("no directory")?.to_path_buf();
     if let Some(cargo) = std::env::var_os("CARGO") {
         let release = dir.ends_with("release");
-        println!("building omd, omrun and omctl ...");
+        println!("building omd, omrun, omctl, om-restore and libomrt.so ...");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "om-cli", "-p", "om-page-server"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "om-cli",
+            "-p",
+            "om-page-server",
+            "-p",
+            "om-restore",
+            "-p",
+            "om-runtime",
+            "-p",
+            "om-examples",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -142,7 +244,7 @@ fn build_binaries() -> Res<PathBuf> {
             return Err("cargo build failed".into());
         }
     }
-    for b in ["omd", "omrun", "omctl"] {
+    for b in ["omd", "omrun", "omctl", "om-restore", "libomrt.so", "om-counter"] {
         if !dir.join(b).exists() {
             return Err(format!(
                 "{} is missing: run `cargo build --release`",
