@@ -18,6 +18,16 @@ pub fn median(samples: &[Duration]) -> Option<Duration> {
     }
 }
 
+/// The value after `--name` in `args`, or `default`.
+#[must_use]
+pub fn opt(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
 /// `measured / baseline`, the figure every benchmark reports.
 #[must_use]
 pub fn ratio(measured: Duration, baseline: Duration) -> f64 {
@@ -38,5 +48,8 @@ mod tests {
         );
         assert_eq!(median(&[]), None);
         assert!((ratio(ms(3), ms(2)) - 1.5).abs() < 1e-12);
+        let args: Vec<String> = ["b", "--runs", "5"].map(String::from).to_vec();
+        assert_eq!(opt(&args, "--runs", "3"), "5");
+        assert_eq!(opt(&args, "--gib", "1"), "1");
     }
 }

@@ -240,13 +240,7 @@ fn one_run(bins: &Path, work: &Path, hold: &Path, mib: usize) -> Sample {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| default.to_owned())
-    };
+    let opt = |name: &str, default: &str| om_benches::opt(&args, name, default);
     let mib: usize = opt("--mib", "1024").parse().expect("--mib");
     let runs: usize = opt("--runs", "3").parse().expect("--runs");
     let bins = std::env::current_exe()

@@ -245,13 +245,7 @@ fn main() {
         }
         _ => {}
     }
-    let opt = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| default.to_owned())
-    };
+    let opt = |name: &str, default: &str| om_benches::opt(&args, name, default);
     let sizes: Vec<usize> = opt("--gib", "1,4")
         .split(',')
         .map(|s| s.parse().expect("--gib"))

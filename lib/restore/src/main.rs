@@ -54,6 +54,9 @@ fn main() -> ExitCode {
             if let Some(mut f) = om_restore::sys::take_fd(fd) {
                 let _ = writeln!(f, "{pid}");
             }
+            // Detached: the caller may be reading its own stdout or stderr to the end; only the
+            // program keeps them now.
+            om_restore::sys::stdio_to_null();
         }
     };
     match om_restore::restore(&img, &mut on_running) {

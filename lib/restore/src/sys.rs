@@ -20,6 +20,17 @@ use std::io;
 use std::os::fd::RawFd;
 
 std::arch::global_asm!(
+    // The op's syscall number and six arguments into the syscall registers (a macro, not a call:
+    // the blob uses no stack). For TRY, a5 is the skip count; the syscalls it runs take five.
+    ".macro om_restore_syscall_args",
+    "    mov rax, [r12+8]",
+    "    mov rdi, [r12+16]",
+    "    mov rsi, [r12+24]",
+    "    mov rdx, [r12+32]",
+    "    mov r10, [r12+40]",
+    "    mov r8, [r12+48]",
+    "    mov r9, [r12+56]",
+    ".endm",
     ".pushsection .text.om_blob,\"ax\",@progbits",
     ".globl om_blob_start",
     ".hidden om_blob_start",
@@ -48,13 +59,7 @@ std::arch::global_asm!(
     "    jmp .Lom_fail",
     // SYSCALL: a failure ends the restore.
     ".Lom_syscall:",
-    "    mov rax, [r12+8]",
-    "    mov rdi, [r12+16]",
-    "    mov rsi, [r12+24]",
-    "    mov rdx, [r12+32]",
-    "    mov r10, [r12+40]",
-    "    mov r8, [r12+48]",
-    "    mov r9, [r12+56]",
+    "    om_restore_syscall_args",
     "    syscall",
     "    cmp rax, -4095",
     "    jae .Lom_fail",
@@ -62,24 +67,13 @@ std::arch::global_asm!(
     "    jmp .Lom_next",
     // MAYFAIL: the result is ignored.
     ".Lom_mayfail:",
-    "    mov rax, [r12+8]",
-    "    mov rdi, [r12+16]",
-    "    mov rsi, [r12+24]",
-    "    mov rdx, [r12+32]",
-    "    mov r10, [r12+40]",
-    "    mov r8, [r12+48]",
-    "    mov r9, [r12+56]",
+    "    om_restore_syscall_args",
     "    syscall",
     "    add r12, 64",
     "    jmp .Lom_next",
     // TRY: on success skip the next a5 ops (the fallback), on failure run them.
     ".Lom_try:",
-    "    mov rax, [r12+8]",
-    "    mov rdi, [r12+16]",
-    "    mov rsi, [r12+24]",
-    "    mov rdx, [r12+32]",
-    "    mov r10, [r12+40]",
-    "    mov r8, [r12+48]",
+    "    om_restore_syscall_args",
     "    syscall",
     "    cmp rax, -4095",
     "    jae .Lom_try_failed",
@@ -845,4 +839,17 @@ pub fn adopt_fd(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
     // SAFETY: the kernel created this descriptor for this process as part of the event message;
     // nothing else refers to it.
     Some(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Points this process's stdin, stdout and stderr at `/dev/null`.
+pub fn stdio_to_null() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..=2 {
+            let _ = dup_onto(std::os::fd::AsRawFd::as_raw_fd(&null), fd, false);
+        }
+    }
 }

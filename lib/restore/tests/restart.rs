@@ -37,12 +37,7 @@ fn program(path: PathBuf, args: &[&str]) -> Workload {
 
 /// `omctl restart DIR` in the foreground, stdout piped.
 fn restart(node: &Node, ck: &std::path::Path) -> Kill {
-    Command::new(bin_dir().join("omctl"))
-        .arg("--control")
-        .arg(node.dir.join("ctl.sock"))
-        .arg("restart")
-        .arg(ck)
-        .stdin(Stdio::null())
+    node.omctl_command(&["restart", ck.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -310,15 +305,8 @@ fn detached_restart_prints_the_pid_and_the_file_output_continues() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(run.0.wait().unwrap().success());
 
-    let out = Command::new(bin_dir().join("omctl"))
-        .arg("--control")
-        .arg(node.dir.join("ctl.sock"))
-        .args(["restart", "--detach"])
-        .arg(&ck)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    // Detached, omctl returns once the program runs (om-restore lets go of omctl's stdio then).
+    let out = node.omctl(&["restart", "--detach", ck.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let now: u32 = text
@@ -351,4 +339,43 @@ fn lazy_restore_keeps_fork_dontneed_mremap_and_munmap_right() {
     // 512 MiB of heap is restored lazily; every round forks, drops, moves and remaps slices of it.
     let w = program(build("lazyevents.c"), &[]);
     checkpoint_restart("lazyevents", &w, (1200, 2600), 3);
+}
+
+#[test]
+fn a_program_linked_with_lomrt_is_checkpointed_and_restarted_without_omrun() {
+    let node = Node::start("rs-linked");
+    let prog = node.dir.join("single-linked");
+    let lib = bin_dir();
+    let ok = Command::new("gcc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&prog)
+        .arg(workload_source("single.c"))
+        .arg(format!("-L{}", lib.display()))
+        // The program calls nothing in it: without this, --as-needed (Debian's default) drops it.
+        .args(["-Wl,--no-as-needed", "-lomrt", "-Wl,--as-needed"])
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "linking single.c with -lomrt");
+    let w = program(prog.clone(), &[]);
+    let (want, _) = w.reference();
+    // No omrun: the runtime starts from the library's constructor and finds omd through OM_CONTROL.
+    let mut cmd = common::clean_fds();
+    w.setup(&mut cmd);
+    cmd.env(om::control::CONTROL_ENV, node.dir.join("ctl.sock"));
+    let mut run = cmd.spawn().map(Kill).unwrap();
+    let shell = run.0.id();
+    // clean_fds execs the program: it is the spawned process itself.
+    let pid = node.wait_registered(|p, _| p == shell);
+    std::thread::sleep(Duration::from_millis(random_ms(200, 1000)));
+    let ck = node.dir.join("ck");
+    let out = node.omctl(&["checkpoint", &pid.to_string(), "--out", ck.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (mut got, status) = stdout_of(&mut run);
+    assert!(status.success(), "{status:?}");
+    let (rest, status, err) = finish(restart(&node, &ck));
+    assert!(status.success(), "{err}");
+    got.extend(rest);
+    assert!(got == want, "output differs:\n{}", String::from_utf8_lossy(&got));
 }

@@ -57,14 +57,19 @@ impl Node {
         node
     }
 
-    pub fn omctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin_dir().join("omctl"))
-            .arg("--control")
+    /// `omctl --control SOCKET ARGS` with stdin on /dev/null, not yet run.
+    pub fn omctl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("omctl"));
+        c.arg("--control")
             .arg(self.dir.join("ctl.sock"))
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `omctl ARGS` to its end.
+    pub fn omctl(&self, args: &[&str]) -> std::process::Output {
+        self.omctl_command(args).output().unwrap()
     }
 
     /// Starts `prog` under omrun with stdout piped; returns once its runtime registered.
