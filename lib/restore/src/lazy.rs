@@ -141,6 +141,28 @@ fn cut(pieces: &mut Vec<Piece>, r: &Range<u64>) -> Vec<Piece> {
     out
 }
 
+/// `mremap` of `[from, from + len)` to `to`: the image data there moves along; whatever was at the
+/// destination is gone (the kernel unmaps it first).
+fn remap(pieces: &mut Vec<Piece>, from: u64, to: u64, len: u64) {
+    let moved = cut(pieces, &(from..from + len));
+    cut(pieces, &(to..to + len));
+    pieces.extend(moved.into_iter().map(|p| Piece {
+        start: p.start - from + to,
+        end: p.end - from + to,
+        image: p.image,
+    }));
+    pieces.sort_by_key(|p| p.start);
+}
+
+/// The image address behind process address `at`, if the image still holds data for it.
+#[cfg(test)]
+fn lookup(pieces: &[Piece], at: u64) -> Option<u64> {
+    pieces
+        .iter()
+        .find(|p| p.start <= at && at < p.end)
+        .map(|p| p.image + (at - p.start))
+}
+
 impl<'a> Server<'a> {
     /// A server for the lazy ranges `lazy` (image addresses) of `ckpt`, whose pages file is mapped
     /// at `pages`, on `uffd`.
@@ -331,16 +353,8 @@ impl<'a> Server<'a> {
                 cut(&mut self.spaces[s].pieces, &(m.arg0..m.arg1));
             }
             uffd::EVENT_REMAP => {
-                let (from, to, len) = (m.arg0, m.arg1, m.arg2);
                 let sp = &mut self.spaces[s];
-                let moved = cut(&mut sp.pieces, &(from..from + len));
-                cut(&mut sp.pieces, &(to..to + len));
-                sp.pieces.extend(moved.into_iter().map(|p| Piece {
-                    start: p.start - from + to,
-                    end: p.end - from + to,
-                    image: p.image,
-                }));
-                sp.pieces.sort_by_key(|p| p.start);
+                remap(&mut sp.pieces, m.arg0, m.arg1, m.arg2);
                 sp.cursor = 0;
             }
             uffd::EVENT_FORK => {
@@ -471,6 +485,65 @@ impl<'a> Server<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        /// `MADV_DONTNEED` / `munmap` of pages `a..a + n`.
+        Remove(u64, u64),
+        /// `mremap` of pages `a..a + n` to page `b`.
+        Remap(u64, u64, u64),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            (0u64..64, 1u64..16).prop_map(|(a, n)| Change::Remove(a, n)),
+            (0u64..64, 1u64..16, 0u64..96).prop_map(|(a, n, b)| Change::Remap(a, n, b)),
+        ]
+    }
+
+    proptest! {
+        /// The pieces against a naive map of every page: after any sequence of removals and moves
+        /// (overlapping ones included), each page maps to the same image page or to none.
+        #[test]
+        fn pieces_follow_removals_and_moves_like_a_page_map(
+            changes in proptest::collection::vec(change(), 0..24),
+        ) {
+            const P: u64 = 4096;
+            let mut pieces = vec![Piece { start: 0, end: 48 * P, image: 0x10_0000 }];
+            let mut naive: std::collections::BTreeMap<u64, u64> =
+                (0..48).map(|i| (i, 0x10_0000 + i * P)).collect();
+            for c in &changes {
+                match *c {
+                    Change::Remove(a, n) => {
+                        cut(&mut pieces, &(a * P..(a + n) * P));
+                        for i in a..a + n {
+                            naive.remove(&i);
+                        }
+                    }
+                    Change::Remap(a, n, b) => {
+                        // The kernel refuses overlapping source and destination.
+                        if a < b + n && b < a + n {
+                            continue;
+                        }
+                        remap(&mut pieces, a * P, b * P, n * P);
+                        let moved: Vec<(u64, u64)> =
+                            (a..a + n).filter_map(|i| naive.remove(&i).map(|v| (i - a + b, v))).collect();
+                        for i in b..b + n {
+                            naive.remove(&i);
+                        }
+                        naive.extend(moved);
+                    }
+                }
+            }
+            for i in 0..128 {
+                prop_assert_eq!(lookup(&pieces, i * P + 8).map(|v| v - 8), naive.get(&i).copied(), "page {}", i);
+            }
+            for w in pieces.windows(2) {
+                prop_assert!(w[0].end <= w[1].start);
+            }
+        }
+    }
 
     #[test]
     fn cutting_pieces_keeps_the_image_offsets() {

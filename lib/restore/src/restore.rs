@@ -362,6 +362,8 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         sys::close(fd);
     }
     drop(exit_w);
+    // Signals sent to om-restore (which omctl became) go to the program, through its pid 1.
+    sys::forward_signals(init, &FORWARDED);
     let server_sock = handoff.map(|(n, mine, theirs)| {
         sys::close(n);
         drop(theirs);

@@ -699,7 +699,14 @@ pub fn write_fd(fd: RawFd, bytes: &[u8]) {
 
 static FORWARD_TO: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-extern "C" fn forward(sig: i32) {
+extern "C" fn forward(sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    // Only signals a process sent (kill, sigqueue): one the terminal generated (SI_KERNEL) reached
+    // the program already, through its process group.
+    if code != libc::SI_USER && code != libc::SI_QUEUE {
+        return;
+    }
     let pid = FORWARD_TO.load(std::sync::atomic::Ordering::Relaxed);
     if pid != 0 {
         // SAFETY: kill is async-signal-safe.
@@ -707,14 +714,15 @@ extern "C" fn forward(sig: i32) {
     }
 }
 
-/// Installs handlers that pass each of `signals` on to `pid`.
+/// Installs handlers that pass each of `signals` on to `pid` when a process sent them (not when
+/// the terminal did: those reach the whole foreground process group anyway).
 pub fn forward_signals(pid: u32, signals: &[i32]) {
     FORWARD_TO.store(pid, std::sync::atomic::Ordering::Relaxed);
     for &s in signals {
         // SAFETY: an all-zero sigaction is valid; the handler only calls kill (async-signal-safe).
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
         act.sa_sigaction = forward as *const () as usize;
-        act.sa_flags = libc::SA_RESTART;
+        act.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
         // SAFETY: a valid sigaction for a catchable signal.
         unsafe { libc::sigaction(s, &raw const act, std::ptr::null_mut()) };
     }

@@ -379,3 +379,35 @@ fn a_program_linked_with_lomrt_is_checkpointed_and_restarted_without_omrun() {
     got.extend(rest);
     assert!(got == want, "output differs:\n{}", String::from_utf8_lossy(&got));
 }
+
+#[test]
+fn signals_sent_to_omctl_restart_reach_the_program_once() {
+    let node = Node::start("rs-signals");
+    let w = program(build("signals.c"), &[]);
+    let (mut run, pid) = node.run(&w);
+    std::thread::sleep(Duration::from_millis(500));
+    let ck = node.dir.join("ck");
+    let out = node.omctl(&["checkpoint", &pid.to_string(), "--out", ck.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = stdout_of(&mut run);
+    let restarted = restart(&node, &ck);
+    node.wait_registered(|_, v| v == pid);
+    let anchor = restarted.0.id().to_string();
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &anchor])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    kill("-USR1");
+    std::thread::sleep(Duration::from_millis(400));
+    kill("-TERM");
+    let (out, status, err) = finish(restarted);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(status.code(), Some(3), "{err}\n{text}");
+    assert_eq!(text.matches("USR1 ").count(), 1, "{text}");
+    assert!(text.contains("TERM after 1 USR1"), "{text}");
+}
