@@ -13,6 +13,7 @@ pub mod compat;
 pub mod control;
 pub mod dirty;
 pub mod image;
+pub mod precopy;
 pub mod sys;
 pub mod unavailable;
 
