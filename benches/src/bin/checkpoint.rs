@@ -109,14 +109,12 @@ fn one_run(bins: &Path, work: &Path, hold: &Path, mib: usize) -> Sample {
     while !ctl.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let omctl = |args: &[&str], eager: bool| {
+    let omctl_command = |args: &[&str]| {
         let mut c = Command::new(bin(bins, "omctl"));
         c.arg("--control").arg(&ctl).args(args).stdin(Stdio::null());
-        if eager {
-            c.env("OM_RESTORE_EAGER", "1");
-        }
-        c.output().expect("omctl")
+        c
     };
+    let omctl = |args: &[&str]| omctl_command(args).output().expect("omctl");
     let mut run = Kill(
         Command::new(bin(bins, "omrun"))
             .arg("--control")
@@ -134,7 +132,7 @@ fn one_run(bins: &Path, work: &Path, hold: &Path, mib: usize) -> Sample {
     wait_line(&mut out, |l| l.starts_with("ready"));
     wait_line(&mut out, |_| true);
     let pid = loop {
-        let ps = String::from_utf8_lossy(&omctl(&["ps"], false).stdout).into_owned();
+        let ps = String::from_utf8_lossy(&omctl(&["ps"]).stdout).into_owned();
         if let Some(p) = ps
             .split_whitespace()
             .find_map(|w| w.strip_prefix("pid=")?.parse::<u32>().ok())
@@ -144,15 +142,12 @@ fn one_run(bins: &Path, work: &Path, hold: &Path, mib: usize) -> Sample {
         std::thread::sleep(Duration::from_millis(10));
     };
     let ck = work.join("ck");
-    let o = omctl(
-        &[
-            "checkpoint",
-            &pid.to_string(),
-            "--out",
-            ck.to_str().expect("path"),
-        ],
-        false,
-    );
+    let o = omctl(&[
+        "checkpoint",
+        &pid.to_string(),
+        "--out",
+        ck.to_str().expect("path"),
+    ]);
     assert!(
         o.status.success(),
         "checkpoint: {}",
@@ -170,13 +165,8 @@ fn one_run(bins: &Path, work: &Path, hold: &Path, mib: usize) -> Sample {
     let restart = |eager: bool| -> (Duration, Duration) {
         // Detached, the program keeps omctl's stdout: a file here, not a pipe read to its end.
         let said = work.join("restart.out");
-        let mut c = Command::new(bin(bins, "omctl"));
-        c.arg("--control")
-            .arg(&ctl)
-            .args(["restart", "--detach"])
-            .arg(&ck)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&said).expect("file"));
+        let mut c = omctl_command(&["restart", "--detach", ck.to_str().expect("path")]);
+        c.stdout(std::fs::File::create(&said).expect("file"));
         if eager {
             c.env("OM_RESTORE_EAGER", "1");
         }
@@ -185,15 +175,14 @@ fn one_run(bins: &Path, work: &Path, hold: &Path, mib: usize) -> Sample {
         let running = t.elapsed();
         assert!(st.success(), "restart failed");
         let text = std::fs::read_to_string(&said).expect("restart output");
-        let text = text.lines().next().unwrap_or_default().to_owned();
+        // The program writes to the same file: find omctl's line.
         let p: u32 = text
-            .trim()
-            .rsplit(' ')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("pid");
+            .lines()
+            .find_map(|l| l.strip_prefix("restarted as pid ")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {text:?}"));
+        // Not too often: reading smaps walks the page tables the fill is populating.
         while lazy_pending(p) {
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(10));
         }
         let all_in = t.elapsed();
         let _ = Command::new("kill").args(["-9", &p.to_string()]).status();

@@ -157,6 +157,11 @@ fn checkpoint_and_restart(bin: &Path, control: &Path, dir: &Path) -> Res<()> {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    if !o.status.success() {
+        let _ = run.kill();
+        let _ = run.wait();
+        return Err("the checkpoint failed".into());
+    }
     out.read_to_end(&mut first)?;
     let st = run.wait()?;
     println!("  the original process ended ({st}); the image is on disk");

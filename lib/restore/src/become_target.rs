@@ -188,52 +188,39 @@ fn fill(t: &mut Target<'_>) -> Result<(), RestoreError> {
     let page = ckpt.page_size;
     let path = ckpt.dir.join(om::image::checkpoint::PAGES);
     let pages = File::open(&path).map_err(RestoreError::os(format!("opening {}", path.display())))?;
-    let vmas = &ckpt.begin.vmas;
-    let mut offset = 0u64;
-    let mut sum = 0usize;
-    for run in ckpt.runs.iter().filter(|r| r.data) {
-        let mut addr = run.addr.start;
-        while addr < run.addr.end {
-            // The part of the run inside one VMA.
-            let i = vmas.partition_point(|v| v.end <= addr);
-            let v = vmas
-                .get(i)
-                .filter(|v| v.start <= addr && v.flags & om::image::vma_flags::SHARED == 0)
-                .ok_or_else(|| {
-                    RestoreError::Setup(format!("page data at {addr:#x} lies outside private memory"))
-                })?;
-            let end = run.addr.end.min(v.end);
-            if t.plan.chunks[i].lazy {
-                // Served on demand once the process runs.
-                sum += usize::try_from((end - addr) / page).unwrap_or(0);
-                offset += end - addr;
-                addr = end;
-                continue;
+    for seg in ckpt.segments() {
+        let (addr, end) = (seg.addr.start, seg.addr.end);
+        let private = seg
+            .vma
+            .filter(|&i| ckpt.begin.vmas[i].flags & om::image::vma_flags::SHARED == 0);
+        let Some(i) = private else {
+            return Err(RestoreError::Setup(format!(
+                "page data at {addr:#x} lies outside private memory"
+            )));
+        };
+        if t.plan.chunks[i].lazy {
+            continue; // served on demand once the process runs
+        }
+        let at = t
+            .plan
+            .premap_of(addr)
+            .ok_or_else(|| RestoreError::Setup(format!("no premap for {addr:#x}")))?;
+        t.premap
+            .pread(pages.as_raw_fd(), at, end - addr, seg.offset)
+            .map_err(RestoreError::os(format!(
+                "reading the pages of {addr:#x}..{end:#x}"
+            )))?;
+        for (k, a) in (addr..end)
+            .step_by(usize::try_from(page).unwrap_or(4096))
+            .enumerate()
+        {
+            let got = t
+                .premap
+                .page_sum(at + (a - addr), page)
+                .map_err(RestoreError::os("checking a page"))?;
+            if ckpt.sums.get(seg.first_sum + k) != Some(&got) {
+                return Err(RestoreError::PageChecksum { path, addr: a });
             }
-            let at = t
-                .plan
-                .premap_of(addr)
-                .ok_or_else(|| RestoreError::Setup(format!("no premap for {addr:#x}")))?;
-            t.premap
-                .pread(pages.as_raw_fd(), at, end - addr, offset)
-                .map_err(RestoreError::os(format!(
-                    "reading the pages of {addr:#x}..{end:#x}"
-                )))?;
-            let mut a = addr;
-            while a < end {
-                let want = ckpt.sums.get(sum).copied();
-                let got = t
-                    .premap
-                    .page_sum(at + (a - addr), page)
-                    .map_err(RestoreError::os("checking a page"))?;
-                if want != Some(got) {
-                    return Err(RestoreError::PageChecksum { path, addr: a });
-                }
-                sum += 1;
-                a += page;
-            }
-            offset += end - addr;
-            addr = end;
         }
     }
     Ok(())

@@ -67,7 +67,7 @@ pub enum RestoreError {
     #[error("setting up the process: {0}")]
     Setup(String),
     /// A step of the blob failed.
-    #[error("step {index} ({step}) failed: {source}")]
+    #[error("step {index} ({step}) failed")]
     Step {
         /// Op index.
         index: u64,
@@ -76,9 +76,15 @@ pub enum RestoreError {
         /// The kernel's error.
         source: std::io::Error,
     },
-    /// The new process ended before it reported.
-    #[error("the new process ended before it was restored (wait status {0:#x})")]
-    Vanished(i32),
+    /// Pid 1 of the restorer's namespace ended without reporting the program's status.
+    #[error("the restorer's pid 1 ended without reporting the program's status")]
+    Vanished,
+    /// Reading this process's own memory map failed.
+    #[error("reading the restorer's memory map")]
+    Maps(#[source] om::dirty::maps::MapsError),
+    /// Serving lazy pages failed after the program started (it was stopped).
+    #[error("serving the program's pages")]
+    Lazy(#[source] crate::lazy::LazyError),
     /// A page of the image failed its checksum.
     #[error("page {addr:#x} of {path} fails its checksum")]
     PageChecksum {

@@ -17,7 +17,7 @@
 //! process runs): the process is killed and the restore reports the page; the checkpoint is intact.
 
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use om::image::Checkpoint;
 use om::sys::uffd::{self, Fill, UffdMsg};
@@ -67,7 +67,7 @@ impl Bits {
 /// One address space served: the restored process, or a child it forked meanwhile.
 #[derive(Debug)]
 struct Space {
-    uffd: OwnedFd,
+    uffd: uffd::Foreign,
     pieces: Vec<Piece>,
     /// Background fill position: an address in the process; everything below is done.
     cursor: u64,
@@ -94,9 +94,6 @@ pub enum LazyError {
     /// A page failed its checksum.
     #[error("page {0:#x} of the image fails its checksum; the restored process was stopped")]
     Checksum(u64),
-    /// The userfaultfd failed.
-    #[error("serving lazy pages")]
-    Uffd(#[source] std::io::Error),
 }
 
 /// The server.
@@ -167,27 +164,21 @@ impl<'a> Server<'a> {
     /// A server for the lazy ranges `lazy` (image addresses) of `ckpt`, whose pages file is mapped
     /// at `pages`, on `uffd`.
     #[must_use]
-    pub fn new(ckpt: &'a Checkpoint, pages: &'a [u8], lazy: &[Range<u64>], uffd: OwnedFd) -> Self {
-        let mut data = Vec::new();
-        let mut offset = 0;
-        let mut sum = 0;
-        for r in ckpt.runs.iter().filter(|r| r.data) {
-            let n = (r.addr.end - r.addr.start) / ckpt.page_size;
-            for l in lazy {
-                let s = r.addr.start.max(l.start);
-                let e = r.addr.end.min(l.end);
-                if s < e {
-                    let skip = (s - r.addr.start) / ckpt.page_size;
-                    data.push(Data {
-                        addr: s..e,
-                        offset: offset + (s - r.addr.start),
-                        sum: sum + usize::try_from(skip).unwrap_or(0),
-                    });
-                }
-            }
-            offset += r.addr.end - r.addr.start;
-            sum += usize::try_from(n).unwrap_or(0);
-        }
+    pub fn new(ckpt: &'a Checkpoint, pages: &'a [u8], lazy: &[Range<u64>], uffd: uffd::Foreign) -> Self {
+        // Segments lie inside one VMA each, and lazy ranges are whole VMAs.
+        let mut data: Vec<Data> = ckpt
+            .segments()
+            .into_iter()
+            .filter(|s| {
+                lazy.iter()
+                    .any(|l| l.start <= s.addr.start && s.addr.end <= l.end)
+            })
+            .map(|s| Data {
+                addr: s.addr,
+                offset: s.offset,
+                sum: s.first_sum,
+            })
+            .collect();
         data.sort_by_key(|d| d.addr.start);
         let mut pieces: Vec<Piece> = lazy
             .iter()
@@ -359,7 +350,7 @@ impl<'a> Server<'a> {
             }
             uffd::EVENT_FORK => {
                 let fd = i32::try_from(m.arg0 & 0xffff_ffff).unwrap_or(-1);
-                if let Some(child) = crate::sys::adopt_fd(fd) {
+                if let Some(child) = crate::sys::adopt_child_uffd(fd) {
                     // The child has what the parent had at the fork.
                     let pieces = self.spaces[s].pieces.clone();
                     let filled = self.spaces[s].filled.clone();
@@ -473,12 +464,6 @@ impl<'a> Server<'a> {
             }
         }
         Ok(())
-    }
-
-    /// The raw fd of space 0 (the restored process), for tests.
-    #[must_use]
-    pub fn first_fd(&self) -> Option<i32> {
-        self.spaces.first().map(|s| s.uffd.as_raw_fd())
     }
 }
 

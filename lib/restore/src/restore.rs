@@ -211,7 +211,7 @@ fn here_layout(
     exe_fd: Option<RawFd>,
     uffd: Option<RawFd>,
 ) -> Result<Here<'static>, RestoreError> {
-    let vmas = maps::read_self().map_err(|e| RestoreError::Setup(format!("reading /proc/self/maps: {e}")))?;
+    let vmas = maps::read_self().map_err(RestoreError::Maps)?;
     Ok(Here {
         busy: vmas.iter().map(|v| v.start..v.end).collect(),
         specials: vmas
@@ -298,11 +298,9 @@ fn lazy_vmas(img: &Image) -> Vec<bool> {
     if std::env::var_os("OM_RESTORE_EAGER").is_some() {
         return vec![false; vmas.len()];
     }
-    for r in img.ckpt.runs.iter().filter(|r| r.data) {
-        let mut i = vmas.partition_point(|v| v.end <= r.addr.start);
-        while let Some(v) = vmas.get(i).filter(|v| v.start < r.addr.end) {
-            data[i] += r.addr.end.min(v.end) - r.addr.start.max(v.start);
-            i += 1;
+    for s in img.ckpt.segments() {
+        if let Some(i) = s.vma {
+            data[i] += s.addr.end - s.addr.start;
         }
     }
     data.iter().map(|d| *d >= LAZY_MIN).collect()
@@ -380,7 +378,7 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         })
         .collect();
     let uffd = match &server_sock {
-        Some(sock) => sys::recv_fd(sock).map_err(RestoreError::os("receiving the userfaultfd"))?,
+        Some(sock) => sys::recv_uffd(sock).map_err(RestoreError::os("receiving the userfaultfd"))?,
         None => None,
     };
     let pages_map;
@@ -414,7 +412,7 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
     let _ = sys::wait_any();
     match got {
         Ok(()) => Ok(Ended::from_wait(i32::from_le_bytes(st))),
-        Err(_) => Err(RestoreError::Vanished(0)),
+        Err(_) => Err(RestoreError::Vanished),
     }
 }
 
@@ -458,8 +456,7 @@ fn watch(
             (status_ready, ready)
         };
         if let Some(s) = server.as_mut() {
-            s.serve(&ready)
-                .map_err(|e| RestoreError::Setup(om_transport::error::chain(&e)))?;
+            s.serve(&ready).map_err(RestoreError::Lazy)?;
         }
         if status_ready {
             let mut buf = [0u8; 4096];
@@ -477,8 +474,7 @@ fn watch(
             }
         } else if status.is_none() {
             if let Some(s) = server.as_mut() {
-                s.step()
-                    .map_err(|e| RestoreError::Setup(om_transport::error::chain(&e)))?;
+                s.step().map_err(RestoreError::Lazy)?;
             }
         }
     }
@@ -563,7 +559,11 @@ fn run_init(
         sys::close(n);
         drop(sock);
     }
-    forward_signals_to(pid);
+    // The program has its stdio; pid 1 must not keep the caller's pipes open (a detached caller
+    // reads them to their end).
+    sys::stdio_to_null();
+    // Pid 1 of a namespace only gets the signals it handles: pass the usual ones on.
+    sys::forward_signals(pid, &FORWARDED);
     loop {
         match sys::wait_any() {
             Ok((p, status)) if p == pid => {
@@ -575,11 +575,6 @@ fn run_init(
             Err(_) => return 1,
         }
     }
-}
-
-/// Pid 1 of a namespace only gets the signals it handles: forward the usual ones to the program.
-fn forward_signals_to(pid: u32) {
-    sys::forward_signals(pid, &FORWARDED);
 }
 
 /// Signals that om-restore and its pid 1 pass on to the program.

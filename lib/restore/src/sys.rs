@@ -764,7 +764,7 @@ pub fn send_fd(sock: &impl std::os::fd::AsFd, fd: RawFd) -> io::Result<()> {
 ///
 /// # Errors
 /// The `recvmsg` failure.
-pub fn recv_fd(sock: &impl std::os::fd::AsFd) -> io::Result<Option<std::os::fd::OwnedFd>> {
+fn recv_fd(sock: &impl std::os::fd::AsFd) -> io::Result<Option<std::os::fd::OwnedFd>> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut byte = [0u8; 1];
     let mut iov = [io::IoSliceMut::new(&mut byte)];
@@ -836,17 +836,30 @@ pub fn lazy_uffd() -> io::Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
-/// Takes ownership of `fd`, which the kernel just installed in this process's table for it (the
-/// new userfaultfd of a `UFFD_EVENT_FORK`); `None` for a negative number.
+/// The userfaultfd of a child the restored process forked: `fd` was installed in this process's
+/// table by the kernel, as part of a `UFFD_EVENT_FORK` message; `None` for a bad number.
 #[must_use]
-pub fn adopt_fd(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
+pub fn adopt_child_uffd(fd: RawFd) -> Option<om::sys::uffd::Foreign> {
     // SAFETY: F_GETFD only queries.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return None;
     }
     // SAFETY: the kernel created this descriptor for this process as part of the event message;
     // nothing else refers to it.
-    Some(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: it is the userfaultfd of the forked child's memory, not of this process.
+    Some(unsafe { om::sys::uffd::Foreign::new(owned) })
+}
+
+/// Receives the restored process's userfaultfd over `sock` (see [`send_fd`]); `None` when the
+/// process ended without sending it.
+///
+/// # Errors
+/// The `recvmsg` failure.
+pub fn recv_uffd(sock: &impl std::os::fd::AsFd) -> io::Result<Option<om::sys::uffd::Foreign>> {
+    // SAFETY: only the new process holds the other end of this socket pair, and it sends the
+    // userfaultfd it opened for its own memory: another process's.
+    Ok(recv_fd(sock)?.map(|fd| unsafe { om::sys::uffd::Foreign::new(fd) }))
 }
 
 /// Points this process's stdin, stdout and stderr at `/dev/null`.

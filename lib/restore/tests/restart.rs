@@ -92,25 +92,15 @@ fn checkpoint_restart(name: &str, w: &Workload, window: (u64, u64), cycles: usiz
         }
         // The restored copy registers again under a new node pid, with its own pid unchanged.
         let mut running = running;
-        let now = loop {
-            if let Some(st) = running.0.try_wait().unwrap() {
-                let (out, _, err) = finish(running);
-                panic!(
-                    "{name}: restart {cycle} ended ({st:?}) before it registered: {err}\n{}",
-                    String::from_utf8_lossy(&out)
-                );
-            }
-            let ps = String::from_utf8_lossy(&node.omctl(&["ps"]).stdout).into_owned();
-            let found = ps.split_whitespace().find_map(|w| {
-                let p = common::ps_pid(w)?;
-                let v: u32 = w.split_once(",vpid=")?.1.parse().ok()?;
-                (v == pid && !seen.contains(&p)).then_some(p)
-            });
-            if let Some(p) = found {
-                break p;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let now = node.wait_registered_while(
+            |p, v| v == pid && !seen.contains(&p),
+            || match running.0.try_wait() {
+                Ok(Some(st)) => Err(format!(
+                    "{name}: restart {cycle} ended ({st:?}) before it registered"
+                )),
+                _ => Ok(()),
+            },
+        );
         seen.push(now);
         let delay = random_ms(window.0 / 2, window.1 / 2);
         delays.push(delay);
@@ -282,7 +272,8 @@ fn a_corrupted_page_is_refused_and_nothing_runs() {
 #[test]
 fn detached_restart_prints_the_pid_and_the_file_output_continues() {
     let prog = build("threads.c");
-    let w = program(prog.clone(), &[]);
+    // About 4 s of work: still running when the detached restart returns.
+    let w = program(prog.clone(), &["600"]);
     let (want, _) = w.reference();
     let node = Node::start("rs-detach");
     let out_file = node.dir.join("out.txt");
@@ -293,6 +284,7 @@ fn detached_restart_prints_the_pid_and_the_file_output_continues() {
         .arg(node.dir.join("ctl.sock"))
         .arg("--")
         .arg(&prog)
+        .arg("600")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_file).unwrap())
         .stderr(Stdio::null());
@@ -314,15 +306,15 @@ fn detached_restart_prints_the_pid_and_the_file_output_continues() {
         .strip_prefix("restarted as pid ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected output {text:?}"));
-    // It runs under its old pid in its namespace (unless it already finished).
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{now}/status")) {
-        let nspid = status
-            .lines()
-            .find(|l| l.starts_with("NSpid:"))
-            .unwrap_or_default()
-            .to_owned();
-        assert!(nspid.trim_end().ends_with(&format!("\t{pid}")), "{nspid:?}");
-    }
+    // It runs (omctl returned as soon as it did; it has seconds of work left) under its old pid in
+    // its namespace.
+    let status = std::fs::read_to_string(format!("/proc/{now}/status")).expect("the restarted program runs");
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(nspid.trim_end().ends_with(&format!("\t{pid}")), "{nspid:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::path::Path::new(&format!("/proc/{now}")).exists() {
         assert!(

@@ -261,7 +261,51 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Page data of a checkpoint, cut at VMA boundaries: where it lies in the image, where in the pages
+/// file, the index of its first page's checksum, and its VMA (`None`: outside every VMA, which a
+/// valid image does not have).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// Image addresses.
+    pub addr: Range<u64>,
+    /// Offset in the pages file.
+    pub offset: u64,
+    /// Index into [`Checkpoint::sums`] of its first page.
+    pub first_sum: usize,
+    /// Index into the VMA table.
+    pub vma: Option<usize>,
+}
+
 impl Checkpoint {
+    /// The page data, in address order, each piece inside one VMA.
+    #[must_use]
+    pub fn segments(&self) -> Vec<Segment> {
+        let vmas = &self.begin.vmas;
+        let mut out = Vec::new();
+        let (mut offset, mut sum) = (0u64, 0usize);
+        for r in self.runs.iter().filter(|r| r.data) {
+            let mut addr = r.addr.start;
+            while addr < r.addr.end {
+                let i = vmas.partition_point(|v| v.end <= addr);
+                let (end, vma) = match vmas.get(i) {
+                    Some(v) if v.start <= addr => (r.addr.end.min(v.end), Some(i)),
+                    Some(v) => (r.addr.end.min(v.start), None),
+                    None => (r.addr.end, None),
+                };
+                out.push(Segment {
+                    addr: addr..end,
+                    offset,
+                    first_sum: sum,
+                    vma,
+                });
+                offset += end - addr;
+                sum += usize::try_from((end - addr) / self.page_size).unwrap_or(0);
+                addr = end;
+            }
+        }
+        out
+    }
+
     /// Reads and checks the manifest of the checkpoint in `dir`.
     ///
     /// # Errors
@@ -479,6 +523,59 @@ mod tests {
         }
         .encode_manifest()
         .unwrap()
+    }
+
+    #[test]
+    fn segments_cut_runs_at_vma_boundaries_and_count_offsets_and_sums() {
+        let vma = |start, end| om_transport::wire::Vma {
+            start,
+            end,
+            prot: 3,
+            ..Default::default()
+        };
+        let c = Checkpoint {
+            dir: PathBuf::from("."),
+            page_size: 0x1000,
+            begin: Begin {
+                vmas: vec![
+                    vma(0x10000, 0x12000),
+                    vma(0x12000, 0x14000),
+                    vma(0x20000, 0x21000),
+                ],
+                ..Begin::default()
+            },
+            runs: vec![
+                Run {
+                    addr: 0x11000..0x13000,
+                    data: true,
+                },
+                Run {
+                    addr: 0x13000..0x14000,
+                    data: false,
+                },
+                Run {
+                    addr: 0x1f000..0x21000,
+                    data: true,
+                },
+            ],
+            sums: vec![0; 4],
+            records: Vec::new(),
+        };
+        let seg = |a: u64, b: u64, offset, first_sum, vma| Segment {
+            addr: a..b,
+            offset,
+            first_sum,
+            vma,
+        };
+        assert_eq!(
+            c.segments(),
+            vec![
+                seg(0x11000, 0x12000, 0, 0, Some(0)),
+                seg(0x12000, 0x13000, 0x1000, 1, Some(1)),
+                seg(0x1f000, 0x20000, 0x2000, 2, None),
+                seg(0x20000, 0x21000, 0x3000, 3, Some(2)),
+            ]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod records;
 
-pub use checkpoint::{Checkpoint, CheckpointError, Run};
+pub use checkpoint::{Checkpoint, CheckpointError, Run, Segment};
 pub use records::{FdKind, FdRecord, MappedFile, ProcessRecord, RecordError, ThreadRecord};
 
 /// Flags of a VMA in the image's VMA table (`wire::Vma::flags`).

@@ -188,8 +188,10 @@ pub fn open(flags: i32) -> io::Result<OwnedFd> {
 
 /// Issues a userfaultfd ioctl whose argument is `arg`.
 fn ioctl<T>(fd: &OwnedFd, request: u32, arg: &mut T) -> io::Result<()> {
-    // SAFETY: every caller passes the struct that `request` encodes (asserted sizes above); the kernel
-    // reads and writes only within it, and `arg` is a live exclusive reference for the call.
+    // SAFETY: every caller passes the struct that `request` encodes (asserted sizes above), and `arg`
+    // is a live exclusive reference for the call. Beyond the struct, only the fill ioctls touch
+    // memory: UFFDIO_COPY reads its source (a live slice, see `copy`) and both write pages of the
+    // userfaultfd's own process, which `Foreign` guarantees is another process.
     let r = unsafe {
         libc::ioctl(
             fd.as_raw_fd(),
@@ -275,9 +277,33 @@ fn fill_result(r: io::Result<()>, done: i64, len: u64) -> Fill {
     }
 }
 
+/// A userfaultfd of *another* process's memory (the restored process, or a child it forked).
+/// Filling pages through it cannot write memory of this program, which makes [`copy`] and
+/// [`zeropage`] safe to call.
+#[derive(Debug)]
+pub struct Foreign(OwnedFd);
+
+impl Foreign {
+    /// Wraps `fd`.
+    ///
+    /// # Safety
+    /// `fd` must be a userfaultfd created for another process's memory (received from it, or
+    /// installed by the kernel for a forked child), never one of this process.
+    #[must_use]
+    pub unsafe fn new(fd: OwnedFd) -> Self {
+        Self(fd)
+    }
+}
+
+impl std::os::fd::AsFd for Foreign {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 /// `UFFDIO_COPY`: fills `[dst, dst + src.len())` of the registered process with `src`, waking the
 /// threads that wait there.
-pub fn copy(fd: &OwnedFd, dst: u64, src: &[u8]) -> Fill {
+pub fn copy(fd: &Foreign, dst: u64, src: &[u8]) -> Fill {
     let mut c = UffdioCopy {
         dst,
         src: src.as_ptr() as u64,
@@ -285,19 +311,19 @@ pub fn copy(fd: &OwnedFd, dst: u64, src: &[u8]) -> Fill {
         mode: 0,
         copy: 0,
     };
-    // The kernel only reads `src` (a live slice) and writes `c`.
-    let r = ioctl(fd, UFFDIO_COPY, &mut c);
+    // The kernel reads `src`, a live slice, and writes the other process's pages and `c`.
+    let r = ioctl(&fd.0, UFFDIO_COPY, &mut c);
     fill_result(r, c.copy, c.len)
 }
 
 /// `UFFDIO_ZEROPAGE`: maps zero pages at `[start, start + len)` and wakes the waiters.
-pub fn zeropage(fd: &OwnedFd, start: u64, len: u64) -> Fill {
+pub fn zeropage(fd: &Foreign, start: u64, len: u64) -> Fill {
     let mut z = UffdioZeropage {
         range: UffdioRange { start, len },
         mode: 0,
         zeropage: 0,
     };
-    let r = ioctl(fd, UFFDIO_ZEROPAGE, &mut z);
+    let r = ioctl(&fd.0, UFFDIO_ZEROPAGE, &mut z);
     fill_result(r, z.zeropage, len)
 }
 
@@ -305,11 +331,11 @@ pub fn zeropage(fd: &OwnedFd, start: u64, len: u64) -> Fill {
 ///
 /// # Errors
 /// A read error other than `EAGAIN`.
-pub fn read_msgs(fd: &OwnedFd) -> io::Result<Vec<UffdMsg>> {
+pub fn read_msgs(fd: &impl std::os::fd::AsFd) -> io::Result<Vec<UffdMsg>> {
     let mut buf = [UffdMsg::default(); 64];
     // SAFETY: the buffer is valid for `size_of_val(&buf)` bytes and UffdMsg is plain integers, so
     // any bytes the kernel writes form valid values.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), size_of_val(&buf)) };
+    let n = unsafe { libc::read(fd.as_fd().as_raw_fd(), buf.as_mut_ptr().cast(), size_of_val(&buf)) };
     if n < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::WouldBlock {

@@ -210,6 +210,14 @@ mod tests {
             let want = oracle(&bytes);
             let a = atomics(&bytes);
             prop_assert_eq!(page_sum_bytes(&bytes), want);
+            // A misaligned copy takes the table path of `page_sum_bytes`.
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            let misaligned = &shifted[1..];
+            if !misaligned.is_empty() && shifted.as_ptr().align_offset(8) == 0 {
+                prop_assert_ne!(misaligned.as_ptr().align_offset(8), 0);
+            }
+            prop_assert_eq!(page_sum_bytes(misaligned), want);
             prop_assert_eq!(sum_words_soft(&a), want);
             prop_assert_eq!(sum_words(&a), want);
         }

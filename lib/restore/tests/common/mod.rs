@@ -31,6 +31,13 @@ pub struct Node {
     _omd: Kill,
 }
 
+impl Drop for Node {
+    /// Checkpoints are big (a 2 GiB heap makes a 2 GiB image): nothing stays behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Node {
     pub fn start(name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("om-ckpt-{name}-{}", std::process::id()));
@@ -100,8 +107,21 @@ impl Node {
 
     /// Waits until `omctl ps` lists a process for which `want(pid, vpid)` holds; returns its pid.
     pub fn wait_registered(&self, want: impl Fn(u32, u32) -> bool) -> u32 {
+        self.wait_registered_while(want, || Ok(()))
+    }
+
+    /// [`Node::wait_registered`], failing early with the message `alive` returns once whatever
+    /// should register has ended.
+    pub fn wait_registered_while(
+        &self,
+        want: impl Fn(u32, u32) -> bool,
+        mut alive: impl FnMut() -> Result<(), String>,
+    ) -> u32 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if let Err(why) = alive() {
+                panic!("{why}");
+            }
             let out = self.omctl(&["ps"]);
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             let found = text.split_whitespace().find_map(|w| {
@@ -173,10 +193,13 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 }
 
 pub fn build(src: &str) -> PathBuf {
-    // Tests build in parallel: each build gets its own directory.
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("om-wl-{}-{n}", std::process::id()));
+    // Tests build in parallel: one build per source and test process, in one directory.
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, p)) = built.iter().find(|(s, _)| s == src) {
+        return p.clone();
+    }
+    let dir = std::env::temp_dir().join(format!("om-wl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (name, ext) = src.rsplit_once('.').unwrap();
     let out = dir.join(name);
@@ -196,6 +219,7 @@ pub fn build(src: &str) -> PathBuf {
     };
     let ok = cmd.arg(&out).arg(&srcp).status().unwrap().success();
     assert!(ok, "building {src}");
+    built.push((src.to_owned(), out.clone()));
     out
 }
 
