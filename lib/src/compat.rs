@@ -76,7 +76,7 @@ impl Local {
         let mut vdso_sum = 0;
         for v in vmas.iter().filter(|v| v.is_special() && v.end <= USER_END) {
             if v.path == "[vdso]" {
-                vdso_sum = crc32c(vdso_bytes(v.start, v.len()));
+                vdso_sum = crc32c(task::vdso_bytes(v.start, v.len()));
             }
             specials.push(Special {
                 name: v.path.clone(),
@@ -136,10 +136,6 @@ fn layout(specials: &[Special]) -> String {
     } else {
         parts.join(" ")
     }
-}
-
-fn vdso_bytes(start: u64, len: u64) -> &'static [u8] {
-    task::vdso_bytes(start, len)
 }
 
 #[cfg(test)]

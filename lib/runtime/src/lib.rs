@@ -41,6 +41,8 @@ extern "C" fn omrt_init() {
     });
 }
 
+// SAFETY: `.init_array` holds `extern "C" fn()` pointers that the dynamic loader calls once when the
+// library is loaded; `omrt_init` has that type and is sound to run then (it only starts a thread).
 #[used]
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = omrt_init;

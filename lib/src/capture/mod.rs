@@ -35,6 +35,13 @@ pub enum CaptureError {
     /// No usable real-time signal.
     #[error("every real-time signal is blocked or handled by the application")]
     NoSignal,
+    /// Threads released by the previous freeze have not left the checkpoint handler.
+    #[error("{0} threads released by the previous checkpoint are still in its handler")]
+    StillParked(u32),
+    /// This program's global allocator is not om's capture-aware one (only `libomrt.so` can
+    /// checkpoint its process: capture allocates inside a signal handler).
+    #[error("this program's allocator cannot run inside the checkpoint handler (not libomrt.so)")]
+    Allocator,
     /// The capture arena could not be mapped.
     #[error("mapping the capture arena")]
     Arena(#[source] std::io::Error),
@@ -165,11 +172,14 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
     preflight::wait_restored(RESTORE_WAIT)?;
     preflight()?;
     let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
+    if !arena::installed() {
+        return Err(CaptureError::Allocator);
+    }
     arena::prepare().map_err(CaptureError::Arena)?;
     let f = Freeze::get();
     f.control_tid.store(task::gettid(), Ordering::Release);
     f.on_control.store(run_job as fn(u64) as usize, Ordering::Release);
-    wait_unparked(f);
+    wait_unparked(f)?;
     let old = task::install_checkpoint_handler(sig).map_err(CaptureError::Handler)?;
     // A child process would not exist in a restored copy: wait for the process to have none, and
     // freeze again if one was forked meanwhile.
@@ -190,7 +200,10 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
             break (started, generation);
         }
         release(f);
-        wait_unparked(f);
+        if let Err(e) = wait_unparked(f) {
+            let _ = task::restore_disposition(sig, &old);
+            return Err(e);
+        }
     };
     // Every thread is parked in the handler, so none still runs the last instructions of a
     // previous restore: its leftover can go, and stays out of this image.
@@ -230,23 +243,22 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
     result.map(Outcome::Written)
 }
 
-/// Releases threads parked by a checkpoint that kept them frozen.
-pub fn thaw() {
-    release(Freeze::get());
-}
-
 /// Lets threads released by an earlier freeze leave the handler (on their own time), then clears
-/// the slots.
-fn wait_unparked(f: &Freeze) {
+/// the slots. The count is never forced to zero: a late thread would take it below zero and make the
+/// next freeze believe everyone parked.
+fn wait_unparked(f: &Freeze) -> Result<(), CaptureError> {
     let deadline = Instant::now() + Duration::from_secs(1);
-    while f.parked.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
+    while f.parked.load(Ordering::Acquire) != 0 {
+        if Instant::now() > deadline {
+            return Err(CaptureError::StillParked(f.parked.load(Ordering::Acquire)));
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
-    f.parked.store(0, Ordering::Release);
     f.next.store(0, Ordering::Release);
     for s in &*f.slots {
         s.tid.store(0, Ordering::Release);
     }
+    Ok(())
 }
 
 /// How long a checkpoint waits for the process to have no child processes.

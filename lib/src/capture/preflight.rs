@@ -101,13 +101,7 @@ pub(crate) fn fds() -> Result<Vec<FdInfo>, Refusal> {
         let kind = classify(fd, &target, meta.as_ref().ok());
         match kind {
             Ok(kind) => out.push(FdInfo { fd, kind, target }),
-            Err(what) => {
-                // The listing's own descriptor shows as the directory it lists.
-                if target.starts_with("/proc/") && meta.as_ref().is_ok_and(fs::Metadata::is_dir) {
-                    continue;
-                }
-                return Err(Refusal::Fd { fd, what, target });
-            }
+            Err(what) => return Err(Refusal::Fd { fd, what, target }),
         }
     }
     out.sort_by_key(|f| f.fd);
@@ -134,16 +128,21 @@ fn classify(fd: i32, target: &str, meta: Option<&fs::Metadata>) -> Result<FdKind
     };
     let ft = meta.file_type();
     if ft.is_file() {
+        // A memfd's link always ends in " (deleted)": tell it apart first (seals and sharing would
+        // not survive being carried as a deleted file).
+        if target.starts_with("/memfd:") {
+            return Err("a memfd");
+        }
         if target.ends_with(" (deleted)") {
             if meta.size() > crate::image::records::MAX_CARRIED_FILE as u64 {
                 return Err("a deleted file larger than 16 MiB");
             }
             return Ok(FdKind::Deleted);
         }
-        if target.starts_with('/') && !target.starts_with("/memfd:") {
+        if target.starts_with('/') {
             return Ok(FdKind::File);
         }
-        return Err("a memfd or unnamed file");
+        return Err("an unnamed file");
     }
     Err(if target.starts_with("socket:") {
         "a socket"

@@ -20,6 +20,14 @@ pub const SIZE: usize = 1 << 30;
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// True once a [`CaptureAware`] allocator has served an allocation, i.e. it is this program's
+/// global allocator (capture allocates inside a signal handler and needs it).
+#[must_use]
+pub fn installed() -> bool {
+    INSTALLED.load(Ordering::Relaxed)
+}
 
 /// Maps the arena unless it exists.
 ///
@@ -117,6 +125,7 @@ pub struct CaptureAware<A>(pub A);
 // restored copy forgets it (and a restored copy never holds blocks from a previous capture).
 unsafe impl<A: GlobalAlloc> GlobalAlloc for CaptureAware<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        INSTALLED.store(true, Ordering::Relaxed);
         if ACTIVE.load(Ordering::Acquire) {
             return bump(layout);
         }

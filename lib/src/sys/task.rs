@@ -23,9 +23,6 @@ pub struct KernelSigaction {
 }
 const _: () = assert!(size_of::<KernelSigaction>() == 32);
 
-/// `SA_RESTORER`.
-pub const SA_RESTORER: u64 = 0x0400_0000;
-
 fn check(r: libc::c_long) -> io::Result<libc::c_long> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -134,6 +131,8 @@ pub fn exit_group(code: i32) -> ! {
     unreachable!("exit_group returned")
 }
 
+// SAFETY: glibc 2.35+ defines these (`ptrdiff_t __rseq_offset`, `unsigned int __rseq_size` in
+// <sys/rseq.h>); the types here are the same sizes on x86_64.
 unsafe extern "C" {
     static __rseq_offset: isize;
     static __rseq_size: u32;
