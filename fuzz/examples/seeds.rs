@@ -115,10 +115,12 @@ fn main() {
             Run {
                 addr: 0x60_0000..0x60_0000 + 3 * P,
                 data: true,
+                offset: 0,
             },
             Run {
                 addr: 0x60_8000..0x60_8000 + P,
                 data: false,
+                offset: 0,
             },
         ],
         sums: vec![1, 2, 3],

@@ -28,6 +28,7 @@ pub fn write(image: &Image, dir: &Path) -> Result<u64, CheckpointError> {
         runs.push(Run {
             addr: r.addr.clone(),
             data: r.data,
+            offset: if r.data { written } else { 0 },
         });
         if r.data {
             let off = usize::try_from(r.offset).unwrap_or(usize::MAX);

@@ -65,6 +65,13 @@ pub trait PageSender {
         last: bool,
     ) -> Result<RoundStats, TransportError>;
 
+    /// Replaces the image's VMA table between rounds (the process mapped, unmapped or moved memory
+    /// since `begin`). The receiver drops the pages outside the new table.
+    ///
+    /// # Errors
+    /// Connection or protocol errors, a table the receiver cannot hold, or a call inside a round.
+    fn update_vmas(&mut self, begin: &Begin) -> Result<(), TransportError>;
+
     /// Sends a record for the restorer (threads, file descriptors, process state).
     ///
     /// # Errors
@@ -76,6 +83,14 @@ pub trait PageSender {
     /// # Errors
     /// Connection or protocol errors; a commit before the final round.
     fn commit(&mut self) -> Result<u64, TransportError>;
+
+    /// After the commit of a migration (the receiver holds the prepared copy): the point of no
+    /// return. Starts the copy and returns its pid on the receiving node once it runs.
+    ///
+    /// # Errors
+    /// Connection or protocol errors. After an error the copy may or may not run: the caller must not
+    /// resume the source (it cannot know), and reports the migration as lost in doubt.
+    fn go(&mut self) -> Result<u32, TransportError>;
 
     /// Gives up: the receiver discards everything. Never fails (the connection may already be gone).
     fn abort(&mut self, reason: &str);
@@ -116,6 +131,30 @@ pub trait ImageSink: Send + Sync + 'static {
     /// # Errors
     /// A run outside the image's VMAs.
     fn zero(&self, run: &Range<u64>) -> Result<(), Refusal>;
+
+    /// Replaces the VMA table (a `Vmas` message between rounds): pages outside the new table are
+    /// dropped and their memory released.
+    ///
+    /// # Errors
+    /// A table the image cannot hold.
+    fn relayout(&self, begin: &Begin) -> Result<(), Refusal> {
+        let _ = begin;
+        Err((ErrorCode::Protocol, "this receiver cannot change an image's VMA table".into()))
+    }
+
+    /// The pages of `runs` landed and matched `sums` (one per page, in run order), except those
+    /// listed in `suspects` (indices). A receiver that hands the image on keeps the sums.
+    fn landed(&self, runs: &[Range<u64>], sums: &[u32], suspects: &[usize]) {
+        let _ = (runs, sums, suspects);
+    }
+
+    /// Starts the prepared copy of a committed migration; returns its pid on this node.
+    ///
+    /// # Errors
+    /// Not a migration, or the copy could not be started.
+    fn go(&self) -> Result<u32, Refusal> {
+        Err((ErrorCode::Session, "this receiver does not restore migrations".into()))
+    }
 
     /// Keeps a record for the restorer.
     ///

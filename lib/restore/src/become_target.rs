@@ -36,6 +36,10 @@ pub struct Target<'a> {
     pub premap: Area,
     /// The status fd (already at its planned number).
     pub status_fd: RawFd,
+    /// The hold fd of a migration (already at its planned number).
+    pub hold_fd: Option<RawFd>,
+    /// The pages file.
+    pub pages: &'a std::path::Path,
     /// The exe fd, if any (already at its planned number).
     pub exe_fd: Option<RawFd>,
     /// For a lazy restore: the planned userfaultfd number and the socket that hands it to the
@@ -186,8 +190,8 @@ fn prepare(t: &mut Target<'_>) -> Result<(), RestoreError> {
 fn fill(t: &mut Target<'_>) -> Result<(), RestoreError> {
     let ckpt = t.ckpt;
     let page = ckpt.page_size;
-    let path = ckpt.dir.join(om::image::checkpoint::PAGES);
-    let pages = File::open(&path).map_err(RestoreError::os(format!("opening {}", path.display())))?;
+    let path = t.pages;
+    let pages = File::open(path).map_err(RestoreError::os(format!("opening {}", path.display())))?;
     for seg in ckpt.segments() {
         let (addr, end) = (seg.addr.start, seg.addr.end);
         let private = seg
@@ -219,7 +223,7 @@ fn fill(t: &mut Target<'_>) -> Result<(), RestoreError> {
                 .page_sum(at + (a - addr), page)
                 .map_err(RestoreError::os("checking a page"))?;
             if ckpt.sums.get(seg.first_sum + k) != Some(&got) {
-                return Err(RestoreError::PageChecksum { path, addr: a });
+                return Err(RestoreError::PageChecksum { path: path.to_path_buf(), addr: a });
             }
         }
     }
@@ -309,6 +313,7 @@ fn open_fd(r: &FdRecord) -> Result<Option<File>, RestoreError> {
 fn restore_fds(t: &Target<'_>) -> Result<(), RestoreError> {
     let mut keep: Vec<RawFd> = vec![t.status_fd];
     keep.extend(t.exe_fd);
+    keep.extend(t.hold_fd);
     keep.extend(t.uffd_fd);
     for r in t.fds {
         let n = RawFd::try_from(r.fd).unwrap_or(-1);

@@ -18,6 +18,8 @@ pub const ADDWAKE: u64 = 5;
 pub const WAIT: u64 = 6;
 /// Run a syscall; on success skip the next `a5` ops.
 pub const TRY: u64 = 7;
+/// Run a syscall (five arguments); any result but `a5` ends the restore.
+pub const EXPECT: u64 = 8;
 
 /// Size of one op in bytes.
 pub const OP_BYTES: usize = 64;

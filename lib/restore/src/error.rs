@@ -79,6 +79,9 @@ pub enum RestoreError {
     /// Pid 1 of the restorer's namespace ended without reporting the program's status.
     #[error("the restorer's pid 1 ended without reporting the program's status")]
     Vanished,
+    /// The caller did not give the go for a held restore (a migration that was not committed).
+    #[error("the restore was not committed; the restored copy is gone")]
+    NotCommitted,
     /// Reading this process's own memory map failed.
     #[error("reading the restorer's memory map")]
     Maps(#[source] om::dirty::maps::MapsError),

@@ -22,7 +22,7 @@ use om::image::records::{ProcessRecord, Special, ThreadRecord};
 use om::image::vma_flags;
 use om_transport::wire::Vma;
 
-use crate::blob::{ADDWAKE, Arg, Builder, CLONE, OP_BYTES, SIGRETURN, TRY, WAIT};
+use crate::blob::{ADDWAKE, Arg, Builder, CLONE, EXPECT, OP_BYTES, SIGRETURN, TRY, WAIT};
 use crate::sys::{CloneArgs, PrctlMmMap, StackT};
 
 /// Lowest address the restorer uses for its own areas (1 TiB): far below the heap of a
@@ -36,6 +36,7 @@ const NR_MREMAP: i64 = libc::SYS_mremap;
 const NR_PRCTL: i64 = libc::SYS_prctl;
 const NR_ARCH_PRCTL: i64 = libc::SYS_arch_prctl;
 const NR_CLOSE: i64 = libc::SYS_close;
+const NR_READ: i64 = libc::SYS_read;
 const NR_IOCTL: i64 = libc::SYS_ioctl;
 const NR_KILL: i64 = libc::SYS_kill;
 const NR_TGKILL: i64 = libc::SYS_tgkill;
@@ -106,6 +107,9 @@ pub struct Here<'a> {
     pub exe_fd: Option<u32>,
     /// The userfaultfd through which lazy VMAs are served (registered by the blob, then closed).
     pub uffd: Option<u32>,
+    /// Where the blob waits, once everything is restored and before any thread runs, for one byte
+    /// (the go of a migration's two-phase commit); end of file ends the restore.
+    pub hold_fd: Option<u32>,
 }
 
 /// How a VMA is premapped.
@@ -619,6 +623,23 @@ fn build(
         }
     }
     b.mayfail(NR_CLOSE, &[u64::from(here.status_fd)], "close the status fd");
+    if let Some(hold) = here.hold_fd {
+        let byte = b.put(&[0u8; 8]);
+        b.op(
+            EXPECT,
+            NR_READ.unsigned_abs(),
+            [
+                Arg::Imm(u64::from(hold)),
+                Arg::Data(byte),
+                Arg::Imm(1),
+                Arg::Imm(0),
+                Arg::Imm(0),
+                Arg::Imm(1),
+            ],
+            "wait for the go of the commit",
+        );
+        b.mayfail(NR_CLOSE, &[u64::from(hold)], "close the hold fd");
+    }
     b.op(
         ADDWAKE,
         0,
@@ -897,6 +918,7 @@ mod tests {
             code: &code,
             page: 4096,
             status_fd: 9,
+            hold_fd: None,
             exe_fd: Some(10),
             uffd: Some(11),
         };
@@ -973,6 +995,7 @@ mod tests {
             code: &[0x90],
             page: 4096,
             status_fd: 3,
+            hold_fd: None,
             exe_fd: None,
             uffd: None,
         };

@@ -41,6 +41,11 @@ pub struct Image {
     pub fds: Vec<FdRecord>,
     /// The files that mappings need.
     pub files: Vec<MappedFile>,
+    /// The pages file: `DIR/pages`, or the one the caller handed over (`--pages-fd`).
+    pub pages: std::path::PathBuf,
+    /// Hold the restored program before its first instruction until the caller says go (the
+    /// prepared state of a migration's two-phase commit).
+    pub hold: bool,
 }
 
 impl Image {
@@ -76,6 +81,8 @@ impl Image {
             return Err(RestoreError::Records("no thread records".into()));
         }
         Ok(Self {
+            pages: dir.join(om::image::checkpoint::PAGES),
+            hold: false,
             ckpt,
             process,
             threads,
@@ -205,12 +212,16 @@ fn free_fd_floor(img: &Image) -> RawFd {
     RawFd::try_from(top).unwrap_or(1000).saturating_add(1).max(10)
 }
 
-fn here_layout(
-    code: &'static [u8],
-    status_fd: RawFd,
-    exe_fd: Option<RawFd>,
+/// The restorer's fds that the blob uses, at their planned numbers.
+#[derive(Debug, Clone, Copy)]
+struct BlobFds {
+    status: RawFd,
+    exe: Option<RawFd>,
     uffd: Option<RawFd>,
-) -> Result<Here<'static>, RestoreError> {
+    hold: Option<RawFd>,
+}
+
+fn here_layout(code: &'static [u8], fds: BlobFds) -> Result<Here<'static>, RestoreError> {
     let vmas = maps::read_self().map_err(RestoreError::Maps)?;
     Ok(Here {
         busy: vmas.iter().map(|v| v.start..v.end).collect(),
@@ -225,24 +236,19 @@ fn here_layout(
             .collect(),
         code,
         page: om::sys::page_size() as u64,
-        status_fd: u32::try_from(status_fd).unwrap_or(0),
-        exe_fd: exe_fd.and_then(|f| u32::try_from(f).ok()),
-        uffd: uffd.and_then(|f| u32::try_from(f).ok()),
+        status_fd: u32::try_from(fds.status).unwrap_or(0),
+        exe_fd: fds.exe.and_then(|f| u32::try_from(f).ok()),
+        uffd: fds.uffd.and_then(|f| u32::try_from(f).ok()),
+        hold_fd: fds.hold.and_then(|f| u32::try_from(f).ok()),
     })
 }
 
 /// Plans and reserves the restorer's areas (a few attempts: an allocation of this process may
 /// take a chosen range between planning and reserving).
-fn plan_and_reserve(
-    img: &Image,
-    status_fd: RawFd,
-    exe_fd: Option<RawFd>,
-    uffd: Option<RawFd>,
-    lazy: &[bool],
-) -> Result<(Plan, Area, Area), RestoreError> {
+fn plan_and_reserve(img: &Image, fds: BlobFds, lazy: &[bool]) -> Result<(Plan, Area, Area), RestoreError> {
     let mut last = None;
     for _ in 0..4 {
-        let here = here_layout(sys::blob_code(), status_fd, exe_fd, uffd)?;
+        let here = here_layout(sys::blob_code(), fds)?;
         let plan = plan::plan(&img.ckpt.begin.vmas, &img.process, &img.threads, &here, lazy)
             .map_err(RestoreError::Plan)?;
         let leftover = match Area::reserve(plan.leftover.start, plan.leftover.end - plan.leftover.start) {
@@ -285,7 +291,7 @@ fn enter_user_namespace() -> Result<(), RestoreError> {
 }
 
 /// Called when the program runs: its pid as this node sees it.
-pub type OnRunning<'a> = &'a mut dyn FnMut(u32);
+pub type OnRunning<'a> = &'a mut dyn FnMut(u32) -> bool;
 
 /// VMAs with at least this much page data are restored lazily.
 pub const LAZY_MIN: u64 = 1 << 20;
@@ -338,9 +344,23 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         None
     };
     let uffd_n = handoff.as_ref().map(|h| h.0);
+    // A held restore: the blob reads one byte from this pipe before any thread runs.
+    let (hold_r, mut hold_w) = if img.hold {
+        let (r_low, w) = pipe()?;
+        let r = sys::dup_above(r_low.as_raw_fd(), floor).map_err(RestoreError::os("placing the hold fd"))?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
+    };
     let (exit_r, exit_w) = pipe()?;
+    let fds = BlobFds {
+        status: status_w,
+        exe: exe_fd,
+        uffd: uffd_n,
+        hold: hold_r,
+    };
     // The areas stay reserved in this process; only the new process maps them.
-    let (plan, leftover, premap) = plan_and_reserve(img, status_w, exe_fd, uffd_n, &lazy)?;
+    let (plan, leftover, premap) = plan_and_reserve(img, fds, &lazy)?;
     enter_user_namespace()?;
 
     let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64;
@@ -352,10 +372,14 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
             drop(mine);
             (n, theirs)
         });
-        let code = run_init(img, &plan, leftover, premap, status_w, exe_fd, exit_w, lazy);
+        drop(hold_w);
+        let code = run_init(img, &plan, leftover, premap, fds, exit_w, lazy);
         std::process::exit(code);
     }
     sys::close(status_w);
+    if let Some(fd) = hold_r {
+        sys::close(fd);
+    }
     if let Some(fd) = exe_fd {
         sys::close(fd);
     }
@@ -384,8 +408,8 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
     let pages_map;
     let mut server = match uffd {
         Some(u) => {
-            let path = img.ckpt.dir.join(om::image::checkpoint::PAGES);
-            let f = File::open(&path).map_err(RestoreError::os(format!("opening {}", path.display())))?;
+            let path = &img.pages;
+            let f = File::open(path).map_err(RestoreError::os(format!("opening {}", path.display())))?;
             let len = f
                 .metadata()
                 .map_err(RestoreError::os("reading the pages file size"))?
@@ -395,9 +419,25 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         }
         None => None,
     };
+    let mut committed = true;
     let running = watch(&plan, status_r, server.as_mut(), || {
-        if let Some(pid) = child_of(init) {
-            on_running(pid);
+        let Some(pid) = child_of(init) else {
+            return true;
+        };
+        committed = on_running(pid);
+        if let Some(w) = hold_w.take() {
+            if committed {
+                // The blob reads this byte and starts every thread.
+                let _ = std::io::Write::write_all(&mut File::from(w), b"g");
+            }
+        }
+        committed
+    });
+    let running = running.and_then(|()| {
+        if committed {
+            Ok(())
+        } else {
+            Err(RestoreError::NotCommitted)
         }
     });
     if let Err(e) = running {
@@ -417,12 +457,13 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
 }
 
 /// Waits for the restore's outcome on the status pipe, serving lazy pages meanwhile and after,
-/// until every page is in. Calls `running` once the program runs.
+/// until every page is in. Calls `running` once the program runs (or, held, is ready to); when it
+/// returns false the watch ends there.
 fn watch(
     plan: &Plan,
     status: OwnedFd,
     mut server: Option<&mut crate::lazy::Server<'_>>,
-    mut running: impl FnMut(),
+    mut running: impl FnMut() -> bool,
 ) -> Result<(), RestoreError> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut status = Some(File::from(status));
@@ -468,7 +509,9 @@ fn watch(
                 if !report.is_empty() {
                     return Err(explain(plan, &report));
                 }
-                running();
+                if !running() {
+                    return Ok(());
+                }
             } else {
                 report.extend_from_slice(&buf[..n]);
             }
@@ -511,17 +554,16 @@ fn explain(plan: &Plan, report: &[u8]) -> RestoreError {
 
 /// Pid 1 of the new namespace: mounts its /proc, creates the program with its old pid, reaps and
 /// reports. Returns its own exit code.
-#[allow(clippy::too_many_arguments)]
 fn run_init(
     img: &Image,
     plan: &Plan,
     leftover: Area,
     premap: Area,
-    status_w: RawFd,
-    exe_fd: Option<RawFd>,
+    fds: BlobFds,
     exit_w: OwnedFd,
     lazy: Option<(RawFd, OwnedFd)>,
 ) -> i32 {
+    let (status_w, exe_fd) = (fds.status, fds.exe);
     let fail = |e: RestoreError| {
         become_target::report(status_w, &e);
         127
@@ -543,6 +585,8 @@ fn run_init(
             leftover,
             premap,
             status_fd: status_w,
+            hold_fd: fds.hold,
+            pages: &img.pages,
             exe_fd,
             lazy,
             uffd_fd: None,
@@ -553,6 +597,9 @@ fn run_init(
     }
     sys::close(status_w);
     if let Some(fd) = exe_fd {
+        sys::close(fd);
+    }
+    if let Some(fd) = fds.hold {
         sys::close(fd);
     }
     if let Some((n, sock)) = lazy {

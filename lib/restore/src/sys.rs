@@ -55,6 +55,8 @@ std::arch::global_asm!(
     "    je .Lom_wait",
     "    cmp rax, 7",
     "    je .Lom_try",
+    "    cmp rax, 8",
+    "    je .Lom_expect",
     "    mov rax, -22",
     "    jmp .Lom_fail",
     // SYSCALL: a failure ends the restore.
@@ -69,6 +71,14 @@ std::arch::global_asm!(
     ".Lom_mayfail:",
     "    om_restore_syscall_args",
     "    syscall",
+    "    add r12, 64",
+    "    jmp .Lom_next",
+    // EXPECT: the syscall must return exactly a5 (a failure or anything else ends the restore).
+    ".Lom_expect:",
+    "    om_restore_syscall_args",
+    "    syscall",
+    "    cmp rax, [r12+56]",
+    "    jne .Lom_fail",
     "    add r12, 64",
     "    jmp .Lom_next",
     // TRY: on success skip the next a5 ops (the fallback), on failure run them.

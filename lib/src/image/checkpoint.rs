@@ -1,15 +1,19 @@
-//! The checkpoint directory, format version 1: an image written to disk, and read back and checked.
+//! The checkpoint directory, format version 2: an image written to disk, and read back and checked.
 //!
 //! ```text
 //! DIR/om-image   manifest (little-endian):
-//!                  "OMIMAGE\0"  u32 version = 1  u32 page size
+//!                  "OMIMAGE\0"  u32 version = 2  u32 page size
 //!                  u64 len + the Begin body of the wire protocol (process identity, VMA table, names)
-//!                  u64 len + runs: { u64 addr, u32 pages, u32 kind (1 = data, 2 = zero) } in address order
+//!                  u64 len + runs: { u64 addr, u32 pages, u32 kind (1 = data, 2 = zero), u64 offset }
+//!                                  in address order; offset: where a data run lies in the pages file
 //!                  u64 len + one u32 page checksum per data page (the wire protocol's page sum)
 //!                  u64 len + records: { u32 kind, u32 len, bytes }
 //!                  u32 CRC-32C of everything above
-//! DIR/pages      the data pages, concatenated in address order
+//! DIR/pages      the data pages (omctl checkpoint writes them concatenated in address order; omd's
+//!                incoming image is a sparse memfd laid out its own way, handed to om-restore as is)
 //! ```
+//!
+//! Version 1 (16-byte runs, no offset: data runs concatenated) is still read.
 //!
 //! Addresses not covered by a run are absent: never populated, or left to the mapped file. Every
 //! length is capped before anything is allocated; the reader rejects a wrong magic, version, size or
@@ -29,7 +33,9 @@ pub const MANIFEST: &str = "om-image";
 pub const PAGES: &str = "pages";
 const MAGIC: [u8; 8] = *b"OMIMAGE\0";
 /// The format version written.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest format version read.
+pub const OLDEST_VERSION: u32 = 1;
 const MAX_RUNS: u64 = 1 << 26;
 /// Largest records section: 64 MiB of record bytes and their headers.
 pub const MAX_RECORDS_LEN: u64 = (64 << 20) + (1 << 20);
@@ -71,6 +77,8 @@ pub struct Run {
     pub addr: Range<u64>,
     /// Data (in the pages file) or zero.
     pub data: bool,
+    /// Where a data run's first page lies in the pages file (0 for zero runs).
+    pub offset: u64,
 }
 
 /// A checkpoint read back from disk (the manifest; pages are read on demand).
@@ -194,6 +202,7 @@ impl Writer {
             _ => self.runs.push(Run {
                 addr: addr..addr + len,
                 data: true,
+                offset: self.written,
             }),
         }
         self.written += len;
@@ -282,8 +291,9 @@ impl Checkpoint {
     pub fn segments(&self) -> Vec<Segment> {
         let vmas = &self.begin.vmas;
         let mut out = Vec::new();
-        let (mut offset, mut sum) = (0u64, 0usize);
+        let mut sum = 0usize;
         for r in self.runs.iter().filter(|r| r.data) {
+            let mut offset = r.offset;
             let mut addr = r.addr.start;
             while addr < r.addr.end {
                 let i = vmas.partition_point(|v| v.end <= addr);
@@ -338,23 +348,25 @@ impl Checkpoint {
             path,
         };
         let version = c.u32("version")?;
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(bad(&format!(
-                "format version {version}; this build reads version {VERSION}"
+                "format version {version}; this build reads versions {OLDEST_VERSION} to {VERSION}"
             )));
         }
+        let entry = if version == 1 { 16 } else { 24 };
         let page_size = u64::from(c.u32("page size")?);
         if !page_size.is_power_of_two() || !(4096..=65536).contains(&page_size) {
             return Err(bad("bad page size"));
         }
         let begin = Begin::decode(c.section("VMA table", MAX_BEGIN_BODY as u64)?, page_size)
             .map_err(|e| bad(&e.to_string()))?;
-        let run_bytes = c.section("runs", MAX_RUNS * 16)?;
-        let mut runs = Vec::with_capacity(run_bytes.len() / 16);
+        let run_bytes = c.section("runs", MAX_RUNS * 24)?;
+        let mut runs = Vec::with_capacity(run_bytes.len() / entry);
         let mut data_pages = 0u64;
         let mut prev_end = 0;
-        for e in run_bytes.chunks(16) {
-            if e.len() != 16 {
+        let mut concatenated = 0u64;
+        for e in run_bytes.chunks(entry) {
+            if e.len() != entry {
                 return Err(bad("truncated run"));
             }
             let addr = u64::from_le_bytes(e[..8].try_into().unwrap_or([0; 8]));
@@ -368,12 +380,22 @@ impl Checkpoint {
                 return Err(bad(&format!("bad run at {addr:#x}")));
             }
             prev_end = end;
+            let offset = match (kind, version) {
+                (1, 1) => concatenated,
+                (1, _) => u64::from_le_bytes(e[16..24].try_into().unwrap_or([0; 8])),
+                _ => 0,
+            };
             if kind == 1 {
                 data_pages += n;
+                concatenated += end - addr;
+                if offset % page_size != 0 || offset.checked_add(end - addr).is_none() {
+                    return Err(bad(&format!("bad pages file offset of the run at {addr:#x}")));
+                }
             }
             runs.push(Run {
                 addr: addr..end,
                 data: kind == 1,
+                offset,
             });
         }
         let sum_bytes = c.section("checksums", MAX_RUNS * 4)?;
@@ -418,26 +440,21 @@ impl Checkpoint {
         &self,
         mut visit: impl FnMut(u64, &[u8]) -> Result<(), CheckpointError>,
     ) -> Result<(), CheckpointError> {
+        use std::os::unix::fs::FileExt;
         let path = self.dir.join(PAGES);
-        let mut f = io::BufReader::with_capacity(1 << 20, File::open(&path).map_err(io_err(&path))?);
+        let f = File::open(&path).map_err(io_err(&path))?;
         let mut page = vec![0u8; usize::try_from(self.page_size).unwrap_or(4096)];
         let mut i = 0;
         for r in self.runs.iter().filter(|r| r.data) {
             for addr in (r.addr.start..r.addr.end).step_by(page.len()) {
-                f.read_exact(&mut page).map_err(io_err(&path))?;
+                f.read_exact_at(&mut page, r.offset + (addr - r.addr.start))
+                    .map_err(io_err(&path))?;
                 if self.sums.get(i) != Some(&page_sum_bytes(&page)) {
                     return Err(CheckpointError::PageChecksum { path, addr });
                 }
                 visit(addr, &page)?;
                 i += 1;
             }
-        }
-        let mut rest = [0u8; 1];
-        if f.read(&mut rest).map_err(io_err(&path))? != 0 {
-            return Err(CheckpointError::Invalid {
-                path,
-                reason: "more page data than the manifest lists".into(),
-            });
         }
         Ok(())
     }
@@ -452,13 +469,14 @@ impl Checkpoint {
             path: self.dir.join(MANIFEST),
             reason,
         };
-        let mut runs = Vec::with_capacity(self.runs.len() * 16);
+        let mut runs = Vec::with_capacity(self.runs.len() * 24);
         for r in &self.runs {
             let pages = u32::try_from((r.addr.end - r.addr.start) / ps)
                 .map_err(|_| bad(format!("run at {:#x} too long", r.addr.start)))?;
             runs.extend_from_slice(&r.addr.start.to_le_bytes());
             runs.extend_from_slice(&pages.to_le_bytes());
             runs.extend_from_slice(&(if r.data { 1u32 } else { 2 }).to_le_bytes());
+            runs.extend_from_slice(&(if r.data { r.offset } else { 0 }).to_le_bytes());
         }
         let sums: Vec<u8> = self.sums.iter().flat_map(|s| s.to_le_bytes()).collect();
         let mut records = Vec::new();
@@ -514,6 +532,7 @@ mod tests {
             runs: vec![Run {
                 addr: 0x10000..0x12000,
                 data: true,
+                offset: 0,
             }],
             sums: vec![1, 2],
             records: vec![Record {
@@ -548,14 +567,17 @@ mod tests {
                 Run {
                     addr: 0x11000..0x13000,
                     data: true,
+                    offset: 0,
                 },
                 Run {
                     addr: 0x13000..0x14000,
                     data: false,
+                    offset: 0,
                 },
                 Run {
                     addr: 0x1f000..0x21000,
                     data: true,
+                    offset: 0x2000,
                 },
             ],
             sums: vec![0; 4],
@@ -586,7 +608,8 @@ mod tests {
             c.runs,
             vec![Run {
                 addr: 0x10000..0x12000,
-                data: true
+                data: true,
+                offset: 0,
             }]
         );
         assert_eq!(c.sums, vec![1, 2]);

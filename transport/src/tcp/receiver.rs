@@ -14,7 +14,7 @@ use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
 use crate::wire::{
-    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_ACK_RUNS, Record, Role, RoundAck, WireError,
+    self, Batch, Begin, EndRound, ErrorCode, Hello, ImageInfo, Kind, MAX_ACK_RUNS, Record, Role, RoundAck, WireError,
     Zero, caps,
 };
 
@@ -278,6 +278,23 @@ impl<S: ImageStore> Receiver<S> {
                     let r = Record::decode(&frame.body).map_err(|e| conn.wire(e))?;
                     image.record(r).map_err(|(c, m)| refused(conn, c, m))?;
                 }
+                Kind::Vmas => {
+                    let table = Begin::decode(&frame.body, self.page_size).map_err(|e| conn.wire(e))?;
+                    {
+                        let p = lock(&session.progress);
+                        if p.sealed || p.batches != 0 {
+                            return Err(conn.wire(WireError::Invalid(
+                                "a new VMA table inside a round or after the final round".into(),
+                            )));
+                        }
+                    }
+                    if table.info != begin.info {
+                        return Err(conn.wire(WireError::Invalid(
+                            "a new VMA table for another process".into(),
+                        )));
+                    }
+                    image.relayout(&table).map_err(|(c, m)| refused(conn, c, m))?;
+                }
                 Kind::Commit => {
                     if !lock(&session.progress).sealed {
                         return Err(refused(
@@ -291,6 +308,14 @@ impl<S: ImageStore> Receiver<S> {
                         .map_err(|(c, m)| refused(conn, c, m))?;
                     conn.send(Kind::Committed, &id.to_le_bytes())?;
                     tracing::info!(peer = %session.peer, image = id, bytes = image.bytes(), "image committed");
+                    if begin.info.flags & ImageInfo::MIGRATE != 0 {
+                        // Prepared: only Go starts the copy; anything else (an error, a timeout,
+                        // the connection closing) drops the image, which discards the copy.
+                        conn.expect(Kind::Go, "after a migration's commit")?;
+                        let pid = image.go().map_err(|(c, m)| refused(conn, c, m))?;
+                        conn.send(Kind::Running, &u64::from(pid).to_le_bytes())?;
+                        tracing::info!(peer = %session.peer, image = id, pid, "migrated process running");
+                    }
                     return Ok(Outcome::Committed { image: id });
                 }
                 other => {
@@ -424,6 +449,7 @@ impl<S: ImageStore> Receiver<S> {
         conn.recv_pages(&zones)?;
         let ps = usize::try_from(self.page_size).unwrap_or(4096);
         let bad = image.verify(&zones, &b.sums, ps);
+        image.landed(&b.runs, &b.sums, &bad);
         let mut p = lock(&session.progress);
         if !bad.is_empty() {
             let addrs = page_addrs(&b.runs, self.page_size);

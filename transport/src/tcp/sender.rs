@@ -44,6 +44,8 @@ enum State {
     Connected,
     Open,
     Sealed,
+    /// A migration's commit is acknowledged: the receiver holds the prepared copy.
+    Prepared,
     Done,
 }
 
@@ -62,6 +64,10 @@ pub struct TcpSender {
     round: u32,
     /// Suspect pages of the last acknowledged round, with that round's number.
     suspects: (u32, Vec<Range<u64>>),
+    /// The image is a migration (its commit prepares a copy that only `go` starts).
+    migrate: bool,
+    /// Rounds go over the control connection on the calling thread.
+    serial: bool,
 }
 
 fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
@@ -110,6 +116,8 @@ impl TcpSender {
             state: State::Connected,
             round: 0,
             suspects: (0, Vec::new()),
+            migrate: false,
+            serial: false,
         })
     }
 
@@ -117,6 +125,13 @@ impl TcpSender {
     #[must_use]
     pub fn streams(&self) -> usize {
         self.data.len()
+    }
+
+    /// Sends the following rounds on the calling thread over the control connection only (`true`),
+    /// or over the data streams in parallel (`false`, the default). A round sent from inside a signal
+    /// handler while the application is stopped must not start threads.
+    pub fn set_serial(&mut self, serial: bool) {
+        self.serial = serial;
     }
 
     fn open_data_streams(&mut self) -> Result<(), TransportError> {
@@ -177,7 +192,7 @@ impl TcpSender {
             }
             Ok(())
         };
-        if self.data.is_empty() {
+        if self.data.is_empty() || self.serial {
             return work(&mut self.control);
         }
         let results: Vec<Result<(), TransportError>> = std::thread::scope(|s| {
@@ -212,6 +227,7 @@ impl PageSender for TcpSender {
             return Err(TransportError::Misuse("begin called twice"));
         }
         let body = begin.encode().map_err(|source| self.control.wire(source))?;
+        self.migrate = begin.info.flags & wire::ImageInfo::MIGRATE != 0;
         self.control.send(Kind::Begin, &body)?;
         let id = self
             .control
@@ -296,6 +312,17 @@ impl PageSender for TcpSender {
         Ok(stats)
     }
 
+    fn update_vmas(&mut self, begin: &Begin) -> Result<(), TransportError> {
+        if self.state != State::Open {
+            return Err(TransportError::Misuse("a new VMA table outside an open image"));
+        }
+        let body = begin.encode().map_err(|source| self.control.wire(source))?;
+        match self.control.send(Kind::Vmas, &body) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
     fn send_record(&mut self, kind: u32, bytes: &[u8]) -> Result<(), TransportError> {
         if !matches!(self.state, State::Open | State::Sealed) {
             return Err(TransportError::Misuse("record outside an open image"));
@@ -318,7 +345,7 @@ impl PageSender for TcpSender {
             .and_then(|b| wire::msg::decode_u64(&b, "committed").map_err(|e| self.control.wire(e)));
         match r {
             Ok(id) => {
-                self.state = State::Done;
+                self.state = if self.migrate { State::Prepared } else { State::Done };
                 for d in self.data.drain(..) {
                     d.shutdown();
                 }
@@ -326,6 +353,23 @@ impl PageSender for TcpSender {
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    fn go(&mut self) -> Result<u32, TransportError> {
+        if self.state != State::Prepared {
+            return Err(TransportError::Misuse("go before a migration's commit"));
+        }
+        // Past this frame the copy may run: the connection is never failed or aborted from here.
+        self.state = State::Done;
+        let pid = self
+            .control
+            .send(Kind::Go, &[])
+            .and_then(|()| self.control.expect(Kind::Running, "after go"))
+            .and_then(|b| wire::msg::decode_u64(&b, "running").map_err(|e| self.control.wire(e)))?;
+        u32::try_from(pid).map_err(|_| {
+            self.control
+                .wire(wire::WireError::Invalid(format!("running pid {pid} out of range")))
+        })
     }
 
     fn abort(&mut self, reason: &str) {

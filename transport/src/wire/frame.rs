@@ -67,6 +67,12 @@ pub enum Kind {
     Abort = 25,
     /// A failure, with a code and a reason; the connection closes after it.
     Error = 26,
+    /// A new VMA table between rounds (the process mapped or unmapped memory); same body as `Begin`.
+    Vmas = 27,
+    /// Migration: the source is stopped for good; start the prepared copy.
+    Go = 28,
+    /// Migration: the copy runs; its pid on the receiving node follows.
+    Running = 29,
 }
 
 impl Kind {
@@ -75,8 +81,8 @@ impl Kind {
     pub const fn max_body(self) -> usize {
         match self {
             Self::Hello | Self::Welcome | Self::Proof | Self::Refused => 1024,
-            Self::Begin => super::MAX_BEGIN_BODY,
-            Self::Begun | Self::EndRound | Self::Commit | Self::Committed => 256,
+            Self::Begin | Self::Vmas => super::MAX_BEGIN_BODY,
+            Self::Begun | Self::EndRound | Self::Commit | Self::Committed | Self::Go | Self::Running => 256,
             Self::Batch => super::MAX_BATCH_BODY,
             Self::Zero => super::MAX_ZERO_BODY,
             Self::RoundAck => super::MAX_ACK_BODY,
@@ -108,6 +114,9 @@ impl TryFrom<u16> for Kind {
             21 => Self::RoundAck,
             22 => Self::Record,
             23 => Self::Commit,
+            27 => Self::Vmas,
+            28 => Self::Go,
+            29 => Self::Running,
             24 => Self::Committed,
             25 => Self::Abort,
             26 => Self::Error,

@@ -21,11 +21,20 @@
 //!    |--- Zero{round r, runs} ------------------------->|  pages that are zero now
 //!    |--- EndRound{r, batches, pages, last} ----------->|  control stream
 //!    |<-- RoundAck{r, pages, suspects} -----------------|  after every batch of r is verified
+//!    |--- Vmas{VMA table} ----------------------------->|  between rounds, when the map changed
 //!    |        ... rounds r+1, r+2, ...; the final one has last = 1 ...                         |
 //!    |--- Record{kind, bytes} ------------------------->|  threads, fds, process state
 //!    |--- Commit ------------------------------------->|
 //!    |<-- Committed{image id} --------------------------|  the image is complete and kept
+//!    |      a migration (Begin flag MIGRATE) goes on: Committed means *prepared*, the copy is   |
+//!    |      restored on the receiver and held before its first instruction                     |
+//!    |--- Go ------------------------------------------>|  the source is stopped for good
+//!    |<-- Running{pid} ---------------------------------|  the copy runs
 //! ```
+//!
+//! The two-phase commit of a migration: the source stays frozen from its final round until
+//! `Running`, and exits only then. Any failure before `Go` (an error, a timeout, the connection
+//! closing) discards the prepared copy and the source continues. `Go` is the point of no return.
 //!
 //! # Receiver states (one session)
 //!
@@ -34,7 +43,9 @@
 //!   Open(r) --Batch/Zero of round r--> Open(r)
 //!   Open(r) --EndRound r, all batches verified--> Open(r+1)     (RoundAck sent)
 //!   Open(r) --EndRound r, last--> Sealed                         (RoundAck sent)
+//!   Open(r) --Vmas--> Open(r)                                     (pages outside the new table dropped)
 //!   Sealed --Record--> Sealed;  Sealed --Commit--> Committed     (image handed over)
+//!   Committed (MIGRATE) --Go--> Running                          (the copy starts)
 //!   any state --Abort / error / disconnect / timeout--> Discarded (all memory freed)
 //! ```
 //!

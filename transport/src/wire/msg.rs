@@ -177,11 +177,19 @@ pub struct ImageInfo {
     pub uid: u32,
     /// Its group id.
     pub gid: u32,
-    /// Reserved for image flags; zero in version 1.
+    /// Image flags ([`ImageInfo::MIGRATE`]); other bits must be zero.
     pub flags: u32,
     /// Bytes the sender expects to ship in round 0 (populated pages): lets the receiver refuse at once
     /// an image that cannot fit. The real usage is enforced page by page as well.
     pub populated_bytes: u64,
+}
+
+impl ImageInfo {
+    /// A live migration: on commit the receiver restores the image and holds it (prepared); the copy
+    /// starts only on `Go`, and is discarded if the sender goes away first.
+    pub const MIGRATE: u32 = 1;
+    /// Every flag this version knows.
+    pub const KNOWN_FLAGS: u32 = Self::MIGRATE;
 }
 
 /// A VMA of the source process as the receiver needs it.
@@ -340,6 +348,12 @@ impl Begin {
                 flags: e.flags.get(),
                 name: names[off..off + len].to_vec(),
             });
+        }
+        if head.flags.get() & !ImageInfo::KNOWN_FLAGS != 0 {
+            return Err(WireError::Invalid(format!(
+                "unknown image flags {:#x}",
+                head.flags.get()
+            )));
         }
         Ok(Self {
             info: ImageInfo {
