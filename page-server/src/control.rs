@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use om::{Feature, Unavailable};
 use om_transport::ImageSink;
 use om_transport::error::chain;
 
@@ -25,9 +24,13 @@ pub const MAX_REQUEST: usize = 4096;
 /// - `checkpoint PID LEAVE DIR`: asks the runtime of PID to write its image to DIR (an absolute path);
 ///   LEAVE is 1 to keep it running, 0 to end it once the image is safe
 /// - `ps`: `OK N` then ` pid=PID` per om process registered here (` pid=PID,vpid=V` for a restored
-///   process whose own pid, in its namespace, is V)
+///   process whose own pid, in its namespace, is V), and ` pid=PID,at=IP:PORT` per process that
+///   migrated away from here
+/// - `migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS MODE`: asks the runtime of PID to migrate to the omd at
+///   IP:PORT (MODE `precopy`, `auto-converge` or `stop-and-copy`) with this omd's cluster key; the
+///   answer is the runtime's (`OK moved ...` with a JSON report, or `ERR ...`)
 #[must_use]
-pub fn answer(request: &str, store: &Store, runtimes: &Runtimes) -> String {
+pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> String {
     let mut words = request.split_ascii_whitespace();
     match words.next() {
         Some("ping") => format!("OK omd {}", env!("CARGO_PKG_VERSION")),
@@ -72,16 +75,44 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes) -> String {
         },
         Some("ps") => {
             let pids = runtimes.pids();
-            let mut out = format!("OK {}", pids.len());
+            let moved = runtimes.moved();
+            let mut out = format!("OK {}", pids.len() + moved.len());
             for (p, v) in pids {
                 out.push_str(&format!(" pid={p}"));
                 if v != p {
                     out.push_str(&format!(",vpid={v}"));
                 }
             }
+            for (p, at) in moved {
+                out.push_str(&format!(" pid={p},at={at}"));
+            }
             out
         }
-        Some("migrate") => format!("ERR {}", Unavailable::new(Feature::Migrate)),
+        Some("migrate") => {
+            let args: Vec<&str> = words.collect();
+            let parsed = match args.as_slice() {
+                [pid, to, downtime, rounds, mode] => pid
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|_| to.parse::<std::net::SocketAddr>().is_ok())
+                    .filter(|_| downtime.parse::<u32>().is_ok() && rounds.parse::<u32>().is_ok())
+                    .filter(|_| matches!(*mode, "precopy" | "auto-converge" | "stop-and-copy"))
+                    .map(|pid| (pid, format!("migrate {to} {downtime} {rounds} {mode} {}", key.display()))),
+                _ => None,
+            };
+            match parsed {
+                Some((pid, req)) => match runtimes.ask(pid, &req) {
+                    Ok(reply) if reply.starts_with("OK") || reply.starts_with("ERR") => reply,
+                    Ok(reply) => format!(
+                        "ERR unexpected answer from process {pid}: {}",
+                        truncate(&reply, 200)
+                    ),
+                    Err(e) => format!("ERR {e}"),
+                },
+                None => "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|auto-converge|stop-and-copy"
+                    .to_owned(),
+            }
+        }
         Some("checkpoint") => {
             let pid = words.next().and_then(|w| w.parse::<u32>().ok());
             let leave = words.next().filter(|w| *w == "0" || *w == "1");
@@ -132,7 +163,7 @@ mod tests {
             total: 1 << 20,
         });
         let runtimes = Runtimes::default();
-        let answer = |r: &str| answer(r, &store, &runtimes);
+        let answer = |r: &str| answer(r, &store, &runtimes, Path::new("/k"));
         assert!(answer("ping").starts_with("OK omd "));
         assert_eq!(answer("ps"), "OK 0");
         assert_eq!(
@@ -140,7 +171,9 @@ mod tests {
             "ERR usage: checkpoint PID 0|1 /ABSOLUTE/DIR"
         );
         assert!(answer("checkpoint 12 1 /tmp/x").contains("not an om process"));
-        assert!(answer("  migrate 12 ").contains("issue #6"));
+        assert!(answer("  migrate 12 ").starts_with("ERR usage: migrate"));
+        assert!(answer("migrate 12 1.2.3.4:5 20 30 precopy").contains("not an om process"));
+        assert!(answer("migrate 12 nowhere 20 30 precopy").starts_with("ERR usage"));
         assert_eq!(answer(""), "ERR empty request");
         assert_eq!(answer("images"), "OK 0");
         assert_eq!(answer("save 3 /tmp/x"), "ERR no committed image 3");

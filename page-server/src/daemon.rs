@@ -15,6 +15,7 @@ use om_transport::{ClusterKey, KeyError, Receiver, ReceiverConfig};
 
 use crate::control;
 use crate::image::{Limits, Store};
+use crate::restorer::Restorer;
 use crate::runtimes::Runtimes;
 
 /// omd's configuration, as `omd --help` describes it.
@@ -128,7 +129,21 @@ impl Daemon {
             listener,
             control,
         } = self;
-        let store = Store::new(config.limits);
+        let runtimes = Runtimes::default();
+        let incoming = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("omd-{}", std::process::id())))
+            .join("incoming");
+        create_private_dir(&incoming).map_err(io::Error::other)?;
+        let restorer = Restorer {
+            program: std::env::var_os("OM_RESTORE")
+                .map_or_else(|| om_cli::sibling("om-restore"), PathBuf::from),
+            dir: incoming,
+            runtimes: runtimes.clone(),
+        };
+        let store = Store::with_restorer(config.limits, Some(Arc::new(restorer)));
+        let key_path = fs::canonicalize(&config.key).unwrap_or_else(|_| config.key.clone());
         let receiver = Receiver::new(
             key,
             Arc::new(store.clone()),
@@ -140,10 +155,9 @@ impl Daemon {
         thread::Builder::new()
             .name("omd-peers".into())
             .spawn(move || serve_peers(&listener, &receiver))?;
-        let runtimes = Runtimes::default();
         thread::Builder::new()
             .name("omd-control".into())
-            .spawn(move || serve_control(&control, &store, &runtimes))?;
+            .spawn(move || serve_control(&control, &store, &runtimes, &key_path))?;
         Ok(ServeHandle {
             control_path: config.control,
         })
@@ -229,13 +243,13 @@ fn serve_peer(receiver: &Arc<Receiver<Store>>, stream: TcpStream) {
     }
 }
 
-fn serve_control(listener: &UnixListener, store: &Store, runtimes: &Runtimes) {
+fn serve_control(listener: &UnixListener, store: &Store, runtimes: &Runtimes, key: &Path) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                let (store, runtimes) = (store.clone(), runtimes.clone());
+                let (store, runtimes, key) = (store.clone(), runtimes.clone(), key.to_path_buf());
                 let spawned = thread::Builder::new().name("omd-ctl".into()).spawn(move || {
-                    if let Err(e) = handle_control(stream, &store, &runtimes) {
+                    if let Err(e) = handle_control(stream, &store, &runtimes, &key) {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -248,7 +262,7 @@ fn serve_control(listener: &UnixListener, store: &Store, runtimes: &Runtimes) {
     }
 }
 
-fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes) -> io::Result<()> {
+fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes, key: &Path) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(
         stream
@@ -280,7 +294,7 @@ fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes) -> io:
                     }
                     return Ok(());
                 }
-                writeln!(writer, "{}", control::answer(request, store, runtimes))?;
+                writeln!(writer, "{}", control::answer(request, store, runtimes, key))?;
             }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 writeln!(writer, "ERR request is not UTF-8")?;

@@ -1,10 +1,12 @@
 //! The image store: incoming images in memfd-backed sparse memory, memory limits per image and in
 //! total, committed images kept until they are saved, restored or dropped.
 //!
-//! Layout: each image has one memfd. Its VMAs are laid out one after the other in VMA order, so the
-//! page at source address `a` of VMA `v` lives at `offset[v] + (a - v.start)`. Only landed pages use
-//! memory. A page is *absent* (never sent: unpopulated, or left to the mapped file), *data* (landed)
-//! or *zero* (freed since: its memory is released with a hole punch).
+//! Layout: each image has one memfd. Address ranges get a place in it when a VMA table first covers
+//! them (*extents*, appended one after the other), and keep it for the image's life, so a new VMA
+//! table between rounds (a `Vmas` message: the process mapped or unmapped memory) never moves a
+//! landed page. Only landed pages use memory. A page is *absent* (never sent: unpopulated, left to
+//! the mapped file, or outside the current VMA table), *data* (landed, with the checksum it arrived
+//! with) or *zero* (freed since: its memory is released with a hole punch).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -22,6 +24,8 @@ use crate::sys::ImageMemory;
 pub const MAX_SPAN: u64 = 1 << 44;
 /// Record bytes kept per image.
 pub const MAX_RECORD_BYTES: u64 = 64 << 20;
+/// Address space an image keeps for VMAs that appear between rounds, at least.
+const GROWTH: u64 = 1 << 30;
 /// Batches with at least this many pages are checked on several cores.
 const PARALLEL_VERIFY_PAGES: usize = 64;
 
@@ -55,11 +59,18 @@ const ZERO: u8 = 2;
 const CHUNK: usize = 512;
 const CHUNK_PAGES: u64 = CHUNK as u64;
 
+/// The state and checksum of 512 pages.
+#[derive(Debug)]
+struct Chunk {
+    state: [u8; CHUNK],
+    sum: [u32; CHUNK],
+}
+
 /// Per-page state, allocated in chunks of 512 pages as pages arrive (a sparse image of a huge VMA
-/// costs nothing).
+/// costs nothing). Indexed by page of image memory.
 #[derive(Debug, Default)]
 struct PageMap {
-    chunks: HashMap<u64, Box<[u8; CHUNK]>>,
+    chunks: HashMap<u64, Box<Chunk>>,
 }
 
 impl PageMap {
@@ -73,11 +84,13 @@ impl PageMap {
             let chunk = p / CHUNK_PAGES;
             let lo = usize::try_from(p % CHUNK_PAGES).unwrap_or(0);
             let hi = usize::try_from((end - chunk * CHUNK_PAGES).min(CHUNK_PAGES)).unwrap_or(CHUNK);
-            let c = self
-                .chunks
-                .entry(chunk)
-                .or_insert_with(|| Box::new([ABSENT; CHUNK]));
-            for slot in &mut c[lo..hi] {
+            let c = self.chunks.entry(chunk).or_insert_with(|| {
+                Box::new(Chunk {
+                    state: [ABSENT; CHUNK],
+                    sum: [0; CHUNK],
+                })
+            });
+            for slot in &mut c.state[lo..hi] {
                 was += u64::from(*slot == DATA);
                 *slot = state;
             }
@@ -89,28 +102,159 @@ impl PageMap {
         (was, now)
     }
 
-    /// Every page that is not absent, as (image page index, state), in index order.
-    fn present(&self) -> impl Iterator<Item = (u64, u8)> + '_ {
+    /// Every page that is not absent, as (image page index, state, checksum), in index order.
+    fn present(&self) -> impl Iterator<Item = (u64, u8, u32)> + '_ {
         let mut keys: Vec<u64> = self.chunks.keys().copied().collect();
         keys.sort_unstable();
         keys.into_iter().flat_map(move |k| {
-            self.chunks[&k]
+            let c = &self.chunks[&k];
+            c.state
                 .iter()
+                .zip(c.sum.iter())
                 .enumerate()
-                .filter(|(_, s)| **s != ABSENT)
-                .map(move |(i, s)| (k * CHUNK_PAGES + i as u64, *s))
+                .filter(|(_, (s, _))| **s != ABSENT)
+                .map(move |(i, (s, sum))| (k * CHUNK_PAGES + i as u64, *s, *sum))
         })
     }
 
     fn get(&self, p: u64) -> u8 {
         self.chunks
             .get(&(p / CHUNK_PAGES))
-            .map_or(ABSENT, |c| c[usize::try_from(p % CHUNK_PAGES).unwrap_or(0)])
+            .map_or(ABSENT, |c| c.state[usize::try_from(p % CHUNK_PAGES).unwrap_or(0)])
+    }
+
+    /// Records the checksum of landed page `p`.
+    fn set_sum(&mut self, p: u64, sum: u32) {
+        if let Some(c) = self.chunks.get_mut(&(p / CHUNK_PAGES)) {
+            c.sum[usize::try_from(p % CHUNK_PAGES).unwrap_or(0)] = sum;
+        }
+    }
+}
+
+/// Where address ranges live in image memory.
+#[derive(Debug, Default)]
+struct Layout {
+    /// The current VMA table, in address order.
+    vmas: Vec<Vma>,
+    /// Extents by start address: `(end, offset)`. Disjoint; never moved or removed.
+    extents: BTreeMap<u64, (u64, u64)>,
+    /// Extents by offset: start address.
+    by_offset: BTreeMap<u64, u64>,
+    /// The next free offset.
+    next: u64,
+    /// The image memory's length: extents must fit below it.
+    capacity: u64,
+}
+
+impl Layout {
+    fn new(vmas: &[Vma], capacity: u64) -> Result<Self, Refusal> {
+        let mut l = Self {
+            capacity,
+            ..Self::default()
+        };
+        l.set_vmas(vmas)?;
+        Ok(l)
+    }
+
+    /// Takes a new VMA table and gives every range it covers a place.
+    fn set_vmas(&mut self, vmas: &[Vma]) -> Result<(), Refusal> {
+        for v in vmas {
+            self.cover(v.start..v.end)?;
+        }
+        self.vmas = vmas.to_vec();
+        Ok(())
+    }
+
+    /// Adds extents for the parts of `range` no extent covers yet.
+    fn cover(&mut self, range: Range<u64>) -> Result<(), Refusal> {
+        let mut gaps = Vec::new();
+        let mut at = range.start;
+        let first = self
+            .extents
+            .range(..=range.start)
+            .next_back()
+            .map_or(range.start, |(&s, _)| s);
+        for (&s, &(e, _)) in self.extents.range(first..range.end) {
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                gaps.push(at..s);
+            }
+            at = at.max(e);
+        }
+        if at < range.end {
+            gaps.push(at..range.end);
+        }
+        for g in gaps {
+            let len = g.end - g.start;
+            if self.next + len > self.capacity {
+                return Err((
+                    ErrorCode::Limit,
+                    format!(
+                        "the image's VMAs grew beyond its {} bytes of address space",
+                        self.capacity
+                    ),
+                ));
+            }
+            self.extents.insert(g.start, (g.end, self.next));
+            self.by_offset.insert(self.next, g.start);
+            self.next += len;
+        }
+        Ok(())
+    }
+
+    /// The pieces of image memory `(offset, len)` that hold `run`, which must lie inside one VMA.
+    fn zones(&self, run: &Range<u64>) -> Result<Vec<(u64, u64)>, Refusal> {
+        let i = self.vmas.partition_point(|v| v.end <= run.start);
+        if !matches!(self.vmas.get(i), Some(v) if v.start <= run.start && run.end <= v.end) {
+            return Err((
+                ErrorCode::Protocol,
+                format!(
+                    "pages {:#x}-{:#x} are not inside one VMA of the image",
+                    run.start, run.end
+                ),
+            ));
+        }
+        self.pieces(run)
+    }
+
+    /// The pieces of image memory that hold `run` (which extents cover entirely).
+    fn pieces(&self, run: &Range<u64>) -> Result<Vec<(u64, u64)>, Refusal> {
+        let mut out = Vec::new();
+        let mut at = run.start;
+        while at < run.end {
+            let Some((&s, &(e, off))) = self.extents.range(..=at).next_back() else {
+                break;
+            };
+            if e <= at {
+                break;
+            }
+            let end = e.min(run.end);
+            out.push((off + (at - s), end - at));
+            at = end;
+        }
+        if at < run.end {
+            return Err((
+                ErrorCode::Internal,
+                format!("no image memory for {at:#x}"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The source address of image offset `off`.
+    fn address_of(&self, off: u64) -> Option<u64> {
+        let (&o, &start) = self.by_offset.range(..=off).next_back()?;
+        let (end, _) = self.extents.get(&start)?;
+        let a = start + (off - o);
+        (a < *end).then_some(a)
     }
 }
 
 #[derive(Debug)]
 struct Shared {
+    restorer: Option<Arc<crate::restorer::Restorer>>,
     limits: Limits,
     used: AtomicU64,
     next_id: AtomicU64,
@@ -131,8 +275,15 @@ impl Store {
     /// An empty store.
     #[must_use]
     pub fn new(limits: Limits) -> Self {
+        Self::with_restorer(limits, None)
+    }
+
+    /// An empty store whose migration images are restored by `restorer` on commit.
+    #[must_use]
+    pub fn with_restorer(limits: Limits, restorer: Option<Arc<crate::restorer::Restorer>>) -> Self {
         Self {
             shared: Arc::new(Shared {
+                restorer,
                 limits,
                 used: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
@@ -197,20 +348,21 @@ impl ImageStore for Store {
                 ),
             ));
         }
-        let mut offsets = Vec::with_capacity(begin.vmas.len());
-        let mut span = 0u64;
-        for v in &begin.vmas {
-            offsets.push(span);
-            span += v.len();
-            if span > MAX_SPAN {
-                return Err((
-                    ErrorCode::Limit,
-                    format!("the VMAs span more than {MAX_SPAN} bytes"),
-                ));
-            }
+        let span = begin.vmas.iter().map(Vma::len).fold(0u64, u64::saturating_add);
+        if span > MAX_SPAN {
+            return Err((
+                ErrorCode::Limit,
+                format!("the VMAs span more than {MAX_SPAN} bytes"),
+            ));
         }
+        // Room for the VMAs a process maps between rounds: as much again, at least 1 GiB.
+        let capacity = span
+            .saturating_add(span.max(GROWTH))
+            .min(MAX_SPAN)
+            .max(page_size);
+        let layout = Layout::new(&begin.vmas, capacity)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let len = usize::try_from(span.max(page_size)).map_err(|_| (ErrorCode::Limit, "span".into()))?;
+        let len = usize::try_from(capacity).map_err(|_| (ErrorCode::Limit, "span".into()))?;
         let mem = ImageMemory::create(&format!("om-image-{id}"), len)
             .map_err(|e| (ErrorCode::Internal, format!("cannot create image memory: {e}")))?;
         // Best effort: huge pages make landing several times faster where shmem THP is enabled.
@@ -219,8 +371,9 @@ impl ImageStore for Store {
         Ok(Image {
             id,
             info: begin.info,
-            vmas: begin.vmas.clone(),
-            offsets,
+            layout: Mutex::new(layout),
+            prepared: Mutex::new(None),
+            restorer: self.shared.restorer.clone(),
             page_size,
             mem,
             pages: Mutex::new(PageMap::default()),
@@ -236,8 +389,10 @@ impl ImageStore for Store {
 pub struct Image {
     id: u64,
     info: ImageInfo,
-    vmas: Vec<Vma>,
-    offsets: Vec<u64>,
+    layout: Mutex<Layout>,
+    /// A migration's copy, restored and held until the go (see [`crate::restorer`]).
+    prepared: Mutex<Option<crate::restorer::Prepared>>,
+    restorer: Option<Arc<crate::restorer::Restorer>>,
     page_size: u64,
     mem: ImageMemory,
     pages: Mutex<PageMap>,
@@ -264,10 +419,16 @@ impl Image {
         &self.info
     }
 
-    /// Its VMAs.
+    /// Its VMAs (the current table).
     #[must_use]
-    pub fn vmas(&self) -> &[Vma] {
-        &self.vmas
+    pub fn vmas(&self) -> Vec<Vma> {
+        lock(&self.layout).vmas.clone()
+    }
+
+    /// Its id.
+    #[must_use]
+    pub fn image_id(&self) -> u64 {
+        self.id
     }
 
     /// The page size of the image.
@@ -295,7 +456,7 @@ impl Image {
     /// An address outside the image, or the read failing.
     pub fn read_page(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<bool> {
         let run = addr..addr + self.page_size;
-        let (_, off) = self.locate(&run).map_err(|(_, m)| std::io::Error::other(m))?;
+        let off = self.locate(&run).map_err(|(_, m)| std::io::Error::other(m))?[0].0;
         let landed = lock(&self.pages).get(off / self.page_size) == DATA;
         let off = i64::try_from(off).map_err(std::io::Error::other)?;
         let mut done = 0;
@@ -311,21 +472,9 @@ impl Image {
         Ok(landed)
     }
 
-    /// The VMA index and image offset of `run`, which must lie inside one VMA.
-    fn locate(&self, run: &Range<u64>) -> Result<(usize, u64), Refusal> {
-        let i = self.vmas.partition_point(|v| v.end <= run.start);
-        match self.vmas.get(i) {
-            Some(v) if v.start <= run.start && run.end <= v.end => {
-                Ok((i, self.offsets[i] + (run.start - v.start)))
-            }
-            _ => Err((
-                ErrorCode::Protocol,
-                format!(
-                    "pages {:#x}-{:#x} are not inside one VMA of the image",
-                    run.start, run.end
-                ),
-            )),
-        }
+    /// Where `run`, which must lie inside one VMA, lives in image memory: `(offset, len)` pieces.
+    fn locate(&self, run: &Range<u64>) -> Result<Vec<(u64, u64)>, Refusal> {
+        lock(&self.layout).zones(run)
     }
 
     fn charge(&self, pages: u64) -> Result<(), Refusal> {
@@ -356,29 +505,65 @@ impl Image {
     /// arrived, so a huge reserved but unused VMA costs nothing.
     #[must_use]
     pub fn state_runs(&self) -> Vec<StateRun> {
+        self.state_runs_with_sums().0
+    }
+
+    /// [`Image::state_runs`], and the checksum of every data page in the same order (the ones the
+    /// pages arrived with).
+    #[must_use]
+    pub fn state_runs_with_sums(&self) -> (Vec<StateRun>, Vec<u32>) {
+        let layout = lock(&self.layout);
         let map = lock(&self.pages);
-        let mut out: Vec<StateRun> = Vec::new();
-        for (page, state) in map.present() {
+        let mut out: Vec<(StateRun, Vec<u32>)> = Vec::new();
+        for (page, state, sum) in map.present() {
             let offset = page * self.page_size;
-            let v = self.offsets.partition_point(|&o| o <= offset).saturating_sub(1);
-            let addr = self.vmas[v].start + (offset - self.offsets[v]);
+            let Some(addr) = layout.address_of(offset) else {
+                continue;
+            };
             let data = state == DATA;
             match out.last_mut() {
-                Some(r)
+                Some((r, sums))
                     if r.addr.end == addr
                         && r.data == data
                         && r.offset + (r.addr.end - r.addr.start) == offset =>
                 {
                     r.addr.end += self.page_size;
+                    if data {
+                        sums.push(sum);
+                    }
                 }
-                _ => out.push(StateRun {
-                    addr: addr..addr + self.page_size,
-                    data,
-                    offset,
-                }),
+                _ => out.push((
+                    StateRun {
+                        addr: addr..addr + self.page_size,
+                        data,
+                        offset,
+                    },
+                    if data { vec![sum] } else { Vec::new() },
+                )),
             }
         }
-        out
+        out.sort_unstable_by_key(|(r, _)| r.addr.start);
+        let mut sums = Vec::new();
+        let runs = out
+            .into_iter()
+            .map(|(r, s)| {
+                sums.extend(s);
+                r
+            })
+            .collect();
+        (runs, sums)
+    }
+
+    /// Drops pages in `range` (outside the new VMA table): absent again, memory released.
+    fn drop_range(&self, layout: &Layout, range: &Range<u64>) -> Result<(), Refusal> {
+        for (off, len) in layout.pieces(range).unwrap_or_default() {
+            let (was, _) = lock(&self.pages).set(off / self.page_size, len / self.page_size, ABSENT);
+            self.uncharge(was);
+            self.mem
+                .punch(usize_of(off), usize_of(len))
+                .map_err(|e| (ErrorCode::Internal, format!("cannot free dropped pages: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -388,33 +573,86 @@ impl ImageSink for Image {
     }
 
     fn landing(&self, run: &Range<u64>) -> Result<Vec<Landing<'_>>, Refusal> {
-        let (_, off) = self.locate(run)?;
-        let n = (run.end - run.start) / self.page_size;
-        let (was, now) = lock(&self.pages).set(off / self.page_size, n, DATA);
-        self.charge(now - was)?;
-        let (o, l) = (usize_of(off), usize_of(run.end - run.start));
-        if now > was {
-            // One call allocates the pages (huge ones where shmem THP allows) instead of one fault per
-            // page inside the socket copy.
-            self.mem
-                .populate(o, l)
-                .map_err(|e| (ErrorCode::Limit, format!("cannot allocate image memory: {e}")))?;
+        let mut zones = Vec::new();
+        for (off, len) in self.locate(run)? {
+            let n = len / self.page_size;
+            let (was, now) = lock(&self.pages).set(off / self.page_size, n, DATA);
+            self.charge(now - was)?;
+            let (o, l) = (usize_of(off), usize_of(len));
+            if now > was {
+                // One call allocates the pages (huge ones where shmem THP allows) instead of one
+                // fault per page inside the socket copy.
+                self.mem
+                    .populate(o, l)
+                    .map_err(|e| (ErrorCode::Limit, format!("cannot allocate image memory: {e}")))?;
+            }
+            zones.push(
+                self.mem
+                    .zone(o, l)
+                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?,
+            );
         }
-        let zone = self
-            .mem
-            .zone(o, l)
-            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-        Ok(vec![zone])
+        Ok(zones)
     }
 
     fn zero(&self, run: &Range<u64>) -> Result<(), Refusal> {
-        let (_, off) = self.locate(run)?;
-        let n = (run.end - run.start) / self.page_size;
-        let (was, _) = lock(&self.pages).set(off / self.page_size, n, ZERO);
-        self.uncharge(was);
-        self.mem
-            .punch(usize_of(off), usize_of(run.end - run.start))
-            .map_err(|e| (ErrorCode::Internal, format!("cannot free zero pages: {e}")))
+        for (off, len) in self.locate(run)? {
+            let (was, _) = lock(&self.pages).set(off / self.page_size, len / self.page_size, ZERO);
+            self.uncharge(was);
+            self.mem
+                .punch(usize_of(off), usize_of(len))
+                .map_err(|e| (ErrorCode::Internal, format!("cannot free zero pages: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn relayout(&self, begin: &Begin) -> Result<(), Refusal> {
+        let mut layout = lock(&self.layout);
+        // Pages of the old table that the new one does not cover are gone from the process.
+        let mut gone = Vec::new();
+        for v in &layout.vmas {
+            let mut at = v.start;
+            for c in begin.vmas.iter().filter(|c| c.end > v.start && c.start < v.end) {
+                if c.start > at {
+                    gone.push(at..c.start);
+                }
+                at = at.max(c.end);
+            }
+            if at < v.end {
+                gone.push(at..v.end);
+            }
+        }
+        for g in &gone {
+            self.drop_range(&layout, g)?;
+        }
+        layout.set_vmas(&begin.vmas)
+    }
+
+    fn landed(&self, runs: &[Range<u64>], sums: &[u32], suspects: &[usize]) {
+        let layout = lock(&self.layout);
+        let mut map = lock(&self.pages);
+        let mut i = 0usize;
+        let mut bad = suspects.iter().copied().peekable();
+        for r in runs {
+            for (off, len) in layout.pieces(r).unwrap_or_default() {
+                for p in 0..len / self.page_size {
+                    if bad.peek() == Some(&i) {
+                        bad.next();
+                    } else if let Some(&s) = sums.get(i) {
+                        map.set_sum(off / self.page_size + p, s);
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    fn go(&self) -> Result<u32, Refusal> {
+        let prepared = lock(&self.prepared).take();
+        match prepared {
+            Some(p) => p.go(),
+            None => Err((ErrorCode::Session, "no prepared copy to start".into())),
+        }
     }
 
     fn record(&self, record: Record) -> Result<(), Refusal> {
@@ -452,6 +690,14 @@ impl ImageSink for Image {
 
     fn commit(self: Arc<Self>) -> Result<u64, Refusal> {
         let id = self.id;
+        if self.info.flags & ImageInfo::MIGRATE != 0 {
+            let Some(restorer) = &self.restorer else {
+                return Err((ErrorCode::Session, "this omd does not restore migrations".into()));
+            };
+            let prepared = restorer.prepare(&self)?;
+            *lock(&self.prepared) = Some(prepared);
+            return Ok(id);
+        }
         let shared = Arc::clone(&self.shared);
         lock(&shared.committed).insert(id, self);
         Ok(id)

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod control;
 pub mod daemon;
 pub mod image;
+pub mod restorer;
 pub mod runtimes;
 mod sys;
 

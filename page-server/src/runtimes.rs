@@ -29,6 +29,8 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 pub struct Runtimes {
     inner: Arc<Mutex<BTreeMap<u32, Entry>>>,
+    /// Processes that migrated away from this node: pid here, and where they went.
+    moved: Arc<Mutex<BTreeMap<u32, String>>>,
 }
 
 /// False once the runtime's end of `conn` is closed. A connection busy with a request is alive.
@@ -94,6 +96,27 @@ impl Runtimes {
         map.iter().map(|(p, e)| (*p, e.vpid)).collect()
     }
 
+    /// True (once) when the process `pid` of this node migrated away.
+    #[must_use]
+    pub fn take_moved(&self, pid: u32) -> bool {
+        self.moved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&pid)
+            .is_some()
+    }
+
+    /// Processes that migrated away from this node and where to: `(pid, address)`.
+    #[must_use]
+    pub fn moved(&self) -> Vec<(u32, String)> {
+        self.moved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(p, a)| (*p, a.clone()))
+            .collect()
+    }
+
     /// Sends `request` to the runtime of `pid` and returns its one-line answer.
     ///
     /// # Errors
@@ -117,6 +140,16 @@ impl Runtimes {
             Ok::<_, std::io::Error>(line)
         })();
         match result {
+            Ok(line) if line.starts_with("OK moved") => {
+                // The process left: note it before it ends (the relay asks), then let it go.
+                let to = line.split_whitespace().nth(3).unwrap_or("?").to_owned();
+                self.moved
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(pid, to);
+                let _ = writeln!(&*stream, "bye");
+                Ok(line.trim_end().to_owned())
+            }
             Ok(line) if !line.is_empty() => Ok(line.trim_end().to_owned()),
             Ok(_) | Err(_) => {
                 self.inner

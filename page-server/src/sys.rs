@@ -178,3 +178,45 @@ impl Drop for ImageMemory {
         }
     }
 }
+
+/// Spawns `cmd` with `fds[i]` placed at fd `3 + i` in the child (inherited across exec).
+///
+/// # Errors
+/// The spawn failing.
+pub fn spawn_with_fds(
+    cmd: &mut std::process::Command,
+    fds: &[std::os::fd::RawFd],
+) -> io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    const PARK: libc::c_int = 100;
+    if fds.len() > 16 {
+        return Err(io::Error::other("too many fds"));
+    }
+    let mut list = [0 as libc::c_int; 16];
+    list[..fds.len()].copy_from_slice(fds);
+    let n = fds.len();
+    // SAFETY: the closure runs in the forked child between fork and exec; it only calls fcntl and
+    // dup2 (async-signal-safe) on numbers copied into it, and allocates nothing. Each source is first
+    // moved above every target so that placing one never overwrites another.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut parked = [0 as libc::c_int; 16];
+            for i in 0..n {
+                let p = libc::fcntl(list[i], libc::F_DUPFD, PARK);
+                if p < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                parked[i] = p;
+            }
+            for (i, &p) in parked.iter().enumerate().take(n) {
+                let target = 3 + libc::c_int::try_from(i).unwrap_or(0);
+                if libc::dup2(p, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(p);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}

@@ -97,6 +97,21 @@ impl Conn {
             .map_err(|source| self.io("set timeout", source))
     }
 
+    /// A second handle on the same connection, for a thread that only receives while this one only
+    /// sends (or the other way round): each direction keeps its own key and sequence.
+    ///
+    /// # Errors
+    /// When the socket cannot be duplicated.
+    pub fn try_clone(&self) -> Result<Self, TransportError> {
+        Ok(Self {
+            stream: self.try_clone_stream()?,
+            peer: self.peer.clone(),
+            keys: self.keys.clone(),
+            send_seq: self.send_seq,
+            recv_seq: self.recv_seq,
+        })
+    }
+
     pub(crate) fn set_keys(&mut self, keys: Keys) {
         self.keys = Some(keys);
         self.send_seq = 0;

@@ -5,6 +5,7 @@
 //!   state diagrams;
 //! - [`auth`]: mutual authentication with the cluster key ([`key`]) and per-connection frame keys;
 //! - [`tcp`]: the TCP transport (sender and receiver);
+//! - [`relay`]: the home relay of a migrated process (stdio, signals, exit status);
 //! - [`sys`]: the raw-memory operations (vectored socket I/O, page checksums), the only `unsafe` code.
 
 pub mod api;
@@ -13,6 +14,7 @@ pub mod batch;
 pub mod conn;
 pub mod error;
 pub mod key;
+pub mod relay;
 pub mod sys;
 pub mod tcp;
 pub mod wire;

@@ -73,6 +73,8 @@ impl Image {
                 KIND_THREAD => threads.push(ThreadRecord::decode(&r.bytes).map_err(rec("thread"))?),
                 KIND_FD => fds.push(FdRecord::decode(&r.bytes).map_err(rec("fd"))?),
                 KIND_MAPPED_FILE => files.push(MappedFile::decode(&r.bytes).map_err(rec("mapped file"))?),
+                // For omd's relay; the restore itself has no use for it.
+                om::image::records::KIND_HOME => {}
                 other => return Err(RestoreError::Records(format!("an unknown record kind {other}"))),
             }
         }

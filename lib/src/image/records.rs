@@ -16,6 +16,8 @@ pub const KIND_THREAD: u32 = 2;
 pub const KIND_FD: u32 = 3;
 /// Record kind of [`MappedFile`].
 pub const KIND_MAPPED_FILE: u32 = 4;
+/// Record kind: where the process's home is ([`om_transport::relay::Home`]); only in migrations.
+pub const KIND_HOME: u32 = 5;
 
 const MAX_PATH: usize = 4096;
 const MAX_AUXV_WORDS: usize = 256;

@@ -166,12 +166,15 @@ impl<S: ImageStore> Receiver<S> {
                 ),
             ));
         }
+        if hello.role == Role::Relay {
+            return Err((ErrorCode::Session, "omd takes no relay connections".into()));
+        }
         let (streams, session) = match hello.role {
             Role::Control => (
                 hello.streams.min(self.config.max_streams),
                 u64::from_le_bytes(auth::random_bytes()),
             ),
-            Role::Data => (hello.streams, hello.session),
+            Role::Data | Role::Relay => (hello.streams, hello.session),
         };
         Ok(Hello {
             versions: wire::VERSION..wire::VERSION + 1,
@@ -224,6 +227,7 @@ impl<S: ImageStore> Receiver<S> {
                 r
             }
             Role::Data => self.run_data(&mut conn, hello.session, hello.streams),
+            Role::Relay => Err(TransportError::Misuse("relay connection")),
         }
     }
 

@@ -73,6 +73,22 @@ pub enum Kind {
     Go = 28,
     /// Migration: the copy runs; its pid on the receiving node follows.
     Running = 29,
+    /// Relay: opens the relay of one generation (hop) of a process.
+    Attach = 32,
+    /// Relay: bytes the process wrote to its stdout (1) or stderr (2).
+    Output = 33,
+    /// Relay: bytes for the process's stdin.
+    Input = 34,
+    /// Relay: the home's stdin ended.
+    InputEnd = 35,
+    /// Relay: a signal for the process.
+    Signal = 36,
+    /// Relay: the process ended; its wait status follows.
+    Exit = 37,
+    /// Relay: the process moved on; the stdin bytes it had not read follow.
+    Moved = 38,
+    /// Relay: the copy stopped; no more input.
+    Stop = 39,
 }
 
 impl Kind {
@@ -88,6 +104,9 @@ impl Kind {
             Self::RoundAck => super::MAX_ACK_BODY,
             Self::Record => super::MAX_RECORD_BODY,
             Self::Abort | Self::Error => super::MAX_TEXT + 8,
+            Self::Attach | Self::InputEnd | Self::Signal | Self::Exit | Self::Stop => 64,
+            Self::Output | Self::Input => crate::relay::MAX_CHUNK + 8,
+            Self::Moved => crate::relay::MAX_LEFTOVER + 8,
         }
     }
 
@@ -117,6 +136,14 @@ impl TryFrom<u16> for Kind {
             27 => Self::Vmas,
             28 => Self::Go,
             29 => Self::Running,
+            32 => Self::Attach,
+            33 => Self::Output,
+            34 => Self::Input,
+            35 => Self::InputEnd,
+            36 => Self::Signal,
+            37 => Self::Exit,
+            38 => Self::Moved,
+            39 => Self::Stop,
             24 => Self::Committed,
             25 => Self::Abort,
             26 => Self::Error,

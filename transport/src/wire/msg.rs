@@ -61,6 +61,9 @@ pub enum Role {
     Control = 1,
     /// Joins an existing session and carries page batches.
     Data = 2,
+    /// The home relay: a migrated process's stdio, signals and exit between the node it runs on and
+    /// its home (`omrun`), authenticated with the process's own home token ([`crate::relay`]).
+    Relay = 3,
 }
 
 impl TryFrom<u16> for Role {
@@ -69,6 +72,7 @@ impl TryFrom<u16> for Role {
         match v {
             1 => Ok(Self::Control),
             2 => Ok(Self::Data),
+            3 => Ok(Self::Relay),
             other => Err(WireError::Invalid(format!("unknown connection role {other}"))),
         }
     }
