@@ -1,14 +1,32 @@
-//! The home anchor: `omrun` stays on the home node while its process runs, forwards the signals it
-//! receives, and ends the way the process ended.
+//! The home anchor: `omrun` stays on the home node while its process runs, wherever it runs, keeps
+//! its stdio flowing, forwards the signals it receives, and ends the way the process ended.
+//!
+//! At home the program uses omrun's stdin, stdout and stderr directly. omrun also listens for relay
+//! connections ([`om_transport::relay`]) and gives the program `OM_ANCHOR=FD,PORT,TOKEN`: a socket
+//! on which its runtime says `moved` just before the home copy ends, omrun's relay port, and a fresh
+//! random home token that relays must prove. Each node the process runs on away from home connects
+//! back as one *generation*; omrun writes a generation's output only once the previous one has ended,
+//! reads its own stdin only once the process has left home, and hands each generation the stdin
+//! bytes the previous one left unread: in order, nothing lost or repeated.
 //!
 //! Signals are blocked in omrun and read from a `signalfd`, so there is no handler and no race with the
 //! child's exit: `SIGCHLD` arrives on the same descriptor. A signal that the kernel generated for the
 //! whole foreground process group (Ctrl-C on a terminal) already reached the child, which shares omrun's
 //! process group, so only signals sent by a process (`kill`, `sigqueue`, `tgkill`) are forwarded.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use om_transport::conn::Conn;
+use om_transport::relay::{self, Msg};
 
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, raise, sigprocmask};
@@ -49,6 +67,9 @@ pub enum AnchorError {
     /// Reading the signalfd failed.
     #[error("cannot read the signalfd")]
     ReadSignal(#[source] nix::Error),
+    /// The relay listener could not be set up.
+    #[error("cannot set up the relay listener")]
+    Relay(#[source] std::io::Error),
     /// Waiting for the program failed.
     #[error("cannot wait for process {pid}")]
     Wait {
@@ -92,9 +113,10 @@ impl Outcome {
     }
 }
 
-/// Runs `prog args` as a child, forwards signals until it ends, and returns how it ended.
+/// Runs `prog args` as a child, relays its stdio and signals wherever it runs until it ends, and
+/// returns how it ended.
 ///
-/// `env` is added to the child's environment (the runtime's `LD_PRELOAD` once it exists).
+/// `env` is added to the child's environment (the runtime's `LD_PRELOAD`).
 ///
 /// # Errors
 /// An [`AnchorError`] when the program cannot be started or watched. The program's own failure is an
@@ -112,8 +134,20 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
     let sfd = SignalFd::with_flags(&mask, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
         .map_err(AnchorError::SignalFd)?;
 
+    let listener = TcpListener::bind(("0.0.0.0", 0)).map_err(AnchorError::Relay)?;
+    let port = listener.local_addr().map_err(AnchorError::Relay)?.port();
+    let token: [u8; 32] = om_transport::auth::random_bytes();
+    let (home_end, child_end) = UnixStream::pair().map_err(AnchorError::Relay)?;
+    // The child's end must survive exec: a dup has no close-on-exec flag.
+    let child_fd = nix::unistd::dup(&child_end).map_err(|e| AnchorError::Relay(e.into()))?;
+    drop(child_end);
+    let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    let anchor = format!("{},{port},{hex}", child_fd.as_raw_fd());
+
     let mut cmd = Command::new(prog);
-    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("OM_ANCHOR", anchor);
     // The child keeps omrun's argv[0] semantics: it sees its own name, not omrun's.
     cmd.arg0(prog);
     crate::sys::clear_signal_mask_in_child(&mut cmd);
@@ -121,29 +155,319 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
         prog: prog.clone(),
         source,
     })?;
+    drop(child_fd);
     let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-    tracing::debug!(pid = pid.as_raw(), "started");
+    tracing::debug!(pid = pid.as_raw(), port, "started");
+    home_end.set_nonblocking(true).map_err(AnchorError::Relay)?;
 
+    let (tx, rx) = mpsc::channel();
+    spawn_signals(sfd, tx.clone());
+    spawn_listener(listener, token.to_vec(), tx.clone());
+    let mut home = Home {
+        pid: Some(pid),
+        anchor: home_end,
+        gens: BTreeMap::new(),
+        active: 0,
+        stdin: Vec::new(),
+        stdin_eof: false,
+        stdin_started: false,
+        signals: Vec::new(),
+        tx,
+    };
     loop {
-        if let Some(outcome) = reap(pid)? {
+        let event = rx.recv().map_err(|_| AnchorError::Relay(std::io::ErrorKind::BrokenPipe.into()))?;
+        if let Some(outcome) = home.handle(event)? {
             return Ok(outcome);
         }
-        let Some(info) = sfd.read_signal().map_err(AnchorError::ReadSignal)? else {
-            continue;
-        };
+    }
+}
+
+/// What the anchor's threads report.
+enum Event {
+    Signal(nix::libc::signalfd_siginfo),
+    Attached(u32, Conn),
+    Relay(u32, Msg),
+    Closed(u32),
+    Stdin(Vec<u8>),
+    StdinEnd,
+}
+
+/// One generation of the process away from home.
+#[derive(Default)]
+struct Generation {
+    writer: Option<Conn>,
+    /// Output that waits for the earlier generations to end.
+    held: Vec<(u8, Vec<u8>)>,
+    /// Stopped: no more input (it moved on).
+    stopped: bool,
+    input_ended: bool,
+    exit: Option<i32>,
+    moved: Option<Vec<u8>>,
+}
+
+struct Home {
+    /// The child while it runs at home.
+    pid: Option<Pid>,
+    anchor: UnixStream,
+    gens: BTreeMap<u32, Generation>,
+    /// The generation whose output is written and which gets stdin and signals.
+    active: u32,
+    /// Stdin bytes not yet given to any generation.
+    stdin: Vec<u8>,
+    stdin_eof: bool,
+    stdin_started: bool,
+    /// Signals for a generation that has not attached yet.
+    signals: Vec<i32>,
+    tx: mpsc::Sender<Event>,
+}
+
+impl Home {
+    fn handle(&mut self, event: Event) -> Result<Option<Outcome>, AnchorError> {
+        match event {
+            Event::Signal(info) => return self.signal(&info),
+            Event::Attached(g, conn) => {
+                if g <= self.active.saturating_sub(1) && g != self.active {
+                    return Ok(None);
+                }
+                let reader = conn.try_clone().ok();
+                self.gens.entry(g).or_default().writer = Some(conn);
+                if let Some(r) = reader {
+                    spawn_relay_reader(g, r, self.tx.clone());
+                }
+                self.feed();
+            }
+            Event::Relay(g, msg) => {
+                let hop = self.gens.entry(g).or_default();
+                match msg {
+                    Msg::Output(stream, bytes) => {
+                        if g == self.active {
+                            write_out(stream, &bytes);
+                        } else {
+                            hop.held.push((stream, bytes));
+                        }
+                    }
+                    Msg::Stop => {
+                        hop.stopped = true;
+                        if !hop.input_ended {
+                            hop.input_ended = true;
+                            if let Some(w) = hop.writer.as_mut() {
+                                let _ = relay::send(w, &Msg::InputEnd);
+                            }
+                        }
+                    }
+                    Msg::Moved(left) => hop.moved = Some(left),
+                    Msg::Exit(status) => hop.exit = Some(status),
+                    other => tracing::warn!(generation = g, ?other, "unexpected relay message"),
+                }
+                return Ok(self.advance());
+            }
+            Event::Closed(g) => {
+                let hop = self.gens.entry(g).or_default();
+                hop.writer = None;
+                if hop.exit.is_none() && hop.moved.is_none() {
+                    // The node it ran on is gone, and the process with it.
+                    tracing::warn!(generation = g, "the relay closed before the process ended");
+                    hop.exit = Some(Signal::SIGKILL as i32);
+                }
+                return Ok(self.advance());
+            }
+            Event::Stdin(bytes) => {
+                self.stdin.extend_from_slice(&bytes);
+                self.feed();
+            }
+            Event::StdinEnd => {
+                self.stdin_eof = true;
+                self.feed();
+            }
+        }
+        Ok(None)
+    }
+
+    fn signal(&mut self, info: &nix::libc::signalfd_siginfo) -> Result<Option<Outcome>, AnchorError> {
         let Ok(sig) = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0)) else {
-            continue;
+            return Ok(None);
         };
         if sig == Signal::SIGCHLD {
-            continue;
+            return self.reap_home();
         }
-        // si_code <= 0: sent by a process (SI_USER, SI_QUEUE, SI_TKILL). Kernel-generated ones (the
-        // terminal's SIGINT, SIGWINCH) went to the whole foreground group, the child included.
-        if info.ssi_code <= 0 {
-            tracing::debug!(?sig, "forwarding");
-            let _ = kill(pid, sig);
+        match self.pid {
+            // At home, a signal the kernel generated for the whole foreground group (the terminal's
+            // SIGINT, SIGWINCH) already reached the child, which shares omrun's process group: only
+            // those sent by a process (si_code <= 0) are forwarded.
+            Some(pid) => {
+                if info.ssi_code <= 0 {
+                    tracing::debug!(?sig, "forwarding");
+                    let _ = kill(pid, sig);
+                }
+            }
+            None => {
+                self.signals.push(sig as i32);
+                self.feed();
+            }
+        }
+        Ok(None)
+    }
+
+    fn reap_home(&mut self) -> Result<Option<Outcome>, AnchorError> {
+        let Some(pid) = self.pid else { return Ok(None) };
+        let Some(outcome) = reap(pid)? else {
+            return Ok(None);
+        };
+        self.pid = None;
+        // The runtime says `moved` before the home copy ends: the news is already in the socket.
+        let mut buf = [0u8; 64];
+        let moved = matches!(self.anchor.read(&mut buf), Ok(n) if buf[..n].starts_with(b"moved"));
+        if !moved {
+            return Ok(Some(outcome));
+        }
+        tracing::debug!("the process left home");
+        self.active = 1;
+        if !self.stdin_started {
+            self.stdin_started = true;
+            spawn_stdin(self.tx.clone());
+        }
+        Ok(self.advance())
+    }
+
+    /// Moves on past every generation that has ended, writing held output in order.
+    fn advance(&mut self) -> Option<Outcome> {
+        loop {
+            if self.active == 0 {
+                return None;
+            }
+            let g = self.active;
+            let hop = self.gens.entry(g).or_default();
+            for (stream, bytes) in hop.held.drain(..) {
+                write_out(stream, &bytes);
+            }
+            if let Some(status) = hop.exit {
+                return Some(outcome_of(status));
+            }
+            let Some(left) = hop.moved.take() else {
+                self.feed();
+                return None;
+            };
+            // What it left unread comes first for the next one.
+            let mut stdin = left;
+            stdin.append(&mut self.stdin);
+            self.stdin = stdin;
+            self.active += 1;
         }
     }
+
+    /// Gives the active generation the stdin and signals it is due.
+    fn feed(&mut self) {
+        if self.active == 0 {
+            return;
+        }
+        let g = self.active;
+        let Some(hop) = self.gens.get_mut(&g) else { return };
+        if hop.stopped {
+            return;
+        }
+        let Some(w) = hop.writer.as_mut() else { return };
+        for sig in self.signals.drain(..) {
+            let _ = relay::send(w, &Msg::Signal(sig));
+        }
+        for chunk in self.stdin.chunks(relay::MAX_CHUNK) {
+            let _ = relay::send(w, &Msg::Input(chunk.to_vec()));
+        }
+        self.stdin.clear();
+        if self.stdin_eof && !hop.input_ended {
+            hop.input_ended = true;
+            let _ = relay::send(w, &Msg::InputEnd);
+        }
+    }
+}
+
+fn outcome_of(status: i32) -> Outcome {
+    if status & 0x7f != 0 {
+        Signal::try_from(status & 0x7f).map_or(Outcome::Exited(1), Outcome::Signaled)
+    } else {
+        Outcome::Exited(u8::try_from((status >> 8) & 0xff).unwrap_or(1))
+    }
+}
+
+fn write_out(stream: u8, bytes: &[u8]) {
+    if stream == 2 {
+        let mut e = std::io::stderr().lock();
+        let _ = e.write_all(bytes);
+        let _ = e.flush();
+    } else {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(bytes);
+        let _ = o.flush();
+    }
+}
+
+fn spawn_signals(sfd: SignalFd, tx: mpsc::Sender<Event>) {
+    std::thread::spawn(move || {
+        loop {
+            match sfd.read_signal() {
+                Ok(Some(info)) => {
+                    if tx.send(Event::Signal(info)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>) {
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let (tx, token) = (tx.clone(), token.clone());
+            std::thread::spawn(move || match relay::accept(s, &token, Duration::from_secs(10)) {
+                Ok((conn, g)) => {
+                    tracing::debug!(generation = g, peer = conn.peer(), "relay attached");
+                    let _ = tx.send(Event::Attached(g, conn));
+                }
+                Err(e) => tracing::warn!(error = %om_transport::error::chain(&e), "relay connection refused"),
+            });
+        }
+    });
+}
+
+fn spawn_relay_reader(g: u32, mut conn: Conn, tx: mpsc::Sender<Event>) {
+    std::thread::spawn(move || {
+        loop {
+            match relay::recv(&mut conn) {
+                Ok(m) => {
+                    if tx.send(Event::Relay(g, m)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = tx.send(Event::Closed(g));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn spawn_stdin(tx: mpsc::Sender<Event>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; relay::MAX_CHUNK];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Event::StdinEnd);
+                    return;
+                }
+                Ok(n) => {
+                    if tx.send(Event::Stdin(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn reap(pid: Pid) -> Result<Option<Outcome>, AnchorError> {

@@ -3,6 +3,7 @@
 
 pub mod anchor;
 pub mod control;
+pub mod migration;
 mod sys;
 
 /// The path of `name` installed next to the running program (om's binaries live together), or bare

@@ -21,6 +21,10 @@ pub enum Feature {
     PageServer,
     /// The runtime library preloaded into applications.
     Runtime,
+    /// Migration over InfiniBand/RoCE verbs.
+    Verbs,
+    /// Migration over Dolphin SCI.
+    Sci,
 }
 
 impl Feature {
@@ -31,6 +35,8 @@ impl Feature {
             Self::Migrate | Self::ProcessList => 6,
             Self::Checkpoint | Self::Restart | Self::Runtime => 5,
             Self::PageServer => 4,
+            Self::Verbs => 7,
+            Self::Sci => 8,
         }
     }
 
@@ -50,6 +56,8 @@ impl fmt::Display for Feature {
             Self::ProcessList => "process list (omctl ps)",
             Self::PageServer => "page server (omd accepting page streams)",
             Self::Runtime => "the in-process runtime (libomrt.so)",
+            Self::Verbs => "migration over verbs (omctl migrate --transport verbs)",
+            Self::Sci => "migration over Dolphin SCI (omctl migrate --transport sci)",
         })
     }
 }
@@ -60,8 +68,10 @@ pub const FEATURES: &[(Feature, bool)] = &[
     (Feature::PageServer, true),
     (Feature::Checkpoint, true),
     (Feature::Restart, true),
-    (Feature::Migrate, false),
+    (Feature::Migrate, true),
     (Feature::ProcessList, true),
+    (Feature::Verbs, false),
+    (Feature::Sci, false),
 ];
 
 /// The error for an operation whose machinery this build does not have yet.
@@ -86,9 +96,9 @@ mod tests {
 
     #[test]
     fn message_names_feature_and_issue() {
-        let msg = Unavailable::new(Feature::Migrate).to_string();
-        assert!(msg.contains("omctl migrate"), "{msg}");
-        assert!(msg.contains("issue #6"), "{msg}");
+        let msg = Unavailable::new(Feature::Verbs).to_string();
+        assert!(msg.contains("--transport verbs"), "{msg}");
+        assert!(msg.contains("issue #7"), "{msg}");
     }
 
     #[test]
@@ -100,6 +110,8 @@ mod tests {
             Feature::ProcessList,
             Feature::PageServer,
             Feature::Runtime,
+            Feature::Verbs,
+            Feature::Sci,
         ] {
             assert_eq!(FEATURES.iter().filter(|(g, _)| *g == f).count(), 1, "{f:?}");
         }

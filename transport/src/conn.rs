@@ -85,6 +85,12 @@ impl Conn {
         &self.peer
     }
 
+    /// This end's address.
+    #[must_use]
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.local_addr().ok()
+    }
+
     /// Fails reads and writes that wait longer than `t` (a stalled peer must not pin memory or a
     /// thread forever).
     ///

@@ -30,6 +30,14 @@ enum TransportKind {
     Sci,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Pre-copy rounds, then a short freeze.
+    Precopy,
+    /// Freeze, send every page, restore.
+    StopAndCopy,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Live-migrate a process to another node by pre-copy.
@@ -52,6 +60,9 @@ enum Cmd {
         /// How the pages travel.
         #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
         transport: TransportKind,
+        /// Pre-copy rounds while the process runs, or stop-and-copy (everything while it is stopped).
+        #[arg(long, value_enum, default_value_t = Mode::Precopy)]
+        mode: Mode,
     },
     /// Write a process's image to a directory.
     Checkpoint {
@@ -83,7 +94,50 @@ fn main() -> ExitCode {
     let control = om::control::resolve_socket_path(args.control.as_deref());
     tracing::debug!(control = %control.display(), cmd = ?args.cmd, "omctl");
     match args.cmd {
-        Cmd::Migrate { .. } => report("omctl", &Unavailable::new(Feature::Migrate), EXIT_UNAVAILABLE),
+        Cmd::Migrate {
+            transport: TransportKind::Verbs,
+            ..
+        } => report("omctl", &Unavailable::new(Feature::Verbs), EXIT_UNAVAILABLE),
+        Cmd::Migrate {
+            transport: TransportKind::Sci,
+            ..
+        } => report("omctl", &Unavailable::new(Feature::Sci), EXIT_UNAVAILABLE),
+        Cmd::Migrate {
+            pid,
+            to,
+            json,
+            downtime,
+            max_rounds,
+            mode,
+            transport: TransportKind::Tcp,
+        } => {
+            let mode = match mode {
+                Mode::Precopy => "precopy",
+                Mode::StopAndCopy => "stop-and-copy",
+            };
+            let line = format!("migrate {pid} {to} {downtime} {max_rounds} {mode}");
+            match om_cli::control::request(&control, &line) {
+                Ok(reply) => match reply.strip_prefix("OK moved to ") {
+                    Some(rest) => {
+                        let report = rest.split_once(' ').map_or("{}", |(_, j)| j);
+                        if json {
+                            println!("{report}");
+                        } else {
+                            print!("{}", om_cli::migration::human(pid, &to.to_string(), report));
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    None => {
+                        eprintln!(
+                            "omctl: error: migration of process {pid} failed, it continues here: {}",
+                            reply.strip_prefix("ERR ").unwrap_or(&reply)
+                        );
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                },
+                Err(e) => report("omctl", &e, EXIT_FAILURE),
+            }
+        }
         Cmd::Checkpoint {
             pid,
             out,

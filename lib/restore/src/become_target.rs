@@ -237,7 +237,7 @@ fn mark(t: &mut Target<'_>) -> Result<(), RestoreError> {
         .plan
         .premap_of(m)
         .ok_or_else(|| RestoreError::Setup(format!("the restore marker {m:#x} is not mapped")))?;
-    // The plan checked that the marker's 24 bytes lie in private writable memory of the image.
+    // The plan checked that the marker lies in private writable memory of the image.
     let generation = u64::from_le_bytes(
         t.premap
             .read::<8>(at)
@@ -246,6 +246,14 @@ fn mark(t: &mut Target<'_>) -> Result<(), RestoreError> {
     let mut words = generation.to_le_bytes().to_vec();
     words.extend_from_slice(&t.plan.leftover.start.to_le_bytes());
     words.extend_from_slice(&(t.plan.leftover.end - t.plan.leftover.start).to_le_bytes());
+    // The omd of this node, for the runtime to register with.
+    let control = om::control::resolve_socket_path(None);
+    let mut path = [0u8; om::capture::CONTROL_PATH_MAX];
+    let p = control.as_os_str().as_encoded_bytes();
+    if p.len() < path.len() {
+        path[..p.len()].copy_from_slice(p);
+    }
+    words.extend_from_slice(&path);
     t.premap
         .write(at, &words)
         .map_err(RestoreError::os("writing the marker"))

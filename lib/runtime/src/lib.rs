@@ -11,9 +11,17 @@
 //! - omd to runtime: `checkpoint LEAVE DIR` (LEAVE is 1 to keep running); the runtime answers `OK
 //!   ...` or `ERR ...`. Without LEAVE the process ends right after the answer, its threads still
 //!   parked, so that nothing runs between the image and the end.
+//! - omd to runtime: `migrate IP:PORT DOWNTIME_MS MAX_ROUNDS MODE KEYFILE`; the runtime answers `OK
+//!   moved to IP:PORT {json report}` once the copy runs there, waits for omd's `bye` (omd has noted
+//!   the move), tells omrun if it is at home, and ends with its threads still parked; or `ERR ...`,
+//!   and the process continues here.
+//!
+//! `OM_ANCHOR=FD,PORT,TOKEN` (set by omrun): a socket to omrun, omrun's relay port and the home
+//! token (hex). The runtime keeps them for migrations; the fd is its own (never part of an image).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,11 +34,37 @@ use om::capture::{self, Outcome};
 static ALLOC: om::sys::arena::CaptureAware<dlmalloc::GlobalDlmalloc> =
     om::sys::arena::CaptureAware(dlmalloc::GlobalDlmalloc);
 
+/// The socket to omrun while the process runs at home; -1 elsewhere.
+static ANCHOR_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Reads `OM_ANCHOR` (see the crate docs).
+fn read_anchor() {
+    let Ok(v) = std::env::var("OM_ANCHOR") else {
+        return;
+    };
+    let mut parts = v.split(',');
+    let (Some(fd), Some(port), Some(token)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    let token: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect();
+    if let (Ok(fd), Ok(port), Some(token)) = (fd.parse::<i32>(), port.parse::<u16>(), token) {
+        if fd > 2 && om::sys::task::set_cloexec(fd).is_ok() {
+            capture::own_fd(fd, true);
+            ANCHOR_FD.store(fd, Ordering::Release);
+        }
+        om::precopy::migrate::set_home_seed(port, token);
+    }
+}
+
 /// Runs when the library is loaded.
 extern "C" fn omrt_init() {
     if std::env::var_os("OM_RUNTIME_DISABLE").is_some() {
         return;
     }
+    read_anchor();
     let control = om::control::resolve_socket_path(None);
     // The thread inherits a mask with every signal blocked, so it never takes the application's.
     let _ = om::sys::task::with_all_signals_blocked(|| {
@@ -65,14 +99,15 @@ fn connect(path: &PathBuf) -> UnixStream {
 }
 
 fn control_loop(path: &PathBuf) {
-    let mut stream = connect(path);
+    let mut path = path.clone();
+    let mut stream = connect(&path);
     loop {
         let mut line = String::new();
         let read = BufReader::new(&stream).read_line(&mut line);
         if !matches!(read, Ok(n) if n > 0) {
             capture::own_fd(stream.as_raw_fd(), false);
             drop(stream);
-            stream = connect(path);
+            stream = connect(&path);
             continue;
         }
         let reply = match line.trim_end().split_once(' ') {
@@ -96,10 +131,7 @@ fn control_loop(path: &PathBuf) {
                             }
                         }
                         Ok(Outcome::Restored) => {
-                            // The old connection belongs to the source; its fd number may already
-                            // be one of the restored descriptors, so it is forgotten, not closed.
-                            capture::own_fd(stream.into_raw_fd(), false);
-                            stream = connect(path);
+                            stream = restored(stream, &mut path);
                             continue;
                         }
                         Err(e) => format!("ERR {}", om_transport::error::chain(&e)),
@@ -107,8 +139,65 @@ fn control_loop(path: &PathBuf) {
                 }
                 None => "ERR usage: checkpoint LEAVE DIR".to_owned(),
             },
+            Some(("migrate", rest)) => match migrate_request(rest) {
+                Some(req) => match om::precopy::migrate::migrate(&req, |_| {}) {
+                    Ok(om::precopy::migrate::Outcome::Moved(report, frozen)) => {
+                        let _ = writeln!(stream, "OK moved to {} {}", req.to, report.json());
+                        // omd notes the move before this process ends (its relay must not take the
+                        // end for the program's).
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut bye = String::new();
+                        let _ = BufReader::new(&stream).read_line(&mut bye);
+                        let anchor = ANCHOR_FD.load(Ordering::Acquire);
+                        if anchor >= 0 {
+                            om::sys::task::write_fd(anchor, b"moved\n");
+                        }
+                        frozen.exit(0);
+                    }
+                    Ok(om::precopy::migrate::Outcome::Restored) => {
+                        ANCHOR_FD.store(-1, Ordering::Release);
+                        stream = restored(stream, &mut path);
+                        continue;
+                    }
+                    Err(e) => format!("ERR {}", om_transport::error::chain(&e)),
+                },
+                None => "ERR usage: migrate IP:PORT DOWNTIME_MS MAX_ROUNDS MODE KEYFILE".to_owned(),
+            },
             _ => format!("ERR unknown command {:?}", line.trim_end()),
         };
         let _ = writeln!(stream, "{reply}");
     }
+}
+
+/// In a restored copy: the old connection belongs to the source (its fd number may already be one
+/// of the restored descriptors, so it is forgotten, not closed); the restorer named this node's omd.
+fn restored(stream: UnixStream, path: &mut PathBuf) -> UnixStream {
+    capture::own_fd(stream.into_raw_fd(), false);
+    if let Some(p) = capture::MARKER.control_path() {
+        *path = p;
+    }
+    connect(path)
+}
+
+fn migrate_request(rest: &str) -> Option<om::precopy::migrate::Request> {
+    let mut w = rest.splitn(5, ' ');
+    let to = w.next()?.parse().ok()?;
+    let downtime = w.next()?.parse::<u64>().ok()?;
+    let max_rounds = w.next()?.parse::<u32>().ok()?;
+    let mode = match w.next()? {
+        "precopy" | "auto-converge" => om::precopy::migrate::Mode::PreCopy,
+        "stop-and-copy" => om::precopy::migrate::Mode::StopAndCopy,
+        _ => return None,
+    };
+    let key = PathBuf::from(w.next()?);
+    Some(om::precopy::migrate::Request {
+        to,
+        key,
+        budget: om::precopy::Budget {
+            downtime: Duration::from_millis(downtime),
+            max_rounds,
+            ..om::precopy::Budget::default()
+        },
+        mode,
+    })
 }

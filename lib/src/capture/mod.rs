@@ -16,7 +16,7 @@ mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use om_transport::error::chain;
@@ -25,6 +25,7 @@ use crate::sys::arena;
 use crate::sys::task::{self, Freeze};
 
 pub use preflight::{Refusal, own_fd, preflight};
+pub use state::{Snapshot, image_info, memory_map, snapshot};
 
 /// Why a checkpoint failed. The process keeps running unharmed in every case.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +95,12 @@ pub enum CaptureError {
     /// Writing the checkpoint failed.
     #[error("writing the checkpoint")]
     Write(#[source] crate::image::CheckpointError),
+    /// Sending the final round of a migration failed.
+    #[error("sending the final round")]
+    Send(#[source] om_transport::TransportError),
+    /// The dirty tracker failed in the final round.
+    #[error("collecting the last dirty pages")]
+    Dirty(#[source] crate::dirty::DirtyError),
 }
 
 /// What a checkpoint wrote.
@@ -121,14 +128,39 @@ pub struct RestoreMarker {
     pub leftover_addr: AtomicU64,
     /// Its length.
     pub leftover_len: AtomicU64,
+    /// The control socket of the omd on the node the copy was restored on (NUL-terminated; empty:
+    /// unchanged). The environment the process carries names its old node's.
+    pub control: [AtomicU8; CONTROL_PATH_MAX],
 }
+
+/// Room for the control socket path in the marker (a unix socket path is at most 108 bytes).
+pub const CONTROL_PATH_MAX: usize = 128;
+/// Bytes of the marker that the restorer writes.
+pub const MARKER_LEN: u64 = 24 + CONTROL_PATH_MAX as u64;
+const _: () = assert!(size_of::<RestoreMarker>() as u64 == MARKER_LEN);
 
 /// The process's marker.
 pub static MARKER: RestoreMarker = RestoreMarker {
     generation: AtomicU64::new(0),
     leftover_addr: AtomicU64::new(0),
     leftover_len: AtomicU64::new(0),
+    control: [const { AtomicU8::new(0) }; CONTROL_PATH_MAX],
 };
+
+impl RestoreMarker {
+    /// The control socket path the restorer left, if any.
+    #[must_use]
+    pub fn control_path(&self) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes: Vec<u8> = self
+            .control
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .take_while(|b| *b != 0)
+            .collect();
+        (!bytes.is_empty()).then(|| PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    }
+}
 
 /// How a checkpoint ended, as the control thread sees it after its handler returned.
 #[derive(Debug)]
@@ -139,9 +171,14 @@ pub enum Outcome {
     Restored,
 }
 
+/// What the control thread does with the frozen process, inside its own handler: given the address
+/// of its signal frame and when the freeze started, it takes the image somewhere (a directory, a
+/// final round) and says what it took.
+pub type Work = Box<dyn FnOnce(u64, Instant) -> Result<Summary, CaptureError> + Send>;
+
 /// The job the control thread runs inside its own handler.
 struct Job {
-    dir: PathBuf,
+    work: Option<Work>,
     result: Option<Result<Summary, CaptureError>>,
     started: Instant,
 }
@@ -154,8 +191,9 @@ fn run_job(frame: u64) {
     let job = JOB.lock().ok().and_then(|mut g| g.take());
     let Some(mut job) = job else { return };
     arena::begin();
-    let result = state::write_image(&job.dir, frame, job.started);
+    let result = job.work.take().map(|w| w(frame, job.started));
     arena::end();
+    let result = result.unwrap_or(Err(CaptureError::NotRun));
     job.result = Some(result);
     if let Ok(mut g) = JOB.lock() {
         *g = Some(job);
@@ -169,12 +207,89 @@ fn run_job(frame: u64) {
 /// # Errors
 /// [`CaptureError`]; the process continues unharmed.
 pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureError> {
+    check()?;
+    let dir = dir.to_path_buf();
+    match freeze_and_run(Box::new(move |frame, started| state::write_image(&dir, frame, started)))? {
+        Captured::Restored => Ok(Outcome::Restored),
+        Captured::Source(summary, frozen) => {
+            if !leave_frozen {
+                frozen.release();
+            } else {
+                std::mem::forget(frozen);
+            }
+            Ok(Outcome::Written(summary))
+        }
+    }
+}
+
+/// Everything that must hold before a capture can start: no lazy restore still running, no
+/// resource that cannot be captured, the capture-aware allocator.
+///
+/// # Errors
+/// The first reason the process cannot be captured now.
+pub fn check() -> Result<(), CaptureError> {
     preflight::wait_restored(RESTORE_WAIT)?;
     preflight()?;
-    let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
     if !arena::installed() {
         return Err(CaptureError::Allocator);
     }
+    Ok(())
+}
+
+/// The process, stopped: every thread but the control thread is parked in the checkpoint handler.
+/// Dropping it (or [`Frozen::release`]) lets them go on; a migrated source ends with
+/// [`Frozen::exit`] instead, without running another instruction of the application.
+#[derive(Debug)]
+pub struct Frozen {
+    sig: i32,
+    old: task::KernelSigaction,
+    released: bool,
+}
+
+impl Frozen {
+    /// Releases the threads and puts the signal's disposition back.
+    pub fn release(mut self) {
+        self.let_go();
+    }
+
+    fn let_go(&mut self) {
+        if !self.released {
+            self.released = true;
+            release(Freeze::get());
+            let _ = task::restore_disposition(self.sig, &self.old);
+        }
+    }
+
+    /// Ends the process with its threads still parked.
+    pub fn exit(self, code: i32) -> ! {
+        task::exit_group(code)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.let_go();
+    }
+}
+
+/// How a capture ended, as the control thread sees it after its handler returned.
+#[derive(Debug)]
+pub enum Captured {
+    /// On the source: `work` ran, and the process is still stopped.
+    Source(Summary, Frozen),
+    /// In a restored copy: the process was just restored from what `work` took.
+    Restored,
+}
+
+/// Stops every thread and runs `work` inside the control thread's own signal handler (so that its
+/// frame is on its stack, like every other thread's). Call [`check`] first. Must run on the
+/// control thread.
+///
+/// # Errors
+/// [`CaptureError`] (the work's own, or the freeze's); the threads are released and the process
+/// continues unharmed.
+pub fn freeze_and_run(work: Work) -> Result<Captured, CaptureError> {
+    let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
     arena::prepare().map_err(CaptureError::Arena)?;
     let f = Freeze::get();
     f.control_tid.store(task::gettid(), Ordering::Release);
@@ -209,7 +324,7 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
     // previous restore: its leftover can go, and stays out of this image.
     unmap_leftover();
     *JOB.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Job {
-        dir: dir.to_path_buf(),
+        work: Some(work),
         result: None,
         started,
     });
@@ -226,21 +341,26 @@ pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureErro
         arena::forget();
         f.parked.store(0, Ordering::Release);
         let _ = task::restore_disposition(sig, &old);
-        return Ok(Outcome::Restored);
+        return Ok(Captured::Restored);
     }
     let result = match (raised, job.and_then(|j| j.result)) {
         (Err(e), _) => Err(CaptureError::SignalSelf(e)),
         (Ok(()), Some(r)) => r,
         (Ok(()), None) => Err(CaptureError::NotRun),
     };
-    if result.is_err() || !leave_frozen {
-        release(f);
-        let _ = task::restore_disposition(sig, &old);
+    let frozen = Frozen {
+        sig,
+        old,
+        released: false,
+    };
+    match result {
+        Ok(summary) => Ok(Captured::Source(summary, frozen)),
+        Err(e) => {
+            drop(frozen);
+            tracing::warn!(error = %chain(&e), "capture failed; the process continues");
+            Err(e)
+        }
     }
-    if let Err(e) = &result {
-        tracing::warn!(error = %chain(e), "checkpoint failed; the process continues");
-    }
-    result.map(Outcome::Written)
 }
 
 /// Lets threads released by an earlier freeze leave the handler (on their own time), then clears

@@ -83,9 +83,41 @@ fn without_arena(vmas: Vec<Vma>) -> Vec<Vma> {
     out
 }
 
-pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Summary, CaptureError> {
-    let page = crate::sys::page_size() as u64;
+/// The process's memory map as an image holds it: every VMA but om's capture arena, and the wire
+/// table of those that travel (no vdso/vvar/vsyscall).
+///
+/// # Errors
+/// `/proc/self/maps` could not be read.
+pub fn memory_map() -> Result<(Vec<Vma>, Vec<WireVma>), CaptureError> {
     let vmas = without_arena(maps::read_self().map_err(CaptureError::Maps)?);
+    let wire = vmas
+        .iter()
+        .filter(|v| !v.is_special() && v.end <= USER_END)
+        .map(wire_vma)
+        .collect();
+    Ok((vmas, wire))
+}
+
+/// Everything of a stopped process but its pages: the memory map and the records for the restorer.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The memory map.
+    pub vmas: Vec<Vma>,
+    /// The VMAs that travel.
+    pub wire_vmas: Vec<WireVma>,
+    /// Process, thread, fd and mapped-file records.
+    pub records: Vec<Record>,
+    /// Threads captured.
+    pub threads: usize,
+}
+
+/// Takes the snapshot of the stopped process; `frame` is the control thread's signal frame. Runs in
+/// the control thread's handler.
+///
+/// # Errors
+/// A file of `/proc/self` that could not be read, or something that cannot be captured.
+pub fn snapshot(frame: u64) -> Result<Snapshot, CaptureError> {
+    let (vmas, wire_vmas) = memory_map()?;
     let fds = preflight::fds()?;
     let f = Freeze::get();
     let control = Slot::default();
@@ -104,18 +136,58 @@ pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Su
         let n = comm.len().min(15);
         t.name[..n].copy_from_slice(&comm[..n]);
     }
+    let mut records = vec![Record {
+        kind: KIND_PROCESS,
+        bytes: process_record(&vmas, &threads)?.encode(),
+    }];
+    records.extend(threads.iter().map(|t| Record {
+        kind: KIND_THREAD,
+        bytes: t.encode(),
+    }));
+    for fd in &fds {
+        records.push(Record {
+            kind: KIND_FD,
+            bytes: fd_record(fd)?.encode(),
+        });
+    }
+    for m in mapped_files(&vmas)? {
+        records.push(Record {
+            kind: KIND_MAPPED_FILE,
+            bytes: m.encode(),
+        });
+    }
+    Ok(Snapshot {
+        vmas,
+        wire_vmas,
+        records,
+        threads: threads.len(),
+    })
+}
 
+/// The identity of this process for an image.
+#[must_use]
+pub fn image_info(flags: u32, populated_bytes: u64) -> ImageInfo {
+    ImageInfo {
+        pid: std::process::id(),
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+        flags,
+        populated_bytes,
+    }
+}
+
+pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Summary, CaptureError> {
+    let page = crate::sys::page_size() as u64;
+    let snap = snapshot(frame)?;
     let mut writer = Writer::create(dir, page).map_err(CaptureError::Write)?;
     let pagemap = fs::File::open("/proc/self/pagemap").map_err(state_err("/proc/self/pagemap"))?;
     // Through /proc/self/mem the kernel reads even pages the process may not (PROT_NONE memory
     // that holds data), and a fault is an error, not a crash.
     let mem = fs::File::open("/proc/self/mem").map_err(state_err("/proc/self/mem"))?;
     let mut bounce = vec![0u8; BOUNCE];
-    let mut wire_vmas = Vec::new();
     let mut planned = Vec::new();
     let (mut run_count, mut page_count) = (0usize, 0u64);
-    for v in vmas.iter().filter(|v| !v.is_special() && v.end <= USER_END) {
-        wire_vmas.push(wire_vma(v));
+    for v in snap.vmas.iter().filter(|v| !v.is_special() && v.end <= USER_END) {
         if v.perms.shared {
             continue; // the file holds the data
         }
@@ -137,41 +209,15 @@ pub(super) fn write_image(dir: &Path, frame: u64, started: Instant) -> Result<Su
         }
     }
 
-    let mut records = vec![Record {
-        kind: KIND_PROCESS,
-        bytes: process_record(&vmas, &threads)?.encode(),
-    }];
-    records.extend(threads.iter().map(|t| Record {
-        kind: KIND_THREAD,
-        bytes: t.encode(),
-    }));
-    for fd in &fds {
-        records.push(Record {
-            kind: KIND_FD,
-            bytes: fd_record(fd)?.encode(),
-        });
-    }
-    for m in mapped_files(&vmas)? {
-        records.push(Record {
-            kind: KIND_MAPPED_FILE,
-            bytes: m.encode(),
-        });
-    }
     let begin = Begin {
-        info: ImageInfo {
-            pid: std::process::id(),
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
-            flags: 0,
-            populated_bytes: populated,
-        },
-        vmas: wire_vmas,
+        info: image_info(0, populated),
+        vmas: snap.wire_vmas,
     };
-    let bytes = writer.finish(begin, records).map_err(CaptureError::Write)?;
+    let bytes = writer.finish(begin, snap.records).map_err(CaptureError::Write)?;
     Ok(Summary {
         dir: dir.to_path_buf(),
         bytes,
-        threads: threads.len(),
+        threads: snap.threads,
         frozen: started.elapsed(),
     })
 }

@@ -5,5 +5,6 @@
 //! looks at the rounds so far and says whether another round is worth it, and why not.
 
 pub mod converge;
+pub mod migrate;
 
 pub use converge::{Budget, Decision, RoundStats, StopReason, decide};

@@ -548,3 +548,21 @@ mod itimer_tests {
         assert!(v > 800_000 && v <= 900_000, "{v}");
     }
 }
+
+/// Sets `FD_CLOEXEC` on `fd`.
+///
+/// # Errors
+/// `fcntl` failing (`EBADF` for a closed fd).
+pub fn set_cloexec(fd: i32) -> io::Result<()> {
+    // SAFETY: F_SETFD on a number only changes that descriptor's flags (or fails with EBADF).
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `fd` once, ignoring the result (a best-effort notice).
+pub fn write_fd(fd: i32, bytes: &[u8]) {
+    // SAFETY: `bytes` is readable for its length; write(2) on a number touches nothing else.
+    let _ = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+}

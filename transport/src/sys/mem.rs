@@ -19,6 +19,8 @@ use super::iov::MemRun;
 #[derive(Debug, Clone, Copy)]
 pub struct Readable<'a> {
     runs: &'a [Range<u64>],
+    /// The memory may be unmapped meanwhile: checksums read it through the kernel.
+    racy: bool,
 }
 
 impl<'a> Readable<'a> {
@@ -30,7 +32,17 @@ impl<'a> Readable<'a> {
     /// `EFAULT`, but checksums would fault: the caller must prevent it (the runtime's munmap guard).
     #[must_use]
     pub unsafe fn new(runs: &'a [Range<u64>]) -> Self {
-        Self { runs }
+        Self { runs, racy: false }
+    }
+
+    /// Wraps `runs` (sorted, disjoint, page-aligned) of this process's memory that the application
+    /// may unmap at any moment (a running application during a pre-copy round). Nothing reads the
+    /// memory directly: the kernel copies it into the socket (an unmapped run fails the send with
+    /// `EFAULT`) and checksums are taken from a copy made with `process_vm_readv` (a page that cannot
+    /// be read gets no valid checksum and comes back as a suspect). Costs one extra read of the pages.
+    #[must_use]
+    pub fn racy(runs: &'a [Range<u64>]) -> Self {
+        Self { runs, racy: true }
     }
 
     /// The runs.
@@ -46,6 +58,7 @@ impl<'a> Readable<'a> {
             .into_iter()
             .map(|runs| ReadableBatch {
                 runs,
+                racy: self.racy,
                 _promise: PhantomData,
             })
             .collect()
@@ -56,6 +69,7 @@ impl<'a> Readable<'a> {
 #[derive(Debug, Clone)]
 pub struct ReadableBatch<'a> {
     runs: Vec<Range<u64>>,
+    racy: bool,
     _promise: PhantomData<&'a [Range<u64>]>,
 }
 
@@ -70,6 +84,10 @@ impl ReadableBatch<'_> {
     #[must_use]
     pub fn page_sums(&self, page_size: usize) -> Vec<u32> {
         let mut sums = Vec::new();
+        if self.racy {
+            self.page_sums_copied(page_size, &mut sums);
+            return sums;
+        }
         for r in &self.runs {
             for addr in (r.start..r.end).step_by(page_size) {
                 // SAFETY: the batch is part of a Readable, whose creator promised the memory stays
@@ -78,6 +96,43 @@ impl ReadableBatch<'_> {
             }
         }
         sums
+    }
+
+    /// Checksums of a copy of the pages read through the kernel. A page it cannot read gets the
+    /// complement of its copy's sum, which the landed page cannot match: the receiver reports it as a
+    /// suspect, and the sender must send it again (or fail).
+    fn page_sums_copied(&self, page_size: usize, sums: &mut Vec<u32>) {
+        const BOUNCE: usize = 256 << 10;
+        let mut buf = vec![0u8; BOUNCE.max(page_size)];
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        for r in &self.runs {
+            let mut addr = r.start;
+            while addr < r.end {
+                let n = usize::try_from(r.end - addr).unwrap_or(usize::MAX).min(buf.len());
+                let local = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: n,
+                };
+                let remote = libc::iovec {
+                    iov_base: addr_of(addr) as *mut libc::c_void,
+                    iov_len: n,
+                };
+                // SAFETY: `local` is `n` writable bytes of `buf`; the kernel reads `remote` in this
+                // process itself and fails (or stops short) on memory that is not mapped: nothing here
+                // dereferences it.
+                let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
+                let got = usize::try_from(got).unwrap_or(0);
+                for off in (0..n).step_by(page_size) {
+                    sums.push(if off + page_size <= got {
+                        checksum::page_sum_bytes(&buf[off..off + page_size])
+                    } else {
+                        !checksum::page_sum_bytes(&buf[off..off + page_size])
+                    });
+                }
+                addr += n as u64;
+            }
+        }
     }
 
     pub(crate) fn mem_runs(&self) -> Vec<MemRun> {

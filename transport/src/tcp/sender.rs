@@ -121,6 +121,12 @@ impl TcpSender {
         })
     }
 
+    /// The local address of the control connection (the address the receiver reaches this node by).
+    #[must_use]
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.control.local_addr()
+    }
+
     /// Data streams in use.
     #[must_use]
     pub fn streams(&self) -> usize {

@@ -1,0 +1,66 @@
+//! omctl's human report of a migration, read from the runtime's JSON report.
+
+/// The number after `"key":` in a flat JSON object.
+fn num(obj: &str, key: &str) -> Option<f64> {
+    let at = obj.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &obj[at..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+/// The string after `"key":` in a flat JSON object.
+fn text<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
+    let at = obj.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let rest = &obj[at..];
+    Some(&rest[..rest.find('"')?])
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / f64::from(1u32 << 20))
+}
+
+/// The report for people: bytes and dirty rate per round, freeze and total time.
+#[must_use]
+pub fn human(pid: u32, to: &str, json: &str) -> String {
+    let mut out = String::new();
+    if let Some(detail) = json.split("\"round_detail\":[").nth(1) {
+        for (i, r) in detail.split("},{").enumerate() {
+            if let (Some(b), Some(ms), Some(rate)) = (num(r, "bytes"), num(r, "ms"), num(r, "dirty_rate")) {
+                out.push_str(&format!(
+                    "round {i}: {} in {ms:.1} ms, dirty rate {}/s\n",
+                    mib(b),
+                    mib(rate)
+                ));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "final round: {} while stopped ({})\n",
+        mib(num(json, "final_bytes").unwrap_or(0.0)),
+        text(json, "stop").unwrap_or("?")
+    ));
+    out.push_str(&format!(
+        "process {pid} moved to {to} (pid {} there): frozen {:.1} ms, total {:.1} ms, {} sent, tracker {}\n",
+        num(json, "pid_there").unwrap_or(0.0),
+        num(json, "freeze_ms").unwrap_or(0.0),
+        num(json, "total_ms").unwrap_or(0.0),
+        mib(num(json, "bytes_sent").unwrap_or(0.0)),
+        text(json, "tracker").unwrap_or("?")
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_runtime_report() {
+        let j = r#"{"freeze_ms":12.500,"total_ms":900.000,"rounds":2,"bytes_sent":2097152,"final_bytes":4096,"stop":"WithinBudget","tracker":"uffd","pid_there":42,"round_detail":[{"bytes":1048576,"ms":10.000,"dirtied":4096,"dirty_rate":409600},{"bytes":4096,"ms":1.000,"dirtied":0,"dirty_rate":0}]}"#;
+        let h = human(7, "10.0.0.2:7000", j);
+        assert!(h.contains("round 0: 1.0 MiB in 10.0 ms"), "{h}");
+        assert!(h.contains("round 1: 0.0 MiB"), "{h}");
+        assert!(h.contains("frozen 12.5 ms, total 900.0 ms, 2.0 MiB sent, tracker uffd"), "{h}");
+        assert!(h.contains("(pid 42 there)"), "{h}");
+    }
+}

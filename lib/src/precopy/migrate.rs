@@ -1,0 +1,475 @@
+//! Live migration of this process, run by the runtime's control thread: pre-copy rounds straight
+//! from the application's memory, the freeze, the final round, and the source's side of the
+//! two-phase commit.
+//!
+//! ```text
+//!  check ─ connect+auth ─ begin(VMA table) ─ round 0 (every populated page)
+//!    ─ round N (pages written during N-1; a new VMA table first when the map changed) ...
+//!    ─ converge::decide says stop ─ freeze ─ [in the control thread's handler: last dirty pages,
+//!      records, home] ─ commit (the destination restores and holds the copy: prepared)
+//!    ─ go (the copy runs) ─ the source ends without running another instruction
+//! ```
+//!
+//! Any failure up to the go releases the threads and the process continues here; the destination
+//! drops the image (and the prepared copy with it) when the connection ends without a go.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use om_transport::api::PageSender;
+use om_transport::relay::Home;
+use om_transport::sys::Readable;
+use om_transport::wire::{Begin, ImageInfo, Vma as WireVma};
+use om_transport::{ClusterKey, KeyError, SenderConfig, TcpSender, TransportError};
+
+use super::converge::{self, Budget, Decision, RoundStats, StopReason};
+use crate::capture::{self, CaptureError, Captured, Frozen, Summary};
+use crate::dirty::{self, DirtyError, Mechanism, RangeTable, Scope, Tracker};
+use crate::image::records::KIND_HOME;
+use crate::image::vma_flags;
+
+/// How pages are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Rounds while the process runs, then a short freeze.
+    PreCopy,
+    /// No rounds: freeze, send every page, restore (the baseline pre-copy is measured against).
+    StopAndCopy,
+}
+
+/// What to migrate where.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The destination omd.
+    pub to: SocketAddr,
+    /// The cluster key file.
+    pub key: PathBuf,
+    /// The acceptable freeze and the round limit.
+    pub budget: Budget,
+    /// Pre-copy or stop-and-copy.
+    pub mode: Mode,
+}
+
+/// One pre-copy round as the user sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundReport {
+    /// Bytes of pages sent.
+    pub bytes: u64,
+    /// How long the round took.
+    pub elapsed: Duration,
+    /// Bytes the process wrote meanwhile (the next round's work).
+    pub dirtied: u64,
+}
+
+impl RoundReport {
+    /// Bytes per second the process dirtied during the round.
+    #[must_use]
+    pub fn dirty_rate(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 { self.dirtied as f64 / s } else { 0.0 }
+    }
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The pre-copy rounds (none for stop-and-copy).
+    pub rounds: Vec<RoundReport>,
+    /// Bytes of the final round, sent while the process was stopped.
+    pub final_bytes: u64,
+    /// Every byte of pages sent.
+    pub bytes_sent: u64,
+    /// Threads stopped here until the copy ran there.
+    pub freeze: Duration,
+    /// From the request to the copy running.
+    pub total: Duration,
+    /// Why the rounds ended.
+    pub stop: String,
+    /// The dirty tracker used.
+    pub tracker: &'static str,
+    /// The copy's pid on the destination node.
+    pub pid_there: u32,
+}
+
+impl Report {
+    /// The report as one JSON object (`freeze_ms`, `total_ms`, `rounds`, `bytes_sent`, ...).
+    #[must_use]
+    pub fn json(&self) -> String {
+        let rounds: Vec<String> = self
+            .rounds
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"bytes\":{},\"ms\":{:.3},\"dirtied\":{},\"dirty_rate\":{:.0}}}",
+                    r.bytes,
+                    r.elapsed.as_secs_f64() * 1e3,
+                    r.dirtied,
+                    r.dirty_rate()
+                )
+            })
+            .collect();
+        format!(
+            "{{\"freeze_ms\":{:.3},\"total_ms\":{:.3},\"rounds\":{},\"bytes_sent\":{},\"final_bytes\":{},\"stop\":\"{}\",\"tracker\":\"{}\",\"pid_there\":{},\"round_detail\":[{}]}}",
+            self.freeze.as_secs_f64() * 1e3,
+            self.total.as_secs_f64() * 1e3,
+            self.rounds.len(),
+            self.bytes_sent,
+            self.final_bytes,
+            self.stop.replace('"', "'"),
+            self.tracker,
+            self.pid_there,
+            rounds.join(",")
+        )
+    }
+}
+
+/// How a migration ended, as the control thread sees it.
+#[derive(Debug)]
+pub enum Outcome {
+    /// On the source: the copy runs on the destination; this process is still stopped and must end
+    /// with [`Frozen::exit`] once the news is out.
+    Moved(Report, Frozen),
+    /// In the copy, on the destination: the process was just restored.
+    Restored,
+}
+
+/// Why a migration failed. The process continues on the source in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The process cannot be captured.
+    #[error("the process cannot migrate")]
+    Capture(#[source] CaptureError),
+    /// The cluster key could not be read.
+    #[error("cluster key")]
+    Key(#[source] KeyError),
+    /// Connecting to or authenticating with the destination failed.
+    #[error("connecting to omd at {to}")]
+    Connect {
+        /// The destination.
+        to: SocketAddr,
+        /// Why.
+        #[source]
+        source: TransportError,
+    },
+    /// Dirty tracking could not start or failed.
+    #[error("dirty tracking")]
+    Dirty(#[source] DirtyError),
+    /// The destination refused the image.
+    #[error("opening the image on the destination")]
+    Begin(#[source] TransportError),
+    /// A pre-copy round failed.
+    #[error("round {round}")]
+    Round {
+        /// The round.
+        round: usize,
+        /// Why.
+        #[source]
+        source: TransportError,
+    },
+    /// The destination could not restore the copy (it said why).
+    #[error("restoring on the destination")]
+    Commit(#[source] TransportError),
+    /// The go was not acknowledged.
+    #[error("starting the copy on the destination")]
+    Go(#[source] TransportError),
+}
+
+/// The home of this process: set once from `omrun`'s relay port and token, its address fixed at the
+/// first migration (the address the destination reached this node by).
+static HOME: Mutex<Option<Home>> = Mutex::new(None);
+/// omrun's relay port and token, before the first migration.
+static HOME_SEED: Mutex<Option<(u16, Vec<u8>)>> = Mutex::new(None);
+/// How many times this process has moved (0 at home).
+static GENERATION: AtomicU32 = AtomicU32::new(0);
+
+/// Records omrun's relay port and token (the runtime reads them from its environment at start).
+pub fn set_home_seed(port: u16, token: Vec<u8>) {
+    *HOME_SEED.lock().unwrap_or_else(PoisonError::into_inner) = Some((port, token));
+}
+
+/// How many times this process has moved.
+#[must_use]
+pub fn generation() -> u32 {
+    GENERATION.load(Ordering::Acquire)
+}
+
+/// The home record for the copy (generation `generation() + 1`), fixing the home's address on the
+/// first move.
+fn home_for_copy(local: Option<SocketAddr>) -> Option<Home> {
+    let mut home = HOME.lock().unwrap_or_else(PoisonError::into_inner);
+    if home.is_none() {
+        let seed = HOME_SEED.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let (Some((port, token)), Some(local)) = (seed, local) {
+            *home = Some(Home {
+                addr: SocketAddr::new(local.ip(), port),
+                token,
+                generation: 0,
+            });
+        }
+    }
+    home.clone().map(|mut h| {
+        h.generation = generation() + 1;
+        h
+    })
+}
+
+/// The pages of `table` that travel: inside a private VMA of `vmas` (a shared mapping's file holds
+/// its data).
+fn private_part(table: &RangeTable, vmas: &[WireVma]) -> RangeTable {
+    let private: RangeTable = RangeTable::from_runs(
+        vmas.iter()
+            .filter(|v| v.flags & vma_flags::SHARED == 0)
+            .map(|v| v.start..v.end),
+    );
+    table.intersection(&private)
+}
+
+fn runs_of(table: &RangeTable) -> Vec<std::ops::Range<u64>> {
+    table.runs().to_vec()
+}
+
+/// What the final round needs, shared with the work that runs in the control thread's handler.
+struct Session {
+    sender: TcpSender,
+    tracker: Box<dyn Tracker>,
+    info: ImageInfo,
+    table: Vec<WireVma>,
+    /// Pages the receiver reported as suspect in the last round: they go again.
+    suspects: RangeTable,
+    home: Option<Home>,
+    final_bytes: u64,
+    /// When the threads were stopped.
+    frozen_at: Option<Instant>,
+}
+
+/// Migrates this process. Must run on the runtime's control thread.
+///
+/// # Errors
+/// [`MigrateError`]; the process continues here.
+pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<Outcome, MigrateError> {
+    let t0 = Instant::now();
+    capture::check().map_err(MigrateError::Capture)?;
+    let key = ClusterKey::load(&req.key).map_err(MigrateError::Key)?;
+    let sender = TcpSender::connect(req.to, &key, SenderConfig::default())
+        .map_err(|source| MigrateError::Connect { to: req.to, source })?;
+    let home = home_for_copy(sender.local_addr());
+    let mut tracker = match req.mode {
+        Mode::StopAndCopy => dirty::open(Mechanism::Full, Scope::Process),
+        Mode::PreCopy => dirty::select(Scope::Process),
+    }
+    .map_err(MigrateError::Dirty)?;
+    let tracker_name = tracker.mechanism().name();
+    let (_, table) = capture::memory_map().map_err(MigrateError::Capture)?;
+    let populated = tracker.start().map_err(MigrateError::Dirty)?;
+    let info = capture::image_info(ImageInfo::MIGRATE, private_part(&populated, &table).bytes());
+    let mut session = Session {
+        sender,
+        tracker,
+        info,
+        table,
+        suspects: RangeTable::new(),
+        home,
+        final_bytes: 0,
+        frozen_at: None,
+    };
+    let fail_dirty = |s: &mut Session, e| {
+        let _ = s.tracker.stop();
+        e
+    };
+    session
+        .sender
+        .begin(&Begin {
+            info,
+            vmas: session.table.clone(),
+        })
+        .map_err(|e| fail_dirty(&mut session, MigrateError::Begin(e)))?;
+
+    let mut rounds: Vec<RoundStats> = Vec::new();
+    let mut reports = Vec::new();
+    let mut stop = StopReason::RoundLimit;
+    let mut sent = 0u64;
+    if req.mode == Mode::PreCopy {
+        let mut work = populated;
+        let mut zeroed = RangeTable::new();
+        loop {
+            let runs = runs_of(&private_part(&work.union(&session.suspects), &session.table));
+            let zero = runs_of(&private_part(&zeroed, &session.table));
+            let st = match session.sender.send_round(Readable::racy(&runs), &zero, false) {
+                Ok(st) => st,
+                Err(source) => {
+                    let round = rounds.len();
+                    return Err(fail_dirty(&mut session, MigrateError::Round { round, source }));
+                }
+            };
+            session.suspects = RangeTable::from_runs(st.suspects.iter().cloned());
+            sent += st.bytes;
+            let next = match session.tracker.collect() {
+                Ok(n) => n,
+                Err(e) => return Err(fail_dirty(&mut session, MigrateError::Dirty(e))),
+            };
+            let (_, now) = match capture::memory_map() {
+                Ok(m) => m,
+                Err(e) => return Err(fail_dirty(&mut session, MigrateError::Capture(e))),
+            };
+            if now != session.table {
+                let b = Begin { info, vmas: now.clone() };
+                if let Err(source) = session.sender.update_vmas(&b) {
+                    let round = rounds.len();
+                    return Err(fail_dirty(&mut session, MigrateError::Round { round, source }));
+                }
+                session.table = now;
+            }
+            let dirtied = private_part(&next.dirty, &session.table).bytes();
+            let r = RoundReport {
+                bytes: st.bytes,
+                elapsed: st.elapsed,
+                dirtied,
+            };
+            on_round(&r);
+            reports.push(r);
+            rounds.push(RoundStats {
+                sent: st.bytes,
+                elapsed: st.elapsed,
+                dirtied,
+            });
+            work = next.dirty;
+            zeroed = next.zeroed;
+            match converge::decide(&rounds, &req.budget, t0.elapsed(), 0.0) {
+                Decision::Continue { .. } => {}
+                Decision::Stop(reason) => {
+                    stop = reason;
+                    break;
+                }
+            }
+        }
+    }
+    let stop = match req.mode {
+        Mode::StopAndCopy => "stop-and-copy".to_owned(),
+        Mode::PreCopy => format!("{stop:?}"),
+    };
+
+    // The freeze: the final round runs in the control thread's handler.
+    let shared = Arc::new(Mutex::new(Some(session)));
+    let in_handler = Arc::clone(&shared);
+    let work: capture::Work = Box::new(move |frame, started| final_round(&in_handler, frame, started));
+    let captured = capture::freeze_and_run(work);
+    let captured = match captured {
+        Ok(c) => c,
+        Err(e) => {
+            let mut g = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(s) = g.as_mut() {
+                let _ = s.tracker.stop();
+                s.sender.abort("the final round failed");
+            }
+            return Err(match e {
+                CaptureError::Send(source) => MigrateError::Round {
+                    round: rounds.len(),
+                    source,
+                },
+                other => MigrateError::Capture(other),
+            });
+        }
+    };
+    let (summary, frozen) = match captured {
+        Captured::Restored => {
+            // The copy: the session's sockets and tracker belong to the source (their numbers may
+            // be the application's now). Forget them without closing anything.
+            std::mem::forget(shared);
+            return Ok(Outcome::Restored);
+        }
+        Captured::Source(summary, frozen) => (summary, frozen),
+    };
+    let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(session) = guard.as_mut() else {
+        return Err(MigrateError::Capture(CaptureError::NotRun));
+    };
+    let freeze_started = session
+        .frozen_at
+        .unwrap_or_else(|| Instant::now() - summary.frozen);
+    // Two-phase commit: the destination restores the copy and holds it (prepared)...
+    if let Err(e) = session.sender.commit() {
+        GENERATION.fetch_sub(1, Ordering::AcqRel);
+        drop(frozen);
+        let _ = session.tracker.stop();
+        return Err(MigrateError::Commit(e));
+    }
+    // ...and starts it on go. Past this point the copy may run: this process never resumes but on a
+    // clear answer that it does not.
+    let pid_there = match session.sender.go() {
+        Ok(p) => p,
+        Err(e) => {
+            GENERATION.fetch_sub(1, Ordering::AcqRel);
+            drop(frozen);
+            let _ = session.tracker.stop();
+            return Err(MigrateError::Go(e));
+        }
+    };
+    let freeze = freeze_started.elapsed();
+    let final_bytes = session.final_bytes;
+    Ok(Outcome::Moved(
+        Report {
+            rounds: reports,
+            final_bytes,
+            bytes_sent: sent + final_bytes,
+            freeze,
+            total: t0.elapsed(),
+            stop,
+            tracker: tracker_name,
+            pid_there,
+        },
+        frozen,
+    ))
+}
+
+/// The final round, in the control thread's handler with every other thread parked.
+fn final_round(shared: &Mutex<Option<Session>>, frame: u64, started: Instant) -> Result<Summary, CaptureError> {
+    let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(s) = guard.as_mut() else {
+        return Err(CaptureError::NotRun);
+    };
+    s.frozen_at = Some(started);
+    // The copy is one generation further (this write is itself a dirty page of the final round).
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+    let result = (|| {
+        let last = s.tracker.collect().map_err(CaptureError::Dirty)?;
+        let snap = capture::snapshot(frame)?;
+        if snap.wire_vmas != s.table {
+            let b = Begin {
+                info: s.info,
+                vmas: snap.wire_vmas.clone(),
+            };
+            s.sender.update_vmas(&b).map_err(CaptureError::Send)?;
+            s.table = snap.wire_vmas.clone();
+        }
+        // No threads may start from a signal handler: the final round goes over one connection.
+        s.sender.set_serial(true);
+        let runs = runs_of(&private_part(&last.dirty.union(&s.suspects), &s.table));
+        let zero = runs_of(&private_part(&last.zeroed, &s.table).difference(&last.dirty));
+        let st = s
+            .sender
+            .send_round(Readable::racy(&runs), &zero, true)
+            .map_err(CaptureError::Send)?;
+        for r in &snap.records {
+            s.sender.send_record(r.kind, &r.bytes).map_err(CaptureError::Send)?;
+        }
+        if let Some(h) = &s.home {
+            s.sender
+                .send_record(KIND_HOME, &h.encode())
+                .map_err(CaptureError::Send)?;
+        }
+        s.final_bytes = st.bytes;
+        Ok(Summary {
+            dir: PathBuf::new(),
+            bytes: st.bytes,
+            threads: snap.threads,
+            frozen: started.elapsed(),
+        })
+    })();
+    if result.is_err() {
+        GENERATION.fetch_sub(1, Ordering::AcqRel);
+    }
+    result
+}
