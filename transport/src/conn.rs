@@ -85,6 +85,13 @@ impl Conn {
         &self.peer
     }
 
+    /// The socket's descriptor number.
+    #[must_use]
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.as_raw_fd()
+    }
+
     /// This end's address.
     #[must_use]
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
@@ -174,6 +181,16 @@ impl Conn {
     ) -> Result<(), TransportError> {
         let h = self.header(kind, body)?;
         sys::mem::send(self.stream.as_fd(), &[h.as_bytes(), body], pages)
+            .map_err(|source| self.io("send", source))
+    }
+
+    /// Sends one frame followed by `data` (pages copied out of memory already).
+    ///
+    /// # Errors
+    /// Socket errors.
+    pub fn send_with_bytes(&mut self, kind: Kind, body: &[u8], data: &[u8]) -> Result<(), TransportError> {
+        let h = self.header(kind, body)?;
+        sys::mem::send(self.stream.as_fd(), &[h.as_bytes(), body, data], None)
             .map_err(|source| self.io("send", source))
     }
 

@@ -33,6 +33,11 @@ impl FullTracker {
 }
 
 impl Tracker for FullTracker {
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        vec![self.pagemap.as_raw_fd()]
+    }
+
     fn mechanism(&self) -> Mechanism {
         Mechanism::Full
     }

@@ -254,6 +254,9 @@ pub trait Tracker: Send + fmt::Debug {
     /// A [`DirtyError`]; the caller must then treat every page as dirty (stop-and-copy).
     fn collect(&mut self) -> Result<Round, DirtyError>;
 
+    /// The descriptors the tracker holds (never part of an image: a capture leaves them out).
+    fn fds(&self) -> Vec<std::os::fd::RawFd>;
+
     /// Stops tracking; the process runs on at full speed. Idempotent.
     ///
     /// # Errors

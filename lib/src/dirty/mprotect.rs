@@ -585,6 +585,11 @@ fn max_map_count() -> usize {
 }
 
 impl Tracker for MprotectTracker {
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        vec![self.pagemap.as_raw_fd()]
+    }
+
     fn mechanism(&self) -> Mechanism {
         Mechanism::Mprotect
     }

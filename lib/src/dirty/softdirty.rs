@@ -58,6 +58,11 @@ impl SoftDirtyTracker {
 }
 
 impl Tracker for SoftDirtyTracker {
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        vec![self.pagemap.as_raw_fd(), self.clear_refs.as_raw_fd()]
+    }
+
     fn mechanism(&self) -> Mechanism {
         Mechanism::SoftDirty
     }

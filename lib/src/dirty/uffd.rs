@@ -331,6 +331,11 @@ fn open_uffd() -> Result<OwnedFd, DirtyError> {
 }
 
 impl Tracker for UffdTracker {
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        vec![self.uffd.as_raw_fd(), self.pagemap.as_raw_fd()]
+    }
+
     fn mechanism(&self) -> Mechanism {
         Mechanism::UffdWp
     }

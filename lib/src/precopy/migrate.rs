@@ -217,18 +217,17 @@ fn home_for_copy(local: Option<SocketAddr>) -> Option<Home> {
 }
 
 /// The pages of `table` that travel: inside a private VMA of `vmas` (a shared mapping's file holds
-/// its data).
-fn private_part(table: &RangeTable, vmas: &[WireVma]) -> RangeTable {
-    let private: RangeTable = RangeTable::from_runs(
-        vmas.iter()
-            .filter(|v| v.flags & vma_flags::SHARED == 0)
-            .map(|v| v.start..v.end),
-    );
-    table.intersection(&private)
+/// its data), cut at VMA boundaries (a receiver lands each run inside one VMA).
+fn private_runs(table: &RangeTable, vmas: &[WireVma]) -> Vec<std::ops::Range<u64>> {
+    let mut out = Vec::new();
+    for v in vmas.iter().filter(|v| v.flags & vma_flags::SHARED == 0) {
+        out.extend(table.intersect(&(v.start..v.end)).runs().iter().cloned());
+    }
+    out
 }
 
-fn runs_of(table: &RangeTable) -> Vec<std::ops::Range<u64>> {
-    table.runs().to_vec()
+fn bytes_of(runs: &[std::ops::Range<u64>]) -> u64 {
+    runs.iter().map(|r| r.end - r.start).sum()
 }
 
 /// What the final round needs, shared with the work that runs in the control thread's handler.
@@ -239,6 +238,10 @@ struct Session {
     table: Vec<WireVma>,
     /// Pages the receiver reported as suspect in the last round: they go again.
     suspects: RangeTable,
+    /// Pages the last collect reported (written during the last pre-copy round), for the final
+    /// round, and pages it reported as zero.
+    pending: RangeTable,
+    pending_zero: RangeTable,
     home: Option<Home>,
     final_bytes: u64,
     /// When the threads were stopped.
@@ -264,13 +267,15 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     let tracker_name = tracker.mechanism().name();
     let (_, table) = capture::memory_map().map_err(MigrateError::Capture)?;
     let populated = tracker.start().map_err(MigrateError::Dirty)?;
-    let info = capture::image_info(ImageInfo::MIGRATE, private_part(&populated, &table).bytes());
+    let info = capture::image_info(ImageInfo::MIGRATE, bytes_of(&private_runs(&populated, &table)));
     let mut session = Session {
         sender,
         tracker,
         info,
         table,
         suspects: RangeTable::new(),
+        pending: RangeTable::new(),
+        pending_zero: RangeTable::new(),
         home,
         final_bytes: 0,
         frozen_at: None,
@@ -295,8 +300,8 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         let mut work = populated;
         let mut zeroed = RangeTable::new();
         loop {
-            let runs = runs_of(&private_part(&work.union(&session.suspects), &session.table));
-            let zero = runs_of(&private_part(&zeroed, &session.table));
+            let runs = private_runs(&work.union(&session.suspects), &session.table);
+            let zero = private_runs(&zeroed, &session.table);
             let st = match session.sender.send_round(Readable::racy(&runs), &zero, false) {
                 Ok(st) => st,
                 Err(source) => {
@@ -322,7 +327,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
                 }
                 session.table = now;
             }
-            let dirtied = private_part(&next.dirty, &session.table).bytes();
+            let dirtied = bytes_of(&private_runs(&next.dirty, &session.table));
             let r = RoundReport {
                 bytes: st.bytes,
                 elapsed: st.elapsed,
@@ -341,6 +346,9 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
                 Decision::Continue { .. } => {}
                 Decision::Stop(reason) => {
                     stop = reason;
+                    // What the process wrote during the last round goes in the final one.
+                    session.pending = work;
+                    session.pending_zero = zeroed;
                     break;
                 }
             }
@@ -351,6 +359,21 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         Mode::PreCopy => format!("{stop:?}"),
     };
 
+    // The migration's own descriptors are not the application's: the capture leaves them out.
+    let own: Vec<i32> = session
+        .sender
+        .fds()
+        .into_iter()
+        .chain(session.tracker.fds())
+        .collect();
+    for &fd in &own {
+        capture::own_fd(fd, true);
+    }
+    let disown = || {
+        for &fd in &own {
+            capture::own_fd(fd, false);
+        }
+    };
     // The freeze: the final round runs in the control thread's handler.
     let shared = Arc::new(Mutex::new(Some(session)));
     let in_handler = Arc::clone(&shared);
@@ -359,6 +382,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     let captured = match captured {
         Ok(c) => c,
         Err(e) => {
+            disown();
             let mut g = shared.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(s) = g.as_mut() {
                 let _ = s.tracker.stop();
@@ -377,6 +401,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         Captured::Restored => {
             // The copy: the session's sockets and tracker belong to the source (their numbers may
             // be the application's now). Forget them without closing anything.
+            disown();
             std::mem::forget(shared);
             return Ok(Outcome::Restored);
         }
@@ -390,6 +415,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         .frozen_at
         .unwrap_or_else(|| Instant::now() - summary.frozen);
     // Two-phase commit: the destination restores the copy and holds it (prepared)...
+    disown();
     if let Err(e) = session.sender.commit() {
         GENERATION.fetch_sub(1, Ordering::AcqRel);
         drop(frozen);
@@ -446,11 +472,13 @@ fn final_round(shared: &Mutex<Option<Session>>, frame: u64, started: Instant) ->
         }
         // No threads may start from a signal handler: the final round goes over one connection.
         s.sender.set_serial(true);
-        let runs = runs_of(&private_part(&last.dirty.union(&s.suspects), &s.table));
-        let zero = runs_of(&private_part(&last.zeroed, &s.table).difference(&last.dirty));
+        let dirty = last.dirty.union(&s.pending).union(&s.suspects);
+        let zeroed = last.zeroed.union(&s.pending_zero).difference(&dirty);
+        let runs = private_runs(&dirty, &s.table);
+        let zero = private_runs(&zeroed, &s.table);
         let st = s
             .sender
-            .send_round(Readable::racy(&runs), &zero, true)
+            .send_round(Readable::copied(&runs), &zero, true)
             .map_err(CaptureError::Send)?;
         for r in &snap.records {
             s.sender.send_record(r.kind, &r.bytes).map_err(CaptureError::Send)?;

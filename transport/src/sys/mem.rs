@@ -21,6 +21,9 @@ pub struct Readable<'a> {
     runs: &'a [Range<u64>],
     /// The memory may be unmapped meanwhile: checksums read it through the kernel.
     racy: bool,
+    /// Sent from a copy taken when the batch goes out (checksums and bytes agree even if the caller
+    /// itself writes the memory meanwhile).
+    copied: bool,
 }
 
 impl<'a> Readable<'a> {
@@ -32,7 +35,24 @@ impl<'a> Readable<'a> {
     /// `EFAULT`, but checksums would fault: the caller must prevent it (the runtime's munmap guard).
     #[must_use]
     pub unsafe fn new(runs: &'a [Range<u64>]) -> Self {
-        Self { runs, racy: false }
+        Self {
+            runs,
+            racy: false,
+            copied: false,
+        }
+    }
+
+    /// Wraps `runs` (sorted, disjoint, page-aligned) of this process's memory that the sender
+    /// itself may write while it sends them (its own stack and heap, in the final round of a
+    /// migration): each batch is copied through the kernel just before it goes out, and sent and
+    /// checksummed from the copy.
+    #[must_use]
+    pub fn copied(runs: &'a [Range<u64>]) -> Self {
+        Self {
+            runs,
+            racy: true,
+            copied: true,
+        }
     }
 
     /// Wraps `runs` (sorted, disjoint, page-aligned) of this process's memory that the application
@@ -42,7 +62,11 @@ impl<'a> Readable<'a> {
     /// be read gets no valid checksum and comes back as a suspect). Costs one extra read of the pages.
     #[must_use]
     pub fn racy(runs: &'a [Range<u64>]) -> Self {
-        Self { runs, racy: true }
+        Self {
+            runs,
+            racy: true,
+            copied: false,
+        }
     }
 
     /// The runs.
@@ -59,6 +83,7 @@ impl<'a> Readable<'a> {
             .map(|runs| ReadableBatch {
                 runs,
                 racy: self.racy,
+                copied: self.copied,
                 _promise: PhantomData,
             })
             .collect()
@@ -70,6 +95,7 @@ impl<'a> Readable<'a> {
 pub struct ReadableBatch<'a> {
     runs: Vec<Range<u64>>,
     racy: bool,
+    copied: bool,
     _promise: PhantomData<&'a [Range<u64>]>,
 }
 
@@ -96,6 +122,45 @@ impl ReadableBatch<'_> {
             }
         }
         sums
+    }
+
+    /// True when the batch goes out from a copy ([`Readable::copied`]).
+    #[must_use]
+    pub fn is_copied(&self) -> bool {
+        self.copied
+    }
+
+    /// Copies the batch's pages, in run order, into `buf` (which must hold them all) through the
+    /// kernel.
+    ///
+    /// # Errors
+    /// A page that cannot be read.
+    pub fn copy_into(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        let mut at = 0usize;
+        for r in &self.runs {
+            let n = usize::try_from(r.end - r.start).unwrap_or(usize::MAX);
+            let Some(dst) = buf.get_mut(at..at.saturating_add(n)) else {
+                return Err(std::io::Error::other("copy buffer too small for the batch"));
+            };
+            let local = libc::iovec {
+                iov_base: dst.as_mut_ptr().cast(),
+                iov_len: n,
+            };
+            let remote = libc::iovec {
+                iov_base: addr_of(r.start) as *mut libc::c_void,
+                iov_len: n,
+            };
+            // SAFETY: `local` is `n` writable bytes of `buf`; the kernel reads `remote` in this very
+            // process and fails on memory that is not mapped: nothing here dereferences it.
+            let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
+            if usize::try_from(got).ok() != Some(n) {
+                return Err(std::io::Error::last_os_error());
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     /// Checksums of a copy of the pages read through the kernel. A page it cannot read gets the

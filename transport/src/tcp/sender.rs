@@ -68,6 +68,9 @@ pub struct TcpSender {
     migrate: bool,
     /// Rounds go over the control connection on the calling thread.
     serial: bool,
+    /// Where batches sent from a copy are copied to (grown on first use: in a migration's final
+    /// round that is the capture arena, left out of the image).
+    bounce: Vec<u8>,
 }
 
 fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
@@ -118,7 +121,17 @@ impl TcpSender {
             suspects: (0, Vec::new()),
             migrate: false,
             serial: false,
+            bounce: Vec::new(),
         })
+    }
+
+    /// The descriptors of its connections (never part of an image).
+    #[must_use]
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        std::iter::once(&self.control)
+            .chain(self.data.iter())
+            .map(Conn::raw_fd)
+            .collect()
     }
 
     /// The local address of the control connection (the address the receiver reaches this node by).
@@ -138,6 +151,8 @@ impl TcpSender {
     /// handler while the application is stopped must not start threads.
     pub fn set_serial(&mut self, serial: bool) {
         self.serial = serial;
+    }
+
     }
 
     fn open_data_streams(&mut self) -> Result<(), TransportError> {
@@ -192,17 +207,21 @@ impl TcpSender {
         let round = self.round;
         let page_size = self.page_size;
         let next = AtomicUsize::new(0);
-        let work = |conn: &mut Conn| -> Result<(), TransportError> {
+        let work = |conn: &mut Conn, bounce: &mut Vec<u8>| -> Result<(), TransportError> {
             while let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
-                send_batch(conn, round, batch, page_size)?;
+                send_batch(conn, round, batch, page_size, bounce)?;
             }
             Ok(())
         };
         if self.data.is_empty() || self.serial {
-            return work(&mut self.control);
+            return work(&mut self.control, &mut self.bounce);
         }
         let results: Vec<Result<(), TransportError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self.data.iter_mut().map(|c| s.spawn(|| work(c))).collect();
+            let handles: Vec<_> = self
+                .data
+                .iter_mut()
+                .map(|c| s.spawn(|| work(c, &mut Vec::new())))
+                .collect();
             handles
                 .into_iter()
                 .map(|h| {
@@ -215,14 +234,40 @@ impl TcpSender {
     }
 }
 
-/// Sends one batch: checksums first (read from the live memory), then the frame and the pages.
+/// Sends one batch: checksums first (read from the live memory), then the frame and the pages. A
+/// batch sent from a copy is copied into `bounce` first.
 fn send_batch(
     conn: &mut Conn,
     round: u32,
     batch: &ReadableBatch<'_>,
     page_size: u64,
+    bounce: &mut Vec<u8>,
 ) -> Result<(), TransportError> {
-    let sums = batch.page_sums(usize::try_from(page_size).unwrap_or(4096));
+    let ps = usize::try_from(page_size).unwrap_or(4096);
+    if batch.is_copied() {
+        let len = batch
+            .runs()
+            .iter()
+            .map(|r| usize::try_from(r.end - r.start).unwrap_or(usize::MAX))
+            .sum::<usize>();
+        if bounce.len() < len {
+            bounce.resize(len, 0);
+        }
+        batch
+            .copy_into(&mut bounce[..len])
+            .map_err(|source| TransportError::Io {
+                op: "read the pages to send",
+                peer: conn.peer().to_owned(),
+                source,
+            })?;
+        let sums: Vec<u32> = bounce[..len]
+            .chunks(ps)
+            .map(crate::sys::page_sum_bytes)
+            .collect();
+        let body = Batch::encode(round, batch.runs(), &sums, page_size);
+        return conn.send_with_bytes(Kind::Batch, &body, &bounce[..len]);
+    }
+    let sums = batch.page_sums(ps);
     let body = Batch::encode(round, batch.runs(), &sums, page_size);
     conn.send_with_pages(Kind::Batch, &body, Some(batch))
 }
