@@ -153,8 +153,6 @@ impl TcpSender {
         self.serial = serial;
     }
 
-    }
-
     fn open_data_streams(&mut self) -> Result<(), TransportError> {
         for i in 0..self.granted {
             let mut c = connect(self.addr, self.config.timeout)?;
