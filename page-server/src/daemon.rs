@@ -141,6 +141,7 @@ impl Daemon {
                 .map_or_else(|| om_cli::sibling("om-restore"), PathBuf::from),
             dir: incoming,
             runtimes: runtimes.clone(),
+            control: fs::canonicalize(&config.control).unwrap_or_else(|_| config.control.clone()),
         };
         let store = Store::with_restorer(config.limits, Some(Arc::new(restorer)));
         let key_path = fs::canonicalize(&config.key).unwrap_or_else(|_| config.key.clone());

@@ -47,6 +47,8 @@ pub struct Restorer {
     pub dir: PathBuf,
     /// The runtimes registered here (a copy that moves on says so through its runtime).
     pub runtimes: Runtimes,
+    /// This omd's control socket (the restored runtime registers there).
+    pub control: PathBuf,
 }
 
 /// A restored copy held before its first instruction.
@@ -118,7 +120,8 @@ impl Restorer {
         let (err_r, err_w) = pipe().map_err(internal("pipe"))?;
         let stdin_peek = in_r.try_clone().map_err(internal("dup"))?;
         let mut cmd = Command::new(&self.program);
-        cmd.arg(&dir)
+        cmd.env(om::control::CONTROL_ENV, &self.control)
+            .arg(&dir)
             .args(["--pages-fd", "3", "--ready-fd", "4", "--hold-fd", "5"])
             .stdin(Stdio::from(in_r))
             .stdout(Stdio::from(out_w))
@@ -210,7 +213,8 @@ impl Prepared {
         let err = pump_home(self.stderr.try_clone().ok(), 2, Arc::clone(&writer));
         let mut reader = conn;
         let stdin = self.stdin.take();
-        let input = thread::spawn(move || {
+        let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
+        let _input = thread::spawn(move || {
             let mut stdin = stdin;
             loop {
                 match relay::recv(&mut reader) {
@@ -222,7 +226,10 @@ impl Prepared {
                             }
                         }
                     }
-                    Ok(Msg::InputEnd) => stdin = None,
+                    Ok(Msg::InputEnd) => {
+                        stdin = None;
+                        let _ = ended_tx.send(());
+                    }
                     Ok(Msg::Signal(sig)) => {
                         if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
                             let _ = nix::sys::signal::kill(
@@ -244,7 +251,7 @@ impl Prepared {
         let end = if moved {
             // The copy moved on: stop the home's input, then hand back what the copy left unread.
             let _ = relay::send(w, &Msg::Stop);
-            let _ = input.join();
+            let _ = ended_rx.recv_timeout(HOME_TIMEOUT);
             Msg::Moved(unread(&self.stdin_peek))
         } else {
             let code = match &status {

@@ -226,6 +226,19 @@ fn private_runs(table: &RangeTable, vmas: &[WireVma]) -> Vec<std::ops::Range<u64
     out
 }
 
+/// The private memory of `vmas` the process cannot read (`PROT_NONE` that may hold data): the kernel
+/// will not send it from the live process, so it waits for the final round (read through
+/// `/proc/self/mem`).
+fn unreadable(vmas: &[WireVma]) -> RangeTable {
+    RangeTable::from_runs(
+        vmas.iter()
+            .filter(|v| v.flags & vma_flags::SHARED == 0 && v.prot & PROT_READ == 0)
+            .map(|v| v.start..v.end),
+    )
+}
+
+const PROT_READ: u32 = 1;
+
 fn bytes_of(runs: &[std::ops::Range<u64>]) -> u64 {
     runs.iter().map(|r| r.end - r.start).sum()
 }
@@ -238,8 +251,8 @@ struct Session {
     table: Vec<WireVma>,
     /// Pages the receiver reported as suspect in the last round: they go again.
     suspects: RangeTable,
-    /// Pages the last collect reported (written during the last pre-copy round), for the final
-    /// round, and pages it reported as zero.
+    /// Pages the last collect reported (written during the last pre-copy round), and pages the
+    /// rounds left for the final one (unreadable), for the final round; and pages reported as zero.
     pending: RangeTable,
     pending_zero: RangeTable,
     home: Option<Home>,
@@ -299,8 +312,12 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     if req.mode == Mode::PreCopy {
         let mut work = populated;
         let mut zeroed = RangeTable::new();
+        let mut skipped = RangeTable::new();
         loop {
-            let runs = private_runs(&work.union(&session.suspects), &session.table);
+            let want = work.union(&session.suspects);
+            let later = unreadable(&session.table);
+            skipped = skipped.union(&want.intersection(&later));
+            let runs = private_runs(&want.difference(&later), &session.table);
             let zero = private_runs(&zeroed, &session.table);
             let st = match session.sender.send_round(Readable::racy(&runs), &zero, false) {
                 Ok(st) => st,
@@ -347,7 +364,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
                 Decision::Stop(reason) => {
                     stop = reason;
                     // What the process wrote during the last round goes in the final one.
-                    session.pending = work;
+                    session.pending = work.union(&skipped);
                     session.pending_zero = zeroed;
                     break;
                 }

@@ -130,34 +130,22 @@ impl ReadableBatch<'_> {
         self.copied
     }
 
-    /// Copies the batch's pages, in run order, into `buf` (which must hold them all) through the
-    /// kernel.
+    /// Copies the batch's pages, in run order, into `buf` (which must hold them all) through
+    /// `/proc/self/mem`, which also reads pages the process may not (`PROT_NONE` memory that holds
+    /// data).
     ///
     /// # Errors
     /// A page that cannot be read.
     pub fn copy_into(&self, buf: &mut [u8]) -> std::io::Result<()> {
-        // SAFETY: getpid has no preconditions.
-        let me = unsafe { libc::getpid() };
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::File::open("/proc/self/mem")?;
         let mut at = 0usize;
         for r in &self.runs {
             let n = usize::try_from(r.end - r.start).unwrap_or(usize::MAX);
             let Some(dst) = buf.get_mut(at..at.saturating_add(n)) else {
                 return Err(std::io::Error::other("copy buffer too small for the batch"));
             };
-            let local = libc::iovec {
-                iov_base: dst.as_mut_ptr().cast(),
-                iov_len: n,
-            };
-            let remote = libc::iovec {
-                iov_base: addr_of(r.start) as *mut libc::c_void,
-                iov_len: n,
-            };
-            // SAFETY: `local` is `n` writable bytes of `buf`; the kernel reads `remote` in this very
-            // process and fails on memory that is not mapped: nothing here dereferences it.
-            let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
-            if usize::try_from(got).ok() != Some(n) {
-                return Err(std::io::Error::last_os_error());
-            }
+            mem.read_exact_at(dst, r.start)?;
             at += n;
         }
         Ok(())
