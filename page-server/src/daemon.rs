@@ -150,6 +150,9 @@ impl Daemon {
             Arc::new(store.clone()),
             ReceiverConfig {
                 idle_timeout: config.idle_timeout,
+                crash_at: std::env::var("OM_FAULT")
+                    .ok()
+                    .and_then(|v| om_transport::tcp::receiver::CrashPoint::parse(&v)),
                 ..ReceiverConfig::default()
             },
         );

@@ -27,6 +27,38 @@ pub struct ReceiverConfig {
     pub idle_timeout: Duration,
     /// Most suspect pages (checksum mismatches) tolerated in one round.
     pub max_suspect_pages: u64,
+    /// For fault tests: the receiving process dies (`abort`) at this point of every session.
+    pub crash_at: Option<CrashPoint>,
+}
+
+/// Where a fault test kills the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// When round N ends (before its acknowledgement).
+    Round(u32),
+    /// When the final round ends.
+    Final,
+    /// After the commit of a migration: the copy is prepared, the go not yet received.
+    Prepared,
+}
+
+impl CrashPoint {
+    /// Parses `round:N`, `final` or `prepared`.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "final" => Some(Self::Final),
+            "prepared" => Some(Self::Prepared),
+            _ => s.strip_prefix("round:")?.parse().ok().map(Self::Round),
+        }
+    }
+}
+
+fn crash_if(at: Option<CrashPoint>, now: CrashPoint) {
+    if at == Some(now) {
+        tracing::error!(?now, "OM_FAULT: crashing here");
+        std::process::abort();
+    }
 }
 
 impl Default for ReceiverConfig {
@@ -35,6 +67,7 @@ impl Default for ReceiverConfig {
             max_streams: 8,
             idle_timeout: Duration::from_secs(60),
             max_suspect_pages: 1 << 16,
+            crash_at: None,
         }
     }
 }
@@ -315,6 +348,7 @@ impl<S: ImageStore> Receiver<S> {
                     if begin.info.flags & ImageInfo::MIGRATE != 0 {
                         // Prepared: only Go starts the copy; anything else (an error, a timeout,
                         // the connection closing) drops the image, which discards the copy.
+                        crash_if(self.config.crash_at, CrashPoint::Prepared);
                         conn.expect(Kind::Go, "after a migration's commit")?;
                         let pid = image.go().map_err(|(c, m)| refused(conn, c, m))?;
                         conn.send(Kind::Running, &u64::from(pid).to_le_bytes())?;
@@ -361,6 +395,14 @@ impl<S: ImageStore> Receiver<S> {
         end: EndRound,
     ) -> Result<RoundAck, TransportError> {
         self.check_round(conn, session, end.round, "end of round")?;
+        crash_if(
+            self.config.crash_at,
+            if end.last {
+                CrashPoint::Final
+            } else {
+                CrashPoint::Round(end.round)
+            },
+        );
         let deadline = Instant::now() + self.config.idle_timeout;
         let mut p = lock(&session.progress);
         while p.batches < end.batches && p.failed.is_none() {

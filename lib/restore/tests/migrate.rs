@@ -1,0 +1,381 @@
+//! Live migration of real programs between the rig's namespace nodes: each program runs under
+//! `omrun` on node 0 and is migrated mid-run by `omctl migrate`; what omrun prints must be, byte for
+//! byte, what an uninterrupted run prints, with the same exit status. Also: a line every millisecond
+//! across migrations, ten hops over three nodes, a destination omd that dies at each phase, and a
+//! wrong cluster key.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{Kill, Workload, bin_dir, build, ps_pid, workload_source};
+use om_rig::{OmdHandle, Rig};
+
+/// A delay in `lo..hi` ms from the clock: the migration lands at a different place in each run.
+fn random_ms(lo: u64, hi: u64) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    lo + x % (hi - lo)
+}
+
+fn program(path: PathBuf, args: &[&str]) -> Workload {
+    Workload {
+        argv: std::iter::once(path.into_os_string())
+            .chain(args.iter().map(Into::into))
+            .collect(),
+        stdin: None,
+        cwd: None,
+    }
+}
+
+struct Cluster {
+    rig: Rig,
+    omds: Vec<OmdHandle>,
+}
+
+impl Cluster {
+    fn new(nodes: usize) -> Self {
+        Self::with_fault(nodes, &[])
+    }
+
+    /// `faults[i]`: `OM_FAULT` for node i's omd.
+    fn with_fault(nodes: usize, faults: &[(usize, &str)]) -> Self {
+        let rig = Rig::new(nodes).expect("rig");
+        let omd = bin_dir().join("omd");
+        let omds = (0..nodes)
+            .map(|n| {
+                match faults.iter().find(|(i, _)| *i == n) {
+                    // The rig starts omd with its environment: set the fault for this one start.
+                    Some((_, f)) => start_with_env(&rig, n, &omd, f),
+                    None => rig.start_omd(n, &omd, &[]).expect("omd"),
+                }
+            })
+            .collect();
+        Self { rig, omds }
+    }
+
+    fn control(&self, node: usize) -> &Path {
+        &self.omds[node].control
+    }
+
+    fn addr(&self, node: usize) -> String {
+        self.omds[node].listen.to_string()
+    }
+
+    /// Starts a workload under omrun on `node` (stdout piped); returns once its runtime registered
+    /// with that node's omd.
+    fn run(&self, node: usize, w: &Workload) -> (Kill, u32) {
+        let mut cmd = self.rig.node(node).unwrap().command("bash");
+        cmd.args([
+            "-c",
+            r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
+            "clean-fds",
+        ])
+        .arg(bin_dir().join("omrun"))
+        .arg("--control")
+        .arg(self.control(node))
+        .arg("--");
+        w.setup(&mut cmd);
+        let child = cmd.spawn().map(Kill).unwrap();
+        let omrun = child.0.id();
+        let pid = self.wait_registered(node, |p| common::parent_of(p) == Some(omrun));
+        (child, pid)
+    }
+
+    fn ps(&self, node: usize) -> String {
+        let out = omctl(self.control(node), &["ps"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_registered(&self, node: usize, want: impl Fn(u32) -> bool) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.ps(node);
+            if let Some(p) = text
+                .split_whitespace()
+                .filter(|w| !w.contains(",at="))
+                .filter_map(ps_pid)
+                .find(|p| want(*p))
+            {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "no process registered on node {node}: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `omctl migrate PID --to NODE --json` through `from`'s omd: the JSON report, or the error.
+    fn migrate(&self, from: usize, pid: u32, to: usize) -> Result<String, String> {
+        let out = omctl(
+            self.control(from),
+            &["migrate", &pid.to_string(), "--to", &self.addr(to), "--json"],
+        );
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+fn start_with_env(rig: &Rig, node: usize, omd: &Path, fault: &str) -> OmdHandle {
+    // The rig runs omd through `ip netns exec`: wrap it in `env` to set the fault.
+    let wrapper = std::env::temp_dir().join(format!("om-fault-omd-{}-{node}", std::process::id()));
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nOM_FAULT={fault} exec {} \"$@\"\n", omd.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    rig.start_omd(node, &wrapper, &[]).expect("omd with a fault")
+}
+
+fn omctl(control: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin_dir().join("omctl"))
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn json_num(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &json[at..];
+    rest[..rest.find([',', '}'])?].parse().ok()
+}
+
+fn finish(mut k: Kill) -> (Vec<u8>, std::process::ExitStatus) {
+    let mut out = Vec::new();
+    k.0.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let status = k.0.wait().unwrap();
+    (out, status)
+}
+
+/// Runs `w` on node 0, migrates it along `hops` (node indices, starting from 0) at random moments
+/// in `window` ms, and compares with an uninterrupted run.
+fn migrate_along(c: &Cluster, name: &str, w: &Workload, window: (u64, u64), hops: &[usize]) {
+    let (want, want_status) = w.reference();
+    assert!(!want.is_empty(), "{name}: the reference run printed nothing");
+    let (run, mut pid) = c.run(0, w);
+    let mut at = 0;
+    let mut reports = Vec::new();
+    for &to in hops {
+        std::thread::sleep(Duration::from_millis(random_ms(window.0, window.1)));
+        let r = c
+            .migrate(at, pid, to)
+            .unwrap_or_else(|e| panic!("{name}: migration {at} -> {to}: {e}"));
+        pid = json_num(&r, "pid_there").unwrap() as u32;
+        reports.push(r);
+        at = to;
+    }
+    let (got, status) = finish(run);
+    assert_eq!(
+        status.code(),
+        want_status.code(),
+        "{name}: exit status after migration ({reports:?})"
+    );
+    if got != want {
+        panic!(
+            "{name}: output differs after migration ({reports:?})\n--- migrated:\n{}\n--- uninterrupted:\n{}",
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
+    }
+}
+
+fn python() -> PathBuf {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+#[test]
+fn every_test_program_migrates_mid_run_with_identical_output() {
+    let c = Cluster::new(2);
+    let mut py = program(python(), &[]);
+    py.argv.push(workload_source("compute.py").into_os_string());
+    let mut sqlite = program(PathBuf::from("sqlite3"), &[":memory:"]);
+    sqlite.stdin = Some(workload_source("sqlite.sql"));
+    let fw_dir = std::env::temp_dir().join(format!("om-mig-fw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&fw_dir);
+    std::fs::create_dir_all(&fw_dir).unwrap();
+    let mut fw = program(build("filewriter.c"), &[]);
+    fw.cwd = Some(fw_dir.clone());
+    let programs = [
+        ("single", program(build("single.c"), &[])),
+        ("threads", program(build("threads.c"), &[])),
+        ("rust_threads", program(build("rust_threads.rs"), &[])),
+        ("openmp", program(build("openmp.c"), &[])),
+        ("python", py),
+        ("sqlite", sqlite),
+        ("sigalrm", program(build("sigalrm.c"), &[])),
+        ("filewriter", fw),
+        ("exitcode", program(build("exitcode.c"), &[])),
+        ("manyvmas", program(build("manyvmas.c"), &[])),
+        ("bigheap", program(build("bigheap.c"), &["1024"])),
+    ];
+    for (name, w) in &programs {
+        migrate_along(&c, name, w, (200, 1000), &[1]);
+    }
+    let _ = std::fs::remove_dir_all(&fw_dir);
+    c.rig.teardown().unwrap();
+}
+
+#[test]
+fn a_line_every_millisecond_is_neither_lost_nor_repeated() {
+    let c = Cluster::new(2);
+    let w = program(build("numbered.c"), &["4000"]);
+    let (run, pid) = c.run(0, &w);
+    std::thread::sleep(Duration::from_millis(random_ms(300, 900)));
+    let r = c.migrate(0, pid, 1).expect("migrate 0 -> 1");
+    let there = json_num(&r, "pid_there").unwrap() as u32;
+    std::thread::sleep(Duration::from_millis(random_ms(300, 900)));
+    c.migrate(1, there, 0).expect("migrate 1 -> 0");
+    let (out, status) = finish(run);
+    assert!(status.success(), "{status:?}");
+    let lines: Vec<u32> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(lines, (0..4000).collect::<Vec<u32>>(), "lines lost or repeated ({r})");
+    c.rig.teardown().unwrap();
+}
+
+#[test]
+fn ten_hops_over_three_nodes_and_home_again() {
+    let c = Cluster::new(3);
+    let w = program(build("threads.c"), &["1200"]);
+    let hops = [1, 2, 0, 1, 2, 0, 1, 2, 0, 1];
+    migrate_along(&c, "ten hops", &w, (100, 300), &hops);
+    c.rig.teardown().unwrap();
+}
+
+#[test]
+fn omctl_ps_shows_where_a_process_went() {
+    let c = Cluster::new(2);
+    let w = program(build("numbered.c"), &["3000"]);
+    let (run, pid) = c.run(0, &w);
+    c.migrate(0, pid, 1).expect("migrate");
+    let ps = c.ps(0);
+    assert!(
+        ps.contains(&format!("pid={pid},at={}", c.addr(1))),
+        "omctl ps on the home node: {ps}"
+    );
+    let (_, status) = finish(run);
+    assert!(status.success());
+    c.rig.teardown().unwrap();
+}
+
+/// The destination's omd dies at `fault`: the migration fails, and the process runs on at home,
+/// exactly once: its output is complete and in order.
+fn destination_dies(fault: &str) {
+    let c = Cluster::with_fault(2, &[(1, fault)]);
+    let w = program(build("numbered.c"), &["2500"]);
+    let (run, pid) = c.run(0, &w);
+    std::thread::sleep(Duration::from_millis(300));
+    let e = c.migrate(0, pid, 1).expect_err("the migration must fail");
+    assert!(e.contains("continues here"), "{fault}: {e}");
+    let (out, status) = finish(run);
+    assert!(status.success(), "{fault}: {status:?}");
+    let lines: Vec<u32> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(lines, (0..2500).collect::<Vec<u32>>(), "{fault}: output");
+    // Nothing of the copy is left running on the destination.
+    assert!(
+        !std::process::Command::new("pgrep")
+            .arg("-x")
+            .arg("numbered")
+            .output()
+            .unwrap()
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .any(|p| std::str::from_utf8(p).ok().and_then(|p| p.parse::<u32>().ok()) != Some(pid)),
+        "{fault}: a copy is still running"
+    );
+    c.rig.teardown().unwrap();
+}
+
+#[test]
+fn destination_dies_in_round_zero() {
+    destination_dies("round:0");
+}
+
+#[test]
+fn destination_dies_in_a_later_round() {
+    destination_dies("round:1");
+}
+
+#[test]
+fn destination_dies_in_the_final_round() {
+    destination_dies("final");
+}
+
+#[test]
+fn destination_dies_after_restore_before_commit() {
+    destination_dies("prepared");
+}
+
+#[test]
+fn a_wrong_cluster_key_is_refused_before_anything_is_frozen() {
+    let c = Cluster::new(2);
+    // A third omd on node 1 with a key of its own.
+    let dir = std::env::temp_dir().join(format!("om-mig-key-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let other = format!("{}:7071", c.rig.node(1).unwrap().addr());
+    let omd = c
+        .rig
+        .node(1)
+        .unwrap()
+        .command(bin_dir().join("omd"))
+        .args(["--listen", &other, "--key"])
+        .arg(&key)
+        .arg("--control")
+        .arg(dir.join("ctl.sock"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Kill)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("ctl.sock").exists() {
+        assert!(Instant::now() < deadline, "omd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let w = program(build("numbered.c"), &["1500"]);
+    let (run, pid) = c.run(0, &w);
+    let out = omctl(c.control(0), &["migrate", &pid.to_string(), "--to", &other]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("connecting to omd"),
+        "{err}"
+    );
+    let (got, status) = finish(run);
+    assert!(status.success());
+    assert_eq!(String::from_utf8(got).unwrap().lines().count(), 1500);
+    drop(omd);
+    let _ = std::fs::remove_dir_all(&dir);
+    c.rig.teardown().unwrap();
+}
