@@ -32,8 +32,9 @@ pub struct RoundStats {
     pub batches: u32,
     /// Time from the first byte to the acknowledgement.
     pub elapsed: Duration,
-    /// Pages whose checksum did not match on arrival. The next round must send each of them again
-    /// (they were written while in flight); otherwise the next round fails as corrupted.
+    /// Pages whose checksum did not match on arrival (they were written while in flight), this
+    /// round's and earlier ones' not sent again yet. Each must be sent again before the image is
+    /// sealed (or leave the VMA table); otherwise the final round fails as corrupted.
     pub suspects: Vec<Range<u64>>,
     /// Memory the receiver's image holds after the round.
     pub image_bytes: u64,
@@ -52,12 +53,13 @@ pub trait PageSender {
     /// receiver's acknowledgement. `last` marks the final round (the application is stopped): any
     /// checksum mismatch fails it.
     ///
-    /// `pages` carries the caller's promise that the memory stays mapped ([`Readable::new`]; the
-    /// runtime keeps it by holding its munmap/mremap guard for the round).
+    /// `pages` says how the memory may be read ([`Readable::new`]: it stays mapped;
+    /// [`Readable::racy`]: the running application may unmap it; [`Readable::copied`]: the caller
+    /// itself writes it while it is sent).
     ///
     /// # Errors
-    /// Connection, protocol or checksum errors; pages the previous round reported as suspect that are
-    /// not in `pages` ([`TransportError::Corrupted`]).
+    /// Connection, protocol or checksum errors; in the final round, suspect pages of earlier rounds
+    /// that are not in `pages` ([`TransportError::Corrupted`]).
     fn send_round(
         &mut self,
         pages: Readable<'_>,

@@ -53,6 +53,51 @@ pub fn first_uncovered(needle: &[Range<u64>], hay: &[Range<u64>]) -> Option<u64>
     None
 }
 
+/// The parts of `needle` outside `hay` (both sorted and disjoint), sorted.
+#[must_use]
+pub fn uncovered(needle: &[Range<u64>], hay: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut h = 0;
+    for n in needle {
+        let mut at = n.start;
+        while h < hay.len() && hay[h].end <= at {
+            h += 1;
+        }
+        let mut k = h;
+        while at < n.end {
+            match hay.get(k) {
+                Some(r) if r.start < n.end => {
+                    if r.start > at {
+                        out.push(at..r.start);
+                    }
+                    at = at.max(r.end);
+                    k += 1;
+                }
+                _ => {
+                    out.push(at..n.end);
+                    at = n.end;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The sorted union of two sorted, disjoint run lists, adjacent runs merged.
+#[must_use]
+pub fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut all: Vec<Range<u64>> = a.iter().chain(b).cloned().collect();
+    all.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(all.len());
+    for r in all {
+        match out.last_mut() {
+            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +139,23 @@ mod tests {
             let hay: std::collections::BTreeSet<u64> = pages(&b).into_iter().collect();
             let want = pages(&a).into_iter().find(|p| !hay.contains(p));
             prop_assert_eq!(first_uncovered(&a, &b), want);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn uncovered_and_union_match_a_page_set(a in runs_strategy(), b in runs_strategy()) {
+            use std::collections::BTreeSet;
+            let pages = |v: &[Range<u64>]| -> BTreeSet<u64> {
+                v.iter().flat_map(|r| (r.start..r.end).step_by(P as usize)).collect()
+            };
+            let (pa, pb) = (pages(&a), pages(&b));
+            let diff = uncovered(&a, &b);
+            prop_assert_eq!(pages(&diff), pa.difference(&pb).copied().collect::<BTreeSet<_>>());
+            prop_assert!(diff.windows(2).all(|w| w[0].end <= w[1].start));
+            let u = union(&a, &b);
+            prop_assert_eq!(pages(&u), pa.union(&pb).copied().collect::<BTreeSet<_>>());
+            prop_assert!(u.windows(2).all(|w| w[0].end < w[1].start));
         }
     }
 }

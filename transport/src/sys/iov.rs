@@ -52,6 +52,28 @@ fn advance(iovs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
 /// Every run must be memory of this process that stays readable for the whole call, or be unmapped
 /// (then the call fails with `EFAULT`). The kernel only reads it.
 pub unsafe fn send_vectored(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun]) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { send_vectored_inner(fd, head, runs, false) }
+}
+
+/// [`send_vectored`] for runs the application may unmap meanwhile: where the kernel cannot read a
+/// run (`EFAULT`), zeros go out in its place, so the frame stays whole. The receiver's checksum check
+/// then flags those pages, which the sender sends again or drops with the VMA that held them.
+///
+/// # Errors
+/// The first failed `sendmsg` other than `EFAULT`.
+///
+/// # Safety
+/// As [`send_vectored`].
+pub unsafe fn send_vectored_tolerant(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun]) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { send_vectored_inner(fd, head, runs, true) }
+}
+
+/// Zeros sent in place of memory that vanished.
+static ZEROS: [u8; 65536] = [0; 65536];
+
+unsafe fn send_vectored_inner(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun], tolerant: bool) -> io::Result<()> {
     let mut iovs: Vec<libc::iovec> = head
         .iter()
         .map(|b| iovec(b.as_ptr() as usize, b.len()))
@@ -72,6 +94,28 @@ pub unsafe fn send_vectored(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun])
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if tolerant && e.raw_os_error() == Some(libc::EFAULT) {
+                // The current entry is a run that is gone (head buffers are ours, always mapped).
+                let mut left = iovs[first].iov_len;
+                while left > 0 {
+                    let k = left.min(ZEROS.len());
+                    // SAFETY: ZEROS is a static buffer of at least `k` bytes.
+                    let sent = unsafe {
+                        libc::send(fd.as_raw_fd(), ZEROS.as_ptr().cast(), k, libc::MSG_NOSIGNAL)
+                    };
+                    if sent < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                    left -= usize::try_from(sent).unwrap_or(0);
+                }
+                iovs[first].iov_len = 0;
+                advance(&mut iovs, &mut first, 0);
                 continue;
             }
             return Err(e);

@@ -263,6 +263,11 @@ pub fn send(
     batch: Option<&ReadableBatch<'_>>,
 ) -> std::io::Result<()> {
     let runs = batch.map(ReadableBatch::mem_runs).unwrap_or_default();
+    if batch.is_some_and(|b| b.racy) {
+        // SAFETY: racy runs are this process's memory that may vanish; the tolerant send reads them
+        // only through the kernel and sends zeros where they are gone.
+        return unsafe { super::iov::send_vectored_tolerant(fd, head, &runs) };
+    }
     // SAFETY: the runs come from a ReadableBatch, covered by its Readable's promise.
     unsafe { super::iov::send_vectored(fd, head, &runs) }
 }

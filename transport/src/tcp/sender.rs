@@ -298,12 +298,15 @@ impl PageSender for TcpSender {
         if self.state != State::Open {
             return Err(TransportError::Misuse("send_round outside an open image"));
         }
+        // Pages that failed their checksum must be sent again before the image is sealed: in this
+        // round, or (not the last) a later one.
         let (sus_round, suspects) = &self.suspects;
-        if let Some(first) = batch::first_uncovered(suspects, pages.runs()) {
-            let pages_bad = suspects.iter().map(|r| (r.end - r.start) / self.page_size).sum();
+        let carried = batch::uncovered(suspects, pages.runs());
+        if last && !carried.is_empty() {
+            let pages_bad = carried.iter().map(|r| (r.end - r.start) / self.page_size).sum();
             let e = TransportError::Corrupted {
                 round: *sus_round,
-                first,
+                first: carried[0].start,
                 pages: pages_bad,
             };
             return Err(self.fail(e));
@@ -343,6 +346,7 @@ impl PageSender for TcpSender {
             )));
             return Err(self.fail(e));
         }
+        let outstanding = batch::union(&carried, &ack.suspects);
         let stats = RoundStats {
             round: self.round,
             pages: page_count,
@@ -350,10 +354,10 @@ impl PageSender for TcpSender {
             zero_runs: zeroed.len() as u64,
             batches: end.batches,
             elapsed: started.elapsed(),
-            suspects: ack.suspects.clone(),
+            suspects: outstanding.clone(),
             image_bytes: ack.image_bytes,
         };
-        self.suspects = (self.round, ack.suspects);
+        self.suspects = (self.round, outstanding);
         self.round += 1;
         if last {
             self.state = State::Sealed;
@@ -366,6 +370,11 @@ impl PageSender for TcpSender {
             return Err(TransportError::Misuse("a new VMA table outside an open image"));
         }
         let body = begin.encode().map_err(|source| self.control.wire(source))?;
+        // The receiver drops pages outside the new table: their suspects are gone with them.
+        let table: Vec<Range<u64>> = begin.vmas.iter().map(|v| v.start..v.end).collect();
+        let table = batch::union(&table, &[]);
+        let gone = batch::uncovered(&self.suspects.1, &table);
+        self.suspects.1 = batch::uncovered(&self.suspects.1, &gone);
         match self.control.send(Kind::Vmas, &body) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.fail(e)),
