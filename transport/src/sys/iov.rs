@@ -73,7 +73,59 @@ pub unsafe fn send_vectored_tolerant(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &
 /// Zeros sent in place of memory that vanished.
 static ZEROS: [u8; 65536] = [0; 65536];
 
+/// Sends `iovs` one entry at a time, the first `heads` of them (our own buffers) as they are and the
+/// others page by page, zeros in place of a page the kernel cannot read.
+///
+/// # Safety
+/// The entries describe readable buffers of ours (the heads) and runs of this process's memory.
+unsafe fn send_piecewise(fd: BorrowedFd<'_>, iovs: &[libc::iovec], heads: usize) -> io::Result<()> {
+    const PIECE: usize = 4096;
+    for (i, v) in iovs.iter().enumerate() {
+        let mut at = v.iov_base as usize;
+        let end = at + v.iov_len;
+        while at < end {
+            let k = if i < heads { end - at } else { (end - at).min(PIECE - at % PIECE) };
+            // SAFETY: `k` bytes at `at` lie in this entry; the kernel only reads them.
+            let n = unsafe { libc::send(fd.as_raw_fd(), at as *const libc::c_void, k, libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                at += usize::try_from(n).unwrap_or(0);
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EFAULT) if i >= heads => {
+                    let mut left = k;
+                    while left > 0 {
+                        // SAFETY: ZEROS is a static buffer of at least `left.min(len)` bytes.
+                        let z = unsafe {
+                            libc::send(
+                                fd.as_raw_fd(),
+                                ZEROS.as_ptr().cast(),
+                                left.min(ZEROS.len()),
+                                libc::MSG_NOSIGNAL,
+                            )
+                        };
+                        if z < 0 {
+                            let e = io::Error::last_os_error();
+                            if e.kind() != io::ErrorKind::Interrupted {
+                                return Err(e);
+                            }
+                            continue;
+                        }
+                        left -= usize::try_from(z).unwrap_or(0);
+                    }
+                    at += k;
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 unsafe fn send_vectored_inner(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun], tolerant: bool) -> io::Result<()> {
+    let n_head = head.iter().filter(|b| !b.is_empty()).count();
     let mut iovs: Vec<libc::iovec> = head
         .iter()
         .map(|b| iovec(b.as_ptr() as usize, b.len()))
@@ -97,26 +149,10 @@ unsafe fn send_vectored_inner(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun
                 continue;
             }
             if tolerant && e.raw_os_error() == Some(libc::EFAULT) {
-                // The current entry is a run that is gone (head buffers are ours, always mapped).
-                let mut left = iovs[first].iov_len;
-                while left > 0 {
-                    let k = left.min(ZEROS.len());
-                    // SAFETY: ZEROS is a static buffer of at least `k` bytes.
-                    let sent = unsafe {
-                        libc::send(fd.as_raw_fd(), ZEROS.as_ptr().cast(), k, libc::MSG_NOSIGNAL)
-                    };
-                    if sent < 0 {
-                        let e = io::Error::last_os_error();
-                        if e.kind() == io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        return Err(e);
-                    }
-                    left -= usize::try_from(sent).unwrap_or(0);
-                }
-                iovs[first].iov_len = 0;
-                advance(&mut iovs, &mut first, 0);
-                continue;
+                // Some run in this window is gone; the kernel does not say which, and may have
+                // refused bytes before it. Go on one piece at a time.
+                // SAFETY: the entries describe our head buffers and the caller's runs.
+                return unsafe { send_piecewise(fd, &iovs[first..], n_head.saturating_sub(first)) };
             }
             return Err(e);
         }
@@ -199,6 +235,52 @@ mod tests {
     use std::io::Read;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn tolerant_send_puts_zeros_where_memory_is_gone() {
+        const P: usize = 4096;
+        // SAFETY: a fresh private anonymous mapping of 4 pages at an address the kernel picks.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * P,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as usize;
+        assert_ne!(base as isize, -1);
+        for p in 0..4 {
+            // SAFETY: inside the mapping made above.
+            unsafe { std::ptr::write_bytes((base + p * P) as *mut u8, 0x11 * (p as u8 + 1), P) };
+        }
+        // SAFETY: the second page of our own mapping; nothing refers to it.
+        assert_eq!(unsafe { libc::munmap((base + P) as *mut libc::c_void, P) }, 0);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            b.read_to_end(&mut v).unwrap();
+            v
+        });
+        let runs = [
+            MemRun { addr: base, len: 3 * P },
+            MemRun { addr: base + 3 * P, len: P },
+        ];
+        // SAFETY: the runs are our mapping, one page of which is gone on purpose.
+        unsafe { send_vectored_tolerant(a.as_fd(), &[b"head"], &runs) }.unwrap();
+        drop(a);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), 4 + 4 * P);
+        assert_eq!(&got[..4], b"head");
+        let page = |i: usize| &got[4 + i * P..4 + (i + 1) * P];
+        assert!(page(0).iter().all(|&x| x == 0x11));
+        assert!(page(1).iter().all(|&x| x == 0));
+        assert!(page(2).iter().all(|&x| x == 0x33));
+        assert!(page(3).iter().all(|&x| x == 0x44));
+        // SAFETY: the rest of our mapping.
+        unsafe { libc::munmap(base as *mut libc::c_void, 4 * P) };
+    }
 
     #[test]
     fn advance_steps_over_partial_and_empty_entries() {
