@@ -170,6 +170,17 @@ fn finish(mut k: Kill) -> (Vec<u8>, std::process::ExitStatus) {
 /// Runs `w` on node 0, migrates it along `hops` (node indices, starting from 0) at random moments
 /// in `window` ms, and compares with an uninterrupted run.
 fn migrate_along(c: &Cluster, name: &str, w: &Workload, window: (u64, u64), hops: &[usize]) {
+    migrate_along_with(c, name, w, window, hops, &[]);
+}
+
+fn migrate_along_with(
+    c: &Cluster,
+    name: &str,
+    w: &Workload,
+    window: (u64, u64),
+    hops: &[usize],
+    extra: &[&str],
+) {
     let (want, want_status) = w.reference();
     assert!(!want.is_empty(), "{name}: the reference run printed nothing");
     let (run, mut pid) = c.run(0, w);
@@ -178,7 +189,7 @@ fn migrate_along(c: &Cluster, name: &str, w: &Workload, window: (u64, u64), hops
     for &to in hops {
         std::thread::sleep(Duration::from_millis(random_ms(window.0, window.1)));
         let r = c
-            .migrate(at, pid, to)
+            .migrate_with(at, pid, to, extra)
             .unwrap_or_else(|e| panic!("{name}: migration {at} -> {to}: {e}"));
         pid = json_num(&r, "pid_there").unwrap() as u32;
         reports.push(r);
@@ -230,11 +241,14 @@ fn every_test_program_migrates_mid_run_with_identical_output() {
         ("filewriter", fw),
         ("exitcode", program(build("exitcode.c"), &[])),
         ("manyvmas", program(build("manyvmas.c"), &[])),
-        ("bigheap", program(build("bigheap.c"), &["1024"])),
     ];
     for (name, w) in &programs {
         migrate_along(&c, name, w, (200, 1000), &[1]);
     }
+    // bigheap rewrites its whole GiB faster than any link: the rounds cannot converge, so two of
+    // them and then the rest while stopped, before the program is over.
+    let big = program(build("bigheap.c"), &["1024"]);
+    migrate_along_with(&c, "bigheap", &big, (100, 300), &[1], &["--max-rounds", "2"]);
     let _ = std::fs::remove_dir_all(&fw_dir);
     c.rig.teardown().unwrap();
 }
