@@ -172,6 +172,8 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
         stdin_eof: false,
         stdin_started: false,
         signals: Vec::new(),
+        frozen: false,
+        moved: false,
         tx,
     };
     loop {
@@ -216,8 +218,12 @@ struct Home {
     stdin: Vec<u8>,
     stdin_eof: bool,
     stdin_started: bool,
-    /// Signals for a generation that has not attached yet.
+    /// Signals for a generation that has not attached yet, or held while the process is frozen.
     signals: Vec<i32>,
+    /// The runtime said `freeze`: signals wait until it says where the process runs.
+    frozen: bool,
+    /// The runtime said `moved`.
+    moved: bool,
     tx: mpsc::Sender<Event>,
 }
 
@@ -290,14 +296,20 @@ impl Home {
         if sig == Signal::SIGCHLD {
             return self.reap_home();
         }
+        self.read_anchor();
         match self.pid {
             // At home, a signal the kernel generated for the whole foreground group (the terminal's
             // SIGINT, SIGWINCH) already reached the child, which shares omrun's process group: only
-            // those sent by a process (si_code <= 0) are forwarded.
+            // those sent by a process (si_code <= 0) are forwarded. While the process is frozen for
+            // a migration they wait: after it the process may run elsewhere.
             Some(pid) => {
                 if info.ssi_code <= 0 {
-                    tracing::debug!(?sig, "forwarding");
-                    let _ = kill(pid, sig);
+                    if self.frozen || self.moved {
+                        self.signals.push(sig as i32);
+                    } else {
+                        tracing::debug!(?sig, "forwarding");
+                        let _ = kill(pid, sig);
+                    }
                 }
             }
             None => {
@@ -315,9 +327,8 @@ impl Home {
         };
         self.pid = None;
         // The runtime says `moved` before the home copy ends: the news is already in the socket.
-        let mut buf = [0u8; 64];
-        let moved = matches!(self.anchor.read(&mut buf), Ok(n) if buf[..n].starts_with(b"moved"));
-        if !moved {
+        self.read_anchor();
+        if !self.moved {
             return Ok(Some(outcome));
         }
         tracing::debug!("the process left home");
@@ -327,6 +338,34 @@ impl Home {
             spawn_stdin(self.tx.clone());
         }
         Ok(self.advance())
+    }
+
+    /// Reads what the runtime said on the anchor socket: `freeze`, `thaw` (signals held meanwhile go
+    /// to the process at home) or `moved`.
+    fn read_anchor(&mut self) {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = self.anchor.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for word in String::from_utf8_lossy(&buf[..n]).split_whitespace() {
+                match word {
+                    "freeze" => self.frozen = true,
+                    "thaw" => {
+                        self.frozen = false;
+                        if let Some(pid) = self.pid {
+                            for s in self.signals.drain(..) {
+                                if let Ok(sig) = Signal::try_from(s) {
+                                    let _ = kill(pid, sig);
+                                }
+                            }
+                        }
+                    }
+                    "moved" => self.moved = true,
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Moves on past every generation that has ended, writing held output in order.

@@ -21,7 +21,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, IntoRawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,9 +32,6 @@ use om::capture::{self, Outcome};
 #[global_allocator]
 static ALLOC: om::sys::arena::CaptureAware<dlmalloc::GlobalDlmalloc> =
     om::sys::arena::CaptureAware(dlmalloc::GlobalDlmalloc);
-
-/// The socket to omrun while the process runs at home; -1 elsewhere.
-static ANCHOR_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Reads `OM_ANCHOR` (see the crate docs).
 fn read_anchor() {
@@ -53,7 +49,7 @@ fn read_anchor() {
     if let (Ok(fd), Ok(port), Some(token)) = (fd.parse::<i32>(), port.parse::<u16>(), token) {
         if fd > 2 && om::sys::task::set_cloexec(fd).is_ok() {
             capture::own_fd(fd, true);
-            ANCHOR_FD.store(fd, Ordering::Release);
+            om::precopy::migrate::set_anchor_fd(fd);
         }
         om::precopy::migrate::set_home_seed(port, token);
     }
@@ -148,14 +144,10 @@ fn control_loop(path: &PathBuf) {
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                         let mut bye = String::new();
                         let _ = BufReader::new(&stream).read_line(&mut bye);
-                        let anchor = ANCHOR_FD.load(Ordering::Acquire);
-                        if anchor >= 0 {
-                            om::sys::task::write_fd(anchor, b"moved\n");
-                        }
+                        om::precopy::migrate::tell_anchor("moved");
                         frozen.exit(0);
                     }
                     Ok(om::precopy::migrate::Outcome::Restored) => {
-                        ANCHOR_FD.store(-1, Ordering::Release);
                         stream = restored(stream, &mut path);
                         continue;
                     }

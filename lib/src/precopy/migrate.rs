@@ -185,6 +185,24 @@ static HOME_SEED: Mutex<Option<(u16, Vec<u8>)>> = Mutex::new(None);
 /// How many times this process has moved (0 at home).
 static GENERATION: AtomicU32 = AtomicU32::new(0);
 
+/// The socket to omrun while the process runs at home (-1 elsewhere): omrun holds signals for the
+/// process while it is frozen (`freeze`), and sends them to wherever it runs once it knows
+/// (`thaw`: here again; `moved`: the copy).
+static ANCHOR_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Records the socket to omrun (see [`ANCHOR_FD`]); -1 once the process is away from home.
+pub fn set_anchor_fd(fd: i32) {
+    ANCHOR_FD.store(fd, Ordering::Release);
+}
+
+/// Tells omrun, if the process is at home, `what` (`freeze`, `thaw` or `moved`).
+pub fn tell_anchor(what: &str) {
+    let fd = ANCHOR_FD.load(Ordering::Acquire);
+    if fd >= 0 {
+        crate::sys::task::write_fd(fd, format!("{what}\n").as_bytes());
+    }
+}
+
 /// Records omrun's relay port and token (the runtime reads them from its environment at start).
 pub fn set_home_seed(port: u16, token: Vec<u8>) {
     *HOME_SEED.lock().unwrap_or_else(PoisonError::into_inner) = Some((port, token));
@@ -395,10 +413,13 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     let shared = Arc::new(Mutex::new(Some(session)));
     let in_handler = Arc::clone(&shared);
     let work: capture::Work = Box::new(move |frame, started| final_round(&in_handler, frame, started));
+    // Signals for the process wait in omrun from here until it knows where the process runs.
+    tell_anchor("freeze");
     let captured = capture::freeze_and_run(work);
     let captured = match captured {
         Ok(c) => c,
         Err(e) => {
+            tell_anchor("thaw");
             disown();
             let mut g = shared.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(s) = g.as_mut() {
@@ -418,6 +439,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         Captured::Restored => {
             // The copy: the session's sockets and tracker belong to the source (their numbers may
             // be the application's now). Forget them without closing anything.
+            set_anchor_fd(-1);
             disown();
             std::mem::forget(shared);
             return Ok(Outcome::Restored);
@@ -436,6 +458,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     if let Err(e) = session.sender.commit() {
         GENERATION.fetch_sub(1, Ordering::AcqRel);
         drop(frozen);
+        tell_anchor("thaw");
         let _ = session.tracker.stop();
         return Err(MigrateError::Commit(e));
     }
@@ -446,6 +469,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         Err(e) => {
             GENERATION.fetch_sub(1, Ordering::AcqRel);
             drop(frozen);
+            tell_anchor("thaw");
             let _ = session.tracker.stop();
             return Err(MigrateError::Go(e));
         }
