@@ -177,7 +177,9 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
         tx,
     };
     loop {
-        let event = rx.recv().map_err(|_| AnchorError::Relay(std::io::ErrorKind::BrokenPipe.into()))?;
+        let event = rx
+            .recv()
+            .map_err(|_| AnchorError::Relay(std::io::ErrorKind::BrokenPipe.into()))?;
         if let Some(outcome) = home.handle(event)? {
             return Ok(outcome);
         }
@@ -187,7 +189,7 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
 /// What the anchor's threads report.
 enum Event {
     Signal(nix::libc::signalfd_siginfo),
-    Attached(u32, Conn),
+    Attached(u32, Box<Conn>),
     Relay(u32, Msg),
     Closed(u32),
     Stdin(Vec<u8>),
@@ -236,7 +238,7 @@ impl Home {
                     return Ok(None);
                 }
                 let reader = conn.try_clone().ok();
-                self.gens.entry(g).or_default().writer = Some(conn);
+                self.gens.entry(g).or_default().writer = Some(*conn);
                 if let Some(r) = reader {
                     spawn_relay_reader(g, r, self.tx.clone());
                 }
@@ -463,7 +465,7 @@ fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>
             std::thread::spawn(move || match relay::accept(s, &token, Duration::from_secs(10)) {
                 Ok((conn, g)) => {
                     tracing::debug!(generation = g, peer = conn.peer(), "relay attached");
-                    let _ = tx.send(Event::Attached(g, conn));
+                    let _ = tx.send(Event::Attached(g, Box::new(conn)));
                 }
                 Err(e) => tracing::warn!(error = %om_transport::error::chain(&e), "relay connection refused"),
             });

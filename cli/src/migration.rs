@@ -60,7 +60,10 @@ mod tests {
         let h = human(7, "10.0.0.2:7000", j);
         assert!(h.contains("round 0: 1.0 MiB in 10.0 ms"), "{h}");
         assert!(h.contains("round 1: 0.0 MiB"), "{h}");
-        assert!(h.contains("frozen 12.5 ms, total 900.0 ms, 2.0 MiB sent, tracker uffd"), "{h}");
+        assert!(
+            h.contains("frozen 12.5 ms, total 900.0 ms, 2.0 MiB sent, tracker uffd"),
+            "{h}"
+        );
         assert!(h.contains("(pid 42 there)"), "{h}");
     }
 }

@@ -97,7 +97,12 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     .filter(|_| to.parse::<std::net::SocketAddr>().is_ok())
                     .filter(|_| downtime.parse::<u32>().is_ok() && rounds.parse::<u32>().is_ok())
                     .filter(|_| matches!(*mode, "precopy" | "auto-converge" | "stop-and-copy"))
-                    .map(|pid| (pid, format!("migrate {to} {downtime} {rounds} {mode} {}", key.display()))),
+                    .map(|pid| {
+                        (
+                            pid,
+                            format!("migrate {to} {downtime} {rounds} {mode} {}", key.display()),
+                        )
+                    }),
                 _ => None,
             };
             match parsed {

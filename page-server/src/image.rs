@@ -235,10 +235,7 @@ impl Layout {
             at = end;
         }
         if at < run.end {
-            return Err((
-                ErrorCode::Internal,
-                format!("no image memory for {at:#x}"),
-            ));
+            return Err((ErrorCode::Internal, format!("no image memory for {at:#x}")));
         }
         Ok(out)
     }
@@ -356,10 +353,7 @@ impl ImageStore for Store {
             ));
         }
         // Room for the VMAs a process maps between rounds: as much again, at least 1 GiB.
-        let capacity = span
-            .saturating_add(span.max(GROWTH))
-            .min(MAX_SPAN)
-            .max(page_size);
+        let capacity = span.saturating_add(span.max(GROWTH)).min(MAX_SPAN).max(page_size);
         let layout = Layout::new(&begin.vmas, capacity)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let len = usize::try_from(capacity).map_err(|_| (ErrorCode::Limit, "span".into()))?;

@@ -131,8 +131,12 @@ impl Restorer {
             ready_w.as_raw_fd(),
             hold_r.as_raw_fd(),
         ];
-        let mut child = crate::sys::spawn_with_fds(&mut cmd, &fds)
-            .map_err(|e| (ErrorCode::Internal, format!("cannot start {}: {e}", self.program.display())))?;
+        let mut child = crate::sys::spawn_with_fds(&mut cmd, &fds).map_err(|e| {
+            (
+                ErrorCode::Internal,
+                format!("cannot start {}: {e}", self.program.display()),
+            )
+        })?;
         drop((ready_w, hold_r));
         let stderr = File::from(err_r);
         let mut line = String::new();
@@ -144,7 +148,10 @@ impl Restorer {
                 let _ = child.kill();
                 let _ = child.wait();
                 let mut why = String::new();
-                let _ = nix::fcntl::fcntl(&stderr, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
+                let _ = nix::fcntl::fcntl(
+                    &stderr,
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                );
                 let _ = (&stderr).take(4096).read_to_string(&mut why);
                 let _ = fs::remove_dir_all(&dir);
                 let why = why.trim();
@@ -152,7 +159,11 @@ impl Restorer {
                     ErrorCode::Internal,
                     format!(
                         "restore failed: {}",
-                        if why.is_empty() { "om-restore ended without a word" } else { why }
+                        if why.is_empty() {
+                            "om-restore ended without a word"
+                        } else {
+                            why
+                        }
                     ),
                 ));
             }
@@ -160,7 +171,12 @@ impl Restorer {
         if started.elapsed() > PREPARE_TIMEOUT {
             tracing::warn!(pid, "slow restore");
         }
-        tracing::info!(pid, image = image.image_id(), ms = started.elapsed().as_millis(), "copy prepared");
+        tracing::info!(
+            pid,
+            image = image.image_id(),
+            ms = started.elapsed().as_millis(),
+            "copy prepared"
+        );
         Ok(Prepared {
             child,
             hold: Some(File::from(hold_w)),
@@ -183,7 +199,10 @@ impl Prepared {
     /// The hold pipe could not be written (om-restore is gone).
     pub fn go(mut self) -> Result<u32, Refusal> {
         let pid = self.pid;
-        let mut hold = self.hold.take().ok_or((ErrorCode::Internal, "no hold pipe".to_owned()))?;
+        let mut hold = self
+            .hold
+            .take()
+            .ok_or((ErrorCode::Internal, "no hold pipe".to_owned()))?;
         hold.write_all(b"g").map_err(internal("starting the copy"))?;
         drop(hold);
         let _ = fs::remove_dir_all(&self.dir);
@@ -325,6 +344,6 @@ fn pump_home(from: Option<File>, stream: u8, to: Arc<Mutex<Option<Conn>>>) -> th
 fn unread(peek: &File) -> Vec<u8> {
     let _ = nix::fcntl::fcntl(peek, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
     let mut out = Vec::new();
-    let _ = (&*peek).take(relay::MAX_LEFTOVER as u64).read_to_end(&mut out);
+    let _ = peek.take(relay::MAX_LEFTOVER as u64).read_to_end(&mut out);
     out
 }

@@ -195,28 +195,31 @@ pub fn spawn_with_fds(
     let mut list = [0 as libc::c_int; 16];
     list[..fds.len()].copy_from_slice(fds);
     let n = fds.len();
-    // SAFETY: the closure runs in the forked child between fork and exec; it only calls fcntl and
-    // dup2 (async-signal-safe) on numbers copied into it, and allocates nothing. Each source is first
-    // moved above every target so that placing one never overwrites another.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut parked = [0 as libc::c_int; 16];
-            for i in 0..n {
-                let p = libc::fcntl(list[i], libc::F_DUPFD, PARK);
-                if p < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                parked[i] = p;
+    // Runs in the forked child between fork and exec: only fcntl, dup2 and close (async-signal-safe)
+    // on numbers copied into it, and no allocation. Each source is first moved above every target
+    // so that placing one never overwrites another.
+    let place = move || -> io::Result<()> {
+        let mut parked = [0 as libc::c_int; 16];
+        for i in 0..n {
+            // SAFETY: F_DUPFD on a number only creates a new descriptor (or fails).
+            let p = unsafe { libc::fcntl(list[i], libc::F_DUPFD, PARK) };
+            if p < 0 {
+                return Err(io::Error::last_os_error());
             }
-            for (i, &p) in parked.iter().enumerate().take(n) {
-                let target = 3 + libc::c_int::try_from(i).unwrap_or(0);
-                if libc::dup2(p, target) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                libc::close(p);
+            parked[i] = p;
+        }
+        for (i, &p) in parked.iter().enumerate().take(n) {
+            let target = 3 + libc::c_int::try_from(i).unwrap_or(0);
+            // SAFETY: dup2 between numbers of this child; the targets are ours to take.
+            if unsafe { libc::dup2(p, target) } < 0 {
+                return Err(io::Error::last_os_error());
             }
-            Ok(())
-        });
-    }
+            // SAFETY: the parked copy made above, owned by nothing else.
+            unsafe { libc::close(p) };
+        }
+        Ok(())
+    };
+    // SAFETY: `place` is async-signal-safe as described above.
+    unsafe { cmd.pre_exec(place) };
     cmd.spawn()
 }

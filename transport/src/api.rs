@@ -141,7 +141,10 @@ pub trait ImageSink: Send + Sync + 'static {
     /// A table the image cannot hold.
     fn relayout(&self, begin: &Begin) -> Result<(), Refusal> {
         let _ = begin;
-        Err((ErrorCode::Protocol, "this receiver cannot change an image's VMA table".into()))
+        Err((
+            ErrorCode::Protocol,
+            "this receiver cannot change an image's VMA table".into(),
+        ))
     }
 
     /// The pages of `runs` landed and matched `sums` (one per page, in run order), except those
@@ -155,7 +158,10 @@ pub trait ImageSink: Send + Sync + 'static {
     /// # Errors
     /// Not a migration, or the copy could not be started.
     fn go(&self) -> Result<u32, Refusal> {
-        Err((ErrorCode::Session, "this receiver does not restore migrations".into()))
+        Err((
+            ErrorCode::Session,
+            "this receiver does not restore migrations".into(),
+        ))
     }
 
     /// Keeps a record for the restorer.

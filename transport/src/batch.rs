@@ -147,7 +147,7 @@ mod tests {
         fn uncovered_and_union_match_a_page_set(a in runs_strategy(), b in runs_strategy()) {
             use std::collections::BTreeSet;
             let pages = |v: &[Range<u64>]| -> BTreeSet<u64> {
-                v.iter().flat_map(|r| (r.start..r.end).step_by(P as usize)).collect()
+                v.iter().flat_map(|r| (r.start..r.end).step_by(4096)).collect()
             };
             let (pa, pb) = (pages(&a), pages(&b));
             let diff = uncovered(&a, &b);

@@ -147,9 +147,8 @@ impl Msg {
     /// # Errors
     /// A kind that is not a relay message, or a body of the wrong size.
     pub fn decode(kind: Kind, body: &[u8]) -> Result<Self, WireError> {
-        let word = |what| -> Result<[u8; 4], WireError> {
-            body.try_into().map_err(|_| WireError::Truncated(what))
-        };
+        let word =
+            |what| -> Result<[u8; 4], WireError> { body.try_into().map_err(|_| WireError::Truncated(what)) };
         Ok(match kind {
             Kind::Attach => Self::Attach(u32::from_le_bytes(word("attach")?)),
             Kind::Output => match body.split_first() {
@@ -232,15 +231,16 @@ pub fn accept(stream: TcpStream, token: &[u8], timeout: Duration) -> Result<(Con
         if h.role == Role::Relay {
             Ok(hello(auth::random_bytes()))
         } else {
-            Err((wire::ErrorCode::Session, "omrun takes relay connections only".into()))
+            Err((
+                wire::ErrorCode::Session,
+                "omrun takes relay connections only".into(),
+            ))
         }
     })?;
     let g = match recv(&mut c)? {
         Msg::Attach(g) => g,
         other => {
-            return Err(c.wire(WireError::Invalid(format!(
-                "expected attach, got {other:?}"
-            ))));
+            return Err(c.wire(WireError::Invalid(format!("expected attach, got {other:?}"))));
         }
     };
     c.set_read_timeout(None)?;

@@ -68,7 +68,9 @@ fn sink(addr: &str) {
 /// `blast ADDR BYTES`: sends BYTES from populated memory with a plain send loop; prints the seconds
 /// to the receiver's confirmation.
 fn blast(addr: &str, bytes: usize) {
-    let mem: Vec<u8> = (0..bytes).map(|i| (i * 31 % 251) as u8).collect();
+    let mem: Vec<u8> = (0..bytes)
+        .map(|i| u8::try_from(i * 31 % 251).unwrap_or(0))
+        .collect();
     let mut s = TcpStream::connect(addr).expect("connect");
     let t = Instant::now();
     for c in mem.chunks(CHUNK) {
@@ -80,17 +82,22 @@ fn blast(addr: &str, bytes: usize) {
     println!("SECS {}", t.elapsed().as_secs_f64());
 }
 
+fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &json[at..];
+    Some(&rest[..rest.find([',', '}'])?])
+}
+
 fn num(json: &str, key: &str) -> f64 {
-    let at = json.find(&format!("\"{key}\":")).map(|i| i + key.len() + 3);
-    at.and_then(|a| {
-        let rest = &json[a..];
-        rest[..rest.find([',', '}'])?].parse().ok()
-    })
-    .unwrap_or(f64::NAN)
+    field(json, key).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
 }
 
 fn bin(name: &str) -> PathBuf {
-    std::env::current_exe().expect("exe").parent().expect("dir").join(name)
+    std::env::current_exe()
+        .expect("exe")
+        .parent()
+        .expect("dir")
+        .join(name)
 }
 
 fn omctl(control: &Path, args: &[&str]) -> std::process::Output {
@@ -161,7 +168,10 @@ fn raw_secs(rig: &om_rig::Rig, bytes: usize) -> f64 {
         .expect("blast");
     rx.wait().ok();
     let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().strip_prefix("SECS ").and_then(|s| s.parse().ok()).expect("secs")
+    text.trim()
+        .strip_prefix("SECS ")
+        .and_then(|s| s.parse().ok())
+        .expect("secs")
 }
 
 struct Row {
@@ -225,8 +235,11 @@ fn main() {
                     .args(["-TERM", &omrun.id().to_string()])
                     .status();
                 let _ = omrun.wait();
+                let sent_bytes: usize = field(&json, "bytes_sent")
+                    .and_then(|v| v.parse().ok())
+                    .expect("bytes_sent");
                 let sent = num(&json, "bytes_sent");
-                let raw = raw_secs(&rig, sent as usize) * 1e3;
+                let raw = raw_secs(&rig, sent_bytes) * 1e3;
                 let row = Row {
                     gib,
                     rate,
@@ -251,7 +264,9 @@ fn main() {
         }
     }
     println!();
-    println!("| process | dirty rate | mode | freeze | total | rounds | sent | raw transfer of the same bytes | total / raw |");
+    println!(
+        "| process | dirty rate | mode | freeze | total | rounds | sent | raw transfer of the same bytes | total / raw |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(

@@ -223,7 +223,10 @@ fn fill(t: &mut Target<'_>) -> Result<(), RestoreError> {
                 .page_sum(at + (a - addr), page)
                 .map_err(RestoreError::os("checking a page"))?;
             if ckpt.sums.get(seg.first_sum + k) != Some(&got) {
-                return Err(RestoreError::PageChecksum { path: path.to_path_buf(), addr: a });
+                return Err(RestoreError::PageChecksum {
+                    path: path.to_path_buf(),
+                    addr: a,
+                });
             }
         }
     }

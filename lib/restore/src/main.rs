@@ -13,7 +13,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: om-restore DIR [--ready-fd N] [--pages-fd N] [--hold-fd N] | om-restore --describe DIR");
+    eprintln!(
+        "usage: om-restore DIR [--ready-fd N] [--pages-fd N] [--hold-fd N] | om-restore --describe DIR"
+    );
     ExitCode::from(2)
 }
 

@@ -435,13 +435,7 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         }
         committed
     });
-    let running = running.and_then(|()| {
-        if committed {
-            Ok(())
-        } else {
-            Err(RestoreError::NotCommitted)
-        }
-    });
+    let running = running.and_then(|()| committed.then_some(()).ok_or(RestoreError::NotCommitted));
     if let Err(e) = running {
         if let Some(pid) = child_of(init) {
             sys::kill(pid, libc::SIGKILL);

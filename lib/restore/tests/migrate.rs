@@ -108,7 +108,10 @@ impl Cluster {
             {
                 return p;
             }
-            assert!(Instant::now() < deadline, "no process registered on node {node}: {text}");
+            assert!(
+                Instant::now() < deadline,
+                "no process registered on node {node}: {text}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -154,10 +157,17 @@ fn omctl(control: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn json_num(json: &str, key: &str) -> Option<f64> {
+fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
     let rest = &json[at..];
-    rest[..rest.find([',', '}'])?].parse().ok()
+    Some(&rest[..rest.find([',', '}'])?])
+}
+
+/// The copy's pid on the destination, from the report.
+fn pid_there(json: &str) -> u32 {
+    json_field(json, "pid_there")
+        .and_then(|p| p.parse().ok())
+        .expect("pid_there")
 }
 
 fn finish(mut k: Kill) -> (Vec<u8>, std::process::ExitStatus) {
@@ -191,7 +201,7 @@ fn migrate_along_with(
         let r = c
             .migrate_with(at, pid, to, extra)
             .unwrap_or_else(|e| panic!("{name}: migration {at} -> {to}: {e}"));
-        pid = json_num(&r, "pid_there").unwrap() as u32;
+        pid = pid_there(&r);
         reports.push(r);
         at = to;
     }
@@ -260,7 +270,7 @@ fn a_line_every_millisecond_is_neither_lost_nor_repeated() {
     let (run, pid) = c.run(0, &w);
     std::thread::sleep(Duration::from_millis(random_ms(300, 900)));
     let r = c.migrate(0, pid, 1).expect("migrate 0 -> 1");
-    let there = json_num(&r, "pid_there").unwrap() as u32;
+    let there = pid_there(&r);
     std::thread::sleep(Duration::from_millis(random_ms(300, 900)));
     c.migrate(1, there, 0).expect("migrate 1 -> 0");
     let (out, status) = finish(run);
@@ -270,7 +280,11 @@ fn a_line_every_millisecond_is_neither_lost_nor_repeated() {
         .lines()
         .map(|l| l.parse().unwrap())
         .collect();
-    assert_eq!(lines, (0..4000).collect::<Vec<u32>>(), "lines lost or repeated ({r})");
+    assert_eq!(
+        lines,
+        (0..4000).collect::<Vec<u32>>(),
+        "lines lost or repeated ({r})"
+    );
     c.rig.teardown().unwrap();
 }
 
@@ -334,7 +348,10 @@ fn destination_dies(fault: &str) {
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "{fault}: a copy is still there: {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{fault}: a copy is still there: {left:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     c.rig.teardown().unwrap();
@@ -395,10 +412,7 @@ fn a_wrong_cluster_key_is_refused_before_anything_is_frozen() {
     let out = omctl(c.control(0), &["migrate", &pid.to_string(), "--to", &other]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        err.contains("connecting to omd"),
-        "{err}"
-    );
+    assert!(err.contains("connecting to omd"), "{err}");
     let (got, status) = finish(run);
     assert!(status.success());
     assert_eq!(String::from_utf8(got).unwrap().lines().count(), 1500);

@@ -94,8 +94,8 @@ fn connect(path: &PathBuf) -> UnixStream {
     }
 }
 
-fn control_loop(path: &PathBuf) {
-    let mut path = path.clone();
+fn control_loop(path: &std::path::Path) {
+    let mut path = path.to_path_buf();
     let mut stream = connect(&path);
     loop {
         let mut line = String::new();

@@ -16,7 +16,7 @@ mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use om_transport::error::chain;
@@ -209,7 +209,9 @@ fn run_job(frame: u64) {
 pub fn checkpoint(dir: &Path, leave_frozen: bool) -> Result<Outcome, CaptureError> {
     check()?;
     let dir = dir.to_path_buf();
-    match freeze_and_run(Box::new(move |frame, started| state::write_image(&dir, frame, started)))? {
+    match freeze_and_run(Box::new(move |frame, started| {
+        state::write_image(&dir, frame, started)
+    }))? {
         Captured::Restored => Ok(Outcome::Restored),
         Captured::Source(summary, frozen) => {
             if !leave_frozen {

@@ -355,7 +355,10 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
                 Err(e) => return Err(fail_dirty(&mut session, MigrateError::Capture(e))),
             };
             if now != session.table {
-                let b = Begin { info, vmas: now.clone() };
+                let b = Begin {
+                    info,
+                    vmas: now.clone(),
+                };
                 if let Err(source) = session.sender.update_vmas(&b) {
                     let round = rounds.len();
                     return Err(fail_dirty(&mut session, MigrateError::Round { round, source }));
@@ -492,7 +495,11 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
 }
 
 /// The final round, in the control thread's handler with every other thread parked.
-fn final_round(shared: &Mutex<Option<Session>>, frame: u64, started: Instant) -> Result<Summary, CaptureError> {
+fn final_round(
+    shared: &Mutex<Option<Session>>,
+    frame: u64,
+    started: Instant,
+) -> Result<Summary, CaptureError> {
     let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
     let Some(s) = guard.as_mut() else {
         return Err(CaptureError::NotRun);
@@ -522,7 +529,9 @@ fn final_round(shared: &Mutex<Option<Session>>, frame: u64, started: Instant) ->
             .send_round(Readable::copied(&runs), &zero, true)
             .map_err(CaptureError::Send)?;
         for r in &snap.records {
-            s.sender.send_record(r.kind, &r.bytes).map_err(CaptureError::Send)?;
+            s.sender
+                .send_record(r.kind, &r.bytes)
+                .map_err(CaptureError::Send)?;
         }
         if let Some(h) = &s.home {
             s.sender

@@ -537,18 +537,6 @@ pub fn setitimer(which: i32, interval_us: u64, value_us: u64) -> io::Result<()> 
     .map(drop)
 }
 
-#[cfg(test)]
-mod itimer_tests {
-    #[test]
-    fn itimers_round_trip() {
-        super::setitimer(0, 500_000, 900_000).unwrap();
-        let (i, v) = super::getitimer(0);
-        super::setitimer(0, 0, 0).unwrap();
-        assert_eq!(i, 500_000);
-        assert!(v > 800_000 && v <= 900_000, "{v}");
-    }
-}
-
 /// Sets `FD_CLOEXEC` on `fd`.
 ///
 /// # Errors
@@ -565,4 +553,16 @@ pub fn set_cloexec(fd: i32) -> io::Result<()> {
 pub fn write_fd(fd: i32, bytes: &[u8]) {
     // SAFETY: `bytes` is readable for its length; write(2) on a number touches nothing else.
     let _ = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+#[cfg(test)]
+mod itimer_tests {
+    #[test]
+    fn itimers_round_trip() {
+        super::setitimer(0, 500_000, 900_000).unwrap();
+        let (i, v) = super::getitimer(0);
+        super::setitimer(0, 0, 0).unwrap();
+        assert_eq!(i, 500_000);
+        assert!(v > 800_000 && v <= 900_000, "{v}");
+    }
 }

@@ -84,7 +84,11 @@ unsafe fn send_piecewise(fd: BorrowedFd<'_>, iovs: &[libc::iovec], heads: usize)
         let mut at = v.iov_base as usize;
         let end = at + v.iov_len;
         while at < end {
-            let k = if i < heads { end - at } else { (end - at).min(PIECE - at % PIECE) };
+            let k = if i < heads {
+                end - at
+            } else {
+                (end - at).min(PIECE - at % PIECE)
+            };
             // SAFETY: `k` bytes at `at` lie in this entry; the kernel only reads them.
             let n = unsafe { libc::send(fd.as_raw_fd(), at as *const libc::c_void, k, libc::MSG_NOSIGNAL) };
             if n >= 0 {
@@ -124,7 +128,12 @@ unsafe fn send_piecewise(fd: BorrowedFd<'_>, iovs: &[libc::iovec], heads: usize)
     Ok(())
 }
 
-unsafe fn send_vectored_inner(fd: BorrowedFd<'_>, head: &[&[u8]], runs: &[MemRun], tolerant: bool) -> io::Result<()> {
+unsafe fn send_vectored_inner(
+    fd: BorrowedFd<'_>,
+    head: &[&[u8]],
+    runs: &[MemRun],
+    tolerant: bool,
+) -> io::Result<()> {
     let n_head = head.iter().filter(|b| !b.is_empty()).count();
     let mut iovs: Vec<libc::iovec> = head
         .iter()
@@ -249,8 +258,9 @@ mod tests {
                 -1,
                 0,
             )
-        } as usize;
-        assert_ne!(base as isize, -1);
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let base = base as usize;
         for p in 0..4 {
             // SAFETY: inside the mapping made above.
             unsafe { std::ptr::write_bytes((base + p * P) as *mut u8, 0x11 * (p as u8 + 1), P) };
@@ -264,8 +274,14 @@ mod tests {
             v
         });
         let runs = [
-            MemRun { addr: base, len: 3 * P },
-            MemRun { addr: base + 3 * P, len: P },
+            MemRun {
+                addr: base,
+                len: 3 * P,
+            },
+            MemRun {
+                addr: base + 3 * P,
+                len: P,
+            },
         ];
         // SAFETY: the runs are our mapping, one page of which is gone on purpose.
         unsafe { send_vectored_tolerant(a.as_fd(), &[b"head"], &runs) }.unwrap();

@@ -14,8 +14,8 @@ use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
 use crate::wire::{
-    self, Batch, Begin, EndRound, ErrorCode, Hello, ImageInfo, Kind, MAX_ACK_RUNS, Record, Role, RoundAck, WireError,
-    Zero, caps,
+    self, Batch, Begin, EndRound, ErrorCode, Hello, ImageInfo, Kind, MAX_ACK_RUNS, Record, Role, RoundAck,
+    WireError, Zero, caps,
 };
 
 /// Receiver settings.
@@ -326,9 +326,9 @@ impl<S: ImageStore> Receiver<S> {
                         }
                     }
                     if table.info != begin.info {
-                        return Err(conn.wire(WireError::Invalid(
-                            "a new VMA table for another process".into(),
-                        )));
+                        return Err(
+                            conn.wire(WireError::Invalid("a new VMA table for another process".into()))
+                        );
                     }
                     image.relayout(&table).map_err(|(c, m)| refused(conn, c, m))?;
                 }

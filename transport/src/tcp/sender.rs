@@ -258,10 +258,7 @@ fn send_batch(
                 peer: conn.peer().to_owned(),
                 source,
             })?;
-        let sums: Vec<u32> = bounce[..len]
-            .chunks(ps)
-            .map(crate::sys::page_sum_bytes)
-            .collect();
+        let sums: Vec<u32> = bounce[..len].chunks(ps).map(crate::sys::page_sum_bytes).collect();
         let body = Batch::encode(round, batch.runs(), &sums, page_size);
         return conn.send_with_bytes(Kind::Batch, &body, &bounce[..len]);
     }
@@ -403,7 +400,11 @@ impl PageSender for TcpSender {
             .and_then(|b| wire::msg::decode_u64(&b, "committed").map_err(|e| self.control.wire(e)));
         match r {
             Ok(id) => {
-                self.state = if self.migrate { State::Prepared } else { State::Done };
+                self.state = if self.migrate {
+                    State::Prepared
+                } else {
+                    State::Done
+                };
                 for d in self.data.drain(..) {
                     d.shutdown();
                 }
@@ -425,8 +426,9 @@ impl PageSender for TcpSender {
             .and_then(|()| self.control.expect(Kind::Running, "after go"))
             .and_then(|b| wire::msg::decode_u64(&b, "running").map_err(|e| self.control.wire(e)))?;
         u32::try_from(pid).map_err(|_| {
-            self.control
-                .wire(wire::WireError::Invalid(format!("running pid {pid} out of range")))
+            self.control.wire(wire::WireError::Invalid(format!(
+                "running pid {pid} out of range"
+            )))
         })
     }
 
