@@ -34,8 +34,33 @@ fn heap_end() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs the test `name` of this binary alone in a child process, with no other test harness thread:
+/// a tracker whose scope is the whole process write-protects every thread's memory, and the
+/// harness's own threads (result reporting, output capture) must not share the process with it.
+fn alone(name: &str) -> bool {
+    if std::env::var_os("OM_TEST_ALONE").is_some() {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env("OM_TEST_ALONE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name} in a child process: {:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}
+
 #[test]
 fn whole_process_sees_new_heap_new_thread_stacks_and_statics() {
+    if !alone("whole_process_sees_new_heap_new_thread_stacks_and_statics") {
+        return;
+    }
     let _s = serial();
     for mechanism in [Mechanism::UffdWp, Mechanism::Full, Mechanism::Mprotect] {
         let writable_at_start: Vec<_> = dirty::maps::read_self()
