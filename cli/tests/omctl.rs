@@ -15,7 +15,10 @@ fn omctl(args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn unbuilt_operations_say_so() {
     for (args, what) in [
-        (&["migrate", "123", "--to", "10.0.0.2:7070"][..], "live migration"),
+        (
+            &["migrate", "123", "--to", "10.0.0.2:7070", "--transport", "verbs"][..],
+            "migration over verbs",
+        ),
         (
             &[
                 "migrate",
@@ -23,10 +26,10 @@ fn unbuilt_operations_say_so() {
                 "--to",
                 "10.0.0.2:7070",
                 "--json",
-                "--downtime",
-                "20",
+                "--transport",
+                "sci",
             ][..],
-            "live migration",
+            "migration over Dolphin SCI",
         ),
     ] {
         let (code, err) = omctl(args);
@@ -36,6 +39,20 @@ fn unbuilt_operations_say_so() {
             "{args:?}: {err}"
         );
     }
+}
+
+#[test]
+fn migrate_without_omd_is_a_clear_error() {
+    let (code, err) = omctl(&[
+        "--control",
+        "/nonexistent/omd.sock",
+        "migrate",
+        "123",
+        "--to",
+        "10.0.0.2:7070",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach omd"), "{err}");
 }
 
 #[test]

@@ -1,10 +1,9 @@
 //! The README's demo: `cargo run --release --bin om-demo`.
 //!
-//! It builds om's programs, starts an `omd` on loopback, runs a small threaded computation under
-//! `omrun`, checkpoints it part-way (the process ends), restarts it from the image (it goes on with the
-//! same pid, threads and state and prints exactly what an uninterrupted run prints), and asks `omctl`
-//! to migrate a program. Live migration has not landed yet, so the demo says so; it grows with every
-//! feature.
+//! It builds om's programs, starts two `omd`s on loopback (two "nodes"), runs a small threaded
+//! computation under `omrun`, migrates it live to the other node and back while it runs (its output
+//! keeps coming through omrun), checkpoints another run part-way and restarts it from the image; each
+//! time the output is byte for byte what an uninterrupted run prints.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -43,8 +42,8 @@ fn demo() -> Res<()> {
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     step("summary");
-    println!("  omd, omrun's home anchor, checkpoint and restart work; live migration is not built yet and");
-    println!("  says so. This demo will migrate a running program once it lands.");
+    println!("  a running program moved to another omd and back without noticing, its output and exit");
+    println!("  status kept by omrun at home; a checkpointed program came back from its image.");
     Ok(())
 }
 
@@ -63,6 +62,8 @@ fn with_omd(bin: &Path, dir: &Path) -> Res<()> {
         .arg(&key)
         .arg("--control")
         .arg(&control)
+        .arg("--state-dir")
+        .arg(dir.join("state-a"))
         .env("OM_LOG", "warn")
         .spawn()?;
     let reply = wait_ping(&control, Duration::from_secs(10));
@@ -86,29 +87,143 @@ fn with_omd(bin: &Path, dir: &Path) -> Res<()> {
 
     checkpoint_and_restart(bin, &control, dir)?;
 
-    step("ask omctl to migrate a running program");
-    let mut sleeper = Command::new(bin.join("omrun"))
-        .args(["--", "sleep", "30"])
-        .stdin(Stdio::null())
-        .spawn()?;
-    let out = Command::new(bin.join("omctl"))
+    step("start a second omd (node B) with the same key");
+    let control_b = dir.join("omd-b.sock");
+    let port_b = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listen_b = format!("127.0.0.1:{port_b}");
+    let mut omd_b = Command::new(bin.join("omd"))
+        .args(["--listen", &listen_b, "--key"])
+        .arg(&key)
         .arg("--control")
-        .arg(&control)
-        .args(["migrate", &sleeper.id().to_string(), "--to", "127.0.0.1:7070"])
-        .output()?;
-    print!("  omctl says: {}", String::from_utf8_lossy(&out.stderr));
-    println!("  (exit code {})", out.status.code().unwrap_or(-1));
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
+        .arg(&control_b)
+        .arg("--state-dir")
+        .arg(dir.join("state-b"))
+        .env("OM_LOG", "warn")
+        .spawn()?;
+    wait_ping(&control_b, Duration::from_secs(10)).ok_or("the second omd did not start")?;
+    println!(
+        "  $ omd --listen {listen_b} --key {} --control {}",
+        key.display(),
+        control_b.display()
+    );
 
-    step("stop omd");
+    let result = live_migration(bin, &control, &listen, &control_b, &listen_b);
+
+    step("stop both omds");
+    nix_term(omd_b.id());
+    let _ = omd_b.wait();
     nix_term(omd.id());
     let st = omd.wait()?;
     println!(
         "  omd stopped ({st}); control socket removed: {}",
         !control.exists()
     );
+    result
+}
+
+/// Runs om-counter under omrun on A, moves it to B and back while it runs, and compares what omrun
+/// printed with an uninterrupted run.
+fn live_migration(bin: &Path, control_a: &Path, listen_a: &str, control_b: &Path, listen_b: &str) -> Res<()> {
+    step("live migration: run a computation under omrun on A, move it to B and back while it runs");
+    let counter = bin.join("om-counter");
+    let plain = Command::new(&counter).arg("60").stdin(Stdio::null()).output()?;
+    let mut run = Command::new(bin.join("omrun"))
+        .arg("--control")
+        .arg(control_a)
+        .arg("--")
+        .arg(&counter)
+        .arg("60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(run.stdout.take().ok_or("no stdout")?);
+    let mut got = Vec::new();
+    let mut line = String::new();
+    // A few lines at home first.
+    for _ in 0..5 {
+        out.read_line(&mut line)?;
+        print!("  | {line}");
+        got.extend_from_slice(line.as_bytes());
+        line.clear();
+    }
+    let pid = registered_child(control_a, run.id()).ok_or("the program did not register with omd")?;
+    let omctl = |control: &Path, args: &[&str]| {
+        Command::new(bin.join("omctl"))
+            .arg("--control")
+            .arg(control)
+            .args(args)
+            .output()
+    };
+    println!("  $ omctl migrate {pid} --to {listen_b}");
+    let m = omctl(control_a, &["migrate", &pid.to_string(), "--to", listen_b])?;
+    for l in String::from_utf8_lossy(&m.stdout).lines() {
+        println!("  {l}");
+    }
+    if !m.status.success() {
+        return Err(format!("migration failed: {}", String::from_utf8_lossy(&m.stderr)).into());
+    }
+    let report = String::from_utf8_lossy(&m.stdout).into_owned();
+    let there = report
+        .split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .ok_or("no pid in the report")?
+        .to_owned();
+    for _ in 0..5 {
+        out.read_line(&mut line)?;
+        print!("  | {line}");
+        got.extend_from_slice(line.as_bytes());
+        line.clear();
+    }
+    println!("  (these lines came from node B through omrun on A)");
+    println!("  $ omctl migrate {there} --to {listen_a}     (on B, back home)");
+    let m = omctl(control_b, &["migrate", &there, "--to", listen_a])?;
+    for l in String::from_utf8_lossy(&m.stdout).lines() {
+        println!("  {l}");
+    }
+    if !m.status.success() {
+        return Err(format!("migration back failed: {}", String::from_utf8_lossy(&m.stderr)).into());
+    }
+    while out.read_line(&mut line)? > 0 {
+        print!("  | {line}");
+        got.extend_from_slice(line.as_bytes());
+        line.clear();
+    }
+    let st = run.wait()?;
+    println!("  omrun exited with {st}");
+    let same = got == plain.stdout && st.code() == plain.status.code();
+    println!(
+        "  output and exit status across two migrations are {} an uninterrupted run's",
+        if same { "byte for byte" } else { "NOT" }
+    );
+    if !same {
+        return Err("the migrated output differs".into());
+    }
     Ok(())
+}
+
+/// The pid of omrun's child once its runtime registered with the omd at `control`.
+fn registered_child(control: &Path, omrun: u32) -> Option<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = UnixStream::connect(control) {
+            let _ = s.write_all(b"ps\n");
+            let mut line = String::new();
+            if BufReader::new(s).read_line(&mut line).is_ok() {
+                let found = line.split_whitespace().find_map(|w| {
+                    let p: u32 = w.strip_prefix("pid=")?.split(',').next()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    (ppid == omrun).then_some(p)
+                });
+                if found.is_some() {
+                    return found;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 fn checkpoint_and_restart(bin: &Path, control: &Path, dir: &Path) -> Res<()> {

@@ -457,7 +457,8 @@ impl<S: ImageStore> Receiver<S> {
             ));
         }
         if !suspects.is_empty() {
-            tracing::warn!(
+            // Expected while a running process is copied: pages written in flight.
+            tracing::debug!(
                 round = end.round,
                 pages = p.suspects.len(),
                 first = format_args!("{:#x}", p.suspects[0]),
