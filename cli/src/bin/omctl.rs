@@ -150,7 +150,7 @@ fn main() -> ExitCode {
             let line = format!("checkpoint {pid} {} {}", u8::from(leave_running), dir.display());
             answer(&control, &line)
         }
-        Cmd::Restart { dir, detach } => restart(&dir, detach),
+        Cmd::Restart { dir, detach } => restart(&dir, detach, &control),
         Cmd::Ps => answer(&control, "ps"),
     }
 }
@@ -177,11 +177,12 @@ fn answer(control: &std::path::Path, line: &str) -> ExitCode {
 }
 
 /// Runs `om-restore` (installed next to omctl) on `dir`, in the foreground unless `detach`.
-/// Detached, omctl waits until the program runs again and prints its pid on this node.
-fn restart(dir: &std::path::Path, detach: bool) -> ExitCode {
+/// Detached, omctl waits until the program runs again and prints its pid on this node. The restored
+/// runtime registers with the omd at `control` (om-restore tells it through its restore marker).
+fn restart(dir: &std::path::Path, detach: bool, control: &std::path::Path) -> ExitCode {
     let restorer = om_cli::sibling("om-restore");
     let mut cmd = std::process::Command::new(&restorer);
-    cmd.arg(dir);
+    cmd.arg(dir).env(om::control::CONTROL_ENV, control);
     if detach {
         return restart_detached(cmd);
     }

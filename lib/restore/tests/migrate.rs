@@ -9,33 +9,10 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use common::{Kill, Workload, bin_dir, build, ps_pid, workload_source};
+use common::{Kill, Workload, bin_dir, build, program, ps_pid, random_ms, workload_source};
 use om_rig::{OmdHandle, Rig};
-
-/// A delay in `lo..hi` ms from the clock: the migration lands at a different place in each run.
-fn random_ms(lo: u64, hi: u64) -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    lo + x % (hi - lo)
-}
-
-fn program(path: PathBuf, args: &[&str]) -> Workload {
-    Workload {
-        argv: std::iter::once(path.into_os_string())
-            .chain(args.iter().map(Into::into))
-            .collect(),
-        stdin: None,
-        cwd: None,
-    }
-}
 
 struct Cluster {
     rig: Rig,

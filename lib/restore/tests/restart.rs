@@ -8,32 +8,9 @@ mod common;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use common::{Kill, Node, Workload, bin_dir, build, stdout_of, workload_source};
-
-/// A delay in `lo..hi` ms from the clock: the checkpoint lands at a different place in each run.
-fn random_ms(lo: u64, hi: u64) -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    lo + x % (hi - lo)
-}
-
-fn program(path: PathBuf, args: &[&str]) -> Workload {
-    Workload {
-        argv: std::iter::once(path.into_os_string())
-            .chain(args.iter().map(Into::into))
-            .collect(),
-        stdin: None,
-        cwd: None,
-    }
-}
+use common::{Kill, Node, Workload, bin_dir, build, program, random_ms, stdout_of, workload_source};
 
 /// `omctl restart DIR` in the foreground, stdout piped.
 fn restart(node: &Node, ck: &std::path::Path) -> Kill {

@@ -236,3 +236,28 @@ pub fn stdout_of(child: &mut Kill) -> (Vec<u8>, std::process::ExitStatus) {
     let status = child.0.wait().unwrap();
     (out, status)
 }
+
+/// A delay in `lo..hi` ms from the clock: a checkpoint or migration lands at a different place in
+/// each run.
+pub fn random_ms(lo: u64, hi: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    lo + x % (hi - lo)
+}
+
+/// A workload running `path args` with stdin on /dev/null in the current directory.
+pub fn program(path: PathBuf, args: &[&str]) -> Workload {
+    Workload {
+        argv: std::iter::once(path.into_os_string())
+            .chain(args.iter().map(Into::into))
+            .collect(),
+        stdin: None,
+        cwd: None,
+    }
+}
