@@ -91,7 +91,8 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
     );
     assert!(request(&control, "ping").starts_with("OK omd "));
     assert_eq!(request(&control, "ps").trim_end(), "OK 0");
-    assert!(request(&control, "migrate 1").contains("not built yet"));
+    assert!(request(&control, "migrate 1").starts_with("ERR usage: migrate"));
+    assert!(request(&control, "migrate 99999 127.0.0.1:1 50 30 precopy").contains("not an om process"));
     assert!(request(&control, "bogus").starts_with("ERR unknown request"));
 
     // A second omd on the same control socket is refused, and the first keeps it.
