@@ -134,7 +134,10 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
     let sfd = SignalFd::with_flags(&mask, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)
         .map_err(AnchorError::SignalFd)?;
 
-    let listener = TcpListener::bind(("0.0.0.0", 0)).map_err(AnchorError::Relay)?;
+    // Both address families where the node has IPv6 (a v6 socket takes v4 too), else v4.
+    let listener = TcpListener::bind(("::", 0))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
+        .map_err(AnchorError::Relay)?;
     let port = listener.local_addr().map_err(AnchorError::Relay)?.port();
     let token: [u8; 32] = om_transport::auth::random_bytes();
     let (home_end, child_end) = UnixStream::pair().map_err(AnchorError::Relay)?;
@@ -263,8 +266,13 @@ impl Home {
                             }
                         }
                     }
-                    Msg::Moved(left) => hop.moved = Some(left),
+                    Msg::Moved(left) => {
+                        hop.moved = Some(left);
+                        hop.writer = None;
+                    }
                     Msg::Exit(status) => hop.exit = Some(status),
+                    // Signals that reached a copy while it was moving on: for the next one.
+                    Msg::Signal(sig) => self.signals.push(sig),
                     other => tracing::warn!(generation = g, ?other, "unexpected relay message"),
                 }
                 return Ok(self.advance());
@@ -458,17 +466,33 @@ fn spawn_signals(sfd: SignalFd, tx: mpsc::Sender<Event>) {
     });
 }
 
+/// Handshakes in progress at once, at most: unauthenticated peers cannot pile up threads.
+const MAX_HANDSHAKES: usize = 16;
+
 fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>) {
-    std::thread::spawn(move || {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let busy = Arc::new(AtomicUsize::new(0));
+    let _ = std::thread::Builder::new().name("omrun-relay".into()).spawn(move || {
         for s in listener.incoming().flatten() {
-            let (tx, token) = (tx.clone(), token.clone());
-            std::thread::spawn(move || match relay::accept(s, &token, Duration::from_secs(10)) {
-                Ok((conn, g)) => {
-                    tracing::debug!(generation = g, peer = conn.peer(), "relay attached");
-                    let _ = tx.send(Event::Attached(g, Box::new(conn)));
+            if busy.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                busy.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+            let (tx, token, busy) = (tx.clone(), token.clone(), Arc::clone(&busy));
+            let spawned = std::thread::Builder::new().spawn(move || {
+                match relay::accept(s, &token, Duration::from_secs(10)) {
+                    Ok((conn, g)) => {
+                        tracing::debug!(generation = g, peer = conn.peer(), "relay attached");
+                        let _ = tx.send(Event::Attached(g, Box::new(conn)));
+                    }
+                    Err(e) => tracing::warn!(error = %om_transport::error::chain(&e), "relay connection refused"),
                 }
-                Err(e) => tracing::warn!(error = %om_transport::error::chain(&e), "relay connection refused"),
+                busy.fetch_sub(1, Ordering::AcqRel);
             });
+            if spawned.is_err() {
+                tracing::warn!("cannot start a thread for a relay connection");
+            }
         }
     });
 }

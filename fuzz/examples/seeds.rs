@@ -110,6 +110,7 @@ fn main() {
     let manifest = Checkpoint {
         dir: ".".into(),
         page_size: P,
+        version: 2,
         begin: begin(),
         runs: vec![
             Run {

@@ -51,6 +51,7 @@ pub fn write(image: &Image, dir: &Path) -> Result<u64, CheckpointError> {
     write_manifest(&Checkpoint {
         dir: dir.to_path_buf(),
         page_size: ps,
+        version: VERSION,
         begin: Begin {
             info: *image.info(),
             vmas: image.vmas().to_vec(),

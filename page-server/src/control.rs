@@ -27,7 +27,7 @@ pub const MAX_REQUEST: usize = 4096;
 ///   process whose own pid, in its namespace, is V), and ` pid=PID,at=IP:PORT` per process that
 ///   migrated away from here
 /// - `migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS MODE`: asks the runtime of PID to migrate to the omd at
-///   IP:PORT (MODE `precopy`, `auto-converge` or `stop-and-copy`) with this omd's cluster key; the
+///   IP:PORT (MODE `precopy` or `stop-and-copy`) with this omd's cluster key; the
 ///   answer is the runtime's (`OK moved ...` with a JSON report, or `ERR ...`)
 #[must_use]
 pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> String {
@@ -96,7 +96,7 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     .ok()
                     .filter(|_| to.parse::<std::net::SocketAddr>().is_ok())
                     .filter(|_| downtime.parse::<u32>().is_ok() && rounds.parse::<u32>().is_ok())
-                    .filter(|_| matches!(*mode, "precopy" | "auto-converge" | "stop-and-copy"))
+                    .filter(|_| matches!(*mode, "precopy" | "stop-and-copy"))
                     .map(|pid| {
                         (
                             pid,
@@ -106,16 +106,30 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                 _ => None,
             };
             match parsed {
-                Some((pid, req)) => match runtimes.ask(pid, &req) {
-                    Ok(reply) if reply.starts_with("OK") || reply.starts_with("ERR") => reply,
-                    Ok(reply) => format!(
-                        "ERR unexpected answer from process {pid}: {}",
-                        truncate(&reply, 200)
-                    ),
-                    Err(e) => format!("ERR {e}"),
-                },
-                None => "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|auto-converge|stop-and-copy"
-                    .to_owned(),
+                Some((pid, req)) => {
+                    runtimes.begin_migrating(pid);
+                    let reply = match runtimes.ask(pid, &req) {
+                        Ok(reply) if reply.starts_with("OK") || reply.starts_with("ERR") => reply,
+                        Ok(reply) => format!(
+                            "ERR unexpected answer from process {pid}: {}",
+                            truncate(&reply, 200)
+                        ),
+                        Err(e) => format!("ERR {e}"),
+                    };
+                    if !reply.starts_with("OK moved") {
+                        // It runs on here: what was held for it arrives now.
+                        for sig in runtimes.end_migrating(pid) {
+                            if let Ok(s) = nix::sys::signal::Signal::try_from(sig) {
+                                let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+                                let _ = nix::sys::signal::kill(pid, s);
+                            }
+                        }
+                    }
+                    reply
+                }
+                None => {
+                    "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|stop-and-copy".to_owned()
+                }
             }
         }
         Some("checkpoint") => {

@@ -603,14 +603,21 @@ impl ImageSink for Image {
     fn relayout(&self, begin: &Begin) -> Result<(), Refusal> {
         let mut layout = lock(&self.layout);
         // Pages of the old table that the new one does not cover are gone from the process.
+        // Both tables are sorted: one walk over them.
         let mut gone = Vec::new();
+        let mut k = 0;
         for v in &layout.vmas {
+            while k < begin.vmas.len() && begin.vmas[k].end <= v.start {
+                k += 1;
+            }
             let mut at = v.start;
-            for c in begin.vmas.iter().filter(|c| c.end > v.start && c.start < v.end) {
+            let mut j = k;
+            while let Some(c) = begin.vmas.get(j).filter(|c| c.start < v.end) {
                 if c.start > at {
                     gone.push(at..c.start);
                 }
                 at = at.max(c.end);
+                j += 1;
             }
             if at < v.end {
                 gone.push(at..v.end);

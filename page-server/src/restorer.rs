@@ -33,7 +33,7 @@ use om_transport::wire::{Begin, ErrorCode};
 use crate::image::Image;
 use crate::runtimes::Runtimes;
 
-/// How long om-restore may take to prepare a copy.
+/// How long om-restore may take to prepare a copy (a poll timeout: at most 65 s).
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the relay tries to reach the home.
 const HOME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -92,6 +92,7 @@ impl Restorer {
         let ckpt = Checkpoint {
             dir: dir.clone(),
             page_size: image.page_size(),
+            version: om::image::checkpoint::VERSION,
             begin: Begin {
                 info: *image.info(),
                 vmas: image.vmas(),
@@ -140,7 +141,22 @@ impl Restorer {
         drop((ready_w, hold_r));
         let stderr = File::from(err_r);
         let mut line = String::new();
-        let got = BufReader::new(File::from(ready_r)).read_line(&mut line);
+        let ready = File::from(ready_r);
+        let in_time = {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            use std::os::fd::AsFd;
+            let mut fds = [PollFd::new(ready.as_fd(), PollFlags::POLLIN)];
+            let ms = u16::try_from(PREPARE_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
+            matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+        };
+        let got = if in_time {
+            BufReader::new(ready).read_line(&mut line)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "om-restore did not get ready",
+            ))
+        };
         let pid = match (got, line.trim().parse::<u32>()) {
             (Ok(_), Ok(pid)) => pid,
             _ => {
@@ -168,9 +184,6 @@ impl Restorer {
                 ));
             }
         };
-        if started.elapsed() > PREPARE_TIMEOUT {
-            tracing::warn!(pid, "slow restore");
-        }
         tracing::info!(
             pid,
             image = image.image_id(),
@@ -203,14 +216,30 @@ impl Prepared {
             .hold
             .take()
             .ok_or((ErrorCode::Internal, "no hold pipe".to_owned()))?;
-        hold.write_all(b"g").map_err(internal("starting the copy"))?;
-        drop(hold);
         let _ = fs::remove_dir_all(&self.dir);
+        // The relay thread exists before the copy may run: once `g` is written nothing can fail.
+        let (start, started) = std::sync::mpsc::channel::<bool>();
         thread::Builder::new()
             .name(format!("omd-relay-{pid}"))
-            .spawn(move || self.relay())
+            .spawn(move || {
+                if started.recv() == Ok(true) {
+                    self.relay();
+                } else {
+                    let _ = self.child.wait();
+                }
+            })
+            // Dropping `hold` on the way out discards the copy.
             .map_err(internal("starting the relay"))?;
-        Ok(pid)
+        match hold.write_all(b"g") {
+            Ok(()) => {
+                let _ = start.send(true);
+                Ok(pid)
+            }
+            Err(e) => {
+                let _ = start.send(false);
+                Err(internal("starting the copy")(e))
+            }
+        }
     }
 
     /// Carries stdio, signals and the end of the copy between it and its home.
@@ -231,30 +260,29 @@ impl Prepared {
         let out = pump_home(self.stdout.try_clone().ok(), 1, Arc::clone(&writer));
         let err = pump_home(self.stderr.try_clone().ok(), 2, Arc::clone(&writer));
         let mut reader = conn;
-        let stdin = self.stdin.take();
+        // Input goes through a queue and a writer thread that never blocks the relay: what the
+        // copy has not taken when it moves on is handed back, nothing is lost.
+        let feed = Arc::new(Feed::default());
+        let writer_thread = self.stdin.take().map(|s| {
+            let feed = Arc::clone(&feed);
+            thread::spawn(move || feed.write_into(s))
+        });
         let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
+        let runtimes = self.runtimes.clone();
+        let input_feed = Arc::clone(&feed);
         let _input = thread::spawn(move || {
-            let mut stdin = stdin;
             loop {
                 match relay::recv(&mut reader) {
-                    Ok(Msg::Input(b)) => {
-                        if let Some(s) = stdin.as_mut() {
-                            // A program that stops reading blocks only this thread.
-                            if s.write_all(&b).is_err() {
-                                stdin = None;
-                            }
-                        }
-                    }
+                    Ok(Msg::Input(b)) => input_feed.push(&b),
                     Ok(Msg::InputEnd) => {
-                        stdin = None;
+                        input_feed.end();
                         let _ = ended_tx.send(());
                     }
                     Ok(Msg::Signal(sig)) => {
-                        if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
-                                sig,
-                            );
+                        // While the copy here is being migrated on, signals wait: they belong to
+                        // wherever it runs next.
+                        if !runtimes.hold_signal(pid, sig) {
+                            deliver(pid, sig);
                         }
                     }
                     Ok(other) => tracing::warn!(pid, ?other, "unexpected relay message from home"),
@@ -265,13 +293,25 @@ impl Prepared {
         let status = self.child.wait();
         let _ = (out.join(), err.join());
         let moved = self.runtimes.take_moved(pid);
+        let held = self.runtimes.take_held(pid);
         let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(w) = w.as_mut() else { return };
         let end = if moved {
-            // The copy moved on: stop the home's input, then hand back what the copy left unread.
+            // The copy moved on: stop the home's input, then hand back what the copy left unread:
+            // its pipe first, then what was still queued.
             let _ = relay::send(w, &Msg::Stop);
             let _ = ended_rx.recv_timeout(HOME_TIMEOUT);
-            Msg::Moved(unread(&self.stdin_peek))
+            feed.stop();
+            if let Some(t) = writer_thread {
+                let _ = t.join();
+            }
+            for sig in held {
+                let _ = relay::send(w, &Msg::Signal(sig));
+            }
+            let mut left = unread(&self.stdin_peek);
+            left.extend(feed.take());
+            left.truncate(relay::MAX_LEFTOVER);
+            Msg::Moved(left)
         } else {
             let code = match &status {
                 Ok(s) => s.signal().unwrap_or_else(|| s.code().unwrap_or(1) << 8),
@@ -281,6 +321,8 @@ impl Prepared {
         };
         tracing::info!(pid, moved, ?status, "migrated process ended here");
         let _ = relay::send(w, &end);
+        // Nothing follows: the input thread ends on the closed connection, and omrun lets go.
+        w.shutdown();
     }
 }
 
@@ -338,6 +380,88 @@ fn pump_home(from: Option<File>, stream: u8, to: Arc<Mutex<Option<Conn>>>) -> th
             }
         }
     })
+}
+
+/// Sends `sig` to process `pid` of this node.
+fn deliver(pid: u32, sig: i32) {
+    if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)), sig);
+    }
+}
+
+/// Stdin bytes from home on their way into the copy's stdin pipe.
+#[derive(Debug, Default)]
+struct Feed {
+    state: Mutex<FeedState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct FeedState {
+    bytes: std::collections::VecDeque<u8>,
+    ended: bool,
+    stopped: bool,
+}
+
+impl Feed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, b: &[u8]) {
+        self.lock().bytes.extend(b);
+        self.cv.notify_all();
+    }
+
+    fn end(&self) {
+        self.lock().ended = true;
+        self.cv.notify_all();
+    }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.cv.notify_all();
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.lock().bytes.drain(..).collect()
+    }
+
+    /// Writes queued bytes into `pipe` (made non-blocking) until the input ends or the feed stops;
+    /// bytes not written stay queued.
+    fn write_into(&self, pipe: File) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let _ = nix::fcntl::fcntl(
+            &pipe,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        let mut chunk = Vec::with_capacity(relay::MAX_CHUNK);
+        loop {
+            {
+                let mut st = self.lock();
+                while st.bytes.is_empty() && !st.ended && !st.stopped {
+                    st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+                if st.stopped || (st.bytes.is_empty() && st.ended) {
+                    return;
+                }
+                chunk.clear();
+                chunk.extend(st.bytes.iter().take(relay::MAX_CHUNK));
+            }
+            match (&pipe).write(&chunk) {
+                Ok(n) => {
+                    self.lock().bytes.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLOUT)];
+                    let _ = poll(&mut fds, PollTimeout::from(100u16));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// The bytes left in the copy's stdin pipe (it has ended; nobody writes any more).

@@ -31,6 +31,8 @@ pub struct Runtimes {
     inner: Arc<Mutex<BTreeMap<u32, Entry>>>,
     /// Processes that migrated away from this node: pid here, and where they went.
     moved: Arc<Mutex<BTreeMap<u32, String>>>,
+    /// Processes being migrated away, with the signals held for them meanwhile.
+    migrating: Arc<Mutex<BTreeMap<u32, Vec<i32>>>>,
 }
 
 /// False once the runtime's end of `conn` is closed. A connection busy with a request is alive.
@@ -94,6 +96,48 @@ impl Runtimes {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         map.retain(|_, e| connected(&e.conn));
         map.iter().map(|(p, e)| (*p, e.vpid)).collect()
+    }
+
+    /// Marks `pid` as being migrated: signals relayed to it are held until [`Runtimes::end_migrating`]
+    /// (the migration failed: they are delivered) or [`Runtimes::take_held`] (it moved on).
+    pub fn begin_migrating(&self, pid: u32) {
+        self.migrating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(pid, Vec::new());
+    }
+
+    /// Holds `sig` for `pid` if it is being migrated; false when it is not (deliver it now).
+    #[must_use]
+    pub fn hold_signal(&self, pid: u32, sig: i32) -> bool {
+        match self
+            .migrating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&pid)
+        {
+            Some(held) => {
+                held.push(sig);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The migration of `pid` failed: it runs on here; returns the signals held meanwhile.
+    #[must_use]
+    pub fn end_migrating(&self, pid: u32) -> Vec<i32> {
+        self.migrating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&pid)
+            .unwrap_or_default()
+    }
+
+    /// The signals held for `pid`, which moved on (they go to wherever it runs now).
+    #[must_use]
+    pub fn take_held(&self, pid: u32) -> Vec<i32> {
+        self.end_migrating(pid)
     }
 
     /// True (once) when the process `pid` of this node migrated away.

@@ -249,14 +249,17 @@ fn mark(t: &mut Target<'_>) -> Result<(), RestoreError> {
     let mut words = generation.to_le_bytes().to_vec();
     words.extend_from_slice(&t.plan.leftover.start.to_le_bytes());
     words.extend_from_slice(&(t.plan.leftover.end - t.plan.leftover.start).to_le_bytes());
-    // The omd of this node, for the runtime to register with.
-    let control = om::control::resolve_socket_path(None);
-    let mut path = [0u8; om::capture::CONTROL_PATH_MAX];
-    let p = control.as_os_str().as_encoded_bytes();
-    if p.len() < path.len() {
-        path[..p.len()].copy_from_slice(p);
+    // The omd of this node, for the runtime to register with. A version-1 image comes from a
+    // runtime whose marker ends after the 24 bytes above.
+    if t.ckpt.version >= 2 {
+        let control = om::control::resolve_socket_path(None);
+        let mut path = [0u8; om::capture::CONTROL_PATH_MAX];
+        let p = control.as_os_str().as_encoded_bytes();
+        if p.len() < path.len() {
+            path[..p.len()].copy_from_slice(p);
+        }
+        words.extend_from_slice(&path);
     }
-    words.extend_from_slice(&path);
     t.premap
         .write(at, &words)
         .map_err(RestoreError::os("writing the marker"))

@@ -65,6 +65,7 @@ fn main() -> ExitCode {
     }
     if let Some(fd) = pages {
         img.pages = format!("/proc/self/fd/{fd}").into();
+        img.pages_fd = Some(fd);
     }
     img.hold = hold.is_some();
     // These fds are only for the caller and this process: the program must not inherit them.

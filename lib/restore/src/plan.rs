@@ -294,7 +294,7 @@ pub fn plan(
     let specials = pair_specials(&here.specials, &process.specials)?;
     let marker_ok = vmas.iter().any(|v| {
         v.start <= process.restore_marker
-            && process.restore_marker + om::capture::MARKER_LEN <= v.end
+            && process.restore_marker + 24 <= v.end
             && v.flags & vma_flags::SHARED == 0
             && v.prot & libc::PROT_WRITE as u32 != 0
     });

@@ -46,6 +46,8 @@ pub struct Image {
     /// Hold the restored program before its first instruction until the caller says go (the
     /// prepared state of a migration's two-phase commit).
     pub hold: bool,
+    /// The descriptor `pages` names, when the caller handed it over (closed once it is opened).
+    pub pages_fd: Option<RawFd>,
 }
 
 impl Image {
@@ -85,6 +87,7 @@ impl Image {
         Ok(Self {
             pages: dir.join(om::image::checkpoint::PAGES),
             hold: false,
+            pages_fd: None,
             ckpt,
             process,
             threads,
@@ -421,6 +424,10 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         }
         None => None,
     };
+    // The child has its own copy of a handed-over pages fd: this process is done with it.
+    if let Some(fd) = img.pages_fd {
+        sys::close(fd);
+    }
     let mut committed = true;
     let running = watch(&plan, status_r, server.as_mut(), || {
         let Some(pid) = child_of(init) else {
@@ -443,6 +450,9 @@ pub fn restore(img: &Image, on_running: OnRunning<'_>) -> Result<Ended, RestoreE
         let _ = sys::wait_any();
         return Err(e);
     }
+    // Every page is in: the pages file (for a migration, omd's image memory) is let go while the
+    // program runs on.
+    drop(server);
     let mut st = [0u8; 4];
     let got = File::from(exit_r).read_exact(&mut st);
     let _ = sys::wait_any();

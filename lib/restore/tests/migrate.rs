@@ -266,6 +266,69 @@ fn a_line_every_millisecond_is_neither_lost_nor_repeated() {
 }
 
 #[test]
+fn stdin_reaches_the_program_in_order_across_hops() {
+    let c = Cluster::new(2);
+    // More input than any pipe holds, read slowly: bytes are in flight at every hop.
+    let input = std::env::temp_dir().join(format!("om-mig-stdin-{}", std::process::id()));
+    let text: String = (0..20000)
+        .map(|i| format!("input line {i:05} {}\n", "x".repeat(i % 37)))
+        .collect();
+    std::fs::write(&input, &text).unwrap();
+    let mut w = program(build("echoer.c"), &["150"]);
+    w.stdin = Some(input.clone());
+    migrate_along(&c, "echoer", &w, (300, 800), &[1, 0, 1]);
+    let _ = std::fs::remove_file(&input);
+    c.rig.teardown().unwrap();
+}
+
+/// A TERM sent to omrun while the process is being migrated (at home, then away) reaches it: the
+/// program ends by its handler, exactly once.
+fn term_during_migration(from_home: bool) {
+    let c = Cluster::new(2);
+    let w = program(build("signals.c"), &[]);
+    let (run, pid) = c.run(0, &w);
+    let (mut from, mut pid) = (0, pid);
+    if !from_home {
+        pid = pid_there(&c.migrate(0, pid, 1).expect("first hop"));
+        from = 1;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let to = 1 - from;
+    let control = c.control(from).to_path_buf();
+    let addr = c.addr(to);
+    let mover = std::thread::spawn(move || omctl(&control, &["migrate", &pid.to_string(), "--to", &addr]));
+    std::thread::sleep(Duration::from_millis(random_ms(1, 120)));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &run.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let moved = mover.join().unwrap();
+    let (out, status) = finish(run);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the TERM was lost or doubled ({}): {text}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert_eq!(text.matches("TERM after").count(), 1, "{text}");
+    c.rig.teardown().unwrap();
+}
+
+#[test]
+fn a_signal_during_a_migration_from_home_is_not_lost() {
+    term_during_migration(true);
+}
+
+#[test]
+fn a_signal_during_a_migration_away_from_home_is_not_lost() {
+    term_during_migration(false);
+}
+
+#[test]
 fn ten_hops_over_three_nodes_and_home_again() {
     let c = Cluster::new(3);
     let w = program(build("threads.c"), &["1200"]);

@@ -46,12 +46,19 @@ fn read_anchor() {
         .step_by(2)
         .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
         .collect();
-    if let (Ok(fd), Ok(port), Some(token)) = (fd.parse::<i32>(), port.parse::<u16>(), token) {
-        if fd > 2 && om::sys::task::set_cloexec(fd).is_ok() {
+    let Ok(fd) = fd.parse::<i32>() else { return };
+    // Only omrun's own child is at home: a process started by it inherits the variable, but its
+    // parent is not at the other end of the socket (and the fd number may be anything of its own).
+    let parent = Some(std::os::unix::process::parent_id());
+    if fd <= 2 || om::sys::task::socket_peer_pid(fd) != parent {
+        return;
+    }
+    if let (Ok(port), Some(token)) = (port.parse::<u16>(), token) {
+        if om::sys::task::set_cloexec(fd).is_ok() {
             capture::own_fd(fd, true);
             om::precopy::migrate::set_anchor_fd(fd);
+            om::precopy::migrate::set_home_seed(port, token);
         }
-        om::precopy::migrate::set_home_seed(port, token);
     }
 }
 
@@ -177,7 +184,7 @@ fn migrate_request(rest: &str) -> Option<om::precopy::migrate::Request> {
     let downtime = w.next()?.parse::<u64>().ok()?;
     let max_rounds = w.next()?.parse::<u32>().ok()?;
     let mode = match w.next()? {
-        "precopy" | "auto-converge" => om::precopy::migrate::Mode::PreCopy,
+        "precopy" => om::precopy::migrate::Mode::PreCopy,
         "stop-and-copy" => om::precopy::migrate::Mode::StopAndCopy,
         _ => return None,
     };

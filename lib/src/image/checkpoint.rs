@@ -88,6 +88,9 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     /// Page size.
     pub page_size: u64,
+    /// The format version it was read in (written: always [`VERSION`]). Version 1 images come from
+    /// runtimes whose restore marker is 24 bytes long (no control socket path).
+    pub version: u32,
     /// Process identity and VMAs.
     pub begin: Begin,
     /// Data and zero runs in address order.
@@ -219,6 +222,7 @@ impl Writer {
         write_manifest(&Checkpoint {
             dir: self.dir,
             page_size: self.page_size,
+            version: VERSION,
             begin,
             runs: self.runs,
             sums: self.sums,
@@ -425,6 +429,7 @@ impl Checkpoint {
         Ok(Self {
             dir: dir.to_path_buf(),
             page_size,
+            version,
             begin,
             runs,
             sums,
@@ -520,6 +525,7 @@ mod tests {
         Checkpoint {
             dir: PathBuf::from("."),
             page_size: 4096,
+            version: VERSION,
             begin: Begin {
                 vmas: vec![om_transport::wire::Vma {
                     start: 0x10000,
@@ -555,6 +561,7 @@ mod tests {
         let c = Checkpoint {
             dir: PathBuf::from("."),
             page_size: 0x1000,
+            version: VERSION,
             begin: Begin {
                 vmas: vec![
                     vma(0x10000, 0x12000),

@@ -549,6 +549,28 @@ pub fn set_cloexec(fd: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// The pid of the process at the other end of unix socket `fd` (`SO_PEERCRED`), if it is one.
+#[must_use]
+pub fn socket_peer_pid(fd: i32) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>()).ok()?;
+    // SAFETY: `cred` and `len` are valid for writing; getsockopt writes at most `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    (r == 0).then(|| u32::try_from(cred.pid).ok()).flatten()
+}
+
 /// Writes `bytes` to `fd` once, ignoring the result (a best-effort notice).
 pub fn write_fd(fd: i32, bytes: &[u8]) {
     // SAFETY: `bytes` is readable for its length; write(2) on a number touches nothing else.
