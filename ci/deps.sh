@@ -12,6 +12,13 @@ declare -A NEED=(
   [sqlite3]=sqlite3  # a restart test runs the sqlite3 CLI
 )
 
+# cbindgen generates om.h; CI checks the committed header against it (a Rust tool, from crates.io).
+CBINDGEN_VERSION=0.29.2
+if ! cbindgen --version 2>/dev/null | grep -q " $CBINDGEN_VERSION\$"; then
+  echo "ci/deps.sh: installing cbindgen $CBINDGEN_VERSION" >&2
+  cargo install --quiet --locked --version "$CBINDGEN_VERSION" cbindgen
+fi
+
 missing=()
 for cmd in "${!NEED[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")

@@ -17,6 +17,10 @@ step "format"
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
+step "om.h is what cbindgen generates from lib/launch"
+cbindgen --quiet --config lib/launch/cbindgen.toml --crate om-launch --output target/om.h.generated
+diff -u lib/launch/include/om.h target/om.h.generated
+
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -236,7 +236,14 @@ fn every_test_program_migrates_mid_run_with_identical_output() {
     // would race with its end on a loaded machine, so it moves stop-and-copy (the same final round
     // and restore, all pages while it is stopped).
     let big = program(build("bigheap.c"), &["1024"]);
-    migrate_along_with(&c, "bigheap", &big, (100, 300), &[1], &["--mode", "stop-and-copy"]);
+    migrate_along_with(
+        &c,
+        "bigheap",
+        &big,
+        (100, 300),
+        &[1],
+        &["--mode", "stop-and-copy"],
+    );
     let _ = std::fs::remove_dir_all(&fw_dir);
     c.rig.teardown().unwrap();
 }
@@ -327,6 +334,65 @@ fn a_signal_during_a_migration_from_home_is_not_lost() {
 #[test]
 fn a_signal_during_a_migration_away_from_home_is_not_lost() {
     term_during_migration(false);
+}
+
+/// `examples/c/launcher.c`, built against `om.h` and `libom_launch.so`.
+fn c_launcher() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let lib = bin_dir();
+    assert!(
+        lib.join("libom_launch.so").exists(),
+        "build the C ABI first: cargo build -p om-launch"
+    );
+    let out = std::env::temp_dir().join(format!("om-c-launcher-{}", std::process::id()));
+    let ok = Command::new("gcc")
+        .args(["-Wall", "-Werror", "-O2", "-I"])
+        .arg(root.join("lib/launch/include"))
+        .arg("-o")
+        .arg(&out)
+        .arg(root.join("examples/c/launcher.c"))
+        .arg(format!("-L{}", lib.display()))
+        .arg("-lom_launch")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "building the C launcher");
+    out
+}
+
+#[test]
+fn the_c_launcher_starts_migrates_and_waits() {
+    let c = Cluster::new(2);
+    let launcher = c_launcher();
+    let w = program(build("numbered.c"), &["2500"]);
+    let (want, _) = w.reference();
+    let out = c
+        .rig
+        .node(0)
+        .unwrap()
+        .command(&launcher)
+        .arg(c.control(0))
+        .arg(c.addr(1))
+        .arg(random_ms(200, 800).to_string())
+        .args(&w.argv)
+        .env("OM_BIN_DIR", bin_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(err.contains("launcher: moved to"), "{err}");
+    assert!(out.stdout == want, "output differs: {err}");
+    // Bad input is a clear error, not a crash.
+    let bad = Command::new(&launcher)
+        .args(["/nonexistent/omd.sock", "10.0.0.1:1", "0", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("launcher: start:"));
+    let _ = std::fs::remove_file(&launcher);
+    c.rig.teardown().unwrap();
 }
 
 #[test]

@@ -1,0 +1,246 @@
+//! The C ABI (`om.h`, generated from this module by cbindgen): the crate's only `unsafe` code.
+//!
+//! Every function returns an [`OmResult`]; `OM_OK` is 0. A failure leaves a message for this
+//! thread that [`om_last_error`] returns. Every body runs behind a panic boundary (a panic becomes
+//! `OM_ERR_PANIC`, never an unwind into C). Null pointers where a value is required are
+//! `OM_ERR_INVALID_ARGUMENT`, not a crash.
+//!
+//! # References
+//! rustls-ffi's conventions (numeric results, panic boundary, committed header checked in CI).
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, OsString, c_char};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::ExitStatusExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+
+use crate::{Job, LaunchError, Launcher, MigrateOptions, Migration};
+
+/// The result of every om call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OmResult {
+    /// Success.
+    OmOk = 0,
+    /// A null or malformed argument.
+    OmErrInvalidArgument = 1,
+    /// omd's control socket could not be reached.
+    OmErrNoOmd = 2,
+    /// The program could not be started or did not register with omd.
+    OmErrStart = 3,
+    /// omd or the process refused the request (the process continues where it was).
+    OmErrRefused = 4,
+    /// Waiting for the program failed.
+    OmErrWait = 5,
+    /// A panic inside om (a bug): nothing was changed by the call.
+    OmErrPanic = 6,
+}
+
+/// A program started by [`om_start`].
+#[derive(Debug)]
+pub struct OmJob {
+    job: Job,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+fn fail(e: &LaunchError) -> OmResult {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    set_error(&msg);
+    match e {
+        LaunchError::Invalid(_) => OmResult::OmErrInvalidArgument,
+        LaunchError::Control { .. } => OmResult::OmErrNoOmd,
+        LaunchError::Start { .. } | LaunchError::NotRegistered(_) => OmResult::OmErrStart,
+        LaunchError::Refused(_) => OmResult::OmErrRefused,
+        LaunchError::Wait(_) => OmResult::OmErrWait,
+    }
+}
+
+fn boundary(f: impl FnOnce() -> OmResult) -> OmResult {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        set_error("internal error (panic) in om");
+        OmResult::OmErrPanic
+    })
+}
+
+fn invalid(what: &str) -> OmResult {
+    set_error(&format!("invalid argument: {what}"));
+    OmResult::OmErrInvalidArgument
+}
+
+/// A nullable C string as a path.
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string valid for the call.
+unsafe fn opt_path(p: *const c_char) -> Option<PathBuf> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, and NUL-terminated and valid per the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes().to_vec();
+    Some(PathBuf::from(OsString::from_vec(bytes)))
+}
+
+/// The message of the last failed om call on this thread (empty if none). Valid until the next om
+/// call on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn om_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Starts `argv` (a NULL-terminated array, `argv[0]` the program) under omrun, talking to the omd
+/// at `control` (NULL: `OM_CONTROL` or the default), with this process's stdio. On success `*out`
+/// is the job; free it with [`om_wait`] or [`om_job_free`].
+///
+/// # Safety
+/// `control` is NULL or a NUL-terminated string; `argv` is a NULL-terminated array of
+/// NUL-terminated strings; `out` is a valid pointer to write to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn om_start(
+    control: *const c_char,
+    argv: *const *const c_char,
+    out: *mut *mut OmJob,
+) -> OmResult {
+    boundary(|| {
+        if argv.is_null() || out.is_null() {
+            return invalid("argv and out must not be NULL");
+        }
+        let mut args = Vec::new();
+        let mut i = 0;
+        loop {
+            // SAFETY: argv is a NULL-terminated array (the caller's contract) and we stop at its NULL,
+            // so entry `i` is inside it.
+            let slot = unsafe { argv.add(i) };
+            // SAFETY: `slot` points at a readable entry of the array (above).
+            let a = unsafe { *slot };
+            if a.is_null() {
+                break;
+            }
+            // SAFETY: each entry is a NUL-terminated string (the caller's contract).
+            args.push(OsString::from_vec(
+                unsafe { CStr::from_ptr(a) }.to_bytes().to_vec(),
+            ));
+            i += 1;
+        }
+        // SAFETY: the caller's contract on `control`.
+        let control = unsafe { opt_path(control) };
+        match Launcher::new(control.as_deref()).start(&args) {
+            Ok(job) => {
+                // SAFETY: `out` is non-null and writable (checked above, and the caller's contract).
+                unsafe { *out = Box::into_raw(Box::new(OmJob { job })) };
+                OmResult::OmOk
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// The pid of the job's program on this node (0 for NULL).
+///
+/// # Safety
+/// `job` is NULL or a job from [`om_start`] not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn om_job_pid(job: *const OmJob) -> u32 {
+    // SAFETY: null or a live job (the caller's contract).
+    unsafe { job.as_ref() }.map_or(0, |j| j.job.pid())
+}
+
+/// Migrates process `pid` of this node to the omd at `to` (`"IP:PORT"`), through the omd at
+/// `control` (NULL: the default). `downtime_ms` and `max_rounds` are `omctl migrate`'s options (0:
+/// the defaults). On success `*out` (if not NULL) holds the report.
+///
+/// # Safety
+/// `control` is NULL or a NUL-terminated string, `to` a NUL-terminated string, `out` NULL or valid
+/// to write to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn om_migrate(
+    control: *const c_char,
+    pid: u32,
+    to: *const c_char,
+    downtime_ms: u32,
+    max_rounds: u32,
+    out: *mut Migration,
+) -> OmResult {
+    boundary(|| {
+        if to.is_null() {
+            return invalid("to must not be NULL");
+        }
+        // SAFETY: non-null and NUL-terminated (the caller's contract).
+        let Ok(to) = unsafe { CStr::from_ptr(to) }.to_string_lossy().parse() else {
+            return invalid("to is not IP:PORT");
+        };
+        let mut opts = MigrateOptions::default();
+        if downtime_ms > 0 {
+            opts.downtime_ms = downtime_ms;
+        }
+        if max_rounds > 0 {
+            opts.max_rounds = max_rounds;
+        }
+        // SAFETY: the caller's contract on `control`.
+        let control = unsafe { opt_path(control) };
+        match Launcher::new(control.as_deref()).migrate(pid, to, &opts) {
+            Ok(m) => {
+                if !out.is_null() {
+                    // SAFETY: non-null and writable (the caller's contract).
+                    unsafe { *out = m };
+                }
+                OmResult::OmOk
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Waits for the job's program to end wherever it runs, stores its wait status (as `waitpid`
+/// gives it: `WIFEXITED`/`WEXITSTATUS`/`WIFSIGNALED`/`WTERMSIG` apply) in `*status` (if not NULL),
+/// and frees the job.
+///
+/// # Safety
+/// `job` is a job from [`om_start`] not yet freed (it is freed by this call); `status` is NULL or
+/// valid to write to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn om_wait(job: *mut OmJob, status: *mut i32) -> OmResult {
+    boundary(|| {
+        if job.is_null() {
+            return invalid("job must not be NULL");
+        }
+        // SAFETY: a live job from om_start (the caller's contract); ownership comes back here.
+        let job = unsafe { Box::from_raw(job) };
+        match job.job.wait() {
+            Ok(st) => {
+                if !status.is_null() {
+                    // SAFETY: non-null and writable (the caller's contract).
+                    unsafe { *status = st.into_raw() };
+                }
+                OmResult::OmOk
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Frees a job without waiting (its program runs on; omrun is not waited for).
+///
+/// # Safety
+/// `job` is NULL or a job from [`om_start`] not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn om_job_free(job: *mut OmJob) {
+    if !job.is_null() {
+        // SAFETY: a live job from om_start (the caller's contract).
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(job) })));
+    }
+}
