@@ -1,6 +1,5 @@
 //! A client of omd's control socket: one request line, one answer line.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -36,19 +35,7 @@ pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let exchange = || {
-        writeln!(&stream, "{line}")?;
-        let mut answer = String::new();
-        BufReader::new(&stream).read_line(&mut answer)?;
-        if answer.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "omd closed the connection",
-            ));
-        }
-        Ok(answer.trim_end().to_owned())
-    };
-    exchange().map_err(|source| ControlError::Exchange {
+    om_launch::control::exchange(&stream, line).map_err(|source| ControlError::Exchange {
         path: path.to_path_buf(),
         source,
     })

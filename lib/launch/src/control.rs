@@ -31,10 +31,17 @@ pub fn default_path() -> PathBuf {
 /// # Errors
 /// The socket could not be reached, or omd closed it without an answer.
 pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
-    let stream = UnixStream::connect(path)?;
-    writeln!(&stream, "{line}")?;
+    exchange(&UnixStream::connect(path)?, line)
+}
+
+/// Sends `line` on a connected control socket and returns the answer line without its newline.
+///
+/// # Errors
+/// A failed write or read, or omd closing the connection without an answer.
+pub fn exchange(stream: &UnixStream, line: &str) -> std::io::Result<String> {
+    writeln!(&*stream, "{line}")?;
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
+    BufReader::new(stream).read_line(&mut answer)?;
     if answer.is_empty() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,

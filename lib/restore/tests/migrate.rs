@@ -210,27 +210,30 @@ fn every_test_program_migrates_mid_run_with_identical_output() {
     let c = Cluster::new(2);
     let mut py = program(python(), &[]);
     py.argv.push(workload_source("compute.py").into_os_string());
+    py.argv.push("80".into());
     let mut sqlite = program(PathBuf::from("sqlite3"), &[":memory:"]);
     sqlite.stdin = Some(workload_source("sqlite.sql"));
     let fw_dir = std::env::temp_dir().join(format!("om-mig-fw-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&fw_dir);
     std::fs::create_dir_all(&fw_dir).unwrap();
-    let mut fw = program(build("filewriter.c"), &[]);
+    let mut fw = program(build("filewriter.c"), &["8000"]);
     fw.cwd = Some(fw_dir.clone());
+    // Each runs about twice as long as in the restart tests (its first argument scales the work):
+    // the migration must land while the program still runs, on a loaded CI machine too.
     let programs = [
-        ("single", program(build("single.c"), &[])),
-        ("threads", program(build("threads.c"), &[])),
-        ("rust_threads", program(build("rust_threads.rs"), &[])),
-        ("openmp", program(build("openmp.c"), &[])),
+        ("single", program(build("single.c"), &["150000"])),
+        ("threads", program(build("threads.c"), &["600"])),
+        ("rust_threads", program(build("rust_threads.rs"), &["400"])),
+        ("openmp", program(build("openmp.c"), &["720"])),
         ("python", py),
         ("sqlite", sqlite),
-        ("sigalrm", program(build("sigalrm.c"), &[])),
+        ("sigalrm", program(build("sigalrm.c"), &["80"])),
         ("filewriter", fw),
-        ("exitcode", program(build("exitcode.c"), &[])),
-        ("manyvmas", program(build("manyvmas.c"), &[])),
+        ("exitcode", program(build("exitcode.c"), &["80"])),
+        ("manyvmas", program(build("manyvmas.c"), &["200"])),
     ];
     for (name, w) in &programs {
-        migrate_along(&c, name, w, (200, 1000), &[1]);
+        migrate_along(&c, name, w, (200, 800), &[1]);
     }
     // bigheap rewrites its whole GiB faster than any link and ends within 2 s: pre-copy rounds
     // would race with its end on a loaded machine, so it moves stop-and-copy (the same final round
