@@ -237,7 +237,8 @@ impl Home {
         match event {
             Event::Signal(info) => return self.signal(&info),
             Event::Attached(g, conn) => {
-                if g <= self.active.saturating_sub(1) && g != self.active {
+                // A generation that already ended has nothing more to say.
+                if g < self.active {
                     return Ok(None);
                 }
                 let reader = conn.try_clone().ok();

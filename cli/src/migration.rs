@@ -1,18 +1,10 @@
 //! omctl's human report of a migration, read from the runtime's JSON report.
 
+use om_launch::report::text;
+
 /// The number after `"key":` in a flat JSON object.
 fn num(obj: &str, key: &str) -> Option<f64> {
-    let at = obj.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = &obj[at..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim().parse().ok()
-}
-
-/// The string after `"key":` in a flat JSON object.
-fn text<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
-    let at = obj.find(&format!("\"{key}\":\""))? + key.len() + 4;
-    let rest = &obj[at..];
-    Some(&rest[..rest.find('"')?])
+    om_launch::report::field(obj, key)?.parse().ok()
 }
 
 fn mib(bytes: f64) -> String {

@@ -46,11 +46,11 @@ fn alone(name: &str) -> bool {
         .env("OM_TEST_ALONE", "1")
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success(),
-        "{name} in a child process: {:?}\n{}{}",
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} in a child process: {:?}\n{stdout}{}",
         out.status,
-        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     false

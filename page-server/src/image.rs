@@ -419,12 +419,6 @@ impl Image {
         lock(&self.layout).vmas.clone()
     }
 
-    /// Its id.
-    #[must_use]
-    pub fn image_id(&self) -> u64 {
-        self.id
-    }
-
     /// The page size of the image.
     #[must_use]
     pub fn page_size(&self) -> u64 {

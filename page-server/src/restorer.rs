@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use om::image::Checkpoint;
 use om::image::checkpoint::{MANIFEST, Run};
 use om::image::records::KIND_HOME;
-use om_transport::api::Refusal;
+use om_transport::api::{ImageSink, Refusal};
 use om_transport::conn::Conn;
 use om_transport::relay::{self, Home, Msg};
 use om_transport::wire::{Begin, ErrorCode};
@@ -81,7 +81,7 @@ impl Restorer {
     /// The manifest could not be written or om-restore failed (its message is the reason).
     pub fn prepare(&self, image: &Image) -> Result<Prepared, Refusal> {
         let started = Instant::now();
-        let dir = self.dir.join(image.image_id().to_string());
+        let dir = self.dir.join(image.id().to_string());
         fs::create_dir_all(&dir).map_err(internal("creating the restore directory"))?;
         let (runs, sums) = image.state_runs_with_sums();
         let records = image.records();
@@ -186,7 +186,7 @@ impl Restorer {
         };
         tracing::info!(
             pid,
-            image = image.image_id(),
+            image = image.id(),
             ms = started.elapsed().as_millis(),
             "copy prepared"
         );
@@ -293,7 +293,7 @@ impl Prepared {
         let status = self.child.wait();
         let _ = (out.join(), err.join());
         let moved = self.runtimes.take_moved(pid);
-        let held = self.runtimes.take_held(pid);
+        let held = self.runtimes.end_migrating(pid);
         let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(w) = w.as_mut() else { return };
         let end = if moved {

@@ -99,7 +99,7 @@ impl Runtimes {
     }
 
     /// Marks `pid` as being migrated: signals relayed to it are held until [`Runtimes::end_migrating`]
-    /// (the migration failed: they are delivered) or [`Runtimes::take_held`] (it moved on).
+    /// returns them (to deliver here if the migration failed, or to pass on if it moved).
     pub fn begin_migrating(&self, pid: u32) {
         self.migrating
             .lock()
@@ -124,7 +124,7 @@ impl Runtimes {
         }
     }
 
-    /// The migration of `pid` failed: it runs on here; returns the signals held meanwhile.
+    /// The migration of `pid` is over: returns the signals held meanwhile.
     #[must_use]
     pub fn end_migrating(&self, pid: u32) -> Vec<i32> {
         self.migrating
@@ -132,12 +132,6 @@ impl Runtimes {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&pid)
             .unwrap_or_default()
-    }
-
-    /// The signals held for `pid`, which moved on (they go to wherever it runs now).
-    #[must_use]
-    pub fn take_held(&self, pid: u32) -> Vec<i32> {
-        self.end_migrating(pid)
     }
 
     /// True (once) when the process `pid` of this node migrated away.

@@ -82,11 +82,7 @@ fn blast(addr: &str, bytes: usize) {
     println!("SECS {}", t.elapsed().as_secs_f64());
 }
 
-fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = &json[at..];
-    Some(&rest[..rest.find([',', '}'])?])
-}
+use om_launch::report::field;
 
 fn num(json: &str, key: &str) -> f64 {
     field(json, key).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)

@@ -18,12 +18,12 @@ pub struct Migration {
     pub final_bytes: u64,
 }
 
-/// The text after `"key":` in a flat JSON object, up to the next `,` or `}`.
+/// The text after `"key":` in a flat JSON object, up to the next `,` or `}` (or the end).
 #[must_use]
 pub fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
     let rest = &json[at..];
-    Some(rest[..rest.find([',', '}'])?].trim())
+    Some(rest[..rest.find([',', '}']).unwrap_or(rest.len())].trim())
 }
 
 /// The string after `"key":` in a flat JSON object.

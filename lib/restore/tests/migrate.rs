@@ -134,17 +134,11 @@ fn omctl(control: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = &json[at..];
-    Some(&rest[..rest.find([',', '}'])?])
-}
-
 /// The copy's pid on the destination, from the report.
 fn pid_there(json: &str) -> u32 {
-    json_field(json, "pid_there")
-        .and_then(|p| p.parse().ok())
-        .expect("pid_there")
+    om_launch::Migration::from_json(json)
+        .expect("a migration report")
+        .pid_there
 }
 
 fn finish(mut k: Kill) -> (Vec<u8>, std::process::ExitStatus) {
@@ -491,32 +485,13 @@ fn destination_dies_after_restore_before_commit() {
 fn a_wrong_cluster_key_is_refused_before_anything_is_frozen() {
     let c = Cluster::new(2);
     // A third omd on node 1 with a key of its own.
-    let dir = std::env::temp_dir().join(format!("om-mig-key-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("key");
-    std::fs::write(&key, [9u8; 32]).unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let other = format!("{}:7071", c.rig.node(1).unwrap().addr());
-    let omd = c
-        .rig
-        .node(1)
-        .unwrap()
-        .command(bin_dir().join("omd"))
-        .args(["--listen", &other, "--key"])
-        .arg(&key)
-        .arg("--control")
-        .arg(dir.join("ctl.sock"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(Kill)
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dir.join("ctl.sock").exists() {
-        assert!(Instant::now() < deadline, "omd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let omd = common::Node::start_with(
+        "mig-key",
+        9,
+        &other,
+        c.rig.node(1).unwrap().command(bin_dir().join("omd")),
+    );
     let w = program(build("numbered.c"), &["1500"]);
     let (run, pid) = c.run(0, &w);
     let out = omctl(c.control(0), &["migrate", &pid.to_string(), "--to", &other]);
@@ -527,6 +502,5 @@ fn a_wrong_cluster_key_is_refused_before_anything_is_frozen() {
     assert!(status.success());
     assert_eq!(String::from_utf8(got).unwrap().lines().count(), 1500);
     drop(omd);
-    let _ = std::fs::remove_dir_all(&dir);
     c.rig.teardown().unwrap();
 }

@@ -250,12 +250,10 @@ fn private_runs(table: &RangeTable, vmas: &[WireVma]) -> Vec<std::ops::Range<u64
 fn unreadable(vmas: &[WireVma]) -> RangeTable {
     RangeTable::from_runs(
         vmas.iter()
-            .filter(|v| v.flags & vma_flags::SHARED == 0 && v.prot & PROT_READ == 0)
+            .filter(|v| v.flags & vma_flags::SHARED == 0 && v.prot & libc::PROT_READ.unsigned_abs() == 0)
             .map(|v| v.start..v.end),
     )
 }
-
-const PROT_READ: u32 = 1;
 
 fn bytes_of(runs: &[std::ops::Range<u64>]) -> u64 {
     runs.iter().map(|r| r.end - r.start).sum()
@@ -413,7 +411,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         }
     };
     // The freeze: the final round runs in the control thread's handler.
-    let shared = Arc::new(Mutex::new(Some(session)));
+    let shared = Arc::new(Mutex::new(session));
     let in_handler = Arc::clone(&shared);
     let work: capture::Work = Box::new(move |frame, started| final_round(&in_handler, frame, started));
     // Signals for the process wait in omrun from here until it knows where the process runs.
@@ -424,11 +422,9 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         Err(e) => {
             tell_anchor("thaw");
             disown();
-            let mut g = shared.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(s) = g.as_mut() {
-                let _ = s.tracker.stop();
-                s.sender.abort("the final round failed");
-            }
+            let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = s.tracker.stop();
+            s.sender.abort("the final round failed");
             return Err(match e {
                 CaptureError::Send(source) => MigrateError::Round {
                     round: rounds.len(),
@@ -449,31 +445,29 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         }
         Captured::Source(summary, frozen) => (summary, frozen),
     };
-    let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some(session) = guard.as_mut() else {
-        return Err(MigrateError::Capture(CaptureError::NotRun));
-    };
+    let mut session = shared.lock().unwrap_or_else(PoisonError::into_inner);
     let freeze_started = session
         .frozen_at
         .unwrap_or_else(|| Instant::now() - summary.frozen);
-    // Two-phase commit: the destination restores the copy and holds it (prepared)...
     disown();
-    if let Err(e) = session.sender.commit() {
+    // The source runs on: one generation back, threads released, omrun's held signals delivered
+    // here, full speed again.
+    let resume = |session: &mut Session, frozen: Frozen| {
         GENERATION.fetch_sub(1, Ordering::AcqRel);
         drop(frozen);
         tell_anchor("thaw");
         let _ = session.tracker.stop();
+    };
+    // Two-phase commit: the destination restores the copy and holds it (prepared)...
+    if let Err(e) = session.sender.commit() {
+        resume(&mut session, frozen);
         return Err(MigrateError::Commit(e));
     }
-    // ...and starts it on go. Past this point the copy may run: this process never resumes but on a
-    // clear answer that it does not.
+    // ...and starts it on go.
     let pid_there = match session.sender.go() {
         Ok(p) => p,
         Err(e) => {
-            GENERATION.fetch_sub(1, Ordering::AcqRel);
-            drop(frozen);
-            tell_anchor("thaw");
-            let _ = session.tracker.stop();
+            resume(&mut session, frozen);
             return Err(MigrateError::Go(e));
         }
     };
@@ -495,15 +489,9 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
 }
 
 /// The final round, in the control thread's handler with every other thread parked.
-fn final_round(
-    shared: &Mutex<Option<Session>>,
-    frame: u64,
-    started: Instant,
-) -> Result<Summary, CaptureError> {
+fn final_round(shared: &Mutex<Session>, frame: u64, started: Instant) -> Result<Summary, CaptureError> {
     let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some(s) = guard.as_mut() else {
-        return Err(CaptureError::NotRun);
-    };
+    let s = &mut *guard;
     s.frozen_at = Some(started);
     // The copy is one generation further (this write is itself a dirty page of the final round).
     GENERATION.fetch_add(1, Ordering::AcqRel);

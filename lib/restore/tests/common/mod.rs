@@ -40,14 +40,20 @@ impl Drop for Node {
 
 impl Node {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, 7, "127.0.0.1:0", Command::new(bin_dir().join("omd")))
+    }
+
+    /// An omd run by `omd` (the program, perhaps wrapped: `ip netns exec ... omd`) listening on
+    /// `listen`, with a key of 32 bytes `key_byte`.
+    pub fn start_with(name: &str, key_byte: u8, listen: &str, mut omd: Command) -> Self {
         let dir = std::env::temp_dir().join(format!("om-ckpt-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let key = dir.join("key");
-        std::fs::write(&key, [7u8; 32]).unwrap();
+        std::fs::write(&key, [key_byte; 32]).unwrap();
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let omd = Command::new(bin_dir().join("omd"))
-            .args(["--listen", "127.0.0.1:0", "--key"])
+        let omd = omd
+            .args(["--listen", listen, "--key"])
             .arg(&key)
             .arg("--control")
             .arg(dir.join("ctl.sock"))
