@@ -18,6 +18,21 @@ use crate::image::{Limits, Store};
 use crate::restorer::Restorer;
 use crate::runtimes::Runtimes;
 
+/// The SCI transport's exporter, when this node has a SISCI library (Dolphin's, or the emulation named
+/// by `OM_SISCI_LIB`); without one omd offers TCP only.
+fn sci_exporter() -> Option<Arc<dyn om_transport::api::Exporter>> {
+    match om_sci::SciExporter::open() {
+        Ok(e) => {
+            tracing::info!(node = e.node(), library = e.library(), "SCI transport offered");
+            Some(Arc::new(e))
+        }
+        Err(e) => {
+            tracing::debug!(reason = %e, "no SCI transport");
+            None
+        }
+    }
+}
+
 /// omd's configuration, as `omd --help` describes it.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -153,6 +168,7 @@ impl Daemon {
                 crash_at: std::env::var("OM_FAULT")
                     .ok()
                     .and_then(|v| om_transport::tcp::receiver::CrashPoint::parse(&v)),
+                export: sci_exporter(),
                 ..ReceiverConfig::default()
             },
         );

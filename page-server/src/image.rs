@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use om_transport::api::{ImageSink, ImageStore, Refusal};
 use om_transport::sys::Landing;
-use om_transport::wire::{Begin, ErrorCode, ImageInfo, Record, Vma};
+use om_transport::wire::{Begin, ErrorCode, Extent, ImageInfo, Record, Vma};
 use rayon::prelude::*;
 
 use crate::sys::ImageMemory;
@@ -581,6 +581,17 @@ impl ImageSink for Image {
             );
         }
         Ok(zones)
+    }
+
+    fn placed(&self) -> Option<(Landing<'_>, Vec<Extent>)> {
+        let memory = self.mem.zone(0, self.mem.len()).ok()?;
+        let layout = lock(&self.layout);
+        let extents = layout
+            .extents
+            .iter()
+            .map(|(&start, &(end, offset))| Extent { start, end, offset })
+            .collect();
+        Some((memory, extents))
     }
 
     fn zero(&self, run: &Range<u64>) -> Result<(), Refusal> {

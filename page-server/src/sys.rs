@@ -56,6 +56,18 @@ impl ImageMemory {
         Ok(Self { fd, base, len })
     }
 
+    /// The mapping's length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty mapping (never: `create` refuses it).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The memfd (for the restorer, which maps it at the process's addresses).
     #[must_use]
     pub fn fd(&self) -> &OwnedFd {

@@ -14,8 +14,8 @@ use std::ops::Range;
 use std::time::Duration;
 
 use crate::error::TransportError;
-use crate::sys::{Landing, Readable};
-use crate::wire::{Begin, ErrorCode, Record};
+use crate::sys::{Landing, Readable, ReadableBatch};
+use crate::wire::{Begin, ErrorCode, Extent, Placement, Record};
 
 /// What one acknowledged round moved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,6 +98,106 @@ pub trait PageSender {
     fn abort(&mut self, reason: &str);
 }
 
+/// Where the bytes of one [`Placer::write`] come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// `len` bytes of this process's memory at `addr`, inside one run of `batch` (covered by its
+    /// promise; a racy batch's memory may vanish meanwhile).
+    Memory {
+        /// The batch the bytes belong to.
+        batch: &'a ReadableBatch<'a>,
+        /// Start address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A copy (a batch sent from a copy).
+    Bytes(&'a [u8]),
+}
+
+impl Source<'_> {
+    /// Length in bytes.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Memory { len, .. } => *len,
+            Self::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    /// True for no bytes.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The sending half of a *placing* transport (SCI; later verbs): the control connection stays TCP
+/// (authentication, VMA tables, rounds, records, the commit), while pages go straight from the
+/// application's memory into the receiver's exported image memory, at the places its
+/// [`Placement`] gives. Each batch's descriptor (a `Batch` body) follows its pages through the
+/// transport's own mailbox, which also carries the flow control.
+pub trait Placer: Send + std::fmt::Debug {
+    /// The capability bit this placer needs the receiver to grant ([`crate::wire::caps`]).
+    fn cap(&self) -> u32;
+
+    /// Takes the receiver's placement (after `Begun`, and again after every `Vmas`): reaches its
+    /// mailbox and windows.
+    ///
+    /// # Errors
+    /// The fabric refusing or failing.
+    fn attach(&mut self, placement: &Placement) -> Result<(), TransportError>;
+
+    /// Writes `src` at byte `offset` of window `window`.
+    ///
+    /// # Errors
+    /// The fabric failing, or a place outside the windows.
+    fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError>;
+
+    /// Makes every write so far visible at the receiver, then posts `descriptor` to its mailbox
+    /// (waiting for room) and rings its doorbell.
+    ///
+    /// # Errors
+    /// The fabric failing, or the receiver not draining its mailbox in time.
+    fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError>;
+
+    /// Memory of this process the placer mapped (the receiver's windows and mailbox): never part of
+    /// an image.
+    fn mappings(&self) -> Vec<Range<u64>>;
+}
+
+/// Image memory a receiving [`Export`] keeps alive and exports.
+pub trait Exportable: Send + Sync + std::fmt::Debug {
+    /// The image's whole memory.
+    fn memory(&self) -> Landing<'_>;
+}
+
+/// The receiving half of a placing transport: exports image memory and takes batch descriptors out
+/// of its mailbox.
+pub trait Exporter: Send + Sync + std::fmt::Debug {
+    /// The capability bit this exporter serves ([`crate::wire::caps`]).
+    fn cap(&self) -> u32;
+
+    /// Exports `image`'s memory (in windows) and opens a mailbox for one session. The export keeps
+    /// `image` alive and withdraws everything when dropped.
+    ///
+    /// # Errors
+    /// A [`Refusal`] saying what the fabric refused.
+    fn export(&self, image: std::sync::Arc<dyn Exportable>) -> Result<Box<dyn Export>, Refusal>;
+}
+
+/// One session's export.
+pub trait Export: Send + Sync + std::fmt::Debug {
+    /// The placement the sender needs, with these extents.
+    fn placement(&self, extents: Vec<Extent>) -> Placement;
+
+    /// Waits up to `timeout` for the next batch descriptor; `None` when none came.
+    ///
+    /// # Errors
+    /// The fabric failing, or a sender that broke the mailbox's rules.
+    fn next(&self, timeout: Duration) -> Result<Option<Vec<u8>>, Refusal>;
+}
+
 /// A refusal from the receiving side, sent to the peer as an `Error` frame.
 pub type Refusal = (ErrorCode, String);
 
@@ -151,6 +251,12 @@ pub trait ImageSink: Send + Sync + 'static {
     /// listed in `suspects` (indices). A receiver that hands the image on keeps the sums.
     fn landed(&self, runs: &[Range<u64>], sums: &[u32], suspects: &[usize]) {
         let _ = (runs, sums, suspects);
+    }
+
+    /// The image's whole memory and where address ranges land in it, for a placing transport;
+    /// `None` when this image cannot be exported.
+    fn placed(&self) -> Option<(Landing<'_>, Vec<Extent>)> {
+        None
     }
 
     /// Starts the prepared copy of a committed migration; returns its pid on this node.

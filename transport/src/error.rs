@@ -86,6 +86,17 @@ pub enum TransportError {
     #[error("transport misuse: {0}")]
     Misuse(&'static str),
     /// A data stream thread failed to start.
+    /// A placing transport's fabric failed (SCI: a SISCI call, the mailbox).
+    #[error("{transport} transport: {op} failed")]
+    Fabric {
+        /// The transport.
+        transport: &'static str,
+        /// What was being done.
+        op: &'static str,
+        /// The fabric's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot start a stream thread")]
     Thread(#[source] io::Error),
 }

@@ -124,6 +124,59 @@ impl ReadableBatch<'_> {
         sums
     }
 
+    /// True when the batch's memory may vanish while it is sent ([`Readable::racy`],
+    /// [`Readable::copied`]).
+    #[must_use]
+    pub fn is_racy(&self) -> bool {
+        self.racy
+    }
+
+    /// Copies `dst.len()` bytes of this process's memory from `addr` (inside one run of the batch)
+    /// into `dst`, through the kernel (`process_vm_readv`), so that memory the application unmaps
+    /// meanwhile cannot fault: a page that cannot be read lands as zeros. Returns how many pages
+    /// could not be read (their checksums, taken the same way, cannot match: they come back as
+    /// suspects).
+    ///
+    /// # Errors
+    /// A range outside the batch's runs.
+    pub fn store(&self, addr: u64, dst: &Landing<'_>, page_size: usize) -> std::io::Result<u64> {
+        let len = dst.len() as u64;
+        if !self.runs.iter().any(|r| r.start <= addr && addr.saturating_add(len) <= r.end) {
+            return Err(std::io::Error::other("a store outside the batch's runs"));
+        }
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        let mut done = 0usize;
+        let mut unreadable = 0u64;
+        while done < dst.len() {
+            let n = dst.len() - done;
+            let local = libc::iovec {
+                iov_base: (dst.run.addr + done) as *mut libc::c_void,
+                iov_len: n,
+            };
+            let remote = libc::iovec {
+                iov_base: addr_of(addr + done as u64) as *mut libc::c_void,
+                iov_len: n,
+            };
+            // SAFETY: `local` lies inside `dst`, which its creator promised writable and mapped for
+            // its lifetime; the kernel reads `remote` in this process and stops short (or fails) on
+            // memory that is not mapped: nothing here dereferences it.
+            let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
+            let got = usize::try_from(got).unwrap_or(0);
+            done += got;
+            if done < dst.len() {
+                // The page at `done` is gone: zeros, and on with the next page.
+                let end = (done / page_size + 1) * page_size;
+                let end = end.min(dst.len());
+                // SAFETY: inside `dst` (see above).
+                unsafe { std::ptr::write_bytes((dst.run.addr + done) as *mut u8, 0, end - done) };
+                done = end;
+                unreadable += 1;
+            }
+        }
+        Ok(unreadable)
+    }
+
     /// True when the batch goes out from a copy ([`Readable::copied`]).
     #[must_use]
     pub fn is_copied(&self) -> bool {
@@ -225,6 +278,38 @@ impl Landing<'_> {
     #[must_use]
     pub fn len(&self) -> usize {
         self.run.len
+    }
+
+    /// The start of the zone.
+    #[must_use]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.run.addr as *mut u8
+    }
+
+    /// The `len` bytes at `off` of the zone (`off` a multiple of 8); `None` outside it.
+    #[must_use]
+    pub fn part(&self, off: usize, len: usize) -> Option<Self> {
+        (off % 8 == 0 && off.checked_add(len).is_some_and(|e| e <= self.run.len)).then_some(Self {
+            run: MemRun {
+                addr: self.run.addr + off,
+                len,
+            },
+            _image: PhantomData,
+        })
+    }
+
+    /// Copies `bytes` into the start of the zone.
+    ///
+    /// # Errors
+    /// More bytes than the zone holds.
+    pub fn fill_from(&self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() > self.run.len {
+            return Err(std::io::Error::other("more bytes than the zone holds"));
+        }
+        // SAFETY: the zone is writable and mapped for its lifetime and no Rust reference covers it
+        // (the creator's promise); `bytes` is a distinct Rust slice, so the two cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.run.addr as *mut u8, bytes.len()) };
+        Ok(())
     }
 
     /// True for an empty zone.

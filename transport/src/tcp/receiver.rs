@@ -5,10 +5,12 @@ use std::collections::HashMap;
 use std::net::TcpStream;
 use std::ops::Range;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::api::{ImageSink, ImageStore, Refusal};
+use crate::api::{Export, Exportable, Exporter, ImageSink, ImageStore, Refusal};
+use crate::sys::Landing;
 use crate::auth;
 use crate::conn::Conn;
 use crate::error::TransportError;
@@ -29,6 +31,9 @@ pub struct ReceiverConfig {
     pub max_suspect_pages: u64,
     /// For fault tests: the receiving process dies (`abort`) at this point of every session.
     pub crash_at: Option<CrashPoint>,
+    /// A placing transport this receiver offers (SCI): senders that ask for it get the image memory
+    /// exported and put their pages straight into it.
+    pub export: Option<Arc<dyn Exporter>>,
 }
 
 /// Where a fault test kills the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`).
@@ -68,6 +73,7 @@ impl Default for ReceiverConfig {
             idle_timeout: Duration::from_secs(60),
             max_suspect_pages: 1 << 16,
             crash_at: None,
+            export: None,
         }
     }
 }
@@ -97,6 +103,11 @@ struct Progress {
 struct Session<I> {
     peer: String,
     granted: u16,
+    /// Pages come through the placing transport ([`ReceiverConfig::export`]).
+    placed: bool,
+    /// The thread that drains the placing transport's mailbox, and its stop flag.
+    drain: Mutex<Option<std::thread::JoinHandle<()>>>,
+    drain_stop: AtomicBool,
     image: Mutex<Option<Arc<I>>>,
     joined: Mutex<Vec<(u16, TcpStream)>>,
     control: TcpStream,
@@ -131,6 +142,35 @@ impl<I> Session<I> {
 
     fn failure(&self) -> Option<Refusal> {
         lock(&self.progress).failed.clone()
+    }
+
+    /// Stops the mailbox drain (if any) and waits for it: afterwards nothing lands any more, and
+    /// the export (windows, mailbox) is withdrawn.
+    fn stop_drain(&self) {
+        self.drain_stop.store(true, Ordering::Release);
+        if let Some(h) = lock(&self.drain).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// An image as a placing transport exports it.
+struct Held<I>(Arc<I>);
+
+impl<I: ImageSink> std::fmt::Debug for Held<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Held").field(&self.0.id()).finish()
+    }
+}
+
+impl<I: ImageSink> Exportable for Held<I> {
+    fn memory(&self) -> Landing<'_> {
+        // Only images that are placed are held (checked before the export).
+        self.0.placed().map_or_else(
+            // SAFETY: an empty zone at a non-null, aligned address covers no memory.
+            || unsafe { Landing::new(8, 0) },
+            |(m, _)| m,
+        )
     }
 }
 
@@ -187,6 +227,7 @@ impl<S: ImageStore> Receiver<S> {
                 ),
             ));
         }
+        let offered = caps::REQUIRED | self.config.export.as_ref().map_or(0, |e| e.cap());
         if hello.caps & caps::REQUIRED != caps::REQUIRED {
             return Err((ErrorCode::Capability, "peer lacks required capabilities".into()));
         }
@@ -213,7 +254,7 @@ impl<S: ImageStore> Receiver<S> {
             versions: wire::VERSION..wire::VERSION + 1,
             role: hello.role,
             streams,
-            caps: hello.caps & caps::SUPPORTED,
+            caps: hello.caps & offered,
             page_size: hello.page_size,
             session,
             nonce: auth::random_bytes(),
@@ -238,9 +279,17 @@ impl<S: ImageStore> Receiver<S> {
         match hello.role {
             Role::Control => {
                 let control = control_clone.map_err(|e| conn.io("duplicate socket", e))?;
+                let placed = self
+                    .config
+                    .export
+                    .as_ref()
+                    .is_some_and(|e| welcome.caps & e.cap() != 0);
                 let session = Arc::new(Session {
                     peer: conn.peer().to_owned(),
                     granted: welcome.streams,
+                    placed,
+                    drain: Mutex::new(None),
+                    drain_stop: AtomicBool::new(false),
                     image: Mutex::new(None),
                     joined: Mutex::new(Vec::new()),
                     control,
@@ -249,6 +298,7 @@ impl<S: ImageStore> Receiver<S> {
                 });
                 lock(&self.sessions).insert(welcome.session, Arc::clone(&session));
                 let r = self.run_control(&mut conn, &session);
+                session.stop_drain();
                 lock(&self.sessions).remove(&welcome.session);
                 if let Err(e) = &r {
                     // The sender hears the first failure (maybe a data stream's), not a consequence.
@@ -283,6 +333,11 @@ impl<S: ImageStore> Receiver<S> {
         *lock(&session.image) = Some(Arc::clone(&image));
         tracing::info!(peer = %session.peer, pid = begin.info.pid, vmas = begin.vmas.len(), "image opened");
         conn.send(Kind::Begun, &image.id().to_le_bytes())?;
+        let export = if session.placed {
+            Some(self.start_drain(conn, session, &image)?)
+        } else {
+            None
+        };
         loop {
             let frame = match conn.recv() {
                 Ok(f) => f,
@@ -331,6 +386,9 @@ impl<S: ImageStore> Receiver<S> {
                         );
                     }
                     image.relayout(&table).map_err(|(c, m)| refused(conn, c, m))?;
+                    if let Some(export) = &export {
+                        send_placement(conn, export.as_ref(), image.as_ref())?;
+                    }
                 }
                 Kind::Commit => {
                     if !lock(&session.progress).sealed {
@@ -340,6 +398,8 @@ impl<S: ImageStore> Receiver<S> {
                             "commit before the final round".into(),
                         ));
                     }
+                    // Nothing may land in the image once it is handed on.
+                    session.stop_drain();
                     let id = Arc::clone(&image)
                         .commit()
                         .map_err(|(c, m)| refused(conn, c, m))?;
@@ -373,19 +433,105 @@ impl<S: ImageStore> Receiver<S> {
         round: u32,
         what: &'static str,
     ) -> Result<(), TransportError> {
+        check_round(conn.peer(), session, round, what)
+    }
+
+    /// Exports the image through the placing transport, tells the sender the placement, and
+    /// starts the thread that lands the batches announced in the mailbox.
+    fn start_drain(
+        &self,
+        conn: &mut Conn,
+        session: &Arc<Session<S::Image>>,
+        image: &Arc<S::Image>,
+    ) -> Result<Arc<dyn Export>, TransportError> {
+        let exporter = self
+            .config
+            .export
+            .as_ref()
+            .ok_or(TransportError::Misuse("a placed session without an exporter"))?;
+        if image.placed().is_none() {
+            return Err(refused(
+                conn,
+                ErrorCode::Capability,
+                "this image's memory cannot be exported".into(),
+            ));
+        }
+        let export: Arc<dyn Export> = Arc::from(
+            exporter
+                .export(Arc::new(Held(Arc::clone(image))))
+                .map_err(|(c, m)| refused(conn, c, m))?,
+        );
+        send_placement(conn, export.as_ref(), image.as_ref())?;
+        let (peer, page_size, max_suspects) = (
+            session.peer.clone(),
+            self.page_size,
+            self.config.max_suspect_pages,
+        );
+        let (session2, image2, export2) = (Arc::clone(session), Arc::clone(image), Arc::clone(&export));
+        let handle = std::thread::Builder::new()
+            .name("om-drain".into())
+            .spawn(move || {
+                while !session2.drain_stop.load(Ordering::Acquire) {
+                    let r = match export2.next(Duration::from_millis(20)) {
+                        Ok(None) => continue,
+                        Ok(Some(body)) => {
+                            land_batch(&peer, page_size, max_suspects, &session2, image2.as_ref(), &body, |_| {
+                                Ok(())
+                            })
+                        }
+                        Err((code, reason)) => Err(TransportError::Refused {
+                            peer: peer.clone(),
+                            code,
+                            reason: format!("mailbox: {reason}"),
+                        }),
+                    };
+                    if let Err(e) = r {
+                        let (code, reason) = refusal_of(&e);
+                        tracing::warn!(%peer, %reason, "placed batch failed");
+                        session2.fail(code, reason);
+                        break;
+                    }
+                }
+                // The export goes before the image: remote writes end before its memory can.
+                drop(export2);
+                drop(image2);
+            })
+            .map_err(|e| conn.io("start the mailbox thread", e))?;
+        *lock(&session.drain) = Some(handle);
+        Ok(export)
+    }
+}
+
+fn send_placement<I: ImageSink>(conn: &mut Conn, export: &dyn Export, image: &I) -> Result<(), TransportError> {
+    let extents = image.placed().map(|(_, e)| e).unwrap_or_default();
+    conn.send(Kind::Placement, &export.placement(extents).encode())
+}
+
+fn check_round<I>(peer: &str, session: &Session<I>, round: u32, what: &'static str) -> Result<(), TransportError> {
+    {
         let p = lock(&session.progress);
         if let Some((code, reason)) = &p.failed {
-            return Err(refused(conn, *code, reason.clone()));
+            return Err(TransportError::Refused {
+                peer: peer.to_owned(),
+                code: *code,
+                reason: reason.clone(),
+            });
         }
         if p.sealed || round != p.round {
-            return Err(conn.wire(WireError::Invalid(format!(
+            return Err(TransportError::Wire {
+                peer: peer.to_owned(),
+                source: WireError::Invalid(format!(
                 "{what} for round {round} while the receiver is in round {}{}",
-                p.round,
-                if p.sealed { " (sealed)" } else { "" }
-            ))));
+                    p.round,
+                    if p.sealed { " (sealed)" } else { "" }
+                )),
+            });
         }
-        Ok(())
     }
+    Ok(())
+}
+
+impl<S: ImageStore> Receiver<S> {
 
     fn end_round(
         &self,
@@ -487,34 +633,16 @@ impl<S: ImageStore> Receiver<S> {
         image: &S::Image,
         body: &[u8],
     ) -> Result<(), TransportError> {
-        let b = Batch::decode(body, self.page_size).map_err(|e| conn.wire(e))?;
-        self.check_round(conn, session, b.round, "batch")?;
-        let mut zones = Vec::with_capacity(b.runs.len());
-        for r in &b.runs {
-            zones.extend(image.landing(r).map_err(|(c, m)| refused(conn, c, m))?);
-        }
-        conn.recv_pages(&zones)?;
-        let ps = usize::try_from(self.page_size).unwrap_or(4096);
-        let bad = image.verify(&zones, &b.sums, ps);
-        image.landed(&b.runs, &b.sums, &bad);
-        let mut p = lock(&session.progress);
-        if !bad.is_empty() {
-            let addrs = page_addrs(&b.runs, self.page_size);
-            p.suspects.extend(bad.iter().filter_map(|&i| addrs.get(i)));
-            if p.suspects.len() as u64 > self.config.max_suspect_pages {
-                drop(p);
-                return Err(refused(
-                    conn,
-                    ErrorCode::Checksum,
-                    "too many pages failed their checksum".into(),
-                ));
-            }
-        }
-        p.batches += 1;
-        p.pages += b.pages() as u64;
-        drop(p);
-        session.cv.notify_all();
-        Ok(())
+        let peer = conn.peer().to_owned();
+        land_batch(
+            &peer,
+            self.page_size,
+            self.config.max_suspect_pages,
+            session,
+            image,
+            body,
+            |zones| conn.recv_pages(zones),
+        )
     }
 
     fn run_data(&self, conn: &mut Conn, session_id: u64, index: u16) -> Result<Outcome, TransportError> {
@@ -573,6 +701,54 @@ impl<S: ImageStore> Receiver<S> {
             }
         }
     }
+}
+
+/// Lands one batch: `fill` puts its pages into the image's zones (a TCP stream reads them; with a
+/// placing transport they are there already), then they are checked against the batch's checksums.
+fn land_batch<I: ImageSink>(
+    peer: &str,
+    page_size: u64,
+    max_suspects: u64,
+    session: &Session<I>,
+    image: &I,
+    body: &[u8],
+    fill: impl FnOnce(&[Landing<'_>]) -> Result<(), TransportError>,
+) -> Result<(), TransportError> {
+    let refused = |code, reason| TransportError::Refused {
+        peer: peer.to_owned(),
+        code,
+        reason,
+    };
+    let b = Batch::decode(body, page_size).map_err(|source| TransportError::Wire {
+        peer: peer.to_owned(),
+        source,
+    })?;
+    check_round(peer, session, b.round, "batch")?;
+    let mut zones = Vec::with_capacity(b.runs.len());
+    for r in &b.runs {
+        zones.extend(image.landing(r).map_err(|(c, m)| refused(c, m))?);
+    }
+    fill(&zones)?;
+    let ps = usize::try_from(page_size).unwrap_or(4096);
+    let bad = image.verify(&zones, &b.sums, ps);
+    image.landed(&b.runs, &b.sums, &bad);
+    let mut p = lock(&session.progress);
+    if !bad.is_empty() {
+        let addrs = page_addrs(&b.runs, page_size);
+        p.suspects.extend(bad.iter().filter_map(|&i| addrs.get(i)));
+        if p.suspects.len() as u64 > max_suspects {
+            drop(p);
+            return Err(refused(
+                ErrorCode::Checksum,
+                "too many pages failed their checksum".into(),
+            ));
+        }
+    }
+    p.batches += 1;
+    p.pages += b.pages() as u64;
+    drop(p);
+    session.cv.notify_all();
+    Ok(())
 }
 
 fn refused(conn: &Conn, code: ErrorCode, reason: String) -> TransportError {

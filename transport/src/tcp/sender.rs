@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::api::{PageSender, RoundStats};
+use crate::api::{PageSender, Placer, RoundStats, Source};
 use crate::auth;
 use crate::batch;
 use crate::conn::Conn;
@@ -15,7 +15,7 @@ use crate::key::ClusterKey;
 use crate::sys::{self, Readable, ReadableBatch};
 use crate::wire::{
     self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_ZERO_RUNS,
-    Record, Role, RoundAck, Text, Zero, caps,
+    Placement, Record, Role, RoundAck, Text, Zero, caps,
 };
 
 /// How a [`TcpSender`] uses the link.
@@ -71,6 +71,8 @@ pub struct TcpSender {
     /// Where batches sent from a copy are copied to (grown on first use: in a migration's final
     /// round that is the capture arena, left out of the image).
     bounce: Vec<u8>,
+    /// A placing transport for the pages (SCI), with the receiver's current placement.
+    placer: Option<(Box<dyn Placer>, Option<Placement>)>,
 }
 
 fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
@@ -87,13 +89,37 @@ impl TcpSender {
     /// # Errors
     /// Connection failure, refusal, a receiver that does not hold the key.
     pub fn connect(addr: SocketAddr, key: &ClusterKey, config: SenderConfig) -> Result<Self, TransportError> {
+        Self::connect_with(addr, key, config, None)
+    }
+
+    /// Like [`TcpSender::connect`], with pages going through `placer` (straight into the receiver's
+    /// exported image memory) instead of the TCP data streams. The receiver must grant the placer's
+    /// capability.
+    ///
+    /// # Errors
+    /// As [`TcpSender::connect`]; a receiver that does not offer the placer's transport.
+    pub fn connect_placed(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        config: SenderConfig,
+        placer: Box<dyn Placer>,
+    ) -> Result<Self, TransportError> {
+        Self::connect_with(addr, key, config, Some(placer))
+    }
+
+    fn connect_with(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        config: SenderConfig,
+        placer: Option<Box<dyn Placer>>,
+    ) -> Result<Self, TransportError> {
         let page_size = u32::try_from(sys::page_size()).map_err(|_| TransportError::Misuse("page size"))?;
         let mut control = connect(addr, config.timeout)?;
         let hello = Hello {
             versions: wire::VERSION..wire::VERSION + 1,
             role: Role::Control,
-            streams: config.streams,
-            caps: caps::SUPPORTED,
+            streams: if placer.is_some() { 0 } else { config.streams },
+            caps: caps::REQUIRED | placer.as_ref().map_or(0, |p| p.cap()),
             page_size,
             session: 0,
             nonce: auth::random_bytes(),
@@ -105,6 +131,20 @@ impl TcpSender {
                 peer: control.peer().to_owned(),
                 code: ErrorCode::Capability,
                 reason: "the receiver lacks a required capability or page size".into(),
+            });
+        }
+        if let Some(p) = &placer
+            && welcome.caps & p.cap() == 0
+        {
+            control.send_error(ErrorCode::Capability, "the placing transport is not granted");
+            return Err(TransportError::Refused {
+                peer: control.peer().to_owned(),
+                code: ErrorCode::Capability,
+                reason: format!(
+                    "the receiver does not offer the {:?} transport (its omd has no fabric library or \
+                     cannot export image memory)",
+                    p
+                ),
             });
         }
         Ok(Self {
@@ -122,7 +162,81 @@ impl TcpSender {
             migrate: false,
             serial: false,
             bounce: Vec::new(),
+            placer: placer.map(|p| (p, None)),
         })
+    }
+
+    /// Memory of this process the placing transport mapped (never part of an image).
+    #[must_use]
+    pub fn mappings(&self) -> Vec<Range<u64>> {
+        self.placer.as_ref().map(|(p, _)| p.mappings()).unwrap_or_default()
+    }
+
+    /// Takes the receiver's (new) placement after `Begun` or `Vmas`.
+    fn take_placement(&mut self) -> Result<(), TransportError> {
+        let Some((placer, current)) = &mut self.placer else {
+            return Ok(());
+        };
+        let body = self.control.expect(Kind::Placement, "after the VMA table")?;
+        let placement = Placement::decode(&body, self.page_size).map_err(|e| self.control.wire(e))?;
+        placer.attach(&placement)?;
+        *current = Some(placement);
+        Ok(())
+    }
+
+    /// Places the batches through the placing transport, one after the other on this thread.
+    fn place_batches(&mut self, batches: &[ReadableBatch<'_>]) -> Result<(), TransportError> {
+        let Some((placer, Some(placement))) = &mut self.placer else {
+            return Err(TransportError::Misuse("placing before the receiver's placement"));
+        };
+        let ps = usize::try_from(self.page_size).unwrap_or(4096);
+        for batch in batches {
+            let mut copy_len = 0usize;
+            let sums = if batch.is_copied() {
+                copy_len = batch
+                    .runs()
+                    .iter()
+                    .map(|r| usize::try_from(r.end - r.start).unwrap_or(usize::MAX))
+                    .sum();
+                if self.bounce.len() < copy_len {
+                    self.bounce.resize(copy_len, 0);
+                }
+                batch
+                    .copy_into(&mut self.bounce[..copy_len])
+                    .map_err(|source| TransportError::Io {
+                        op: "read the pages to send",
+                        peer: self.control.peer().to_owned(),
+                        source,
+                    })?;
+                self.bounce[..copy_len].chunks(ps).map(crate::sys::page_sum_bytes).collect()
+            } else {
+                batch.page_sums(ps)
+            };
+            let mut at = 0usize;
+            for run in batch.runs() {
+                let pieces = placement.pieces(run).ok_or_else(|| {
+                    self.control.wire(wire::WireError::Invalid(format!(
+                        "the receiver's placement has no place for {:#x}-{:#x}",
+                        run.start, run.end
+                    )))
+                })?;
+                let mut addr = run.start;
+                for (window, offset, len) in pieces {
+                    let n = usize::try_from(len).unwrap_or(usize::MAX);
+                    let src = if batch.is_copied() {
+                        Source::Bytes(&self.bounce[at..at + n])
+                    } else {
+                        Source::Memory { batch, addr, len }
+                    };
+                    placer.write(src, window, offset)?;
+                    addr += len;
+                    at += n;
+                }
+            }
+            debug_assert!(!batch.is_copied() || at == copy_len);
+            placer.post(&Batch::encode(self.round, batch.runs(), &sums, self.page_size))?;
+        }
+        Ok(())
     }
 
     /// The descriptors of its connections (never part of an image).
@@ -211,6 +325,9 @@ impl TcpSender {
             }
             Ok(())
         };
+        if self.placer.is_some() {
+            return self.place_batches(batches);
+        }
         if self.data.is_empty() || self.serial {
             return work(&mut self.control, &mut self.bounce);
         }
@@ -279,7 +396,7 @@ impl PageSender for TcpSender {
             .control
             .expect(Kind::Begun, "after begin")
             .and_then(|b| wire::msg::decode_u64(&b, "begun").map_err(|e| self.control.wire(e)))?;
-        if let Err(e) = self.open_data_streams() {
+        if let Err(e) = self.open_data_streams().and_then(|()| self.take_placement()) {
             return Err(self.fail(e));
         }
         self.state = State::Open;
@@ -372,7 +489,11 @@ impl PageSender for TcpSender {
         let table = batch::union(&table, &[]);
         let gone = batch::uncovered(&self.suspects.1, &table);
         self.suspects.1 = batch::uncovered(&self.suspects.1, &gone);
-        match self.control.send(Kind::Vmas, &body) {
+        match self
+            .control
+            .send(Kind::Vmas, &body)
+            .and_then(|()| self.take_placement())
+        {
             Ok(()) => Ok(()),
             Err(e) => Err(self.fail(e)),
         }

@@ -73,6 +73,9 @@ pub enum Kind {
     Go = 28,
     /// Migration: the copy runs; its pid on the receiving node follows.
     Running = 29,
+    /// A placing transport (SCI): where the image's memory is exported and where each address range
+    /// lands in it; sent by the receiver after `Begun` and after every `Vmas`.
+    Placement = 30,
     /// Relay: opens the relay of one generation (hop) of a process.
     Attach = 32,
     /// Relay: bytes the process wrote to its stdout (1) or stderr (2).
@@ -100,6 +103,7 @@ impl Kind {
             Self::Begin | Self::Vmas => super::MAX_BEGIN_BODY,
             Self::Begun | Self::EndRound | Self::Commit | Self::Committed | Self::Go | Self::Running => 256,
             Self::Batch => super::MAX_BATCH_BODY,
+            Self::Placement => super::MAX_PLACEMENT_BODY,
             Self::Zero => super::MAX_ZERO_BODY,
             Self::RoundAck => super::MAX_ACK_BODY,
             Self::Record => super::MAX_RECORD_BODY,
@@ -136,6 +140,7 @@ impl TryFrom<u16> for Kind {
             27 => Self::Vmas,
             28 => Self::Go,
             29 => Self::Running,
+            30 => Self::Placement,
             32 => Self::Attach,
             33 => Self::Output,
             34 => Self::Input,

@@ -73,7 +73,9 @@ pub mod frame;
 pub mod msg;
 
 pub use frame::{FrameHeader, Kind, TAG_LEN};
-pub use msg::{Batch, Begin, EndRound, Hello, ImageInfo, Record, Role, RoundAck, RunEntry, Text, Vma, Zero};
+pub use msg::{
+    Batch, Begin, EndRound, Extent, Hello, ImageInfo, Placement, Record, Role, RoundAck, RunEntry, Text, Vma, Zero,
+};
 
 /// The protocol version this build speaks.
 pub const VERSION: u16 = 1;
@@ -88,8 +90,9 @@ pub mod caps {
     pub const SCI: u32 = 1 << 2;
     /// Per-page four-lane CRC-32C checksums (always used in version 1).
     pub const PAGE_CRC32C: u32 = 1 << 8;
-    /// Everything this build implements.
-    pub const SUPPORTED: u32 = TCP | PAGE_CRC32C;
+    /// Everything this build implements (a sender offers SCI only when it has a SISCI library, a
+    /// receiver grants it only when it can export its image memory).
+    pub const SUPPORTED: u32 = TCP | SCI | PAGE_CRC32C;
     /// What a version-1 peer must offer.
     pub const REQUIRED: u32 = TCP | PAGE_CRC32C;
 }
@@ -120,6 +123,12 @@ pub const MAX_ACK_RUNS: usize = 4096;
 pub const MAX_ACK_BODY: usize = 24 + MAX_ACK_RUNS * 16;
 /// Largest `Record` body.
 pub const MAX_RECORD_BODY: usize = 16 << 20;
+/// Windows of one placement (segments a placing transport exports per image).
+pub const MAX_WINDOWS: usize = 4096;
+/// Extents of one placement.
+pub const MAX_EXTENTS: usize = 1 << 18;
+/// Largest `Placement` body.
+pub const MAX_PLACEMENT_BODY: usize = 32 + MAX_WINDOWS * 4 + MAX_EXTENTS * 24;
 /// Bytes of text in `Error`, `Refused` and `Abort`.
 pub const MAX_TEXT: usize = 1024;
 
@@ -239,6 +248,32 @@ mod tests {
     }
 
     #[test]
+    fn placement_rejects_extents_outside_its_windows_and_overlaps() {
+        let p = |extents: Vec<Extent>| Placement {
+            node: 4,
+            mailbox: 1,
+            doorbell: 2,
+            window_shift: 20,
+            windows: vec![7],
+            extents,
+        };
+        let ok = p(vec![Extent { start: 0x1000, end: 0x3000, offset: 0 }]);
+        assert!(Placement::decode(&ok.encode(), P).is_ok());
+        let outside = p(vec![Extent { start: 0x1000, end: 0x3000, offset: (1 << 20) - P }]);
+        assert!(Placement::decode(&outside.encode(), P).is_err());
+        let overlap = p(vec![
+            Extent { start: 0x1000, end: 0x3000, offset: 0 },
+            Extent { start: 0x2000, end: 0x4000, offset: 0x8000 },
+        ]);
+        assert!(Placement::decode(&overlap.encode(), P).is_err());
+        let unaligned = p(vec![Extent { start: 0x1001, end: 0x3000, offset: 0 }]);
+        assert!(Placement::decode(&unaligned.encode(), P).is_err());
+        let mut huge = ok.encode();
+        huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Placement::decode(&huge, P), Err(WireError::Oversized { .. })));
+    }
+
+    #[test]
     fn invalid_utf8_text_is_capped_after_replacement() {
         // Found by the `text` fuzz target: each bad byte becomes a 3-byte U+FFFD.
         let mut body = 7u32.to_le_bytes().to_vec();
@@ -264,6 +299,38 @@ mod tests {
             let _ = RoundAck::decode(&bytes, P);
             let _ = Text::decode(&bytes);
             let _ = Record::decode(&bytes);
+            let _ = Placement::decode(&bytes, P);
+        }
+
+        /// A placement round-trips, and its pieces put every page of a run exactly where a
+        /// page-by-page oracle (find the extent, add the offset, split by window) puts it.
+        #[test]
+        fn placement_pieces_match_a_page_oracle(
+            lens in proptest::collection::vec((1u64..40, 0u64..6), 1..12),
+            shift in 20u32..23,
+            run in (0u64..400, 1u64..300),
+        ) {
+            let mut extents = Vec::new();
+            let (mut addr, mut off) = (0x10_0000u64, 0u64);
+            for (pages, gap) in lens {
+                extents.push(Extent { start: addr, end: addr + pages * P, offset: off });
+                addr += (pages + gap) * P;
+                off += pages * P + gap * 7 * P;
+            }
+            let windows = u32::try_from(off.div_ceil(1 << shift)).unwrap().max(1);
+            let p = Placement { node: 8, mailbox: 3, doorbell: 1, window_shift: shift,
+                windows: (100..100 + windows).collect(), extents };
+            prop_assert_eq!(&Placement::decode(&p.encode(), P).unwrap(), &p);
+            let r = 0x10_0000 + run.0 * P..0x10_0000 + (run.0 + run.1) * P;
+            let oracle: Option<Vec<(usize, u64)>> = (r.start..r.end).step_by(usize::try_from(P).unwrap()).map(|a| {
+                let e = p.extents.iter().find(|e| e.start <= a && a < e.end)?;
+                let o = e.offset + (a - e.start);
+                Some((usize::try_from(o >> shift).unwrap(), o % (1 << shift)))
+            }).collect();
+            let got = p.pieces(&r).map(|v| v.into_iter().flat_map(|(w, o, n)| {
+                (0..n / P).map(move |k| (w, o + k * P))
+            }).collect::<Vec<_>>());
+            prop_assert_eq!(got, oracle);
         }
 
         #[test]

@@ -7,8 +7,8 @@ use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{
-    MAX_ACK_RUNS, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_NAME, MAX_NAMES, MAX_TEXT, MAX_USER_ADDR, MAX_VMAS,
-    MAX_ZERO_RUNS, WireError,
+    MAX_ACK_RUNS, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_EXTENTS, MAX_NAME, MAX_NAMES, MAX_TEXT, MAX_USER_ADDR,
+    MAX_VMAS, MAX_WINDOWS, MAX_ZERO_RUNS, WireError,
 };
 
 /// A page run on the wire: `pages` pages from `addr`.
@@ -369,6 +369,178 @@ impl Begin {
             },
             vmas,
         })
+    }
+}
+
+/// Where an address range of the source lands in the receiver's image memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// The source addresses.
+    pub start: u64,
+    /// End of the source addresses (exclusive).
+    pub end: u64,
+    /// Byte offset of `start` in the image memory.
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct PlacementHead {
+    node: U32,
+    mailbox: U32,
+    doorbell: U32,
+    window_shift: U32,
+    windows: U32,
+    extents: U32,
+    reserved: U64,
+}
+const _: () = assert!(size_of::<PlacementHead>() == 32);
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct ExtentEntry {
+    start: U64,
+    end: U64,
+    offset: U64,
+}
+const _: () = assert!(size_of::<ExtentEntry>() == 24);
+
+/// A decoded `Placement`: how a placing transport (SCI) reaches the receiver's image memory. The image
+/// memory is cut into windows of `1 << window_shift` bytes, each exported as one segment; image offset
+/// `o` is byte `o % window` of window `o / window`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The receiver's address on the fabric (a SISCI node id).
+    pub node: u32,
+    /// The mailbox segment (batch descriptors, flow control).
+    pub mailbox: u32,
+    /// The interrupt that says a descriptor is in the mailbox.
+    pub doorbell: u32,
+    /// log2 of the window size.
+    pub window_shift: u32,
+    /// Segment id of each window, in offset order.
+    pub windows: Vec<u32>,
+    /// Where each covered address range lands, sorted by start.
+    pub extents: Vec<Extent>,
+}
+
+impl Placement {
+    /// Smallest window (1 MiB).
+    pub const MIN_WINDOW_SHIFT: u32 = 20;
+    /// Largest window (1 TiB).
+    pub const MAX_WINDOW_SHIFT: u32 = 40;
+
+    /// The body bytes.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let head = PlacementHead {
+            node: U32::new(self.node),
+            mailbox: U32::new(self.mailbox),
+            doorbell: U32::new(self.doorbell),
+            window_shift: U32::new(self.window_shift),
+            windows: U32::new(u32_of(self.windows.len())),
+            extents: U32::new(u32_of(self.extents.len())),
+            reserved: U64::new(0),
+        };
+        let mut out = Vec::with_capacity(32 + self.windows.len() * 4 + self.extents.len() * 24);
+        out.extend_from_slice(head.as_bytes());
+        for w in &self.windows {
+            out.extend_from_slice(U32::new(*w).as_bytes());
+        }
+        for e in &self.extents {
+            let entry = ExtentEntry {
+                start: U64::new(e.start),
+                end: U64::new(e.end),
+                offset: U64::new(e.offset),
+            };
+            out.extend_from_slice(entry.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes and validates a body: caps, page-aligned extents sorted and disjoint inside user space,
+    /// each inside the exported windows.
+    ///
+    /// # Errors
+    /// Truncation, caps, bad extents, trailing bytes.
+    pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
+        let (head, rest) = PlacementHead::read_from_prefix(body).map_err(|_| WireError::Truncated("placement"))?;
+        let (nw, ne) = (head.windows.get() as usize, head.extents.get() as usize);
+        for (what, len, max) in [("placement windows", nw, MAX_WINDOWS), ("placement extents", ne, MAX_EXTENTS)] {
+            if len > max {
+                return Err(WireError::Oversized {
+                    what,
+                    len: len as u64,
+                    max: max as u64,
+                });
+            }
+        }
+        let shift = head.window_shift.get();
+        if !(Self::MIN_WINDOW_SHIFT..=Self::MAX_WINDOW_SHIFT).contains(&shift) || head.reserved.get() != 0 {
+            return Err(WireError::Invalid(format!(
+                "placement: window shift {shift} or reserved bytes out of range"
+            )));
+        }
+        let (windows, rest) =
+            <[U32]>::ref_from_prefix_with_elems(rest, nw).map_err(|_| WireError::Truncated("placement windows"))?;
+        let (entries, rest) = <[ExtentEntry]>::ref_from_prefix_with_elems(rest, ne)
+            .map_err(|_| WireError::Truncated("placement extents"))?;
+        if !rest.is_empty() {
+            return Err(WireError::Invalid("placement: trailing bytes".into()));
+        }
+        let span = (nw as u64) << shift;
+        let mut extents = Vec::with_capacity(ne);
+        let mut prev_end = 0u64;
+        for e in entries {
+            let (start, end, offset) = (e.start.get(), e.end.get(), e.offset.get());
+            let aligned = [start, end, offset].iter().all(|v| v % page_size == 0);
+            let inside = start >= prev_end
+                && start < end
+                && end <= MAX_USER_ADDR
+                && offset.checked_add(end - start).is_some_and(|o| o <= span);
+            if !aligned || !inside {
+                return Err(WireError::Invalid(format!(
+                    "placement: extent {start:#x}-{end:#x} at offset {offset:#x} is unaligned, unsorted, \
+                     overlapping or outside the {nw} windows"
+                )));
+            }
+            prev_end = end;
+            extents.push(Extent { start, end, offset });
+        }
+        Ok(Self {
+            node: head.node.get(),
+            mailbox: head.mailbox.get(),
+            doorbell: head.doorbell.get(),
+            window_shift: shift,
+            windows: windows.iter().map(|w| w.get()).collect(),
+            extents,
+        })
+    }
+
+    /// The pieces of image memory that hold `run`: `(window index, offset in the window, length)`,
+    /// in run order, cut at extent and window boundaries. `None` when part of `run` has no place.
+    #[must_use]
+    pub fn pieces(&self, run: &Range<u64>) -> Option<Vec<(usize, u64, u64)>> {
+        let window = 1u64 << self.window_shift;
+        let mut out = Vec::new();
+        let mut at = run.start;
+        let mut i = self.extents.partition_point(|e| e.end <= at);
+        while at < run.end {
+            let e = self.extents.get(i).filter(|e| e.start <= at)?;
+            let end = e.end.min(run.end);
+            let mut off = e.offset + (at - e.start);
+            let mut left = end - at;
+            while left > 0 {
+                let in_window = off % window;
+                let n = left.min(window - in_window);
+                out.push((usize::try_from(off / window).ok()?, in_window, n));
+                off += n;
+                left -= n;
+            }
+            at = end;
+            i += 1;
+        }
+        Some(out)
     }
 }
 

@@ -1,0 +1,123 @@
+//! The operating-system calls the emulation makes: mappings, futexes and kernel copies.
+
+use std::ffi::CStr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use crate::codes::err;
+
+/// (inode, device major, device minor) of open descriptor `fd`.
+pub fn file_id(fd: RawFd) -> Option<(u64, u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat writes one `struct stat` into the buffer, which is large enough.
+    let r = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded and filled the struct (and it was zeroed before).
+    let st = unsafe { st.assume_init() };
+    Some((st.st_ino, u64::from(libc::major(st.st_dev)), u64::from(libc::minor(st.st_dev))))
+}
+
+/// Opens `path` for reading and writing (close-on-exec); async-signal-safe.
+pub fn open(path: &CStr) -> Result<OwnedFd, u32> {
+    // SAFETY: a valid C string; open has no other preconditions.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(err::NOT_CONNECTED);
+    }
+    // SAFETY: a fresh descriptor this function owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A duplicate of `fd` (close-on-exec).
+pub fn dup(fd: RawFd) -> Result<OwnedFd, u32> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; fails cleanly if it is not open.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if n < 0 {
+        return Err(err::SYSTEM);
+    }
+    // SAFETY: a fresh descriptor this function owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Maps `len` bytes of `fd` at file offset `off`, shared.
+pub fn map(fd: &OwnedFd, off: u64, len: usize) -> Result<usize, u32> {
+    let off = libc::off_t::try_from(off).map_err(|_| err::OUT_OF_RANGE)?;
+    // SAFETY: a new shared mapping at an address the kernel picks: it cannot overlap anything.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(err::NOSPC);
+    }
+    Ok(p as usize)
+}
+
+/// Unmaps a mapping made by [`map`].
+///
+/// # Safety
+/// `[addr, addr + len)` must be a mapping this emulation made and nothing may use it afterwards.
+pub unsafe fn unmap(addr: usize, len: usize) {
+    // SAFETY: the caller's promise.
+    unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+}
+
+/// Writes `len` bytes from `src` (this process's memory, which may be unmapped: the kernel copies
+/// and fails instead of faulting) to `fd` at `off`.
+pub fn write_from(fd: &OwnedFd, src: usize, len: usize, off: u64) -> Result<(), u32> {
+    let mut done = 0usize;
+    while done < len {
+        let at = libc::off_t::try_from(off + done as u64).map_err(|_| err::OUT_OF_RANGE)?;
+        // SAFETY: the kernel reads the source with copy_from_user and returns EFAULT for memory
+        // that is not mapped; nothing here dereferences it.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), (src + done) as *const libc::c_void, len - done, at) };
+        if n <= 0 {
+            return Err(err::TRANSFER_FAILED);
+        }
+        done += usize::try_from(n).unwrap_or(0);
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off`, in the kernel.
+pub fn copy_file(src: &OwnedFd, src_off: u64, dst: &OwnedFd, dst_off: u64, len: usize) -> Result<(), u32> {
+    let mut so = libc::loff_t::try_from(src_off).map_err(|_| err::OUT_OF_RANGE)?;
+    let mut d = libc::loff_t::try_from(dst_off).map_err(|_| err::OUT_OF_RANGE)?;
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both offsets are valid loff_t variables; the descriptors are open.
+        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &raw mut so, dst.as_raw_fd(), &raw mut d, left, 0) };
+        if n <= 0 {
+            return Err(err::TRANSFER_FAILED);
+        }
+        left -= usize::try_from(n).unwrap_or(left);
+    }
+    Ok(())
+}
+
+/// Waits while `word` holds `value`, at most `timeout` (`None`: forever). Shared between processes.
+pub fn futex_wait(word: &AtomicU32, value: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos()),
+    });
+    let tsp = ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref);
+    // SAFETY: FUTEX_WAIT (not private: the word is in a shared mapping) on a live atomic; the
+    // timespec outlives the call.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, value, tsp, 0, 0) };
+}
+
+/// Wakes up to `n` waiters on `word`.
+pub fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: FUTEX_WAKE on a live atomic.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n, 0, 0, 0) };
+}

@@ -1,0 +1,207 @@
+//! The sending side: pages go from the application's memory into the receiver's windows, by PIO
+//! (a kernel copy into the mapped remote segment, `SCIMemCpy` for copies) or, for large pieces, by
+//! DMA straight from the application's memory; each batch's descriptor follows through the mailbox.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use om_transport::api::{Placer, Source};
+use om_transport::wire::{Placement, caps};
+use om_transport::TransportError;
+
+use crate::error::SciError;
+use crate::mailbox;
+use crate::sys::{DmaQueue, RemoteInterrupt, RemoteSegment, Sisci};
+
+/// Pieces of at least this many bytes go by DMA when the library offers it.
+pub const DMA_MIN: usize = 256 << 10;
+
+/// The receiver's exported objects, connected.
+#[derive(Debug)]
+struct Link {
+    key: (u32, u32, u32, Vec<u32>),
+    mailbox: RemoteSegment,
+    doorbell: RemoteInterrupt,
+    windows: Vec<RemoteSegment>,
+    head: u64,
+}
+
+/// Places pages into a receiver's image over SISCI.
+#[derive(Debug)]
+pub struct SciPlacer {
+    link: Option<Link>,
+    dma: Option<DmaQueue>,
+    sci: Sisci,
+    page_size: usize,
+    timeout: Duration,
+    /// Bytes placed by DMA and by PIO (for the benchmark and the logs).
+    pub placed: (u64, u64),
+}
+
+impl SciPlacer {
+    /// Loads the SISCI library and opens the fabric. Nothing is connected until the receiver's
+    /// placement arrives.
+    ///
+    /// # Errors
+    /// No SISCI library, or the fabric failing.
+    pub fn open() -> Result<Self, SciError> {
+        Self::open_with(None)
+    }
+
+    /// Like `open`, with the SISCI library at `library`.
+    ///
+    /// # Errors
+    /// As `open`.
+    pub fn open_with(library: Option<&str>) -> Result<Self, SciError> {
+        let sci = Sisci::open(library)?;
+        let dma = sci.dma_queue()?;
+        Ok(Self {
+            link: None,
+            dma,
+            sci,
+            page_size: om_transport::sys::page_size(),
+            timeout: Duration::from_secs(60),
+            placed: (0, 0),
+        })
+    }
+
+    fn connect(&self, p: &Placement) -> Result<Link, SciError> {
+        let wait = Duration::from_secs(5);
+        let mut mailbox = self.sci.connect(p.node, p.mailbox, wait)?;
+        mailbox.map()?;
+        if mailbox.size() < mailbox::BYTES || !mailbox.view().is_some_and(|v| mailbox::is_initialized(&v)) {
+            return Err(SciError::Mailbox("the receiver's mailbox is not an om mailbox".into()));
+        }
+        let doorbell = self.sci.connect_interrupt(p.node, p.doorbell)?;
+        let mut windows = Vec::with_capacity(p.windows.len());
+        for &id in &p.windows {
+            let mut w = self.sci.connect(p.node, id, wait)?;
+            w.map()?;
+            windows.push(w);
+        }
+        Ok(Link {
+            key: (p.node, p.mailbox, p.doorbell, p.windows.clone()),
+            mailbox,
+            doorbell,
+            windows,
+            head: 0,
+        })
+    }
+
+    fn window(&self, window: usize, offset: u64, len: u64) -> Result<&RemoteSegment, SciError> {
+        self.link
+            .as_ref()
+            .and_then(|l| l.windows.get(window))
+            .filter(|w| offset.checked_add(len).is_some_and(|e| e <= w.size() as u64))
+            .ok_or(SciError::NoWindow { window, offset, len })
+    }
+
+    fn place(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), SciError> {
+        let len = src.len();
+        let w = self.window(window, offset, len)?;
+        let (off, n) = (
+            usize::try_from(offset).unwrap_or(usize::MAX),
+            usize::try_from(len).unwrap_or(usize::MAX),
+        );
+        match src {
+            Source::Bytes(b) => {
+                w.mem_cpy(off, b)?;
+                self.placed.1 += len;
+            }
+            Source::Memory { batch, addr, .. } => {
+                if n >= DMA_MIN
+                    && let Some(q) = &self.dma
+                {
+                    match q.write(batch, addr, n, w, off) {
+                        Ok(()) => {
+                            self.placed.0 += len;
+                            return Ok(());
+                        }
+                        // The application unmapped part of it: PIO reads what is left.
+                        Err(e) => tracing::debug!(error = %e, addr, "DMA failed, placing by PIO"),
+                    }
+                }
+                let zone = w
+                    .view()
+                    .and_then(|v| v.zone(off, n))
+                    .ok_or(SciError::NoWindow { window, offset, len })?;
+                batch
+                    .store(addr, &zone, self.page_size)
+                    .map_err(|e| SciError::Mailbox(format!("PIO store: {e}")))?;
+                self.placed.1 += len;
+            }
+        }
+        Ok(())
+    }
+
+    fn post_descriptor(&mut self, descriptor: &[u8]) -> Result<(), SciError> {
+        let timeout = self.timeout;
+        let link = self.link.as_mut().ok_or(SciError::NoWindow {
+            window: 0,
+            offset: 0,
+            len: 0,
+        })?;
+        let view = link
+            .mailbox
+            .view()
+            .ok_or_else(|| SciError::Mailbox("mailbox not mapped".into()))?;
+        // The pages first: DMA transfers were waited for; PIO stores are ordered by the barrier.
+        link.mailbox.barrier();
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(20);
+        while !mailbox::has_room(&view, link.head)? {
+            if Instant::now() > deadline {
+                return Err(SciError::MailboxFull(timeout));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+        let (at, word) = mailbox::slot_of(link.head, descriptor.len());
+        link.mailbox.mem_cpy(at, &word)?;
+        link.mailbox.mem_cpy(at + 8, descriptor)?;
+        link.mailbox.barrier();
+        link.head += 1;
+        mailbox::publish(&view, link.head);
+        link.mailbox.barrier();
+        link.doorbell.trigger()?;
+        Ok(())
+    }
+}
+
+impl Placer for SciPlacer {
+    fn cap(&self) -> u32 {
+        caps::SCI
+    }
+
+    fn attach(&mut self, placement: &Placement) -> Result<(), TransportError> {
+        let key = (
+            placement.node,
+            placement.mailbox,
+            placement.doorbell,
+            placement.windows.clone(),
+        );
+        if self.link.as_ref().is_some_and(|l| l.key == key) {
+            return Ok(());
+        }
+        self.link = None;
+        self.link = Some(self.connect(placement).map_err(|e| e.during("connect to the receiver's segments"))?);
+        Ok(())
+    }
+
+    fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError> {
+        self.place(src, window, offset).map_err(|e| e.during("place pages"))
+    }
+
+    fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError> {
+        self.post_descriptor(descriptor).map_err(|e| e.during("post a batch descriptor"))
+    }
+
+    fn mappings(&self) -> Vec<Range<u64>> {
+        self.link.as_ref().map_or_else(Vec::new, |l| {
+            std::iter::once(&l.mailbox)
+                .chain(&l.windows)
+                .filter_map(RemoteSegment::mapping)
+                .collect()
+        })
+    }
+}
