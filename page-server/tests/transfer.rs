@@ -101,6 +101,31 @@ struct Server {
 }
 
 fn server(limits: Limits) -> Server {
+    server_with(limits, None)
+}
+
+/// The SISCI emulation built next to omd (`cargo build` builds the workspace's `sisci-emu`).
+fn sisci_library() -> String {
+    let p = Path::new(OMD).with_file_name("libsisci.so");
+    assert!(
+        p.exists(),
+        "{} is missing: build the SISCI emulation first (cargo build -p sisci-emu)",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
+fn sci_server(limits: Limits) -> Server {
+    let exporter = om_sci::SciExporter::open_with(Some(&sisci_library())).unwrap();
+    server_with(limits, Some(Arc::new(exporter)))
+}
+
+fn sci_sender(addr: SocketAddr) -> Result<TcpSender, TransportError> {
+    let placer = om_sci::SciPlacer::open_with(Some(&sisci_library())).unwrap();
+    TcpSender::connect_placed(addr, &key(), SenderConfig::default(), Box::new(placer))
+}
+
+fn server_with(limits: Limits, export: Option<Arc<dyn om_transport::api::Exporter>>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let store = Store::new(limits);
@@ -109,6 +134,7 @@ fn server(limits: Limits) -> Server {
         Arc::new(store.clone()),
         ReceiverConfig {
             idle_timeout: Duration::from_secs(20),
+            export,
             ..ReceiverConfig::default()
         },
     );
@@ -215,6 +241,96 @@ fn ships_a_gib_in_rounds_byte_for_byte_over_loopback() {
     // Dropping the image frees its memory.
     drop(image);
     assert!(srv.store.remove(id).is_some());
+    assert_eq!(srv.store.used(), 0);
+}
+
+/// The SCI transport (over the SISCI emulation): pages placed straight into omd's exported image
+/// memory by PIO and DMA, descriptors through the mailbox; rounds, zero runs, a changed VMA table
+/// and the final round from a copy land byte for byte, as over TCP.
+#[test]
+fn ships_pages_over_emulated_sci_byte_for_byte() {
+    let srv = sci_server(big_limits());
+    let len = 256 * MIB;
+    let mut r = random_region(len, 5);
+    let mut tx = sci_sender(srv.addr).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    assert_eq!(tx.streams(), 0, "no TCP data streams: pages go over SCI");
+    let mapped = tx.mappings();
+    assert!(!mapped.is_empty(), "the receiver's windows and mailbox are mapped");
+    assert!(mapped.iter().all(|m| m.end <= r.addr() as u64 || m.start >= whole(&r).end));
+    let s0 = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
+    assert_eq!(s0.bytes, len as u64);
+    assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
+    assert_eq!(s0.image_bytes, len as u64);
+    // A new VMA table: the placement comes again (same windows).
+    tx.update_vmas(&begin_for(&r)).unwrap();
+    let base = r.addr() as u64;
+    let mut dirty = Vec::new();
+    for p in (0..(len as u64 / PAGE)).step_by(31) {
+        let w = usize::try_from(p * 512).unwrap();
+        r.words()[w].store(!word(5, w), Ordering::Relaxed);
+        dirty.push(base + p * PAGE..base + (p + 1) * PAGE);
+    }
+    let freed = base + 40 * PAGE..base + 200 * PAGE;
+    dirty.retain(|d| !(freed.start < d.end && d.start < freed.end));
+    r.dontneed(40 * PAGE as usize, 160 * PAGE as usize).unwrap();
+    // The final round from a copy (PIO with SCIMemCpy), as in a migration's freeze.
+    let s1 = tx
+        .send_round(Readable::copied(&dirty), std::slice::from_ref(&freed), true)
+        .unwrap();
+    assert_eq!(s1.pages, dirty.len() as u64);
+    let id = tx.commit().unwrap();
+    srv.settle(1);
+    let image = srv.store.get(id).expect("committed image kept");
+    assert_image_equals(&image, &r, &[freed]);
+    drop(image);
+    assert!(srv.store.remove(id).is_some());
+    assert_eq!(srv.store.used(), 0);
+}
+
+/// A page the application writes while it is placed comes back as a suspect, as over TCP; sent
+/// again in the final round, the image is exact.
+#[test]
+fn a_page_written_while_placed_is_a_suspect_until_sent_again() {
+    let srv = sci_server(big_limits());
+    let len = 64 * MIB;
+    let r = random_region(len, 6);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (words, st) = (r.words().as_ptr() as usize, Arc::clone(&stop));
+    let writer = thread::spawn(move || {
+        let mut n = 0u64;
+        while !st.load(Ordering::Relaxed) {
+            // SAFETY: the region outlives the writer (joined before it is dropped); atomics only.
+            let w = unsafe { &*(words as *const std::sync::atomic::AtomicU64).add((n as usize * 4099) % (len / 8)) };
+            w.fetch_add(1, Ordering::Relaxed);
+            n += 1;
+        }
+    });
+    let mut tx = sci_sender(srv.addr).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    let mut suspects = Vec::new();
+    for _ in 0..3 {
+        suspects = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap().suspects;
+        if !suspects.is_empty() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(!suspects.is_empty(), "a page written in flight must fail its checksum");
+    tx.send_round(Readable::copied(&[whole(&r)]), &[], true).unwrap();
+    let id = tx.commit().unwrap();
+    srv.settle(1);
+    assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
+}
+
+/// A sender that asks for SCI from an omd without it is refused at the handshake, clearly.
+#[test]
+fn an_omd_without_sci_refuses_a_sci_sender_clearly() {
+    let srv = server(big_limits());
+    let e = sci_sender(srv.addr).unwrap_err();
+    let text = om_transport::error::chain(&e);
+    assert!(text.contains("does not offer") && text.contains("SCI"), "{text}");
     assert_eq!(srv.store.used(), 0);
 }
 

@@ -20,6 +20,16 @@ fn sys_err(_: io::Error) -> Code {
     err::SYSTEM
 }
 
+/// A name no other thread or process uses at the same time.
+fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// True when process `pid` exists.
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -56,7 +66,7 @@ pub fn local_node(dir: &Path) -> Result<u32, Code> {
                 return Err(err::NOSPC);
             }
         }
-        let tmp = dir.join(format!("node.{key}.{}", std::process::id()));
+        let tmp = dir.join(format!("node.{key}.{}", unique()));
         fs::write(&tmp, format!("{id}\n")).map_err(sys_err)?;
         if fs::hard_link(&tmp, &node_file).is_err() {
             let _ = fs::remove_file(dir.join(format!("id.{id}")));
@@ -173,7 +183,7 @@ pub fn read_entry(path: &Path) -> Option<Entry> {
 
 /// Replaces an entry whole.
 pub fn write_entry(path: &Path, e: &Entry) -> Result<(), Code> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp{}", unique()));
     fs::write(&tmp, e.encode()).map_err(sys_err)?;
     fs::rename(&tmp, path).map_err(sys_err)
 }

@@ -141,9 +141,9 @@ impl TcpSender {
                 peer: control.peer().to_owned(),
                 code: ErrorCode::Capability,
                 reason: format!(
-                    "the receiver does not offer the {:?} transport (its omd has no fabric library or \
-                     cannot export image memory)",
-                    p
+                    "the receiver does not offer the {} transport (its omd has no fabric library, \
+                     or it cannot export image memory)",
+                    caps::name(p.cap())
                 ),
             });
         }

@@ -95,6 +95,17 @@ pub mod caps {
     pub const SUPPORTED: u32 = TCP | SCI | PAGE_CRC32C;
     /// What a version-1 peer must offer.
     pub const REQUIRED: u32 = TCP | PAGE_CRC32C;
+
+    /// The name of a transport bit.
+    #[must_use]
+    pub fn name(bit: u32) -> &'static str {
+        match bit {
+            TCP => "TCP",
+            VERBS => "verbs",
+            SCI => "SCI",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Highest user-space address (exclusive) accepted anywhere: 57-bit (five-level paging) user space.
