@@ -71,7 +71,7 @@ pub const FEATURES: &[(Feature, bool)] = &[
     (Feature::Migrate, true),
     (Feature::ProcessList, true),
     (Feature::Verbs, false),
-    (Feature::Sci, false),
+    (Feature::Sci, true),
 ];
 
 /// The error for an operation whose machinery this build does not have yet.

@@ -26,9 +26,10 @@ pub const MAX_REQUEST: usize = 4096;
 /// - `ps`: `OK N` then ` pid=PID` per om process registered here (` pid=PID,vpid=V` for a restored
 ///   process whose own pid, in its namespace, is V), and ` pid=PID,at=IP:PORT` per process that
 ///   migrated away from here
-/// - `migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS MODE`: asks the runtime of PID to migrate to the omd at
-///   IP:PORT (MODE `precopy` or `stop-and-copy`) with this omd's cluster key; the
-///   answer is the runtime's (`OK moved ...` with a JSON report, or `ERR ...`)
+/// - `migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS MODE [TRANSPORT]`: asks the runtime of PID to
+///   migrate to the omd at IP:PORT (MODE `precopy` or `stop-and-copy`; TRANSPORT `tcp`, the
+///   default, or `sci`) with this omd's cluster key; the answer is the runtime's (`OK moved ...`
+///   with a JSON report, or `ERR ...`)
 #[must_use]
 pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> String {
     let mut words = request.split_ascii_whitespace();
@@ -90,6 +91,10 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
         }
         Some("migrate") => {
             let args: Vec<&str> = words.collect();
+            let (args, transport) = match args.as_slice() {
+                [rest @ .., t] if args.len() == 6 => (rest.to_vec(), *t),
+                _ => (args, "tcp"),
+            };
             let parsed = match args.as_slice() {
                 [pid, to, downtime, rounds, mode] => pid
                     .parse::<u32>()
@@ -97,10 +102,14 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     .filter(|_| to.parse::<std::net::SocketAddr>().is_ok())
                     .filter(|_| downtime.parse::<u32>().is_ok() && rounds.parse::<u32>().is_ok())
                     .filter(|_| matches!(*mode, "precopy" | "stop-and-copy"))
+                    .filter(|_| matches!(transport, "tcp" | "sci"))
                     .map(|pid| {
                         (
                             pid,
-                            format!("migrate {to} {downtime} {rounds} {mode} {}", key.display()),
+                            format!(
+                                "migrate {to} {downtime} {rounds} {mode} {transport} {}",
+                                key.display()
+                            ),
                         )
                     }),
                 _ => None,
@@ -128,7 +137,8 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     reply
                 }
                 None => {
-                    "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|stop-and-copy".to_owned()
+                    "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|stop-and-copy [tcp|sci]"
+                        .to_owned()
                 }
             }
         }
@@ -193,6 +203,8 @@ mod tests {
         assert!(answer("  migrate 12 ").starts_with("ERR usage: migrate"));
         assert!(answer("migrate 12 1.2.3.4:5 20 30 precopy").contains("not an om process"));
         assert!(answer("migrate 12 nowhere 20 30 precopy").starts_with("ERR usage"));
+        assert!(answer("migrate 12 1.2.3.4:5 20 30 precopy sci").contains("not an om process"));
+        assert!(answer("migrate 12 1.2.3.4:5 20 30 precopy carrier-pigeon").starts_with("ERR usage"));
         assert_eq!(answer(""), "ERR empty request");
         assert_eq!(answer("images"), "OK 0");
         assert_eq!(answer("save 3 /tmp/x"), "ERR no committed image 3");

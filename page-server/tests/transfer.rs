@@ -256,8 +256,15 @@ fn ships_pages_over_emulated_sci_byte_for_byte() {
     tx.begin(&begin_for(&r)).unwrap();
     assert_eq!(tx.streams(), 0, "no TCP data streams: pages go over SCI");
     let mapped = tx.mappings();
-    assert!(!mapped.is_empty(), "the receiver's windows and mailbox are mapped");
-    assert!(mapped.iter().all(|m| m.end <= r.addr() as u64 || m.start >= whole(&r).end));
+    assert!(
+        !mapped.is_empty(),
+        "the receiver's windows and mailbox are mapped"
+    );
+    assert!(
+        mapped
+            .iter()
+            .all(|m| m.end <= r.addr() as u64 || m.start >= whole(&r).end)
+    );
     let s0 = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
     assert_eq!(s0.bytes, len as u64);
     assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
@@ -295,29 +302,34 @@ fn a_page_written_while_placed_is_a_suspect_until_sent_again() {
     let srv = sci_server(big_limits());
     let len = 64 * MIB;
     let r = random_region(len, 6);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (words, st) = (r.words().as_ptr() as usize, Arc::clone(&stop));
-    let writer = thread::spawn(move || {
-        let mut n = 0u64;
-        while !st.load(Ordering::Relaxed) {
-            // SAFETY: the region outlives the writer (joined before it is dropped); atomics only.
-            let w = unsafe { &*(words as *const std::sync::atomic::AtomicU64).add((n as usize * 4099) % (len / 8)) };
-            w.fetch_add(1, Ordering::Relaxed);
-            n += 1;
-        }
-    });
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let mut tx = sci_sender(srv.addr).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
     let mut suspects = Vec::new();
-    for _ in 0..3 {
-        suspects = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap().suspects;
-        if !suspects.is_empty() {
-            break;
+    thread::scope(|s| {
+        s.spawn(|| {
+            let words = r.words();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                words[(n * 4099) % words.len()].fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        });
+        for _ in 0..3 {
+            suspects = tx
+                .send_round(Readable::racy(&[whole(&r)]), &[], false)
+                .unwrap()
+                .suspects;
+            if !suspects.is_empty() {
+                break;
+            }
         }
-    }
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    assert!(!suspects.is_empty(), "a page written in flight must fail its checksum");
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(
+        !suspects.is_empty(),
+        "a page written in flight must fail its checksum"
+    );
     tx.send_round(Readable::copied(&[whole(&r)]), &[], true).unwrap();
     let id = tx.commit().unwrap();
     srv.settle(1);

@@ -51,43 +51,147 @@ pub enum Code {
 
 const TABLE: &[(u32, Code, &str)] = &[
     (0x900, Code::Busy, "SCI_ERR_BUSY: the resource is busy"),
-    (0x901, Code::FlagNotImplemented, "SCI_ERR_FLAG_NOT_IMPLEMENTED: a flag is not implemented"),
+    (
+        0x901,
+        Code::FlagNotImplemented,
+        "SCI_ERR_FLAG_NOT_IMPLEMENTED: a flag is not implemented",
+    ),
     (0x902, Code::IllegalFlag, "SCI_ERR_ILLEGAL_FLAG: an illegal flag"),
     (0x904, Code::NoSpace, "SCI_ERR_NOSPC: out of resources"),
-    (0x905, Code::ApiNoSpace, "SCI_ERR_API_NOSPC: the API is out of resources"),
-    (0x906, Code::HwNoSpace, "SCI_ERR_HW_NOSPC: the adapter is out of resources"),
-    (0x907, Code::NotImplemented, "SCI_ERR_NOT_IMPLEMENTED: not implemented"),
-    (0x908, Code::IllegalAdapterNo, "SCI_ERR_ILLEGAL_ADAPTERNO: an illegal adapter number"),
-    (0x909, Code::NoSuchAdapterNo, "SCI_ERR_NO_SUCH_ADAPTERNO: no such adapter"),
+    (
+        0x905,
+        Code::ApiNoSpace,
+        "SCI_ERR_API_NOSPC: the API is out of resources",
+    ),
+    (
+        0x906,
+        Code::HwNoSpace,
+        "SCI_ERR_HW_NOSPC: the adapter is out of resources",
+    ),
+    (
+        0x907,
+        Code::NotImplemented,
+        "SCI_ERR_NOT_IMPLEMENTED: not implemented",
+    ),
+    (
+        0x908,
+        Code::IllegalAdapterNo,
+        "SCI_ERR_ILLEGAL_ADAPTERNO: an illegal adapter number",
+    ),
+    (
+        0x909,
+        Code::NoSuchAdapterNo,
+        "SCI_ERR_NO_SUCH_ADAPTERNO: no such adapter",
+    ),
     (0x90A, Code::Timeout, "SCI_ERR_TIMEOUT: timed out"),
     (0x90B, Code::OutOfRange, "SCI_ERR_OUT_OF_RANGE: out of range"),
-    (0x90C, Code::NoSuchSegment, "SCI_ERR_NO_SUCH_SEGMENT: no such segment or interrupt number"),
-    (0x90D, Code::IllegalNodeId, "SCI_ERR_ILLEGAL_NODEID: an illegal node id"),
-    (0x90E, Code::ConnectionRefused, "SCI_ERR_CONNECTION_REFUSED: the remote node refused the connection"),
-    (0x90F, Code::SegmentNotConnected, "SCI_ERR_SEGMENT_NOT_CONNECTED: the segment is not connected"),
-    (0x910, Code::SizeAlignment, "SCI_ERR_SIZE_ALIGNMENT: the size is not aligned"),
-    (0x911, Code::OffsetAlignment, "SCI_ERR_OFFSET_ALIGNMENT: the offset is not aligned"),
-    (0x912, Code::IllegalParameter, "SCI_ERR_ILLEGAL_PARAMETER: an illegal parameter"),
+    (
+        0x90C,
+        Code::NoSuchSegment,
+        "SCI_ERR_NO_SUCH_SEGMENT: no such segment or interrupt number",
+    ),
+    (
+        0x90D,
+        Code::IllegalNodeId,
+        "SCI_ERR_ILLEGAL_NODEID: an illegal node id",
+    ),
+    (
+        0x90E,
+        Code::ConnectionRefused,
+        "SCI_ERR_CONNECTION_REFUSED: the remote node refused the connection",
+    ),
+    (
+        0x90F,
+        Code::SegmentNotConnected,
+        "SCI_ERR_SEGMENT_NOT_CONNECTED: the segment is not connected",
+    ),
+    (
+        0x910,
+        Code::SizeAlignment,
+        "SCI_ERR_SIZE_ALIGNMENT: the size is not aligned",
+    ),
+    (
+        0x911,
+        Code::OffsetAlignment,
+        "SCI_ERR_OFFSET_ALIGNMENT: the offset is not aligned",
+    ),
+    (
+        0x912,
+        Code::IllegalParameter,
+        "SCI_ERR_ILLEGAL_PARAMETER: an illegal parameter",
+    ),
     (0x913, Code::MaxEntries, "SCI_ERR_MAX_ENTRIES: the queue is full"),
-    (0x914, Code::SegmentNotPrepared, "SCI_ERR_SEGMENT_NOT_PREPARED: the segment is not prepared"),
-    (0x915, Code::IllegalAddress, "SCI_ERR_ILLEGAL_ADDRESS: an illegal address"),
-    (0x916, Code::IllegalOperation, "SCI_ERR_ILLEGAL_OPERATION: an illegal operation"),
-    (0x917, Code::IllegalQuery, "SCI_ERR_ILLEGAL_QUERY: an illegal query"),
-    (0x918, Code::SegmentIdUsed, "SCI_ERR_SEGMENTID_USED: the segment id is in use"),
+    (
+        0x914,
+        Code::SegmentNotPrepared,
+        "SCI_ERR_SEGMENT_NOT_PREPARED: the segment is not prepared",
+    ),
+    (
+        0x915,
+        Code::IllegalAddress,
+        "SCI_ERR_ILLEGAL_ADDRESS: an illegal address",
+    ),
+    (
+        0x916,
+        Code::IllegalOperation,
+        "SCI_ERR_ILLEGAL_OPERATION: an illegal operation",
+    ),
+    (
+        0x917,
+        Code::IllegalQuery,
+        "SCI_ERR_ILLEGAL_QUERY: an illegal query",
+    ),
+    (
+        0x918,
+        Code::SegmentIdUsed,
+        "SCI_ERR_SEGMENTID_USED: the segment id is in use",
+    ),
     (0x919, Code::System, "SCI_ERR_SYSTEM: a system call failed"),
     (0x91A, Code::Cancelled, "SCI_ERR_CANCELLED: cancelled"),
     (0x91B, Code::NotConnected, "SCI_ERR_NOT_CONNECTED: not connected"),
     (0x91C, Code::NotAvailable, "SCI_ERR_NOT_AVAILABLE: not available"),
-    (0x91D, Code::InconsistentVersions, "SCI_ERR_INCONSISTENT_VERSIONS: library and driver versions differ"),
-    (0x91E, Code::CondIntRaceProblem, "SCI_ERR_COND_INT_RACE_PROBLEM: a conditional interrupt race"),
+    (
+        0x91D,
+        Code::InconsistentVersions,
+        "SCI_ERR_INCONSISTENT_VERSIONS: library and driver versions differ",
+    ),
+    (
+        0x91E,
+        Code::CondIntRaceProblem,
+        "SCI_ERR_COND_INT_RACE_PROBLEM: a conditional interrupt race",
+    ),
     (0x91F, Code::Overflow, "SCI_ERR_OVERFLOW: overflow"),
-    (0x920, Code::NotInitialized, "SCI_ERR_NOT_INITIALIZED: SCIInitialize was not called"),
+    (
+        0x920,
+        Code::NotInitialized,
+        "SCI_ERR_NOT_INITIALIZED: SCIInitialize was not called",
+    ),
     (0x921, Code::Access, "SCI_ERR_ACCESS: access denied"),
-    (0xA00, Code::NoSuchNodeId, "SCI_ERR_NO_SUCH_NODEID: no such node on the fabric"),
-    (0xA02, Code::NodeNotResponding, "SCI_ERR_NODE_NOT_RESPONDING: the node does not respond"),
-    (0xA04, Code::NoRemoteLinkAccess, "SCI_ERR_NO_REMOTE_LINK_ACCESS: the remote link is down"),
-    (0xA05, Code::NoLinkAccess, "SCI_ERR_NO_LINK_ACCESS: the link is down"),
-    (0xA06, Code::TransferFailed, "SCI_ERR_TRANSFER_FAILED: the transfer failed"),
+    (
+        0xA00,
+        Code::NoSuchNodeId,
+        "SCI_ERR_NO_SUCH_NODEID: no such node on the fabric",
+    ),
+    (
+        0xA02,
+        Code::NodeNotResponding,
+        "SCI_ERR_NODE_NOT_RESPONDING: the node does not respond",
+    ),
+    (
+        0xA04,
+        Code::NoRemoteLinkAccess,
+        "SCI_ERR_NO_REMOTE_LINK_ACCESS: the remote link is down",
+    ),
+    (
+        0xA05,
+        Code::NoLinkAccess,
+        "SCI_ERR_NO_LINK_ACCESS: the link is down",
+    ),
+    (
+        0xA06,
+        Code::TransferFailed,
+        "SCI_ERR_TRANSFER_FAILED: the transfer failed",
+    ),
 ];
 
 /// The mask every SISCI error code carries.
@@ -113,7 +217,10 @@ impl Code {
     pub fn raw(self) -> u32 {
         match self {
             Self::Unknown(v) => v,
-            c => TABLE.iter().find(|(_, k, _)| *k == c).map_or(0, |(v, _, _)| v | MASK),
+            c => TABLE
+                .iter()
+                .find(|(_, k, _)| *k == c)
+                .map_or(0, |(v, _, _)| v | MASK),
         }
     }
 }
@@ -131,7 +238,9 @@ impl std::fmt::Display for Code {
 #[derive(Debug, thiserror::Error)]
 pub enum SciError {
     /// The SISCI library could not be loaded.
-    #[error("cannot load the SISCI library ({tried}): {reason}; install Dolphin's DIS software or set OM_SISCI_LIB")]
+    #[error(
+        "cannot load the SISCI library ({tried}): {reason}; install Dolphin's DIS software or set OM_SISCI_LIB"
+    )]
     Load {
         /// The paths tried.
         tried: String,

@@ -56,10 +56,11 @@ impl SciExporter {
     }
 
     fn export_sci(&self, image: Arc<dyn Exportable>) -> Result<SciExport, SciError> {
-        let mut ids = std::iter::repeat_with(|| u32::from_le_bytes(om_transport::auth::random_bytes()) | 1).take(256);
-        let windows = self
-            .sci
-            .export_windows(image, WINDOW_SHIFT, om_transport::wire::MAX_WINDOWS, &mut ids)?;
+        let mut ids =
+            std::iter::repeat_with(|| u32::from_le_bytes(om_transport::auth::random_bytes()) | 1).take(256);
+        let windows =
+            self.sci
+                .export_windows(image, WINDOW_SHIFT, om_transport::wire::MAX_WINDOWS, &mut ids)?;
         let mailbox = self.sci.segment(&mut ids, mailbox::BYTES)?;
         let view = mailbox
             .view()

@@ -48,7 +48,9 @@ pub fn init(view: &View<'_>) {
 pub fn has_room(view: &View<'_>, head: u64) -> Result<bool, SciError> {
     let tail = view.load(TAIL).unwrap_or(u64::MAX);
     if tail > head {
-        return Err(SciError::Mailbox(format!("the receiver took {tail} of {head} descriptors")));
+        return Err(SciError::Mailbox(format!(
+            "the receiver took {tail} of {head} descriptors"
+        )));
     }
     Ok(head - tail < SLOTS)
 }
@@ -88,7 +90,9 @@ pub fn take(view: &View<'_>, tail: u64) -> Result<Option<Vec<u8>>, SciError> {
     }
     let len = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
     if len > MAX_BATCH_BODY || word[4..] != [0; 4] {
-        return Err(SciError::Mailbox(format!("a descriptor of {len} bytes (at most {MAX_BATCH_BODY})")));
+        return Err(SciError::Mailbox(format!(
+            "a descriptor of {len} bytes (at most {MAX_BATCH_BODY})"
+        )));
     }
     let mut body = vec![0u8; len];
     if !view.read(at + 8, &mut body) {

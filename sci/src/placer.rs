@@ -5,9 +5,9 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use om_transport::TransportError;
 use om_transport::api::{Placer, Source};
 use om_transport::wire::{Placement, caps};
-use om_transport::TransportError;
 
 use crate::error::SciError;
 use crate::mailbox;
@@ -70,7 +70,9 @@ impl SciPlacer {
         let mut mailbox = self.sci.connect(p.node, p.mailbox, wait)?;
         mailbox.map()?;
         if mailbox.size() < mailbox::BYTES || !mailbox.view().is_some_and(|v| mailbox::is_initialized(&v)) {
-            return Err(SciError::Mailbox("the receiver's mailbox is not an om mailbox".into()));
+            return Err(SciError::Mailbox(
+                "the receiver's mailbox is not an om mailbox".into(),
+            ));
         }
         let doorbell = self.sci.connect_interrupt(p.node, p.doorbell)?;
         let mut windows = Vec::with_capacity(p.windows.len());
@@ -121,10 +123,11 @@ impl SciPlacer {
                         Err(e) => tracing::debug!(error = %e, addr, "DMA failed, placing by PIO"),
                     }
                 }
-                let zone = w
-                    .view()
-                    .and_then(|v| v.zone(off, n))
-                    .ok_or(SciError::NoWindow { window, offset, len })?;
+                let zone = w.view().and_then(|v| v.zone(off, n)).ok_or(SciError::NoWindow {
+                    window,
+                    offset,
+                    len,
+                })?;
                 batch
                     .store(addr, &zone, self.page_size)
                     .map_err(|e| SciError::Mailbox(format!("PIO store: {e}")))?;
@@ -184,16 +187,21 @@ impl Placer for SciPlacer {
             return Ok(());
         }
         self.link = None;
-        self.link = Some(self.connect(placement).map_err(|e| e.during("connect to the receiver's segments"))?);
+        self.link = Some(
+            self.connect(placement)
+                .map_err(|e| e.during("connect to the receiver's segments"))?,
+        );
         Ok(())
     }
 
     fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError> {
-        self.place(src, window, offset).map_err(|e| e.during("place pages"))
+        self.place(src, window, offset)
+            .map_err(|e| e.during("place pages"))
     }
 
     fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError> {
-        self.post_descriptor(descriptor).map_err(|e| e.during("post a batch descriptor"))
+        self.post_descriptor(descriptor)
+            .map_err(|e| e.during("post a batch descriptor"))
     }
 
     fn mappings(&self) -> Vec<Range<u64>> {

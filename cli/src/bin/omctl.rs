@@ -20,7 +20,7 @@ struct Args {
     cmd: Cmd,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum TransportKind {
     /// TCP, several streams.
     Tcp,
@@ -99,23 +99,24 @@ fn main() -> ExitCode {
             ..
         } => report("omctl", &Unavailable::new(Feature::Verbs), EXIT_UNAVAILABLE),
         Cmd::Migrate {
-            transport: TransportKind::Sci,
-            ..
-        } => report("omctl", &Unavailable::new(Feature::Sci), EXIT_UNAVAILABLE),
-        Cmd::Migrate {
             pid,
             to,
             json,
             downtime,
             max_rounds,
             mode,
-            transport: TransportKind::Tcp,
+            transport,
         } => {
             let mode = match mode {
                 Mode::Precopy => "precopy",
                 Mode::StopAndCopy => "stop-and-copy",
             };
-            let line = format!("migrate {pid} {to} {downtime} {max_rounds} {mode}");
+            let transport = if transport == TransportKind::Sci {
+                "sci"
+            } else {
+                "tcp"
+            };
+            let line = format!("migrate {pid} {to} {downtime} {max_rounds} {mode} {transport}");
             match om_cli::control::request(&control, &line) {
                 Ok(reply) => match reply.strip_prefix("OK moved to ") {
                     Some(rest) => {

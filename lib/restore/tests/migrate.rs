@@ -17,11 +17,40 @@ use om_rig::{OmdHandle, Rig};
 struct Cluster {
     rig: Rig,
     omds: Vec<OmdHandle>,
+    /// Environment of the programs started under omrun.
+    env: Vec<(&'static str, String)>,
+}
+
+/// The SISCI emulation, built with the workspace.
+fn sisci_library() -> String {
+    let p = bin_dir().join("libsisci.so");
+    assert!(
+        p.exists(),
+        "{} is missing: build the SISCI emulation first (cargo build -p sisci-emu)",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
 }
 
 impl Cluster {
     fn new(nodes: usize) -> Self {
         Self::with_fault(nodes, &[])
+    }
+
+    /// Nodes whose omds offer the SCI transport (over the SISCI emulation), and programs whose
+    /// runtime finds the library.
+    fn with_sci(nodes: usize) -> Self {
+        let rig = Rig::new(nodes).expect("rig");
+        let lib = sisci_library();
+        let omd = bin_dir().join("omd");
+        let omds = (0..nodes)
+            .map(|n| start_wrapped(&rig, n, &format!("OM_SISCI_LIB={lib} exec {}", omd.display())))
+            .collect();
+        Self {
+            rig,
+            omds,
+            env: vec![("OM_SISCI_LIB", lib)],
+        }
     }
 
     /// `faults[i]`: `OM_FAULT` for node i's omd.
@@ -37,7 +66,11 @@ impl Cluster {
                 }
             })
             .collect();
-        Self { rig, omds }
+        Self {
+            rig,
+            omds,
+            env: Vec::new(),
+        }
     }
 
     fn control(&self, node: usize) -> &Path {
@@ -62,10 +95,28 @@ impl Cluster {
         .arg(self.control(node))
         .arg("--");
         w.setup(&mut cmd);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map(Kill).unwrap();
         let omrun = child.0.id();
         let pid = self.wait_registered(node, |p| common::parent_of(p) == Some(omrun));
         (child, pid)
+    }
+
+    /// The tail of every omd's log, for a failure's message.
+    fn logs(&self) -> String {
+        self.omds
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let text = std::fs::read_to_string(&o.log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                format!(
+                    "--- omd {i}:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn ps(&self, node: usize) -> String {
@@ -113,15 +164,19 @@ impl Cluster {
 }
 
 fn start_with_env(rig: &Rig, node: usize, omd: &Path, fault: &str) -> OmdHandle {
-    // The rig runs omd through `ip netns exec`: wrap it in `env` to set the fault.
-    let wrapper = std::env::temp_dir().join(format!("om-fault-omd-{}-{node}", std::process::id()));
-    std::fs::write(
-        &wrapper,
-        format!("#!/bin/sh\nOM_FAULT={fault} exec {} \"$@\"\n", omd.display()),
-    )
-    .unwrap();
+    start_wrapped(rig, node, &format!("OM_FAULT={fault} exec {}", omd.display()))
+}
+
+/// Starts omd on `node` through a shell line (the rig runs omd through `ip netns exec`: a wrapper
+/// script sets its environment).
+fn start_wrapped(rig: &Rig, node: usize, line: &str) -> OmdHandle {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let wrapper = std::env::temp_dir().join(format!("om-omd-{}-{node}-{n}", std::process::id()));
+    std::fs::write(&wrapper, format!("#!/bin/sh\n{line} \"$@\"\n")).unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    rig.start_omd(node, &wrapper, &[]).expect("omd with a fault")
+    rig.start_omd(node, &wrapper, &[]).expect("omd through a wrapper")
 }
 
 fn omctl(control: &Path, args: &[&str]) -> std::process::Output {
@@ -171,7 +226,7 @@ fn migrate_along_with(
         std::thread::sleep(Duration::from_millis(random_ms(window.0, window.1)));
         let r = c
             .migrate_with(at, pid, to, extra)
-            .unwrap_or_else(|e| panic!("{name}: migration {at} -> {to}: {e}"));
+            .unwrap_or_else(|e| panic!("{name}: migration {at} -> {to}: {e}\n{}", c.logs()));
         pid = pid_there(&r);
         reports.push(r);
         at = to;
@@ -242,6 +297,70 @@ fn every_test_program_migrates_mid_run_with_identical_output() {
         &["--mode", "stop-and-copy"],
     );
     let _ = std::fs::remove_dir_all(&fw_dir);
+    c.rig.teardown().unwrap();
+}
+
+/// The SCI transport (over the SISCI emulation): programs move there and back with their pages
+/// placed straight into the destination's exported image memory; output byte-identical. The
+/// 1 GiB heap moves stop-and-copy, so its pages go in large pieces (DMA).
+#[test]
+fn programs_migrate_over_sci_with_identical_output() {
+    let c = Cluster::with_sci(2);
+    let sci = ["--transport", "sci"];
+    let programs = [
+        ("threads", program(build("threads.c"), &["600"])),
+        ("single", program(build("single.c"), &["150000"])),
+    ];
+    for (name, w) in &programs {
+        migrate_along_with(&c, name, w, (200, 600), &[1, 0], &sci);
+    }
+    let big = program(build("bigheap.c"), &["1024"]);
+    migrate_along_with(
+        &c,
+        "bigheap",
+        &big,
+        (100, 300),
+        &[1],
+        &["--transport", "sci", "--mode", "stop-and-copy"],
+    );
+    c.rig.teardown().unwrap();
+}
+
+/// Asking for SCI from a node whose omd does not offer it fails before anything is frozen; the
+/// program runs on with its output intact.
+#[test]
+fn sci_to_a_node_without_it_fails_cleanly_and_the_program_runs_on() {
+    // Node 1's omd finds no SISCI library (the tests' library path has the emulation).
+    let rig = Rig::new(2).expect("rig");
+    let omd = bin_dir().join("omd");
+    let omds = vec![
+        rig.start_omd(0, &omd, &[]).expect("omd"),
+        start_wrapped(
+            &rig,
+            1,
+            &format!("OM_SISCI_LIB=/nonexistent/libsisci.so exec {}", omd.display()),
+        ),
+    ];
+    let c = Cluster {
+        rig,
+        omds,
+        env: Vec::new(),
+    };
+    let w = program(build("numbered.c"), &["1500"]);
+    let (run, pid) = c.run(0, &w);
+    std::thread::sleep(Duration::from_millis(random_ms(100, 400)));
+    let e = c
+        .migrate_with(0, pid, 1, &["--transport", "sci"])
+        .expect_err("no SISCI library on these nodes");
+    assert!(e.contains("SCI") && e.contains("continues here"), "{e}");
+    let (out, status) = finish(run);
+    assert!(status.success(), "{status:?}");
+    let lines: Vec<u32> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(lines, (0..1500).collect::<Vec<u32>>());
     c.rig.teardown().unwrap();
 }
 

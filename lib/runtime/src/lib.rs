@@ -179,7 +179,7 @@ fn restored(stream: UnixStream, path: &mut PathBuf) -> UnixStream {
 }
 
 fn migrate_request(rest: &str) -> Option<om::precopy::migrate::Request> {
-    let mut w = rest.splitn(5, ' ');
+    let mut w = rest.splitn(6, ' ');
     let to = w.next()?.parse().ok()?;
     let downtime = w.next()?.parse::<u64>().ok()?;
     let max_rounds = w.next()?.parse::<u32>().ok()?;
@@ -188,6 +188,7 @@ fn migrate_request(rest: &str) -> Option<om::precopy::migrate::Request> {
         "stop-and-copy" => om::precopy::migrate::Mode::StopAndCopy,
         _ => return None,
     };
+    let transport = om::precopy::migrate::Transport::parse(w.next()?)?;
     let key = PathBuf::from(w.next()?);
     Some(om::precopy::migrate::Request {
         to,
@@ -198,5 +199,6 @@ fn migrate_request(rest: &str) -> Option<om::precopy::migrate::Request> {
             ..om::precopy::Budget::default()
         },
         mode,
+        transport,
     })
 }

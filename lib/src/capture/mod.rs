@@ -12,7 +12,7 @@
 //!    copy the restorer has bumped the restore marker, and [`Restored`] says so.
 
 mod preflight;
-mod state;
+pub(crate) mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -25,7 +25,7 @@ use crate::sys::arena;
 use crate::sys::task::{self, Freeze};
 
 pub use preflight::{Refusal, own_fd, preflight};
-pub use state::{Snapshot, image_info, memory_map, snapshot};
+pub use state::{Snapshot, image_info, memory_map, own_ranges, snapshot};
 
 /// Why a checkpoint failed. The process keeps running unharmed in every case.
 #[derive(Debug, thiserror::Error)]

@@ -53,29 +53,53 @@ pub(crate) fn sig_mask(path: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `vmas` without the capture arena. The kernel may have merged the arena with a neighbouring
+/// `vmas` without the capture arena and the transport's own ranges. The kernel may have merged the arena with a neighbouring
 /// mapping of the same kind (glibc's arena heaps are `MAP_NORESERVE` too), so the arena is cut out
 /// of whatever VMA holds it rather than that VMA dropped.
 fn without_arena(vmas: Vec<Vma>) -> Vec<Vma> {
-    let Some(arena) = crate::sys::arena::range() else {
-        return vmas;
+    let vmas = match crate::sys::arena::range() {
+        Some(arena) => without(vmas, &arena),
+        None => vmas,
     };
+    own_ranges_now().iter().fold(vmas, without)
+}
+
+/// Memory of this process that belongs to a migration's transport (an SCI placer's mappings of the
+/// destination's windows): left out of the image like the arena.
+static OWN_RANGES: std::sync::Mutex<Vec<std::ops::Range<u64>>> = std::sync::Mutex::new(Vec::new());
+
+/// Sets the ranges of this process's memory that are om's own (replacing the previous set; empty
+/// clears it).
+pub fn own_ranges(ranges: &[std::ops::Range<u64>]) {
+    if let Ok(mut v) = OWN_RANGES.lock() {
+        v.clear();
+        v.extend_from_slice(ranges);
+    }
+}
+
+/// The ranges [`own_ranges`] set.
+pub(crate) fn own_ranges_now() -> Vec<std::ops::Range<u64>> {
+    OWN_RANGES.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// `vmas` without `cut`, which may lie inside a VMA, span several, or touch none.
+fn without(vmas: Vec<Vma>, cut: &std::ops::Range<u64>) -> Vec<Vma> {
     let mut out = Vec::with_capacity(vmas.len() + 2);
     for v in vmas {
-        if v.end <= arena.start || v.start >= arena.end {
+        if v.end <= cut.start || v.start >= cut.end {
             out.push(v);
             continue;
         }
-        if v.start < arena.start {
+        if v.start < cut.start {
             out.push(Vma {
-                end: arena.start,
+                end: cut.start,
                 ..v.clone()
             });
         }
-        if v.end > arena.end {
+        if v.end > cut.end {
             out.push(Vma {
-                start: arena.end,
-                offset: v.offset + (arena.end - v.start),
+                start: cut.end,
+                offset: v.offset + (cut.end - v.start),
                 ..v
             });
         }

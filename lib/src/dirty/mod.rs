@@ -370,8 +370,13 @@ pub(crate) fn tracked_ranges<'a>(
 ) -> impl Iterator<Item = (Range<u64>, &'a Vma)> + 'a {
     // Above the user address space: [vsyscall].
     const USER_END: u64 = 1 << 47;
-    // om's own scan buffers are never tracked (see `sys::pagemap::ScanVec`).
-    let internal = RangeTable::from_runs(crate::sys::pagemap::internal_ranges());
+    // om's own scan buffers are never tracked (see `sys::pagemap::ScanVec`), nor a migration
+    // transport's mappings of the destination (see `capture::own_ranges`).
+    let internal = RangeTable::from_runs(
+        crate::sys::pagemap::internal_ranges()
+            .into_iter()
+            .chain(crate::capture::state::own_ranges_now()),
+    );
     maps.iter()
         .filter(|v| !v.is_special() && v.end <= USER_END)
         .filter_map(move |v| scope.clip(v).map(|r| (r, v)))

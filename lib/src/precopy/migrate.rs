@@ -51,6 +51,39 @@ pub struct Request {
     pub budget: Budget,
     /// Pre-copy or stop-and-copy.
     pub mode: Mode,
+    /// How the pages travel.
+    pub transport: Transport,
+}
+
+/// How pages travel (the control connection is TCP for every transport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// TCP data streams.
+    #[default]
+    Tcp,
+    /// Dolphin SCI: stored straight into the destination's exported image memory (`om-sci`).
+    Sci,
+}
+
+impl Transport {
+    /// The name on the control protocol (`tcp`, `sci`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Sci => "sci",
+        }
+    }
+
+    /// The transport of a control-protocol name.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tcp" => Some(Self::Tcp),
+            "sci" => Some(Self::Sci),
+            _ => None,
+        }
+    }
 }
 
 /// One pre-copy round as the user sees it.
@@ -154,6 +187,9 @@ pub enum MigrateError {
         #[source]
         source: TransportError,
     },
+    /// The SCI transport could not start on this node (no SISCI library, fabric error).
+    #[error("the SCI transport")]
+    Sci(#[source] om_sci::SciError),
     /// Dirty tracking could not start or failed.
     #[error("dirty tracking")]
     Dirty(#[source] DirtyError),
@@ -285,8 +321,14 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     let t0 = Instant::now();
     capture::check().map_err(MigrateError::Capture)?;
     let key = ClusterKey::load(&req.key).map_err(MigrateError::Key)?;
-    let sender = TcpSender::connect(req.to, &key, SenderConfig::default())
-        .map_err(|source| MigrateError::Connect { to: req.to, source })?;
+    let sender = match req.transport {
+        Transport::Tcp => TcpSender::connect(req.to, &key, SenderConfig::default()),
+        Transport::Sci => {
+            let placer = om_sci::SciPlacer::open().map_err(MigrateError::Sci)?;
+            TcpSender::connect_placed(req.to, &key, SenderConfig::default(), Box::new(placer))
+        }
+    }
+    .map_err(|source| MigrateError::Connect { to: req.to, source })?;
     let home = home_for_copy(sender.local_addr());
     let mut tracker = match req.mode {
         Mode::StopAndCopy => dirty::open(Mechanism::Full, Scope::Process),
@@ -311,6 +353,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     };
     let fail_dirty = |s: &mut Session, e| {
         let _ = s.tracker.stop();
+        capture::own_ranges(&[]);
         e
     };
     session
@@ -320,6 +363,8 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
             vmas: session.table.clone(),
         })
         .map_err(|e| fail_dirty(&mut session, MigrateError::Begin(e)))?;
+    // A placing transport mapped the destination's windows here: never part of the image.
+    capture::own_ranges(&session.sender.mappings());
 
     let mut rounds: Vec<RoundStats> = Vec::new();
     let mut reports = Vec::new();
@@ -361,6 +406,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
                     let round = rounds.len();
                     return Err(fail_dirty(&mut session, MigrateError::Round { round, source }));
                 }
+                capture::own_ranges(&session.sender.mappings());
                 session.table = now;
             }
             let dirtied = bytes_of(&private_runs(&next.dirty, &session.table));
@@ -422,6 +468,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         Err(e) => {
             tell_anchor("thaw");
             disown();
+            capture::own_ranges(&[]);
             let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
             let _ = s.tracker.stop();
             s.sender.abort("the final round failed");
@@ -440,6 +487,8 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
             // be the application's now). Forget them without closing anything.
             set_anchor_fd(-1);
             disown();
+            // Those ranges are not mapped in the copy.
+            capture::own_ranges(&[]);
             std::mem::forget(shared);
             return Ok(Outcome::Restored);
         }
@@ -457,6 +506,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         drop(frozen);
         tell_anchor("thaw");
         let _ = session.tracker.stop();
+        capture::own_ranges(&[]);
     };
     // Two-phase commit: the destination restores the copy and holds it (prepared)...
     if let Err(e) = session.sender.commit() {

@@ -30,15 +30,122 @@ fn unique() -> String {
     )
 }
 
-/// True when process `pid` exists.
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// This process's pid namespace (its inode).
+pub fn pid_namespace() -> u64 {
+    fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|p| {
+            p.to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// True when process `pid` of pid namespace `ns` may be alive. Only a process of the same
+/// namespace can tell; others (a restored process runs in a namespace of its own) assume it is.
+fn alive(pid: u32, ns: u64) -> bool {
+    ns != pid_namespace() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Where this process hands out descriptors of registered memory: a unix socket in the fabric
+/// directory, served by one thread, so that processes in other pid and network namespaces (which
+/// cannot open `/proc/<pid>/fd`) can map it.
+struct FdServer {
+    path: PathBuf,
+    fds: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::os::fd::OwnedFd>>>,
+}
+
+static FD_SERVER: std::sync::OnceLock<Result<FdServer, Code>> = std::sync::OnceLock::new();
+
+fn fd_server(dir: &Path) -> Result<&'static FdServer, Code> {
+    FD_SERVER
+        .get_or_init(|| {
+            let path = dir.join(format!("fds.{}", unique()));
+            let _ = fs::remove_file(&path);
+            let listener = std::os::unix::net::UnixListener::bind(&path).map_err(sys_err)?;
+            std::thread::Builder::new()
+                .name("sisci-emu-fds".into())
+                .spawn(move || {
+                    for conn in listener.incoming().flatten() {
+                        serve_one(conn);
+                    }
+                })
+                .map_err(sys_err)?;
+            Ok(FdServer {
+                path,
+                fds: std::sync::Mutex::new(std::collections::HashMap::new()),
+            })
+        })
+        .as_ref()
+        .map_err(|e| *e)
+}
+
+fn serve_one(mut conn: std::os::unix::net::UnixStream) {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    let mut name = String::new();
+    if std::io::BufReader::new(&mut conn).read_line(&mut name).is_err() {
+        return;
+    }
+    let fd = FD_SERVER
+        .get()
+        .and_then(|s| s.as_ref().ok())
+        .and_then(|s| s.fds.lock().ok().and_then(|m| m.get(name.trim()).cloned()));
+    match fd {
+        Some(fd) => {
+            let _ = crate::sys::os::send_fd(conn.as_raw_fd(), fd.as_raw_fd());
+        }
+        None => {
+            let _ = conn.write_all(&[0]);
+        }
+    }
+}
+
+/// Offers `fd` under `name` (a segment entry's file name); returns the `path` field for the entry.
+pub fn serve_fd(dir: &Path, name: &str, fd: std::os::fd::OwnedFd) -> Result<String, Code> {
+    let s = fd_server(dir)?;
+    s.fds
+        .lock()
+        .map_err(|_| err::SYSTEM)?
+        .insert(name.to_owned(), std::sync::Arc::new(fd));
+    Ok(format!("fdsrv:{}:{name}", s.path.display()))
+}
+
+/// Stops offering `name`.
+pub fn withdraw_fd(name: &str) {
+    if let Some(Ok(s)) = FD_SERVER.get()
+        && let Ok(mut m) = s.fds.lock()
+    {
+        m.remove(name);
+    }
+}
+
+/// The descriptor behind an entry's `path`: from the owner's descriptor server, or the file.
+pub fn fetch_fd(path: &std::ffi::CStr) -> Result<std::os::fd::OwnedFd, Code> {
+    let text = path.to_str().map_err(|_| err::SYSTEM)?;
+    let Some(rest) = text.strip_prefix("fdsrv:") else {
+        return crate::sys::os::open(path);
+    };
+    let (sock, name) = rest.rsplit_once(':').ok_or(err::SYSTEM)?;
+    let mut conn = std::os::unix::net::UnixStream::connect(sock).map_err(|_| err::NO_SUCH_SEGMENT)?;
+    conn.write_all(format!("{name}\n").as_bytes())
+        .map_err(|_| err::NO_SUCH_SEGMENT)?;
+    use std::os::fd::AsRawFd;
+    crate::sys::os::recv_fd(conn.as_raw_fd())
 }
 
 /// This process's node id: `SISCI_EMU_NODE_ID`, or the id of its network namespace (allocated on
 /// first use: 4, 8, 12, ...).
 pub fn local_node(dir: &Path) -> Result<u32, Code> {
-    if let Some(id) = std::env::var("SISCI_EMU_NODE_ID").ok().and_then(|v| v.parse().ok()) {
+    if let Some(id) = std::env::var("SISCI_EMU_NODE_ID")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         return Ok(id);
     }
     fs::create_dir_all(dir).map_err(sys_err)?;
@@ -50,7 +157,10 @@ pub fn local_node(dir: &Path) -> Result<u32, Code> {
         .collect();
     let node_file = dir.join(format!("node.{key}"));
     for _ in 0..64 {
-        if let Some(id) = fs::read_to_string(&node_file).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(id) = fs::read_to_string(&node_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
             return Ok(id);
         }
         // Claim the lowest free id, then bind it to this namespace; a loser of either race retries.
@@ -78,7 +188,11 @@ pub fn local_node(dir: &Path) -> Result<u32, Code> {
 
 /// True when `node` is a node of the fabric.
 pub fn node_exists(dir: &Path, node: u32) -> bool {
-    if std::env::var("SISCI_EMU_NODE_ID").ok().and_then(|v| v.parse().ok()) == Some(node) {
+    if std::env::var("SISCI_EMU_NODE_ID")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        == Some(node)
+    {
         return true;
     }
     dir.join(format!("id.{node}")).exists()
@@ -97,6 +211,8 @@ pub enum State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub owner: u32,
+    /// The owner's pid namespace.
+    pub pidns: u64,
     pub state: State,
     pub size: u64,
     /// The file that holds the memory (empty: none yet).
@@ -112,14 +228,15 @@ impl Entry {
             State::Available => "available",
         };
         format!(
-            "owner {}\nstate {state}\nsize {}\noffset {}\npath {}\n",
-            self.owner, self.size, self.offset, self.path
+            "owner {}\npidns {}\nstate {state}\nsize {}\noffset {}\npath {}\n",
+            self.owner, self.pidns, self.size, self.offset, self.path
         )
     }
 
     fn decode(text: &str) -> Option<Self> {
         let mut e = Self {
             owner: 0,
+            pidns: 0,
             state: State::Hidden,
             size: 0,
             path: String::new(),
@@ -130,7 +247,14 @@ impl Entry {
             let (k, v) = line.split_once(' ')?;
             match k {
                 "owner" => e.owner = v.parse().ok()?,
-                "state" => e.state = if v == "available" { State::Available } else { State::Hidden },
+                "pidns" => e.pidns = v.parse().ok()?,
+                "state" => {
+                    e.state = if v == "available" {
+                        State::Available
+                    } else {
+                        State::Hidden
+                    }
+                }
                 "size" => e.size = v.parse().ok()?,
                 "offset" => e.offset = v.parse().ok()?,
                 "path" => e.path = v.to_owned(),
@@ -138,7 +262,7 @@ impl Entry {
             }
             seen += 1;
         }
-        (seen == 5).then_some(e)
+        (seen == 6).then_some(e)
     }
 }
 
@@ -153,6 +277,7 @@ pub fn claim_segment(dir: &Path, node: u32, id: u32, size: u64) -> Result<PathBu
     let path = segment_path(dir, node, id);
     let entry = Entry {
         owner: std::process::id(),
+        pidns: pid_namespace(),
         state: State::Hidden,
         size,
         path: String::new(),
@@ -166,7 +291,7 @@ pub fn claim_segment(dir: &Path, node: u32, id: u32, size: u64) -> Result<PathBu
             }
             Err(_) => match read_entry(&path) {
                 // Left by a process that died: reclaim.
-                Some(old) if !alive(old.owner) => {
+                Some(old) if !alive(old.owner, old.pidns) => {
                     let _ = fs::remove_file(&path);
                 }
                 _ => return Err(err::SEGMENTID_USED),
@@ -194,7 +319,7 @@ pub fn lookup(dir: &Path, node: u32, id: u32) -> Result<Entry, Code> {
         return Err(err::NO_SUCH_NODEID);
     }
     match read_entry(&segment_path(dir, node, id)) {
-        Some(e) if e.state == State::Available && alive(e.owner) && !e.path.is_empty() => Ok(e),
+        Some(e) if e.state == State::Available && alive(e.owner, e.pidns) && !e.path.is_empty() => Ok(e),
         _ => Err(err::NO_SUCH_SEGMENT),
     }
 }
@@ -223,12 +348,12 @@ pub fn create_interrupt(dir: &Path, node: u32, want: Option<u32>) -> Result<(u32
                 .open(&path)
             {
                 f.set_len(4096).map_err(sys_err)?;
-                fs::write(&owner_file, std::process::id().to_string()).map_err(sys_err)?;
+                fs::write(&owner_file, format!("{} {}", std::process::id(), pid_namespace()))
+                    .map_err(sys_err)?;
                 return Ok((no, f, path));
             }
-            let owner = fs::read_to_string(&owner_file).ok().and_then(|s| s.trim().parse().ok());
-            match owner {
-                Some(pid) if !alive(pid) => {
+            match owner_of(&owner_file) {
+                Some((pid, ns)) if !alive(pid, ns) => {
                     let _ = fs::remove_file(&path);
                     let _ = fs::remove_file(&owner_file);
                 }
@@ -237,6 +362,13 @@ pub fn create_interrupt(dir: &Path, node: u32, want: Option<u32>) -> Result<(u32
         }
     }
     Err(if want.is_some() { err::BUSY } else { err::NOSPC })
+}
+
+/// The (pid, pid namespace) in an interrupt's owner file.
+fn owner_of(file: &Path) -> Option<(u32, u64)> {
+    let text = fs::read_to_string(file).ok()?;
+    let (pid, ns) = text.trim().split_once(' ')?;
+    Some((pid.parse().ok()?, ns.parse().ok()?))
 }
 
 /// Removes an interrupt's files.
@@ -251,11 +383,8 @@ pub fn lookup_interrupt(dir: &Path, node: u32, no: u32) -> Result<PathBuf, Code>
         return Err(err::NO_SUCH_NODEID);
     }
     let path = interrupt_path(dir, node, no);
-    let owner = fs::read_to_string(path.with_extension("owner"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    match owner {
-        Some(pid) if alive(pid) && path.exists() => Ok(path),
+    match owner_of(&path.with_extension("owner")) {
+        Some((pid, ns)) if alive(pid, ns) && path.exists() => Ok(path),
         _ => Err(err::NO_SUCH_SEGMENT),
     }
 }
@@ -313,6 +442,7 @@ mod tests {
     fn entries_round_trip_and_reject_garbage() {
         let e = Entry {
             owner: 7,
+            pidns: 4_026_531_836,
             state: State::Available,
             size: 1 << 30,
             path: "/proc/7/fd/9".into(),

@@ -23,7 +23,8 @@ pub struct Api {
     pub open: unsafe extern "C" fn(*mut Handle, c_uint, ErrOut),
     pub close: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     pub get_local_node_id: unsafe extern "C" fn(c_uint, *mut c_uint, c_uint, ErrOut),
-    pub create_segment: unsafe extern "C" fn(Handle, *mut Handle, c_uint, usize, Handle, Handle, c_uint, ErrOut),
+    pub create_segment:
+        unsafe extern "C" fn(Handle, *mut Handle, c_uint, usize, Handle, Handle, c_uint, ErrOut),
     pub remove_segment: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     pub register_segment_memory: unsafe extern "C" fn(*mut c_void, usize, Handle, c_uint, ErrOut),
     pub prepare_segment: unsafe extern "C" fn(Handle, c_uint, c_uint, ErrOut),
@@ -32,8 +33,18 @@ pub struct Api {
     pub map_local_segment:
         unsafe extern "C" fn(Handle, *mut Handle, usize, usize, *mut c_void, c_uint, ErrOut) -> *mut c_void,
     pub unmap_segment: unsafe extern "C" fn(Handle, c_uint, ErrOut),
-    pub connect_segment:
-        unsafe extern "C" fn(Handle, *mut Handle, c_uint, c_uint, c_uint, Handle, Handle, c_uint, c_uint, ErrOut),
+    pub connect_segment: unsafe extern "C" fn(
+        Handle,
+        *mut Handle,
+        c_uint,
+        c_uint,
+        c_uint,
+        Handle,
+        Handle,
+        c_uint,
+        c_uint,
+        ErrOut,
+    ),
     pub disconnect_segment: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     pub get_remote_segment_size: unsafe extern "C" fn(Handle) -> usize,
     pub map_remote_segment:
@@ -44,13 +55,26 @@ pub struct Api {
     pub create_dma_queue: unsafe extern "C" fn(Handle, *mut Handle, c_uint, c_uint, c_uint, ErrOut),
     pub remove_dma_queue: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     /// DMA straight from user memory (not in every library version).
-    pub start_dma_transfer_mem:
-        Option<unsafe extern "C" fn(Handle, *mut c_void, Handle, usize, usize, DmaCallback, *mut c_void, c_uint, ErrOut)>,
+    pub start_dma_transfer_mem: Option<
+        unsafe extern "C" fn(
+            Handle,
+            *mut c_void,
+            Handle,
+            usize,
+            usize,
+            DmaCallback,
+            *mut c_void,
+            c_uint,
+            ErrOut,
+        ),
+    >,
     pub wait_for_dma_queue: unsafe extern "C" fn(Handle, c_uint, c_uint, ErrOut) -> c_uint,
-    pub create_interrupt: unsafe extern "C" fn(Handle, *mut Handle, c_uint, *mut c_uint, Handle, Handle, c_uint, ErrOut),
+    pub create_interrupt:
+        unsafe extern "C" fn(Handle, *mut Handle, c_uint, *mut c_uint, Handle, Handle, c_uint, ErrOut),
     pub remove_interrupt: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     pub wait_for_interrupt: unsafe extern "C" fn(Handle, c_uint, c_uint, ErrOut),
-    pub connect_interrupt: unsafe extern "C" fn(Handle, *mut Handle, c_uint, c_uint, c_uint, c_uint, c_uint, ErrOut),
+    pub connect_interrupt:
+        unsafe extern "C" fn(Handle, *mut Handle, c_uint, c_uint, c_uint, c_uint, c_uint, ErrOut),
     pub disconnect_interrupt: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     pub trigger_interrupt: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     pub get_error_string: Option<unsafe extern "C" fn(c_uint) -> *const c_char>,
@@ -83,7 +107,11 @@ fn candidates(explicit: Option<&str>) -> Vec<String> {
 ///
 /// # Safety
 /// `T` must be the function's true C type.
-unsafe fn function<T: Copy>(lib: &libloading::Library, path: &str, name: &'static str) -> Result<T, SciError> {
+unsafe fn function<T: Copy>(
+    lib: &libloading::Library,
+    path: &str,
+    name: &'static str,
+) -> Result<T, SciError> {
     // SAFETY: the caller's promise, passed on.
     unsafe { optional(lib, name) }.ok_or(SciError::Symbol {
         path: path.to_owned(),

@@ -64,7 +64,9 @@ impl Sisci {
     pub fn node(&self) -> Result<u32, SciError> {
         let mut id: c_uint = 0;
         // SAFETY: writes the node id into `id`.
-        call("SCIGetLocalNodeId", |e| unsafe { (self.api.get_local_node_id)(0, &raw mut id, 0, e) })?;
+        call("SCIGetLocalNodeId", |e| unsafe {
+            (self.api.get_local_node_id)(0, &raw mut id, 0, e)
+        })?;
         Ok(id)
     }
 
@@ -85,7 +87,12 @@ impl Sisci {
                     s.map_local()?;
                     return Ok(s);
                 }
-                Err(e @ SciError::Call { code: Code::SegmentIdUsed, .. }) => last = e,
+                Err(
+                    e @ SciError::Call {
+                        code: Code::SegmentIdUsed,
+                        ..
+                    },
+                ) => last = e,
                 Err(e) => return Err(e),
             }
         }
@@ -230,7 +237,10 @@ impl Sisci {
                 })?;
                 match self.create_segment(id, size, self.api.flag_empty) {
                     Ok(s) => break s,
-                    Err(SciError::Call { code: Code::SegmentIdUsed, .. }) => {}
+                    Err(SciError::Call {
+                        code: Code::SegmentIdUsed,
+                        ..
+                    }) => {}
                     Err(e) => return Err(e),
                 }
             };
@@ -282,9 +292,13 @@ impl LocalSegment {
 
     fn publish(&mut self) -> Result<(), SciError> {
         // SAFETY: a segment of ours, adapter 0.
-        call("SCIPrepareSegment", |e| unsafe { (self.api.prepare_segment)(self.h, 0, 0, e) })?;
+        call("SCIPrepareSegment", |e| unsafe {
+            (self.api.prepare_segment)(self.h, 0, 0, e)
+        })?;
         // SAFETY: as above.
-        call("SCISetSegmentAvailable", |e| unsafe { (self.api.set_segment_available)(self.h, 0, 0, e) })?;
+        call("SCISetSegmentAvailable", |e| unsafe {
+            (self.api.set_segment_available)(self.h, 0, 0, e)
+        })?;
         self.published = true;
         Ok(())
     }
@@ -316,7 +330,9 @@ impl Drop for LocalSegment {
     fn drop(&mut self) {
         if let Some((m, _)) = self.map.take() {
             // SAFETY: our map handle; `view`s borrow `self`, so none is alive.
-            let _ = call("SCIUnmapSegment", |e| unsafe { (self.api.unmap_segment)(m, 0, e) });
+            let _ = call("SCIUnmapSegment", |e| unsafe {
+                (self.api.unmap_segment)(m, 0, e)
+            });
         }
         if self.published {
             // SAFETY: a segment of ours.
@@ -325,7 +341,9 @@ impl Drop for LocalSegment {
             });
         }
         // SAFETY: a segment of ours, not used afterwards.
-        let _ = call("SCIRemoveSegment", |e| unsafe { (self.api.remove_segment)(self.h, 0, e) });
+        let _ = call("SCIRemoveSegment", |e| unsafe {
+            (self.api.remove_segment)(self.h, 0, e)
+        });
     }
 }
 
@@ -431,10 +449,14 @@ impl Drop for RemoteSegment {
     fn drop(&mut self) {
         if let Some((m, _)) = self.map.take() {
             // SAFETY: our map handle; views borrow `self`, so none is alive.
-            let _ = call("SCIUnmapSegment", |e| unsafe { (self.api.unmap_segment)(m, 0, e) });
+            let _ = call("SCIUnmapSegment", |e| unsafe {
+                (self.api.unmap_segment)(m, 0, e)
+            });
         }
         // SAFETY: our connection, not used afterwards.
-        let _ = call("SCIDisconnectSegment", |e| unsafe { (self.api.disconnect_segment)(self.h, 0, e) });
+        let _ = call("SCIDisconnectSegment", |e| unsafe {
+            (self.api.disconnect_segment)(self.h, 0, e)
+        });
     }
 }
 
@@ -534,14 +556,19 @@ impl DmaQueue {
         })?;
         let inf = self.api.infinite_timeout;
         // SAFETY: our queue.
-        call("SCIWaitForDMAQueue", |e| unsafe { (self.api.wait_for_dma_queue)(self.h, inf, 0, e) }).map(|_| ())
+        call("SCIWaitForDMAQueue", |e| unsafe {
+            (self.api.wait_for_dma_queue)(self.h, inf, 0, e)
+        })
+        .map(|_| ())
     }
 }
 
 impl Drop for DmaQueue {
     fn drop(&mut self) {
         // SAFETY: our queue, not used afterwards.
-        let _ = call("SCIRemoveDMAQueue", |e| unsafe { (self.api.remove_dma_queue)(self.h, 0, e) });
+        let _ = call("SCIRemoveDMAQueue", |e| unsafe {
+            (self.api.remove_dma_queue)(self.h, 0, e)
+        });
     }
 }
 
@@ -570,9 +597,13 @@ impl LocalInterrupt {
     /// # Errors
     /// `SCIWaitForInterrupt` failing otherwise.
     pub fn wait(&self, timeout: Duration) -> Result<bool, SciError> {
-        let ms = c_uint::try_from(timeout.as_millis()).unwrap_or(c_uint::MAX - 1).max(1);
+        let ms = c_uint::try_from(timeout.as_millis())
+            .unwrap_or(c_uint::MAX - 1)
+            .max(1);
         // SAFETY: our interrupt.
-        match call("SCIWaitForInterrupt", |e| unsafe { (self.api.wait_for_interrupt)(self.h, ms, 0, e) }) {
+        match call("SCIWaitForInterrupt", |e| unsafe {
+            (self.api.wait_for_interrupt)(self.h, ms, 0, e)
+        }) {
             Ok(()) => Ok(true),
             Err(SciError::Call {
                 code: Code::Timeout, ..
@@ -585,7 +616,9 @@ impl LocalInterrupt {
 impl Drop for LocalInterrupt {
     fn drop(&mut self) {
         // SAFETY: our interrupt, not used afterwards.
-        let _ = call("SCIRemoveInterrupt", |e| unsafe { (self.api.remove_interrupt)(self.h, 0, e) });
+        let _ = call("SCIRemoveInterrupt", |e| unsafe {
+            (self.api.remove_interrupt)(self.h, 0, e)
+        });
     }
 }
 
@@ -606,7 +639,9 @@ impl RemoteInterrupt {
     /// `SCITriggerInterrupt` failing.
     pub fn trigger(&self) -> Result<(), SciError> {
         // SAFETY: our connection.
-        call("SCITriggerInterrupt", |e| unsafe { (self.api.trigger_interrupt)(self.h, 0, e) })
+        call("SCITriggerInterrupt", |e| unsafe {
+            (self.api.trigger_interrupt)(self.h, 0, e)
+        })
     }
 }
 

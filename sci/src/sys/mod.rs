@@ -4,4 +4,6 @@
 pub mod api;
 pub mod fabric;
 
-pub use fabric::{DmaQueue, LocalInterrupt, LocalSegment, RemoteInterrupt, RemoteSegment, Sisci, View, Windows};
+pub use fabric::{
+    DmaQueue, LocalInterrupt, LocalSegment, RemoteInterrupt, RemoteSegment, Sisci, View, Windows,
+};

@@ -141,7 +141,11 @@ impl ReadableBatch<'_> {
     /// A range outside the batch's runs.
     pub fn store(&self, addr: u64, dst: &Landing<'_>, page_size: usize) -> std::io::Result<u64> {
         let len = dst.len() as u64;
-        if !self.runs.iter().any(|r| r.start <= addr && addr.saturating_add(len) <= r.end) {
+        if !self
+            .runs
+            .iter()
+            .any(|r| r.start <= addr && addr.saturating_add(len) <= r.end)
+        {
             return Err(std::io::Error::other("a store outside the batch's runs"));
         }
         // SAFETY: getpid has no preconditions.

@@ -10,11 +10,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::api::{Export, Exportable, Exporter, ImageSink, ImageStore, Refusal};
-use crate::sys::Landing;
 use crate::auth;
 use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
+use crate::sys::Landing;
 use crate::wire::{
     self, Batch, Begin, EndRound, ErrorCode, Hello, ImageInfo, Kind, MAX_ACK_RUNS, Record, Role, RoundAck,
     WireError, Zero, caps,
@@ -474,11 +474,15 @@ impl<S: ImageStore> Receiver<S> {
                 while !session2.drain_stop.load(Ordering::Acquire) {
                     let r = match export2.next(Duration::from_millis(20)) {
                         Ok(None) => continue,
-                        Ok(Some(body)) => {
-                            land_batch(&peer, page_size, max_suspects, &session2, image2.as_ref(), &body, |_| {
-                                Ok(())
-                            })
-                        }
+                        Ok(Some(body)) => land_batch(
+                            &peer,
+                            page_size,
+                            max_suspects,
+                            &session2,
+                            image2.as_ref(),
+                            &body,
+                            |_| Ok(()),
+                        ),
                         Err((code, reason)) => Err(TransportError::Refused {
                             peer: peer.clone(),
                             code,
@@ -502,12 +506,21 @@ impl<S: ImageStore> Receiver<S> {
     }
 }
 
-fn send_placement<I: ImageSink>(conn: &mut Conn, export: &dyn Export, image: &I) -> Result<(), TransportError> {
+fn send_placement<I: ImageSink>(
+    conn: &mut Conn,
+    export: &dyn Export,
+    image: &I,
+) -> Result<(), TransportError> {
     let extents = image.placed().map(|(_, e)| e).unwrap_or_default();
     conn.send(Kind::Placement, &export.placement(extents).encode())
 }
 
-fn check_round<I>(peer: &str, session: &Session<I>, round: u32, what: &'static str) -> Result<(), TransportError> {
+fn check_round<I>(
+    peer: &str,
+    session: &Session<I>,
+    round: u32,
+    what: &'static str,
+) -> Result<(), TransportError> {
     {
         let p = lock(&session.progress);
         if let Some((code, reason)) = &p.failed {
@@ -521,7 +534,7 @@ fn check_round<I>(peer: &str, session: &Session<I>, round: u32, what: &'static s
             return Err(TransportError::Wire {
                 peer: peer.to_owned(),
                 source: WireError::Invalid(format!(
-                "{what} for round {round} while the receiver is in round {}{}",
+                    "{what} for round {round} while the receiver is in round {}{}",
                     p.round,
                     if p.sealed { " (sealed)" } else { "" }
                 )),
@@ -532,7 +545,6 @@ fn check_round<I>(peer: &str, session: &Session<I>, round: u32, what: &'static s
 }
 
 impl<S: ImageStore> Receiver<S> {
-
     fn end_round(
         &self,
         conn: &Conn,

@@ -169,7 +169,10 @@ impl TcpSender {
     /// Memory of this process the placing transport mapped (never part of an image).
     #[must_use]
     pub fn mappings(&self) -> Vec<Range<u64>> {
-        self.placer.as_ref().map(|(p, _)| p.mappings()).unwrap_or_default()
+        self.placer
+            .as_ref()
+            .map(|(p, _)| p.mappings())
+            .unwrap_or_default()
     }
 
     /// Takes the receiver's (new) placement after `Begun` or `Vmas`.
@@ -208,7 +211,10 @@ impl TcpSender {
                         peer: self.control.peer().to_owned(),
                         source,
                     })?;
-                self.bounce[..copy_len].chunks(ps).map(crate::sys::page_sum_bytes).collect()
+                self.bounce[..copy_len]
+                    .chunks(ps)
+                    .map(crate::sys::page_sum_bytes)
+                    .collect()
             } else {
                 batch.page_sums(ps)
             };

@@ -74,7 +74,8 @@ pub mod msg;
 
 pub use frame::{FrameHeader, Kind, TAG_LEN};
 pub use msg::{
-    Batch, Begin, EndRound, Extent, Hello, ImageInfo, Placement, Record, Role, RoundAck, RunEntry, Text, Vma, Zero,
+    Batch, Begin, EndRound, Extent, Hello, ImageInfo, Placement, Record, Role, RoundAck, RunEntry, Text, Vma,
+    Zero,
 };
 
 /// The protocol version this build speaks.
@@ -268,20 +269,43 @@ mod tests {
             windows: vec![7],
             extents,
         };
-        let ok = p(vec![Extent { start: 0x1000, end: 0x3000, offset: 0 }]);
+        let ok = p(vec![Extent {
+            start: 0x1000,
+            end: 0x3000,
+            offset: 0,
+        }]);
         assert!(Placement::decode(&ok.encode(), P).is_ok());
-        let outside = p(vec![Extent { start: 0x1000, end: 0x3000, offset: (1 << 20) - P }]);
+        let outside = p(vec![Extent {
+            start: 0x1000,
+            end: 0x3000,
+            offset: (1 << 20) - P,
+        }]);
         assert!(Placement::decode(&outside.encode(), P).is_err());
         let overlap = p(vec![
-            Extent { start: 0x1000, end: 0x3000, offset: 0 },
-            Extent { start: 0x2000, end: 0x4000, offset: 0x8000 },
+            Extent {
+                start: 0x1000,
+                end: 0x3000,
+                offset: 0,
+            },
+            Extent {
+                start: 0x2000,
+                end: 0x4000,
+                offset: 0x8000,
+            },
         ]);
         assert!(Placement::decode(&overlap.encode(), P).is_err());
-        let unaligned = p(vec![Extent { start: 0x1001, end: 0x3000, offset: 0 }]);
+        let unaligned = p(vec![Extent {
+            start: 0x1001,
+            end: 0x3000,
+            offset: 0,
+        }]);
         assert!(Placement::decode(&unaligned.encode(), P).is_err());
         let mut huge = ok.encode();
         huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Placement::decode(&huge, P), Err(WireError::Oversized { .. })));
+        assert!(matches!(
+            Placement::decode(&huge, P),
+            Err(WireError::Oversized { .. })
+        ));
     }
 
     #[test]

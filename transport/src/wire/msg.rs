@@ -464,9 +464,13 @@ impl Placement {
     /// # Errors
     /// Truncation, caps, bad extents, trailing bytes.
     pub fn decode(body: &[u8], page_size: u64) -> Result<Self, WireError> {
-        let (head, rest) = PlacementHead::read_from_prefix(body).map_err(|_| WireError::Truncated("placement"))?;
+        let (head, rest) =
+            PlacementHead::read_from_prefix(body).map_err(|_| WireError::Truncated("placement"))?;
         let (nw, ne) = (head.windows.get() as usize, head.extents.get() as usize);
-        for (what, len, max) in [("placement windows", nw, MAX_WINDOWS), ("placement extents", ne, MAX_EXTENTS)] {
+        for (what, len, max) in [
+            ("placement windows", nw, MAX_WINDOWS),
+            ("placement extents", ne, MAX_EXTENTS),
+        ] {
             if len > max {
                 return Err(WireError::Oversized {
                     what,
@@ -481,8 +485,8 @@ impl Placement {
                 "placement: window shift {shift} or reserved bytes out of range"
             )));
         }
-        let (windows, rest) =
-            <[U32]>::ref_from_prefix_with_elems(rest, nw).map_err(|_| WireError::Truncated("placement windows"))?;
+        let (windows, rest) = <[U32]>::ref_from_prefix_with_elems(rest, nw)
+            .map_err(|_| WireError::Truncated("placement windows"))?;
         let (entries, rest) = <[ExtentEntry]>::ref_from_prefix_with_elems(rest, ne)
             .map_err(|_| WireError::Truncated("placement extents"))?;
         if !rest.is_empty() {

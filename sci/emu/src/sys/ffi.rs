@@ -135,7 +135,11 @@ fn initialized() -> Result<(), u32> {
 }
 
 fn adapter(no: c_uint) -> Result<(), u32> {
-    if no == 0 { Ok(()) } else { Err(err::NO_SUCH_ADAPTERNO) }
+    if no == 0 {
+        Ok(())
+    } else {
+        Err(err::NO_SUCH_ADAPTERNO)
+    }
 }
 
 fn cstring(path: &std::path::Path) -> Result<CString, u32> {
@@ -204,7 +208,13 @@ unsafe fn get_local_node_id(adapter_no: c_uint, node: *mut c_uint, _flags: c_uin
     unsafe { put(error, code(r)) };
 }
 
-unsafe fn probe_node(sd: *mut Desc, adapter_no: c_uint, node: c_uint, _flags: c_uint, error: *mut c_uint) -> c_int {
+unsafe fn probe_node(
+    sd: *mut Desc,
+    adapter_no: c_uint,
+    node: c_uint,
+    _flags: c_uint,
+    error: *mut c_uint,
+) -> c_int {
     let r = (|| {
         // SAFETY: the caller's handle.
         let d = unsafe { handle(sd) }?;
@@ -244,7 +254,11 @@ unsafe fn create_segment(
         let size64 = size as u64;
         let (entry, id) = if flags & flag::AUTO_ID != 0 {
             (1u32..1 << 20)
-                .find_map(|i| fabric::claim_segment(&d.dir, d.node, i, size64).ok().map(|p| (p, i)))
+                .find_map(|i| {
+                    fabric::claim_segment(&d.dir, d.node, i, size64)
+                        .ok()
+                        .map(|p| (p, i))
+                })
                 .ok_or(err::NOSPC)?
         } else {
             (fabric::claim_segment(&d.dir, d.node, id, size64)?, id)
@@ -291,6 +305,9 @@ unsafe fn remove_segment(segment: *mut LocalSegment, _flags: c_uint, error: *mut
     // SAFETY: the caller's handle, not used afterwards.
     let r = unsafe { take(segment) }.map(|s| {
         let _ = std::fs::remove_file(&s.entry);
+        if let Some(name) = s.entry.file_name() {
+            fabric::withdraw_fd(&name.to_string_lossy());
+        }
         if let Some(Backing::Own { path, .. }) = &s.backing {
             let _ = std::fs::remove_file(path);
         }
@@ -333,12 +350,15 @@ fn entry_of(s: &LocalSegment, state: State) -> Result<Entry, u32> {
         Some(Backing::Own { path, .. }) => (path.to_string_lossy().into_owned(), 0),
         Some(Backing::Registered { fd, offset, .. }) => {
             use std::os::fd::AsRawFd;
-            (format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()), *offset)
+            let dir = s.entry.parent().ok_or(err::SYSTEM)?;
+            let name = s.entry.file_name().ok_or(err::SYSTEM)?.to_string_lossy();
+            (fabric::serve_fd(dir, &name, os::dup(fd.as_raw_fd())?)?, *offset)
         }
         None => return Err(err::SEGMENT_NOT_PREPARED),
     };
     Ok(Entry {
         owner: std::process::id(),
+        pidns: fabric::pid_namespace(),
         state,
         size: s.size,
         path,
@@ -346,7 +366,12 @@ fn entry_of(s: &LocalSegment, state: State) -> Result<Entry, u32> {
     })
 }
 
-unsafe fn prepare_segment(segment: *mut LocalSegment, adapter_no: c_uint, _flags: c_uint, error: *mut c_uint) {
+unsafe fn prepare_segment(
+    segment: *mut LocalSegment,
+    adapter_no: c_uint,
+    _flags: c_uint,
+    error: *mut c_uint,
+) {
     let r = (|| {
         // SAFETY: the caller's handle, used by this call only.
         let s = unsafe { handle_mut(segment) }?;
@@ -369,7 +394,11 @@ unsafe fn set_available(segment: *mut LocalSegment, adapter_no: c_uint, availabl
         if !s.prepared {
             return Err(err::SEGMENT_NOT_PREPARED);
         }
-        let state = if available { State::Available } else { State::Hidden };
+        let state = if available {
+            State::Available
+        } else {
+            State::Hidden
+        };
         fabric::write_entry(&s.entry, &entry_of(s, state)?)
     })();
     // SAFETY: the caller's pointer.
@@ -512,7 +541,7 @@ unsafe fn map_remote_segment(
         if offset % page() != 0 {
             return Err(err::OFFSET_ALIGNMENT);
         }
-        let fd = os::open(&s.path)?;
+        let fd = fabric::fetch_fd(&s.path)?;
         let addr = os::map(&fd, s.offset + offset as u64, size)?;
         let m = Map {
             addr,
@@ -564,7 +593,12 @@ unsafe fn barrier(_sequence: *mut Sequence, _flags: c_uint) {
     fence(Ordering::SeqCst);
 }
 
-unsafe fn create_map_sequence(map: *mut Map, sequence: *mut *mut Sequence, _flags: c_uint, error: *mut c_uint) {
+unsafe fn create_map_sequence(
+    map: *mut Map,
+    sequence: *mut *mut Sequence,
+    _flags: c_uint,
+    error: *mut c_uint,
+) {
     // SAFETY: the caller's handle and pointer.
     let r = unsafe { handle(map) }.and_then(|_| match unsafe { give(sequence, Sequence) } {
         err::OK => Ok(()),
@@ -654,7 +688,14 @@ unsafe fn run_dma(
     }
     let r = copy(remote);
     let status = r.err().unwrap_or(err::OK);
-    q.state.store(if r.is_ok() { dma_state::DONE } else { dma_state::ERROR }, Ordering::Release);
+    q.state.store(
+        if r.is_ok() {
+            dma_state::DONE
+        } else {
+            dma_state::ERROR
+        },
+        Ordering::Release,
+    );
     if flags & flag::USE_CALLBACK != 0
         && let Some(cb) = callback
     {
@@ -687,7 +728,7 @@ unsafe fn start_dma_transfer_mem(
         let rs = unsafe { handle(remote) }?;
         let at = remote_range(rs, remote_offset, size)?;
         let copy = |rs: &RemoteSegment| {
-            let fd = os::open(&rs.path)?;
+            let fd = fabric::fetch_fd(&rs.path)?;
             os::write_from(&fd, local as usize, size, at)
         };
         // SAFETY: the caller's handles.
@@ -722,7 +763,7 @@ unsafe fn start_dma_transfer(
         }
         let at = remote_range(rs, remote_offset, size)?;
         let copy = |rs: &RemoteSegment| {
-            let fd = os::open(&rs.path)?;
+            let fd = fabric::fetch_fd(&rs.path)?;
             match &ls.backing {
                 Some(Backing::Registered { addr, .. }) => os::write_from(&fd, addr + local_offset, size, at),
                 Some(Backing::Own { fd: src, .. }) => os::copy_file(src, local_offset as u64, &fd, at, size),
@@ -736,7 +777,12 @@ unsafe fn start_dma_transfer(
     unsafe { put(error, code(r)) };
 }
 
-unsafe fn wait_for_dma_queue(dq: *mut DmaQueue, _timeout: c_uint, _flags: c_uint, error: *mut c_uint) -> c_uint {
+unsafe fn wait_for_dma_queue(
+    dq: *mut DmaQueue,
+    _timeout: c_uint,
+    _flags: c_uint,
+    error: *mut c_uint,
+) -> c_uint {
     // SAFETY: the caller's handle.
     let r = unsafe { handle(dq) }.map(|q| q.state.load(Ordering::Acquire));
     let c = match r {
@@ -834,7 +880,12 @@ unsafe fn remove_interrupt(interrupt: *mut LocalInterrupt, _flags: c_uint, error
     unsafe { put(error, code(r)) };
 }
 
-unsafe fn wait_for_interrupt(interrupt: *mut LocalInterrupt, timeout: c_uint, _flags: c_uint, error: *mut c_uint) {
+unsafe fn wait_for_interrupt(
+    interrupt: *mut LocalInterrupt,
+    timeout: c_uint,
+    _flags: c_uint,
+    error: *mut c_uint,
+) {
     let r = (|| {
         // SAFETY: the caller's handle.
         let li = unsafe { handle(interrupt) }?;
@@ -848,7 +899,9 @@ unsafe fn wait_for_interrupt(interrupt: *mut LocalInterrupt, timeout: c_uint, _f
             }
             let v = c.load(Ordering::Acquire);
             if v > 0 {
-                if c.compare_exchange(v, v - 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                if c.compare_exchange(v, v - 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
                     break Ok(());
                 }
                 continue;
@@ -881,7 +934,9 @@ unsafe fn connect_interrupt(
         let d = unsafe { handle(sd) }?;
         adapter(adapter_no)?;
         let path = fabric::lookup_interrupt(&d.dir, node, number)?;
-        let ri = RemoteInterrupt { path: cstring(&path)? };
+        let ri = RemoteInterrupt {
+            path: cstring(&path)?,
+        };
         // SAFETY: the caller's pointer.
         match unsafe { give(interrupt, ri) } {
             err::OK => Ok(()),
@@ -990,12 +1045,22 @@ export! {
     get_error_string => _SISCI_PUBLIC_FUNC_ST_SCIGetErrorString, _SISCI_PUBLIC_FUNC_MT_SCIGetErrorString(error: c_uint) -> *const c_char;
 }
 
-unsafe fn set_segment_available(segment: *mut LocalSegment, adapter_no: c_uint, _flags: c_uint, error: *mut c_uint) {
+unsafe fn set_segment_available(
+    segment: *mut LocalSegment,
+    adapter_no: c_uint,
+    _flags: c_uint,
+    error: *mut c_uint,
+) {
     // SAFETY: the caller's handle and pointer.
     unsafe { set_available(segment, adapter_no, true, error) };
 }
 
-unsafe fn set_segment_unavailable(segment: *mut LocalSegment, adapter_no: c_uint, _flags: c_uint, error: *mut c_uint) {
+unsafe fn set_segment_unavailable(
+    segment: *mut LocalSegment,
+    adapter_no: c_uint,
+    _flags: c_uint,
+    error: *mut c_uint,
+) {
     // SAFETY: the caller's handle and pointer.
     unsafe { set_available(segment, adapter_no, false, error) };
 }

@@ -17,7 +17,11 @@ pub fn file_id(fd: RawFd) -> Option<(u64, u64, u64)> {
     }
     // SAFETY: fstat succeeded and filled the struct (and it was zeroed before).
     let st = unsafe { st.assume_init() };
-    Some((st.st_ino, u64::from(libc::major(st.st_dev)), u64::from(libc::minor(st.st_dev))))
+    Some((
+        st.st_ino,
+        u64::from(libc::major(st.st_dev)),
+        u64::from(libc::minor(st.st_dev)),
+    ))
 }
 
 /// Opens `path` for reading and writing (close-on-exec); async-signal-safe.
@@ -79,7 +83,14 @@ pub fn write_from(fd: &OwnedFd, src: usize, len: usize, off: u64) -> Result<(), 
         let at = libc::off_t::try_from(off + done as u64).map_err(|_| err::OUT_OF_RANGE)?;
         // SAFETY: the kernel reads the source with copy_from_user and returns EFAULT for memory
         // that is not mapped; nothing here dereferences it.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), (src + done) as *const libc::c_void, len - done, at) };
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                (src + done) as *const libc::c_void,
+                len - done,
+                at,
+            )
+        };
         if n <= 0 {
             return Err(err::TRANSFER_FAILED);
         }
@@ -95,7 +106,9 @@ pub fn copy_file(src: &OwnedFd, src_off: u64, dst: &OwnedFd, dst_off: u64, len: 
     let mut left = len;
     while left > 0 {
         // SAFETY: both offsets are valid loff_t variables; the descriptors are open.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &raw mut so, dst.as_raw_fd(), &raw mut d, left, 0) };
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &raw mut so, dst.as_raw_fd(), &raw mut d, left, 0)
+        };
         if n <= 0 {
             return Err(err::TRANSFER_FAILED);
         }
@@ -120,4 +133,88 @@ pub fn futex_wait(word: &AtomicU32, value: u32, timeout: Option<Duration>) {
 pub fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: FUTEX_WAKE on a live atomic.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n, 0, 0, 0) };
+}
+
+/// Bytes of one descriptor in a control message.
+const FD_BYTES: u32 = 4;
+const _: () = assert!(std::mem::size_of::<RawFd>() == FD_BYTES as usize);
+
+/// Room for one `SCM_RIGHTS` header, aligned for it (no allocation on the sender's data path).
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
+/// Sends descriptor `fd` with one byte over the connected unix socket `sock` (`SCM_RIGHTS`).
+pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), u32> {
+    let mut byte = [1u8];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(FD_BYTES) } as usize;
+    let mut control = Control([0u8; 64]);
+    let control = &mut control.0[..space.min(64)];
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: the control buffer holds one header with room for one descriptor (CMSG_SPACE).
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    if cmsg.is_null() {
+        return Err(err::SYSTEM);
+    }
+    // SAFETY: CMSG_LEN is a pure computation.
+    let len = unsafe { libc::CMSG_LEN(FD_BYTES) } as usize;
+    let header = libc::cmsghdr {
+        cmsg_len: len,
+        cmsg_level: libc::SOL_SOCKET,
+        cmsg_type: libc::SCM_RIGHTS,
+    };
+    // SAFETY: `cmsg` points into `control`, which is large enough for the header (CMSG_SPACE).
+    unsafe { cmsg.write_unaligned(header) };
+    // SAFETY: CMSG_DATA points inside the same header's room, which holds one descriptor.
+    let data = unsafe { libc::CMSG_DATA(cmsg) };
+    // SAFETY: as above: room for one descriptor at `data`.
+    unsafe { data.cast::<RawFd>().write_unaligned(fd) };
+    // SAFETY: a fully initialized message on an open socket.
+    let n = unsafe { libc::sendmsg(sock, &raw const msg, libc::MSG_NOSIGNAL) };
+    if n == 1 { Ok(()) } else { Err(err::SYSTEM) }
+}
+
+/// Receives one descriptor sent by [`send_fd`] (close-on-exec).
+pub fn recv_fd(sock: RawFd) -> Result<OwnedFd, u32> {
+    let mut byte = [0u8];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(FD_BYTES) } as usize;
+    let mut control = Control([0u8; 64]);
+    let control = &mut control.0[..space.min(64)];
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the recvmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: recvmsg writes at most the buffers described by `msg`.
+    let n = unsafe { libc::recvmsg(sock, &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n != 1 || byte[0] != 1 {
+        return Err(err::NO_SUCH_SEGMENT);
+    }
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR reads only within its control buffer.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    // SAFETY: checked non-null; the header lies in `control`.
+    if cmsg.is_null() || unsafe { (*cmsg).cmsg_type } != libc::SCM_RIGHTS {
+        return Err(err::SYSTEM);
+    }
+    // SAFETY: an SCM_RIGHTS header carries the descriptor right after it.
+    let data = unsafe { libc::CMSG_DATA(cmsg) };
+    // SAFETY: the descriptor right after the header, inside `control`.
+    let fd = unsafe { data.cast::<RawFd>().read_unaligned() };
+    // SAFETY: the kernel installed this descriptor for us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
