@@ -11,8 +11,8 @@ use std::path::Path;
 
 use om_page_server::checkpoint::{Checkpoint, Run};
 use om_transport::wire::{
-    Batch, Begin, EndRound, FrameHeader, Hello, ImageInfo, Kind, Record, Role, RoundAck, Text, VERSION, Vma,
-    Zero, caps,
+    Batch, Begin, EndRound, Extent, FrameHeader, Hello, ImageInfo, Kind, Placement, Record, Role, RoundAck,
+    Text, VERSION, Vma, Zero, caps,
 };
 use zerocopy::IntoBytes;
 
@@ -87,6 +87,31 @@ fn main() {
     let runs = [0x60_0000..0x60_0000 + 3 * P, 0x60_8000..0x60_8000 + P];
     put("batch", "two-runs", &Batch::encode(1, &runs, &[1, 2, 3, 4], P));
     put("zero", "two-runs", &Zero::encode(2, &runs, P));
+    let placement = Placement {
+        node: 8,
+        mailbox: 0x1234_5679,
+        doorbell: 1,
+        window_shift: 30,
+        windows: vec![0x7777_0001, 0x7777_0003],
+        extents: vec![
+            Extent {
+                start: 0x60_0000,
+                end: 0x60_0000 + 3 * P,
+                offset: 0,
+            },
+            Extent {
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0000_0000 + 256 * P,
+                offset: (1 << 30) - 16 * P,
+            },
+        ],
+    };
+    put("placement", "two-windows", &placement.encode());
+    let descriptor = Batch::encode(1, &runs[..1], &[1, 2, 3], P);
+    let (_, word) = om_sci::mailbox::slot_of(0, descriptor.len());
+    let mut slot = word.to_vec();
+    slot.extend_from_slice(&descriptor);
+    put("mailbox_slot", "one-batch", &slot);
     let end = EndRound {
         round: 3,
         last: true,

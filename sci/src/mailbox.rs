@@ -102,8 +102,58 @@ pub fn take(view: &View<'_>, tail: u64) -> Result<Option<Vec<u8>>, SciError> {
     Ok(Some(body))
 }
 
+/// The descriptor length a slot's length word announces.
+///
+/// # Errors
+/// A length over the cap, or reserved bytes set.
+pub fn slot_len(word: [u8; 8]) -> Result<usize, SciError> {
+    let len = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
+    if len > MAX_BATCH_BODY || word[4..] != [0; 4] {
+        return Err(SciError::Mailbox(format!(
+            "a descriptor of {len} bytes (at most {MAX_BATCH_BODY}) or reserved bytes set"
+        )));
+    }
+    Ok(len)
+}
+
+/// A slot's descriptor, from a copy of the slot's bytes (the fuzz target's entry point).
+///
+/// # Errors
+/// As [`slot_len`], or a slot shorter than its length word says.
+pub fn decode_slot(slot: &[u8]) -> Result<&[u8], SciError> {
+    let word: [u8; 8] = slot
+        .get(..8)
+        .and_then(|w| w.try_into().ok())
+        .ok_or_else(|| SciError::Mailbox("a slot shorter than its length word".into()))?;
+    let len = slot_len(word)?;
+    slot.get(8..8 + len)
+        .ok_or_else(|| SciError::Mailbox(format!("a descriptor of {len} bytes past the slot's end")))
+}
+
 /// True when the mailbox was initialized by a receiver.
 #[must_use]
 pub fn is_initialized(view: &View<'_>) -> bool {
     view.load(MAGIC_AT) == Some(MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_round_trip_and_bad_lengths_are_refused() {
+        let (at, word) = slot_of(3, 100);
+        assert_eq!(at, 4096 + 3 * SLOT_BYTES);
+        let mut slot = word.to_vec();
+        slot.extend(std::iter::repeat_n(7u8, 100));
+        assert_eq!(decode_slot(&slot).unwrap(), &[7u8; 100][..]);
+        assert!(decode_slot(&slot[..50]).is_err(), "truncated");
+        let mut big = slot.clone();
+        big[..4].copy_from_slice(&u32::try_from(MAX_BATCH_BODY + 1).unwrap().to_le_bytes());
+        assert!(decode_slot(&big).is_err(), "over the cap");
+        let mut reserved = slot;
+        reserved[6] = 1;
+        assert!(decode_slot(&reserved).is_err(), "reserved bytes");
+        assert!(SLOT_BYTES >= 8 + MAX_BATCH_BODY && SLOT_BYTES % 4096 == 0);
+    }
 }

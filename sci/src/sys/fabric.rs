@@ -631,6 +631,8 @@ pub struct RemoteInterrupt {
 
 // SAFETY: an opaque handle of the thread-safe library.
 unsafe impl Send for RemoteInterrupt {}
+// SAFETY: as above; triggering from several threads is allowed by the API.
+unsafe impl Sync for RemoteInterrupt {}
 
 impl RemoteInterrupt {
     /// Triggers the interrupt.
