@@ -33,6 +33,8 @@ const MAGIC_AT: usize = 16;
 /// Written by the receiver when it creates the mailbox.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"OMSCIMB1");
 
+const _: () = assert!(SLOT_BYTES >= 8 + MAX_BATCH_BODY && SLOT_BYTES % 4096 == 0);
+
 fn slot(n: u64) -> usize {
     4096 + usize::try_from(n % SLOTS).unwrap_or(0) * SLOT_BYTES
 }
@@ -154,6 +156,5 @@ mod tests {
         let mut reserved = slot;
         reserved[6] = 1;
         assert!(decode_slot(&reserved).is_err(), "reserved bytes");
-        assert!(SLOT_BYTES >= 8 + MAX_BATCH_BODY && SLOT_BYTES % 4096 == 0);
     }
 }
