@@ -173,7 +173,7 @@ fn dma_from_memory_that_is_gone_fails_and_pio_lands_zeros() {
     remote.map().unwrap();
     remote.mem_cpy(0, &[0xee; 4096]).unwrap();
     // Below mmap_min_addr: never mapped.
-    let runs = vec![0x10000u64..0x11000];
+    let runs = std::slice::from_ref(&(0x10000u64..0x11000)).to_vec();
     let readable = Readable::racy(&runs);
     let batch = readable.batches(4096, 16, 16).remove(0);
     let q = sci
