@@ -3,10 +3,12 @@
 //! DMA straight from the application's memory; each batch's descriptor follows through the mailbox.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use om_transport::TransportError;
 use om_transport::api::{Placer, Source};
+use om_transport::sys::ReadableBatch;
 use om_transport::wire::{Placement, caps};
 
 use crate::error::SciError;
@@ -16,27 +18,33 @@ use crate::sys::{DmaQueue, RemoteInterrupt, RemoteSegment, Sisci};
 /// Pieces of at least this many bytes go by DMA when the library offers it.
 pub const DMA_MIN: usize = 256 << 10;
 
-/// The receiver's exported objects, connected.
+/// The receiver's exported objects, connected; shared by a placer and its forks.
 #[derive(Debug)]
 struct Link {
     key: (u32, u32, u32, Vec<u32>),
     mailbox: RemoteSegment,
     doorbell: RemoteInterrupt,
     windows: Vec<RemoteSegment>,
-    head: u64,
+    /// Descriptors posted; held while one is posted (one producer at a time).
+    head: Mutex<u64>,
 }
 
 /// Places pages into a receiver's image over SISCI.
 #[derive(Debug)]
 pub struct SciPlacer {
-    link: Option<Link>,
+    link: Option<Arc<Link>>,
     dma: Option<DmaQueue>,
-    sci: Sisci,
+    sci: Arc<Sisci>,
     page_size: usize,
     timeout: Duration,
     /// Bytes placed by DMA and by PIO (for the benchmark and the logs).
     pub placed: (u64, u64),
+    /// Where racy memory is read (once) before it is stored: small enough to stay in cache.
+    bounce: Vec<u8>,
 }
+
+/// Bytes of the bounce buffer of [`SciPlacer::write_summed`].
+const BOUNCE: usize = 256 << 10;
 
 impl SciPlacer {
     /// Loads the SISCI library and opens the fabric. Nothing is connected until the receiver's
@@ -58,10 +66,11 @@ impl SciPlacer {
         Ok(Self {
             link: None,
             dma,
-            sci,
+            sci: Arc::new(sci),
             page_size: om_transport::sys::page_size(),
             timeout: Duration::from_secs(60),
             placed: (0, 0),
+            bounce: vec![0; BOUNCE],
         })
     }
 
@@ -86,7 +95,7 @@ impl SciPlacer {
             mailbox,
             doorbell,
             windows,
-            head: 0,
+            head: Mutex::new(0),
         })
     }
 
@@ -137,13 +146,44 @@ impl SciPlacer {
         Ok(())
     }
 
+    /// Racy memory: each chunk is read once through the kernel into the (cache-resident) bounce
+    /// buffer, checksummed there and stored from there by PIO.
+    fn place_summed(
+        &mut self,
+        batch: &ReadableBatch<'_>,
+        addr: u64,
+        len: u64,
+        window: usize,
+        offset: u64,
+        sums: &mut Vec<u32>,
+    ) -> Result<(), SciError> {
+        let mut bounce = std::mem::take(&mut self.bounce);
+        let r = (|| {
+            let w = self.window(window, offset, len)?;
+            let mut done = 0u64;
+            while done < len {
+                let n = usize::try_from((len - done).min(BOUNCE as u64)).unwrap_or(BOUNCE);
+                batch
+                    .read_summed(addr + done, &mut bounce[..n], self.page_size, sums)
+                    .map_err(|e| SciError::Mailbox(format!("read the pages to place: {e}")))?;
+                w.mem_cpy(usize::try_from(offset + done).unwrap_or(usize::MAX), &bounce[..n])?;
+                done += n as u64;
+            }
+            Ok(())
+        })();
+        self.bounce = bounce;
+        self.placed.1 += len;
+        r
+    }
+
     fn post_descriptor(&mut self, descriptor: &[u8]) -> Result<(), SciError> {
         let timeout = self.timeout;
-        let link = self.link.as_mut().ok_or(SciError::NoWindow {
+        let link = self.link.as_ref().ok_or(SciError::NoWindow {
             window: 0,
             offset: 0,
             len: 0,
         })?;
+        let mut head = link.head.lock().unwrap_or_else(PoisonError::into_inner);
         let view = link
             .mailbox
             .view()
@@ -151,20 +191,20 @@ impl SciPlacer {
         // The pages first: DMA transfers were waited for; PIO stores are ordered by the barrier.
         link.mailbox.barrier();
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(20);
-        while !mailbox::has_room(&view, link.head)? {
+        let mut pause = Duration::from_micros(5);
+        while !mailbox::has_room(&view, *head)? {
             if Instant::now() > deadline {
                 return Err(SciError::MailboxFull(timeout));
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
+            pause = (pause * 2).min(Duration::from_micros(50));
         }
-        let (at, word) = mailbox::slot_of(link.head, descriptor.len());
+        let (at, word) = mailbox::slot_of(*head, descriptor.len());
         link.mailbox.mem_cpy(at, &word)?;
         link.mailbox.mem_cpy(at + 8, descriptor)?;
         link.mailbox.barrier();
-        link.head += 1;
-        mailbox::publish(&view, link.head);
+        *head += 1;
+        mailbox::publish(&view, *head);
         link.mailbox.barrier();
         link.doorbell.trigger()?;
         Ok(())
@@ -187,10 +227,10 @@ impl Placer for SciPlacer {
             return Ok(());
         }
         self.link = None;
-        self.link = Some(
-            self.connect(placement)
-                .map_err(|e| e.during("connect to the receiver's segments"))?,
-        );
+        let link = self
+            .connect(placement)
+            .map_err(|e| e.during("connect to the receiver's segments"))?;
+        self.link = Some(Arc::new(link));
         Ok(())
     }
 
@@ -199,9 +239,35 @@ impl Placer for SciPlacer {
             .map_err(|e| e.during("place pages"))
     }
 
+    fn write_summed(
+        &mut self,
+        batch: &ReadableBatch<'_>,
+        addr: u64,
+        len: u64,
+        window: usize,
+        offset: u64,
+        sums: &mut Vec<u32>,
+    ) -> Result<(), TransportError> {
+        self.place_summed(batch, addr, len, window, offset, sums)
+            .map_err(|e| e.during("place pages"))
+    }
+
     fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError> {
         self.post_descriptor(descriptor)
             .map_err(|e| e.during("post a batch descriptor"))
+    }
+
+    fn fork(&self) -> Option<Box<dyn Placer>> {
+        let link = Arc::clone(self.link.as_ref()?);
+        Some(Box::new(Self {
+            link: Some(link),
+            dma: self.sci.dma_queue().ok().flatten(),
+            sci: Arc::clone(&self.sci),
+            page_size: self.page_size,
+            timeout: self.timeout,
+            placed: (0, 0),
+            bounce: vec![0; BOUNCE],
+        }))
     }
 
     fn mappings(&self) -> Vec<Range<u64>> {

@@ -154,6 +154,22 @@ pub trait Placer: Send + std::fmt::Debug {
     /// The fabric failing, or a place outside the windows.
     fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError>;
 
+    /// Writes `len` bytes of `batch`'s memory at `addr` (memory the application may unmap meanwhile)
+    /// at byte `offset` of window `window`, and appends one checksum per page *of the bytes written*
+    /// to `sums`: one read of the application's memory serves both.
+    ///
+    /// # Errors
+    /// The fabric failing, or a place outside the windows.
+    fn write_summed(
+        &mut self,
+        batch: &ReadableBatch<'_>,
+        addr: u64,
+        len: u64,
+        window: usize,
+        offset: u64,
+        sums: &mut Vec<u32>,
+    ) -> Result<(), TransportError>;
+
     /// Makes every write so far visible at the receiver, then posts `descriptor` to its mailbox
     /// (waiting for room) and rings its doorbell.
     ///
@@ -164,6 +180,12 @@ pub trait Placer: Send + std::fmt::Debug {
     /// Memory of this process the placer mapped (the receiver's windows and mailbox): never part of
     /// an image.
     fn mappings(&self) -> Vec<Range<u64>>;
+
+    /// A second writer for another thread: the same windows and the same mailbox (descriptors from
+    /// both go through it in turn). `None` when the placer cannot share them.
+    fn fork(&self) -> Option<Box<dyn Placer>> {
+        None
+    }
 }
 
 /// Image memory a receiving [`Export`] keeps alive and exports.

@@ -373,6 +373,9 @@ pub struct RemoteSegment {
 
 // SAFETY: an opaque handle of the thread-safe library, and a mapping address.
 unsafe impl Send for RemoteSegment {}
+// SAFETY: as above; `SCIMemCpy` and stores into the mapping from several threads are allowed by the
+// thread-safe library, and the mapping is only written through the kernel or copies.
+unsafe impl Sync for RemoteSegment {}
 
 impl RemoteSegment {
     /// Its size in bytes.

@@ -181,6 +181,61 @@ impl ReadableBatch<'_> {
         Ok(unreadable)
     }
 
+    /// Copies `buf.len()` bytes of this process's memory from `addr` (inside one run of the batch)
+    /// into `buf` through the kernel, and appends one checksum per page of the copy to `sums`. A
+    /// page that cannot be read (the application unmapped it) reads as zeros and gets the complement
+    /// of its copy's sum, which the landed page cannot match (it comes back as a suspect).
+    ///
+    /// # Errors
+    /// A range outside the batch's runs, or a length that is not whole pages.
+    pub fn read_summed(
+        &self,
+        addr: u64,
+        buf: &mut [u8],
+        page_size: usize,
+        sums: &mut Vec<u32>,
+    ) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        if !self
+            .runs
+            .iter()
+            .any(|r| r.start <= addr && addr.saturating_add(len) <= r.end)
+            || buf.len() % page_size != 0
+        {
+            return Err(std::io::Error::other("a read outside the batch's runs"));
+        }
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let local = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let remote = libc::iovec {
+                iov_base: addr_of(addr + done as u64) as *mut libc::c_void,
+                iov_len: rest.len(),
+            };
+            // SAFETY: `local` is the rest of `buf`, writable; the kernel reads `remote` in this
+            // process and stops short (or fails) on memory that is not mapped.
+            let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
+            let got = usize::try_from(got).unwrap_or(0);
+            let whole = done + got / page_size * page_size;
+            for page in buf[done..whole].chunks(page_size) {
+                sums.push(checksum::page_sum_bytes(page));
+            }
+            done = whole;
+            if done < buf.len() {
+                let page = &mut buf[done..done + page_size];
+                page.fill(0);
+                sums.push(!checksum::page_sum_bytes(page));
+                done += page_size;
+            }
+        }
+        Ok(())
+    }
+
     /// True when the batch goes out from a copy ([`Readable::copied`]).
     #[must_use]
     pub fn is_copied(&self) -> bool {
