@@ -265,10 +265,14 @@ fn ships_pages_over_emulated_sci_byte_for_byte() {
             .iter()
             .all(|m| m.end <= r.addr() as u64 || m.start >= whole(&r).end)
     );
-    let s0 = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
+    // Memory that stays mapped: sums from the memory, large pieces by DMA.
+    let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
     assert_eq!(s0.bytes, len as u64);
     assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
     assert_eq!(s0.image_bytes, len as u64);
+    // A running application's memory: read once, checksummed, stored by PIO, on two threads.
+    let s0 = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
+    assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
     // A new VMA table: the placement comes again (same windows).
     tx.update_vmas(&begin_for(&r)).unwrap();
     let base = r.addr() as u64;
