@@ -34,6 +34,24 @@ pub fn ratio(measured: Duration, baseline: Duration) -> f64 {
     measured.as_secs_f64() / baseline.as_secs_f64()
 }
 
+/// A mapped region of `bytes` filled with xorshift words from `seed`: every page populated, none
+/// alike.
+///
+/// # Panics
+/// If the region cannot be mapped.
+#[must_use]
+pub fn populated_region(bytes: usize, seed: u64) -> om::sys::mman::Region {
+    let r = om::sys::mman::Region::map_anon(bytes, None).expect("map");
+    let mut x = seed | 1;
+    for w in r.words() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.store(x, std::sync::atomic::Ordering::Relaxed);
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

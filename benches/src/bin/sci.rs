@@ -15,11 +15,10 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use om::sys::mman::Region;
-use om_benches::median;
+use om_benches::{median, populated_region};
 use om_page_server::{Limits, Store};
 use om_transport::api::Exporter;
 use om_transport::sys::Readable;
@@ -36,18 +35,6 @@ fn library() -> String {
         "build the emulation first: cargo build --release -p sisci-emu"
     );
     p.to_string_lossy().into_owned()
-}
-
-fn populated_region(bytes: usize, seed: u64) -> Region {
-    let r = Region::map_anon(bytes, None).expect("map");
-    let mut x = seed | 1;
-    for w in r.words() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.store(x, Ordering::Relaxed);
-    }
-    r
 }
 
 fn key() -> ClusterKey {

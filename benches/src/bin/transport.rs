@@ -19,29 +19,16 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use om::sys::mman::Region;
-use om_benches::median;
+use om_benches::{median, populated_region};
 use om_transport::sys::Readable;
 use om_transport::wire::{Begin, ImageInfo, Vma};
 use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
 
 const CHUNK: usize = 4 << 20;
 const GIB: usize = 1 << 30;
-
-fn populated_region(bytes: usize, seed: u64) -> Region {
-    let r = Region::map_anon(bytes, None).expect("map");
-    let mut x = seed | 1;
-    for w in r.words() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.store(x, Ordering::Relaxed);
-    }
-    r
-}
 
 /// `sink ADDR [FRESH_BYTES]`: accepts one connection and reads it to the end, into a reused buffer,
 /// or with FRESH_BYTES into fresh memory of that size (what any receiver that keeps the bytes pays:

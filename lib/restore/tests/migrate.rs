@@ -84,22 +84,27 @@ impl Cluster {
     /// Starts a workload under omrun on `node` (stdout piped); returns once its runtime registered
     /// with that node's omd.
     fn run(&self, node: usize, w: &Workload) -> (Kill, u32) {
-        let mut cmd = self.rig.node(node).unwrap().command("bash");
-        cmd.args([
-            "-c",
-            r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
-            "clean-fds",
-        ])
-        .arg(bin_dir().join("omrun"))
-        .arg("--control")
-        .arg(self.control(node))
-        .arg("--");
+        let mut cmd = self.clean_command(node, &bin_dir().join("omrun"));
+        cmd.arg("--control").arg(self.control(node)).arg("--");
         w.setup(&mut cmd);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map(Kill).unwrap();
         let omrun = child.0.id();
         let pid = self.wait_registered(node, |p| common::parent_of(p) == Some(omrun));
         (child, pid)
+    }
+
+    /// `prog` on `node`, with every inherited descriptor above 2 closed first: what the test runner
+    /// leaks is not the program's (om cannot capture a stray pipe).
+    fn clean_command(&self, node: usize, prog: &Path) -> Command {
+        let mut cmd = self.rig.node(node).unwrap().command("bash");
+        cmd.args([
+            "-c",
+            r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
+            "clean-fds",
+        ])
+        .arg(prog);
+        cmd
     }
 
     /// The tail of every omd's log, for a failure's message.
@@ -484,10 +489,7 @@ fn the_c_launcher_starts_migrates_and_waits() {
     let w = program(build("numbered.c"), &["2500"]);
     let (want, _) = w.reference();
     let out = c
-        .rig
-        .node(0)
-        .unwrap()
-        .command(&launcher)
+        .clean_command(0, &launcher)
         .arg(c.control(0))
         .arg(c.addr(1))
         .arg(random_ms(200, 800).to_string())

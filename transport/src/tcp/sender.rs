@@ -341,6 +341,38 @@ impl TcpSender {
     }
 }
 
+/// Copies a batch sent from a copy into `bounce` (grown to fit); returns the copy's length and one
+/// checksum per page of it.
+fn copy_and_sum(
+    batch: &ReadableBatch<'_>,
+    bounce: &mut Vec<u8>,
+    page_size: usize,
+    peer: &str,
+) -> Result<(usize, Vec<u32>), TransportError> {
+    let len = batch
+        .runs()
+        .iter()
+        .map(|r| usize::try_from(r.end - r.start).unwrap_or(usize::MAX))
+        .sum::<usize>();
+    if bounce.len() < len {
+        bounce.resize(len, 0);
+    }
+    batch
+        .copy_into(&mut bounce[..len])
+        .map_err(|source| TransportError::Io {
+            op: "read the pages to send",
+            peer: peer.to_owned(),
+            source,
+        })?;
+    Ok((
+        len,
+        bounce[..len]
+            .chunks(page_size)
+            .map(crate::sys::page_sum_bytes)
+            .collect(),
+    ))
+}
+
 /// What placing one batch needs to know.
 struct Placing<'a> {
     placement: &'a Placement,
@@ -367,18 +399,7 @@ impl Placing<'_> {
         // Otherwise the sums come first, from the copy or from the stable memory.
         let fused = batch.is_racy() && !batch.is_copied();
         let mut sums = if batch.is_copied() {
-            let len = pages * ps;
-            if bounce.len() < len {
-                bounce.resize(len, 0);
-            }
-            batch
-                .copy_into(&mut bounce[..len])
-                .map_err(|source| TransportError::Io {
-                    op: "read the pages to send",
-                    peer: self.peer.to_owned(),
-                    source,
-                })?;
-            bounce[..len].chunks(ps).map(crate::sys::page_sum_bytes).collect()
+            copy_and_sum(batch, bounce, ps, self.peer)?.1
         } else if fused {
             Vec::with_capacity(pages)
         } else {
@@ -425,22 +446,7 @@ fn send_batch(
 ) -> Result<(), TransportError> {
     let ps = usize::try_from(page_size).unwrap_or(4096);
     if batch.is_copied() {
-        let len = batch
-            .runs()
-            .iter()
-            .map(|r| usize::try_from(r.end - r.start).unwrap_or(usize::MAX))
-            .sum::<usize>();
-        if bounce.len() < len {
-            bounce.resize(len, 0);
-        }
-        batch
-            .copy_into(&mut bounce[..len])
-            .map_err(|source| TransportError::Io {
-                op: "read the pages to send",
-                peer: conn.peer().to_owned(),
-                source,
-            })?;
-        let sums: Vec<u32> = bounce[..len].chunks(ps).map(crate::sys::page_sum_bytes).collect();
+        let (len, sums) = copy_and_sum(batch, bounce, ps, conn.peer())?;
         let body = Batch::encode(round, batch.runs(), &sums, page_size);
         return conn.send_with_bytes(Kind::Batch, &body, &bounce[..len]);
     }

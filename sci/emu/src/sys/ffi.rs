@@ -83,13 +83,13 @@ unsafe fn put(error: *mut c_uint, code: u32) {
 ///
 /// # Safety
 /// `out` is null or valid for a write.
-unsafe fn give<T>(out: *mut *mut T, value: T) -> u32 {
+unsafe fn give<T>(out: *mut *mut T, value: T) -> Result<(), u32> {
     if out.is_null() {
-        return err::ILLEGAL_PARAMETER;
+        return Err(err::ILLEGAL_PARAMETER);
     }
     // SAFETY: the caller's promise.
     unsafe { out.write(Box::into_raw(Box::new(value))) };
-    err::OK
+    Ok(())
 }
 
 /// The handle behind `p`.
@@ -176,10 +176,7 @@ unsafe fn open(sd: *mut *mut Desc, flags: c_uint, error: *mut c_uint) {
         let dir = fabric::dir();
         let node = fabric::local_node(&dir)?;
         // SAFETY: the caller's pointer.
-        match unsafe { give(sd, Desc { dir, node }) } {
-            err::OK => Ok(()),
-            e => Err(e),
-        }
+        unsafe { give(sd, Desc { dir, node }) }
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };
@@ -292,10 +289,7 @@ unsafe fn create_segment(
             prepared: false,
         };
         // SAFETY: the caller's pointer.
-        match unsafe { give(segment, seg) } {
-            err::OK => Ok(()),
-            e => Err(e),
-        }
+        unsafe { give(segment, seg) }
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };
@@ -443,10 +437,7 @@ unsafe fn map_local_segment(
         };
         let addr = m.addr;
         // SAFETY: the caller's pointer.
-        match unsafe { give(map, m) } {
-            err::OK => Ok(addr as *mut c_void),
-            e => Err(e),
-        }
+        unsafe { give(map, m) }.map(|()| addr as *mut c_void)
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, r.err().unwrap_or(err::OK)) };
@@ -499,10 +490,7 @@ unsafe fn connect_segment(
             size: e.size,
         };
         // SAFETY: the caller's pointer.
-        match unsafe { give(segment, rs) } {
-            err::OK => Ok(()),
-            e => Err(e),
-        }
+        unsafe { give(segment, rs) }
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };
@@ -549,14 +537,12 @@ unsafe fn map_remote_segment(
             owned: true,
         };
         // SAFETY: the caller's pointer.
-        match unsafe { give(map, m) } {
-            err::OK => Ok(addr as *mut c_void),
-            e => {
-                // SAFETY: just mapped, never handed out.
-                unsafe { os::unmap(addr, size) };
-                Err(e)
-            }
+        let given = unsafe { give(map, m) };
+        if given.is_err() {
+            // SAFETY: just mapped, never handed out.
+            unsafe { os::unmap(addr, size) };
         }
+        given.map(|()| addr as *mut c_void)
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, r.err().unwrap_or(err::OK)) };
@@ -600,10 +586,7 @@ unsafe fn create_map_sequence(
     error: *mut c_uint,
 ) {
     // SAFETY: the caller's handle and pointer.
-    let r = unsafe { handle(map) }.and_then(|_| match unsafe { give(sequence, Sequence) } {
-        err::OK => Ok(()),
-        e => Err(e),
-    });
+    let r = unsafe { handle(map) }.and_then(|_| unsafe { give(sequence, Sequence) });
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };
 }
@@ -645,10 +628,7 @@ unsafe fn create_dma_queue(
             state: AtomicU32::new(dma_state::IDLE),
         };
         // SAFETY: the caller's pointer.
-        match unsafe { give(dq, q) } {
-            err::OK => Ok(()),
-            e => Err(e),
-        }
+        unsafe { give(dq, q) }
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };
@@ -846,10 +826,7 @@ unsafe fn create_interrupt(
         // SAFETY: checked non-null; the caller's pointer.
         unsafe { number.write(no) };
         // SAFETY: the caller's pointer.
-        match unsafe { give(interrupt, li) } {
-            err::OK => Ok(()),
-            e => Err(e),
-        }
+        unsafe { give(interrupt, li) }
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };
@@ -938,10 +915,7 @@ unsafe fn connect_interrupt(
             path: cstring(&path)?,
         };
         // SAFETY: the caller's pointer.
-        match unsafe { give(interrupt, ri) } {
-            err::OK => Ok(()),
-            e => Err(e),
-        }
+        unsafe { give(interrupt, ri) }
     })();
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };

@@ -143,6 +143,20 @@ const _: () = assert!(std::mem::size_of::<RawFd>() == FD_BYTES as usize);
 #[repr(C, align(8))]
 struct Control([u8; 64]);
 
+/// A message of one byte (`iov`) with room for one descriptor in `control`; both must outlive its
+/// use.
+fn message(iov: &mut libc::iovec, control: &mut Control) -> libc::msghdr {
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(FD_BYTES) } as usize;
+    // SAFETY: a zeroed msghdr is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = std::ptr::from_mut(iov);
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = space.min(control.0.len());
+    msg
+}
+
 /// Sends descriptor `fd` with one byte over the connected unix socket `sock` (`SCM_RIGHTS`).
 pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), u32> {
     let mut byte = [1u8];
@@ -150,16 +164,8 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), u32> {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(FD_BYTES) } as usize;
     let mut control = Control([0u8; 64]);
-    let control = &mut control.0[..space.min(64)];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
+    let msg = message(&mut iov, &mut control);
     // SAFETY: the control buffer holds one header with room for one descriptor (CMSG_SPACE).
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
     if cmsg.is_null() {
@@ -190,16 +196,8 @@ pub fn recv_fd(sock: RawFd) -> Result<OwnedFd, u32> {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(FD_BYTES) } as usize;
     let mut control = Control([0u8; 64]);
-    let control = &mut control.0[..space.min(64)];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the recvmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
+    let mut msg = message(&mut iov, &mut control);
     // SAFETY: recvmsg writes at most the buffers described by `msg`.
     let n = unsafe { libc::recvmsg(sock, &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n != 1 || byte[0] != 1 {
