@@ -35,10 +35,19 @@ impl ImageMemory {
     /// # Errors
     /// `memfd_create`, `ftruncate` or `mmap` failures.
     pub fn create(name: &str, len: usize) -> io::Result<Self> {
-        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)?;
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
         nix::unistd::ftruncate(
             &fd,
             i64::try_from(len).map_err(|_| io::Error::other("too large"))?,
+        )?;
+        // Its size is fixed from here: whoever else gets the memfd (the restorer; an SCI peer over
+        // the emulation's descriptor server) cannot shrink it under omd's mapping and make omd fault.
+        // Hole punching (zero pages) stays allowed.
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(
+                nix::fcntl::SealFlag::F_SEAL_SHRINK | nix::fcntl::SealFlag::F_SEAL_GROW,
+            ),
         )?;
         let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty image"))?;
         // SAFETY: a fresh shared mapping of our own memfd at an address the kernel picks: it cannot

@@ -277,7 +277,13 @@ pub enum SciError {
     /// The sender broke the mailbox's rules (hostile or broken).
     #[error("mailbox: {0}")]
     Mailbox(String),
-    /// A write outside the receiver's windows, or before the placement.
+    /// The application's pages could not be read or stored here.
+    #[error("{0}")]
+    Local(String),
+    /// A post or write before the receiver's placement arrived.
+    #[error("nothing attached: the receiver's placement has not arrived")]
+    NotAttached,
+    /// A write outside the receiver's windows.
     #[error("no window {window} (or nothing attached) for {len} bytes at {offset:#x}")]
     NoWindow {
         /// The window.

@@ -100,6 +100,12 @@ impl Exporter for SciExporter {
     }
 }
 
+impl Drop for SciExport {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
 /// One session's export: withdrawn (doorbell, mailbox, then windows) when dropped.
 #[derive(Debug)]
 pub struct SciExport {
@@ -120,6 +126,12 @@ impl Export for SciExport {
             window_shift: WINDOW_SHIFT,
             windows: self.windows.ids(),
             extents,
+        }
+    }
+
+    fn abandon(&self) {
+        if let Some(v) = self.mailbox.view() {
+            mailbox::abandon(&v);
         }
     }
 

@@ -46,9 +46,23 @@ pub fn init(view: &View<'_>) {
     view.store(MAGIC_AT, MAGIC);
 }
 
-/// The sender's side: posted descriptors.
+/// The tail the receiver writes when it gives the session up.
+pub const ABANDONED: u64 = u64::MAX;
+
+/// Marks the mailbox abandoned by the receiver.
+pub fn abandon(view: &View<'_>) {
+    view.store(TAIL, ABANDONED);
+}
+
+/// The sender's side: whether descriptor `head` fits.
+///
+/// # Errors
+/// The receiver abandoned the session, or took more descriptors than were posted.
 pub fn has_room(view: &View<'_>, head: u64) -> Result<bool, SciError> {
-    let tail = view.load(TAIL).unwrap_or(u64::MAX);
+    let tail = view.load(TAIL).unwrap_or(ABANDONED);
+    if tail == ABANDONED {
+        return Err(SciError::Mailbox("the receiver gave the session up".into()));
+    }
     if tail > head {
         return Err(SciError::Mailbox(format!(
             "the receiver took {tail} of {head} descriptors"
@@ -90,12 +104,7 @@ pub fn take(view: &View<'_>, tail: u64) -> Result<Option<Vec<u8>>, SciError> {
     if !view.read(at, &mut word) {
         return Err(SciError::Mailbox("slot outside the mailbox".into()));
     }
-    let len = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
-    if len > MAX_BATCH_BODY || word[4..] != [0; 4] {
-        return Err(SciError::Mailbox(format!(
-            "a descriptor of {len} bytes (at most {MAX_BATCH_BODY})"
-        )));
-    }
+    let len = slot_len(word)?;
     let mut body = vec![0u8; len];
     if !view.read(at + 8, &mut body) {
         return Err(SciError::Mailbox("descriptor outside the mailbox".into()));

@@ -139,7 +139,7 @@ impl SciPlacer {
                 })?;
                 batch
                     .store(addr, &zone, self.page_size)
-                    .map_err(|e| SciError::Mailbox(format!("PIO store: {e}")))?;
+                    .map_err(|e| SciError::Local(format!("storing pages by PIO: {e}")))?;
                 self.placed.1 += len;
             }
         }
@@ -165,7 +165,7 @@ impl SciPlacer {
                 let n = usize::try_from((len - done).min(BOUNCE as u64)).unwrap_or(BOUNCE);
                 batch
                     .read_summed(addr + done, &mut bounce[..n], self.page_size, sums)
-                    .map_err(|e| SciError::Mailbox(format!("read the pages to place: {e}")))?;
+                    .map_err(|e| SciError::Local(format!("reading the pages to place: {e}")))?;
                 w.mem_cpy(usize::try_from(offset + done).unwrap_or(usize::MAX), &bounce[..n])?;
                 done += n as u64;
             }
@@ -178,11 +178,7 @@ impl SciPlacer {
 
     fn post_descriptor(&mut self, descriptor: &[u8]) -> Result<(), SciError> {
         let timeout = self.timeout;
-        let link = self.link.as_ref().ok_or(SciError::NoWindow {
-            window: 0,
-            offset: 0,
-            len: 0,
-        })?;
+        let link = self.link.as_ref().ok_or(SciError::NotAttached)?;
         let mut head = link.head.lock().unwrap_or_else(PoisonError::into_inner);
         let view = link
             .mailbox

@@ -213,6 +213,10 @@ pub trait Export: Send + Sync + std::fmt::Debug {
     /// The placement the sender needs, with these extents.
     fn placement(&self, extents: Vec<Extent>) -> Placement;
 
+    /// The receiver gives the session up: a sender waiting for room in the mailbox fails at once
+    /// instead of waiting out its timeout (also done when the export is dropped).
+    fn abandon(&self) {}
+
     /// Waits up to `timeout` for the next batch descriptor; `None` when none came.
     ///
     /// # Errors

@@ -85,7 +85,6 @@ pub enum TransportError {
     /// The caller used the sender out of order (a bug in the caller, reported instead of panicking).
     #[error("transport misuse: {0}")]
     Misuse(&'static str),
-    /// A data stream thread failed to start.
     /// A placing transport's fabric failed (SCI: a SISCI call, the mailbox).
     #[error("{transport} transport: {op} failed")]
     Fabric {
@@ -97,6 +96,7 @@ pub enum TransportError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A data stream thread failed to start.
     #[error("cannot start a stream thread")]
     Thread(#[source] io::Error),
 }

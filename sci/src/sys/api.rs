@@ -3,8 +3,9 @@
 //!
 //! Dolphin's headers rename every function: programs built with `-D_REENTRANT` link
 //! `_SISCI_PUBLIC_FUNC_MT_<name>`, others `_SISCI_PUBLIC_FUNC_ST_<name>`, and the flag values are
-//! data symbols `_SISCI_PUBLIC_CONST_<name>`. The loader takes the thread-safe names first, then the
-//! others, then the plain name; flags are read from the library, with Dolphin's values as fallback.
+//! data symbols `_SISCI_PUBLIC_CONST_<name>`. The loader takes the thread-safe names, then the plain
+//! name, never the single-threaded ones (omd and the placer call from several threads); flags are
+//! read from the library, with Dolphin's values as fallback.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
@@ -50,6 +51,8 @@ pub struct Api {
     pub map_remote_segment:
         unsafe extern "C" fn(Handle, *mut Handle, usize, usize, *mut c_void, c_uint, ErrOut) -> *mut c_void,
     pub mem_cpy: unsafe extern "C" fn(Handle, *mut c_void, Handle, usize, usize, c_uint, ErrOut),
+    pub create_map_sequence: unsafe extern "C" fn(Handle, *mut Handle, c_uint, ErrOut),
+    pub remove_sequence: unsafe extern "C" fn(Handle, c_uint, ErrOut),
     pub store_barrier: unsafe extern "C" fn(Handle, c_uint),
     pub flush: unsafe extern "C" fn(Handle, c_uint),
     pub create_dma_queue: unsafe extern "C" fn(Handle, *mut Handle, c_uint, c_uint, c_uint, ErrOut),
@@ -82,6 +85,8 @@ pub struct Api {
     pub flag_empty: c_uint,
     /// `SCI_INFINITE_TIMEOUT`.
     pub infinite_timeout: c_uint,
+    /// `SCI_FLAG_FORCE_REMOVE`.
+    pub flag_force_remove: c_uint,
     /// Keeps the code of every pointer above mapped.
     _lib: libloading::Library,
 }
@@ -124,7 +129,9 @@ unsafe fn function<T: Copy>(
 /// # Safety
 /// `T` must be the function's true C type.
 unsafe fn optional<T: Copy>(lib: &libloading::Library, name: &str) -> Option<T> {
-    for prefix in ["_SISCI_PUBLIC_FUNC_MT_", "_SISCI_PUBLIC_FUNC_ST_", ""] {
+    // Not the single-threaded `_ST_` names: omd and the placer call the library from several
+    // threads.
+    for prefix in ["_SISCI_PUBLIC_FUNC_MT_", ""] {
         let symbol = format!("{prefix}{name}\0");
         // SAFETY: the caller's promise: `T` is the prototype Dolphin's headers give `name`.
         if let Ok(f) = unsafe { lib.get::<T>(symbol.as_bytes()) } {
@@ -198,6 +205,8 @@ impl Api {
             get_remote_segment_size: required!("SCIGetRemoteSegmentSize"),
             map_remote_segment: required!("SCIMapRemoteSegment"),
             mem_cpy: required!("SCIMemCpy"),
+            create_map_sequence: required!("SCICreateMapSequence"),
+            remove_sequence: required!("SCIRemoveSequence"),
             store_barrier: required!("SCIStoreBarrier"),
             flush: required!("SCIFlush"),
             create_dma_queue: required!("SCICreateDMAQueue"),
@@ -213,6 +222,7 @@ impl Api {
             get_error_string: maybe!("SCIGetErrorString"),
             flag_empty: constant(&lib, "SCI_FLAG_EMPTY", 0x2),
             infinite_timeout: constant(&lib, "SCI_INFINITE_TIMEOUT", 0xffff_ffff),
+            flag_force_remove: constant(&lib, "SCI_FLAG_FORCE_REMOVE", 0x20),
             path,
             _lib: lib,
         })

@@ -29,10 +29,10 @@ pub struct Sisci {
     desc: Handle,
 }
 
-// SAFETY: the descriptor is an opaque handle of the thread-safe library (the `_MT_` functions are
-// bound first); it is used from one thread at a time by the transport anyway.
+// SAFETY: the descriptor is an opaque handle of the thread-safe library (the loader binds the `_MT_`
+// entry points, never the single-threaded ones), which allows calls from any thread.
 unsafe impl Send for Sisci {}
-// SAFETY: as above.
+// SAFETY: as above: omd's sessions share one descriptor, which the thread-safe library allows.
 unsafe impl Sync for Sisci {}
 
 impl Sisci {
@@ -318,11 +318,7 @@ impl LocalSegment {
     /// The segment's memory, as mapped here.
     #[must_use]
     pub fn view(&self) -> Option<View<'_>> {
-        self.map.map(|(_, addr)| View {
-            addr,
-            len: self.size,
-            _owner: std::marker::PhantomData,
-        })
+        self.map.and_then(|(_, addr)| View::new(addr, self.size))
     }
 }
 
@@ -368,7 +364,15 @@ pub struct RemoteSegment {
     api: Arc<Api>,
     h: Handle,
     size: usize,
-    map: Option<(Handle, usize)>,
+    map: Option<RemoteMap>,
+}
+
+/// A mapping of a remote segment, with the map sequence its stores and barriers go through.
+#[derive(Debug, Clone, Copy)]
+struct RemoteMap {
+    map: Handle,
+    sequence: Handle,
+    addr: usize,
 }
 
 // SAFETY: an opaque handle of the thread-safe library, and a mapping address.
@@ -399,24 +403,36 @@ impl RemoteSegment {
         let p = call("SCIMapRemoteSegment", |e| unsafe {
             (self.api.map_remote_segment)(self.h, &raw mut m, 0, size, null, 0, e)
         })?;
-        self.map = Some((m, p as usize));
+        let mut sequence: Handle = std::ptr::null_mut();
+        // SAFETY: our map handle; writes the new sequence into `sequence`.
+        let seq = call("SCICreateMapSequence", |e| unsafe {
+            (self.api.create_map_sequence)(m, &raw mut sequence, 0, e)
+        });
+        if let Err(e) = seq {
+            // SAFETY: the map just made, not used afterwards.
+            let _ = call("SCIUnmapSegment", |e| unsafe {
+                (self.api.unmap_segment)(m, 0, e)
+            });
+            return Err(e);
+        }
+        self.map = Some(RemoteMap {
+            map: m,
+            sequence,
+            addr: p as usize,
+        });
         Ok(())
     }
 
     /// The mapped range of this process (never part of an image).
     #[must_use]
     pub fn mapping(&self) -> Option<std::ops::Range<u64>> {
-        self.map.map(|(_, a)| a as u64..(a + self.size) as u64)
+        self.map.map(|m| m.addr as u64..(m.addr + self.size) as u64)
     }
 
     /// The mapped memory.
     #[must_use]
     pub fn view(&self) -> Option<View<'_>> {
-        self.map.map(|(_, addr)| View {
-            addr,
-            len: self.size,
-            _owner: std::marker::PhantomData,
-        })
+        self.map.and_then(|m| View::new(m.addr, self.size))
     }
 
     /// PIO: copies `bytes` to `offset` (`SCIMemCpy`).
@@ -424,36 +440,39 @@ impl RemoteSegment {
     /// # Errors
     /// Not mapped, or `SCIMemCpy` failing (out of range).
     pub fn mem_cpy(&self, offset: usize, bytes: &[u8]) -> Result<(), SciError> {
-        let (m, _) = self.map.ok_or(SciError::Call {
+        let m = self.map.ok_or(SciError::Call {
             call: "SCIMemCpy",
             code: Code::SegmentNotConnected,
         })?;
         let src = bytes.as_ptr().cast_mut().cast::<c_void>();
-        let null = std::ptr::null_mut();
         // SAFETY: `bytes.len()` readable bytes at `src` (the library only reads them); the library
         // checks the remote range against the mapping.
         call("SCIMemCpy", |e| unsafe {
-            (self.api.mem_cpy)(null, src, m, offset, bytes.len(), 0, e)
+            (self.api.mem_cpy)(m.sequence, src, m.map, offset, bytes.len(), 0, e)
         })
     }
 
     /// Orders the stores so far before later ones and pushes them out (`SCIStoreBarrier`,
     /// `SCIFlush`).
     pub fn barrier(&self) {
-        let null = std::ptr::null_mut();
-        // SAFETY: no sequence, no flags.
-        unsafe { (self.api.store_barrier)(null, 0) };
+        let sequence = self.map.map_or(std::ptr::null_mut(), |m| m.sequence);
+        // SAFETY: the map sequence of this segment's mapping (null before it is mapped), no flags.
+        unsafe { (self.api.store_barrier)(sequence, 0) };
         // SAFETY: as above.
-        unsafe { (self.api.flush)(null, 0) };
+        unsafe { (self.api.flush)(sequence, 0) };
     }
 }
 
 impl Drop for RemoteSegment {
     fn drop(&mut self) {
-        if let Some((m, _)) = self.map.take() {
+        if let Some(m) = self.map.take() {
+            // SAFETY: our sequence, not used afterwards.
+            let _ = call("SCIRemoveSequence", |e| unsafe {
+                (self.api.remove_sequence)(m.sequence, 0, e)
+            });
             // SAFETY: our map handle; views borrow `self`, so none is alive.
             let _ = call("SCIUnmapSegment", |e| unsafe {
-                (self.api.unmap_segment)(m, 0, e)
+                (self.api.unmap_segment)(m.map, 0, e)
             });
         }
         // SAFETY: our connection, not used afterwards.
@@ -473,6 +492,15 @@ pub struct View<'a> {
 }
 
 impl<'a> View<'a> {
+    /// A view of a mapping at `addr`; `None` unless 8-byte aligned (mappings are page-aligned).
+    fn new(addr: usize, len: usize) -> Option<Self> {
+        (addr % 8 == 0 && addr != 0).then_some(Self {
+            addr,
+            len,
+            _owner: std::marker::PhantomData,
+        })
+    }
+
     /// The `len` bytes at `off` as a landing zone for kernel copies (`None` outside the view).
     #[must_use]
     pub fn zone(&self, off: usize, len: usize) -> Option<Landing<'a>> {

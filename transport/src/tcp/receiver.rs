@@ -333,7 +333,7 @@ impl<S: ImageStore> Receiver<S> {
         *lock(&session.image) = Some(Arc::clone(&image));
         tracing::info!(peer = %session.peer, pid = begin.info.pid, vmas = begin.vmas.len(), "image opened");
         conn.send(Kind::Begun, &image.id().to_le_bytes())?;
-        let export = if session.placed {
+        let mut export = if session.placed {
             Some(self.start_drain(conn, session, &image)?)
         } else {
             None
@@ -398,8 +398,10 @@ impl<S: ImageStore> Receiver<S> {
                             "commit before the final round".into(),
                         ));
                     }
-                    // Nothing may land in the image once it is handed on.
+                    // Nothing may land in the image once it is handed on: the drain ends, and the
+                    // export (windows, mailbox, doorbell) is withdrawn.
                     session.stop_drain();
+                    drop(export.take());
                     let id = Arc::clone(&image)
                         .commit()
                         .map_err(|(c, m)| refused(conn, c, m))?;
@@ -493,6 +495,8 @@ impl<S: ImageStore> Receiver<S> {
                         let (code, reason) = refusal_of(&e);
                         tracing::warn!(%peer, %reason, "placed batch failed");
                         session2.fail(code, reason);
+                        // A sender waiting for mailbox room learns it at once.
+                        export2.abandon();
                         break;
                     }
                 }

@@ -204,12 +204,21 @@ impl TcpSender {
             peer: self.control.peer(),
         };
         let parallel = !self.serial && batches.len() > 1 && batches.iter().all(|b| !b.is_copied());
-        if let Some(mut lane) = placer.fork().filter(|_| parallel) {
+        // Forking starts fabric objects: never in the final round (a signal handler, every other
+        // thread stopped).
+        if parallel && let Some(mut lane) = placer.fork() {
             let next = AtomicUsize::new(0);
+            let failed = std::sync::atomic::AtomicBool::new(false);
             let work = |p: &mut dyn Placer| -> Result<(), TransportError> {
                 let mut bounce = Vec::new();
-                while let Some(b) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    at.place_one(p, b, &mut bounce)?;
+                while !failed.load(Ordering::Relaxed)
+                    && let Some(b) = batches.get(next.fetch_add(1, Ordering::Relaxed))
+                {
+                    if let Err(e) = at.place_one(p, b, &mut bounce) {
+                        // The other writer stops too.
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
                 }
                 Ok(())
             };
@@ -280,7 +289,7 @@ impl TcpSender {
     /// Fails the session on both ends with `err` and returns it.
     fn fail(&mut self, err: TransportError) -> TransportError {
         if self.state != State::Done {
-            self.control.send_error(err.code(), &err.to_string());
+            self.control.send_error(err.code(), &crate::error::chain(&err));
             for d in &self.data {
                 d.shutdown();
             }

@@ -294,6 +294,22 @@ mod tests {
             },
         ]);
         assert!(Placement::decode(&overlap.encode(), P).is_err());
+        let shared = p(vec![
+            Extent {
+                start: 0x1000,
+                end: 0x3000,
+                offset: 0,
+            },
+            Extent {
+                start: 0x8000,
+                end: 0x9000,
+                offset: 0x1000,
+            },
+        ]);
+        assert!(
+            Placement::decode(&shared.encode(), P).is_err(),
+            "two extents on one image page"
+        );
         let unaligned = p(vec![Extent {
             start: 0x1001,
             end: 0x3000,

@@ -511,6 +511,14 @@ impl Placement {
             prev_end = end;
             extents.push(Extent { start, end, offset });
         }
+        // No two extents may share image memory either.
+        let mut by_offset: Vec<(u64, u64)> = extents.iter().map(|e| (e.offset, e.end - e.start)).collect();
+        by_offset.sort_unstable();
+        if by_offset.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(WireError::Invalid(
+                "placement: two extents share image memory".into(),
+            ));
+        }
         Ok(Self {
             node: head.node.get(),
             mailbox: head.mailbox.get(),

@@ -23,8 +23,8 @@ pub struct Desc {
 }
 
 enum Backing {
-    /// A file the emulation created.
-    Own { path: PathBuf, fd: OwnedFd },
+    /// Memory the emulation created (a sealed memfd: a peer cannot shrink it under the owner).
+    Own { fd: OwnedFd },
     /// Memory the caller registered: a duplicate of the descriptor behind its shared mapping.
     Registered { addr: usize, fd: OwnedFd, offset: u64 },
 }
@@ -249,7 +249,7 @@ unsafe fn create_segment(
             return Err(err::SIZE_ALIGNMENT);
         }
         let size64 = size as u64;
-        let (entry, id) = if flags & flag::AUTO_ID != 0 {
+        let (entry, _id) = if flags & flag::AUTO_ID != 0 {
             (1u32..1 << 20)
                 .find_map(|i| {
                     fabric::claim_segment(&d.dir, d.node, i, size64)
@@ -261,22 +261,11 @@ unsafe fn create_segment(
             (fabric::claim_segment(&d.dir, d.node, id, size64)?, id)
         };
         let backing = if flags & flag::EMPTY == 0 {
-            let path = d.dir.join(format!("mem.{}.{id}", d.node));
-            let made = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .and_then(|f| f.set_len(size64).map(|()| f));
-            match made {
-                Ok(f) => Some(Backing::Own {
-                    path,
-                    fd: OwnedFd::from(f),
-                }),
-                Err(_) => {
+            match os::sealed_memory(size64) {
+                Ok(fd) => Some(Backing::Own { fd }),
+                Err(e) => {
                     let _ = std::fs::remove_file(&entry);
-                    return Err(err::NOSPC);
+                    return Err(e);
                 }
             }
         } else {
@@ -301,9 +290,6 @@ unsafe fn remove_segment(segment: *mut LocalSegment, _flags: c_uint, error: *mut
         let _ = std::fs::remove_file(&s.entry);
         if let Some(name) = s.entry.file_name() {
             fabric::withdraw_fd(&name.to_string_lossy());
-        }
-        if let Some(Backing::Own { path, .. }) = &s.backing {
-            let _ = std::fs::remove_file(path);
         }
     });
     // SAFETY: the caller's pointer.
@@ -340,15 +326,18 @@ unsafe fn register_segment_memory(
 
 /// The entry other processes see for a segment.
 fn entry_of(s: &LocalSegment, state: State) -> Result<Entry, u32> {
-    let (path, offset) = match &s.backing {
-        Some(Backing::Own { path, .. }) => (path.to_string_lossy().into_owned(), 0),
-        Some(Backing::Registered { fd, offset, .. }) => {
-            use std::os::fd::AsRawFd;
-            let dir = s.entry.parent().ok_or(err::SYSTEM)?;
-            let name = s.entry.file_name().ok_or(err::SYSTEM)?.to_string_lossy();
-            (fabric::serve_fd(dir, &name, os::dup(fd.as_raw_fd())?)?, *offset)
-        }
+    // Other processes (in other pid and network namespaces too) get the memory's descriptor from
+    // this process's descriptor server.
+    let (fd, offset) = match &s.backing {
+        Some(Backing::Own { fd }) => (fd, 0),
+        Some(Backing::Registered { fd, offset, .. }) => (fd, *offset),
         None => return Err(err::SEGMENT_NOT_PREPARED),
+    };
+    let dir = s.entry.parent().ok_or(err::SYSTEM)?;
+    let name = s.entry.file_name().ok_or(err::SYSTEM)?.to_string_lossy();
+    let path = {
+        use std::os::fd::AsRawFd;
+        fabric::serve_fd(dir, &name, os::dup(fd.as_raw_fd())?)?
     };
     Ok(Entry {
         owner: std::process::id(),
@@ -423,7 +412,7 @@ unsafe fn map_local_segment(
                 len: size,
                 owned: false,
             },
-            Some(Backing::Own { fd, .. }) => {
+            Some(Backing::Own { fd }) => {
                 if offset % page() != 0 {
                     return Err(err::OFFSET_ALIGNMENT);
                 }
@@ -746,7 +735,7 @@ unsafe fn start_dma_transfer(
             let fd = fabric::fetch_fd(&rs.path)?;
             match &ls.backing {
                 Some(Backing::Registered { addr, .. }) => os::write_from(&fd, addr + local_offset, size, at),
-                Some(Backing::Own { fd: src, .. }) => os::copy_file(src, local_offset as u64, &fd, at, size),
+                Some(Backing::Own { fd: src }) => os::copy_file(src, local_offset as u64, &fd, at, size),
                 None => Err(err::SEGMENT_NOT_PREPARED),
             }
         };
@@ -841,9 +830,9 @@ unsafe fn remove_interrupt(interrupt: *mut LocalInterrupt, _flags: c_uint, error
         // SAFETY: the mapping lives until the handle is freed below.
         let c = unsafe { counter(li.word) };
         os::futex_wake(c, i32::MAX);
-        // Waiters in other threads see the cancel and leave before the mapping goes.
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while li.waiters.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
+        // Waiters in other threads see the cancel and leave before the mapping goes (a wait that
+        // starts after this point uses a removed handle: the caller's error, as with Dolphin's).
+        while li.waiters.load(Ordering::Acquire) != 0 {
             os::futex_wake(c, i32::MAX);
             std::thread::yield_now();
         }

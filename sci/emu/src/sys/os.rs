@@ -46,6 +46,30 @@ pub fn dup(fd: RawFd) -> Result<OwnedFd, u32> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
+/// A sealed memfd of `size` bytes: it can be written and mapped, but nobody can shrink or grow it
+/// (a peer that could would make the owner's accesses fault).
+pub fn sealed_memory(size: u64) -> Result<OwnedFd, u32> {
+    // SAFETY: a valid C string; memfd_create has no other preconditions.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"sisci-emu-segment".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(err::NOSPC);
+    }
+    // SAFETY: a fresh descriptor this function owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(size).map_err(|_| err::OUT_OF_RANGE)?;
+    // SAFETY: ftruncate on our own descriptor.
+    let sized = unsafe { libc::ftruncate(fd.as_raw_fd(), len) } == 0;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on our own descriptor.
+    let ok = sized && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0;
+    if ok { Ok(fd) } else { Err(err::NOSPC) }
+}
+
 /// Maps `len` bytes of `fd` at file offset `off`, shared.
 pub fn map(fd: &OwnedFd, off: u64, len: usize) -> Result<usize, u32> {
     let off = libc::off_t::try_from(off).map_err(|_| err::OUT_OF_RANGE)?;
