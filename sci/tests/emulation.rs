@@ -162,6 +162,10 @@ fn the_mailbox_flows_and_refuses_a_hostile_sender() {
         mailbox::take(&local, mailbox::SLOTS),
         Err(SciError::Mailbox(_))
     ));
+    // A receiver that gives up: the sender learns it at once instead of waiting for room.
+    mailbox::abandon(&local);
+    let e = mailbox::has_room(&view, 0).unwrap_err();
+    assert!(e.to_string().contains("gave the session up"), "{e}");
 }
 
 #[test]
