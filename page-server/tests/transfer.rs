@@ -273,6 +273,18 @@ fn ships_pages_over_emulated_sci_byte_for_byte() {
     // A running application's memory: read once, checksummed, stored by PIO, on two threads.
     let s0 = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
     assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
+    // The same by DMA straight from the memory after a checksum pass (a second session).
+    let placer = om_sci::SciPlacer::open_with(Some(&sisci_library()))
+        .unwrap()
+        .with_racy(om_sci::Racy::Dma);
+    assert_eq!(placer.racy(), om_sci::Racy::Dma, "the emulation offers DMA");
+    let mut dma =
+        TcpSender::connect_placed(srv.addr, &key(), SenderConfig::default(), Box::new(placer)).unwrap();
+    dma.begin(&begin_for(&r)).unwrap();
+    let d0 = dma.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
+    assert!(d0.suspects.is_empty() && d0.bytes == len as u64, "{d0:?}");
+    dma.send_round(Readable::copied(&[]), &[], true).unwrap();
+    let dma_id = dma.commit().unwrap();
     // A new VMA table: the placement comes again (same windows).
     tx.update_vmas(&begin_for(&r)).unwrap();
     let base = r.addr() as u64;
@@ -291,11 +303,12 @@ fn ships_pages_over_emulated_sci_byte_for_byte() {
         .unwrap();
     assert_eq!(s1.pages, dirty.len() as u64);
     let id = tx.commit().unwrap();
-    srv.settle(1);
+    srv.settle(2);
     let image = srv.store.get(id).expect("committed image kept");
     assert_image_equals(&image, &r, &[freed]);
     drop(image);
     assert!(srv.store.remove(id).is_some());
+    assert!(srv.store.remove(dma_id).is_some());
     assert_eq!(srv.store.used(), 0);
 }
 

@@ -23,4 +23,4 @@ pub mod sys;
 
 pub use error::{Code, SciError};
 pub use exporter::{SciExport, SciExporter};
-pub use placer::SciPlacer;
+pub use placer::{Racy, SciPlacer};

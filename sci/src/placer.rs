@@ -18,6 +18,32 @@ use crate::sys::{DmaQueue, RemoteInterrupt, RemoteSegment, Sisci};
 /// Pieces of at least this many bytes go by DMA when the library offers it.
 pub const DMA_MIN: usize = 256 << 10;
 
+/// How a running application's pages (memory it may unmap meanwhile) are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Racy {
+    /// Each page is read once through the kernel into a buffer in cache, checksummed there and
+    /// stored by PIO: one read of the application's memory, all of it done by the CPU.
+    ReadOnce,
+    /// Checksums from a kernel copy, then pieces of [`DMA_MIN`] bytes and more by DMA straight from
+    /// the application's memory (the adapter reads it while the CPU checksums the next batch), the
+    /// rest by PIO.
+    Dma,
+}
+
+impl Racy {
+    /// The default for a library: DMA when its engine is an adapter's, read-once when the engine is
+    /// the CPU (the emulation says so: its DMA is a synchronous kernel copy) or there is no DMA.
+    /// `OM_SCI_DMA=on|off` overrides.
+    fn choose(sci: &Sisci, dma: bool) -> Self {
+        match std::env::var("OM_SCI_DMA").as_deref() {
+            Ok("on") if dma => Self::Dma,
+            Ok("off") => Self::ReadOnce,
+            _ if dma && !sci.engine_is_cpu() => Self::Dma,
+            _ => Self::ReadOnce,
+        }
+    }
+}
+
 /// The receiver's exported objects, connected; shared by a placer and its forks.
 #[derive(Debug)]
 struct Link {
@@ -41,6 +67,8 @@ pub struct SciPlacer {
     pub placed: (u64, u64),
     /// Where racy memory is read (once) before it is stored: small enough to stay in cache.
     bounce: Vec<u8>,
+    /// How racy memory is placed.
+    racy: Racy,
 }
 
 /// Bytes of the bounce buffer of [`SciPlacer::write_summed`].
@@ -63,6 +91,7 @@ impl SciPlacer {
     pub fn open_with(library: Option<&str>) -> Result<Self, SciError> {
         let sci = Sisci::open(library)?;
         let dma = sci.dma_queue()?;
+        let racy = Racy::choose(&sci, dma.is_some());
         Ok(Self {
             link: None,
             dma,
@@ -71,7 +100,21 @@ impl SciPlacer {
             timeout: Duration::from_secs(60),
             placed: (0, 0),
             bounce: vec![0; BOUNCE],
+            racy,
         })
+    }
+
+    /// Places racy memory as `racy` says (DMA only where the library can).
+    #[must_use]
+    pub fn with_racy(mut self, racy: Racy) -> Self {
+        self.racy = if self.dma.is_some() { racy } else { Racy::ReadOnce };
+        self
+    }
+
+    /// How racy memory is placed.
+    #[must_use]
+    pub fn racy(&self) -> Racy {
+        self.racy
     }
 
     fn connect(&self, p: &Placement) -> Result<Link, SciError> {
@@ -212,6 +255,10 @@ impl Placer for SciPlacer {
         caps::SCI
     }
 
+    fn reads_once(&self) -> bool {
+        self.racy == Racy::ReadOnce
+    }
+
     fn attach(&mut self, placement: &Placement) -> Result<(), TransportError> {
         let key = (
             placement.node,
@@ -263,6 +310,7 @@ impl Placer for SciPlacer {
             timeout: self.timeout,
             placed: (0, 0),
             bounce: vec![0; BOUNCE],
+            racy: self.racy,
         }))
     }
 

@@ -154,6 +154,13 @@ pub trait Placer: Send + std::fmt::Debug {
     /// The fabric failing, or a place outside the windows.
     fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError>;
 
+    /// True when racy memory should go through [`Placer::write_summed`] (read once, checksummed by
+    /// the placer); false when the sender checksums it first and then [`Placer::write`]s it (for a
+    /// placer whose adapter reads the memory itself).
+    fn reads_once(&self) -> bool {
+        true
+    }
+
     /// Writes `len` bytes of `batch`'s memory at `addr` (memory the application may unmap meanwhile)
     /// at byte `offset` of window `window`, and appends one checksum per page *of the bytes written*
     /// to `sums`: one read of the application's memory serves both.

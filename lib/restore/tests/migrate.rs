@@ -310,7 +310,7 @@ fn every_test_program_migrates_mid_run_with_identical_output() {
 /// 1 GiB heap moves stop-and-copy, so its pages go in large pieces (DMA).
 #[test]
 fn programs_migrate_over_sci_with_identical_output() {
-    let c = Cluster::with_sci(2);
+    let mut c = Cluster::with_sci(2);
     let sci = ["--transport", "sci"];
     let programs = [
         ("threads", program(build("threads.c"), &["600"])),
@@ -319,6 +319,10 @@ fn programs_migrate_over_sci_with_identical_output() {
     for (name, w) in &programs {
         migrate_along_with(&c, name, w, (200, 600), &[1, 0], &sci);
     }
+    // The running program's pages by DMA (after a checksum pass) instead of read once.
+    c.env.push(("OM_SCI_DMA", "on".to_owned()));
+    migrate_along_with(&c, "threads, DMA", &programs[0].1, (200, 600), &[1, 0], &sci);
+    c.env.pop();
     let big = program(build("bigheap.c"), &["1024"]);
     migrate_along_with(
         &c,

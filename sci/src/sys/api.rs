@@ -87,6 +87,8 @@ pub struct Api {
     pub infinite_timeout: c_uint,
     /// `SCI_FLAG_FORCE_REMOVE`.
     pub flag_force_remove: c_uint,
+    /// The library's DMA engine is the CPU (the emulation exports `_SISCI_EMU_DMA_ENGINE_IS_CPU`).
+    pub engine_is_cpu: bool,
     /// Keeps the code of every pointer above mapped.
     _lib: libloading::Library,
 }
@@ -223,6 +225,13 @@ impl Api {
             flag_empty: constant(&lib, "SCI_FLAG_EMPTY", 0x2),
             infinite_timeout: constant(&lib, "SCI_INFINITE_TIMEOUT", 0xffff_ffff),
             flag_force_remove: constant(&lib, "SCI_FLAG_FORCE_REMOVE", 0x20),
+            // SAFETY: the emulation declares this as a `const unsigned int`; Dolphin's library has
+            // no such symbol.
+            engine_is_cpu: unsafe { lib.get::<*const c_uint>(b"_SISCI_EMU_DMA_ENGINE_IS_CPU\0") }
+                .ok()
+                .filter(|p| !p.is_null())
+                // SAFETY: a data symbol of the library, mapped while `lib` is.
+                .is_some_and(|p| unsafe { p.read() } == 1),
             path,
             _lib: lib,
         })

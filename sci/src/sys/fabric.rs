@@ -57,6 +57,12 @@ impl Sisci {
         &self.api.path
     }
 
+    /// True when the library's DMA engine is the CPU itself (the emulation declares so).
+    #[must_use]
+    pub fn engine_is_cpu(&self) -> bool {
+        self.api.engine_is_cpu
+    }
+
     /// This node's id on the fabric (adapter 0).
     ///
     /// # Errors

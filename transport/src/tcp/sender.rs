@@ -406,7 +406,7 @@ impl Placing<'_> {
             .sum();
         // Racy memory (a running application's) is read once: the placer checksums what it writes.
         // Otherwise the sums come first, from the copy or from the stable memory.
-        let fused = batch.is_racy() && !batch.is_copied();
+        let fused = batch.is_racy() && !batch.is_copied() && placer.reads_once();
         let mut sums = if batch.is_copied() {
             copy_and_sum(batch, bounce, ps, self.peer)?.1
         } else if fused {

@@ -1037,6 +1037,11 @@ macro_rules! constants {
     )*};
 }
 
+/// Not a SISCI symbol: tells om's transport that this library's DMA engine is the CPU (a
+/// synchronous kernel copy), so DMA saves it no work.
+#[unsafe(no_mangle)]
+pub static _SISCI_EMU_DMA_ENGINE_IS_CPU: c_uint = 1;
+
 constants! {
     _SISCI_PUBLIC_CONST_SCI_FLAG_USE_CALLBACK = flag::USE_CALLBACK;
     _SISCI_PUBLIC_CONST_SCI_FLAG_EMPTY = flag::EMPTY;
