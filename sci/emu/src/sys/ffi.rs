@@ -400,12 +400,7 @@ unsafe fn map_local_segment(
     let r = (|| {
         // SAFETY: the caller's handle.
         let s = unsafe { handle(segment) }?;
-        if flags & !flag::READONLY_MAP != 0 {
-            return Err(err::ILLEGAL_FLAG);
-        }
-        if offset.checked_add(size).is_none_or(|e| e as u64 > s.size) || size == 0 {
-            return Err(err::OUT_OF_RANGE);
-        }
+        check_map(flags, offset, size, s.size)?;
         let m = match &s.backing {
             Some(Backing::Registered { addr, .. }) => Map {
                 addr: addr + offset,
@@ -443,6 +438,17 @@ unsafe fn unmap_segment(map: *mut Map, _flags: c_uint, error: *mut c_uint) {
     });
     // SAFETY: the caller's pointer.
     unsafe { put(error, code(r)) };
+}
+
+/// The checks every map call makes: flags, and a non-empty range inside the segment.
+fn check_map(flags: c_uint, offset: usize, size: usize, segment_size: u64) -> Result<(), u32> {
+    if flags & !flag::READONLY_MAP != 0 {
+        return Err(err::ILLEGAL_FLAG);
+    }
+    if offset.checked_add(size).is_none_or(|e| e as u64 > segment_size) || size == 0 {
+        return Err(err::OUT_OF_RANGE);
+    }
+    Ok(())
 }
 
 fn page() -> usize {
@@ -509,12 +515,7 @@ unsafe fn map_remote_segment(
     let r = (|| {
         // SAFETY: the caller's handle.
         let s = unsafe { handle(segment) }?;
-        if flags & !flag::READONLY_MAP != 0 {
-            return Err(err::ILLEGAL_FLAG);
-        }
-        if offset.checked_add(size).is_none_or(|e| e as u64 > s.size) || size == 0 {
-            return Err(err::OUT_OF_RANGE);
-        }
+        check_map(flags, offset, size, s.size)?;
         if offset % page() != 0 {
             return Err(err::OFFSET_ALIGNMENT);
         }
