@@ -10,6 +10,7 @@ declare -A NEED=(
   [sh]=dash
   [setpriv]=util-linux # dirty-tracking tests run a process unprivileged
   [sqlite3]=sqlite3  # a restart test runs the sqlite3 CLI
+  [mpirun]=openmpi-bin # omrun under mpirun (lib/restore/tests/launchers.rs)
 )
 
 # cbindgen generates om.h; CI checks the committed header against it (a Rust tool, from crates.io).
