@@ -6,6 +6,7 @@
  *   launcher CONTROL TO DELAY_MS PROG [ARGS...]
  *     CONTROL   this node's omd control socket ("-": OM_CONTROL or the default)
  *     TO        the destination omd, IP:PORT
+ *   OM_TRANSPORT=sci in the environment moves the pages over Dolphin SCI instead of TCP.
  *
  * build: gcc -Wall -O2 -I lib/launch/include -o launcher examples/c/launcher.c \
  *            -L target/release -lom_launch -Wl,-rpath,$PWD/target/release
@@ -40,7 +41,9 @@ int main(int argc, char **argv)
     nanosleep(&t, NULL);
 
     om_migration m;
-    om_result r = om_migrate(control, om_job_pid(job), to, 0, 0, &m);
+    const char *tr = getenv("OM_TRANSPORT");
+    om_transport transport = tr && strcmp(tr, "sci") == 0 ? OM_TRANSPORT_SCI : OM_TRANSPORT_TCP;
+    om_result r = om_migrate_over(control, om_job_pid(job), to, 0, 0, transport, &m);
     if (r == OM_OK)
         fprintf(stderr, "launcher: moved to %s (pid %u there): frozen %.1f ms, total %.1f ms, %u rounds, %llu bytes\n",
                 to, m.pid_there, m.freeze_ms, m.total_ms, m.rounds, (unsigned long long)m.bytes_sent);

@@ -42,6 +42,20 @@ typedef enum om_result {
 } om_result;
 
 /**
+ * How a migration's pages travel.
+ */
+typedef enum om_transport {
+  /**
+   * TCP (what [`om_migrate`] uses).
+   */
+  OM_TRANSPORT_TCP = 0,
+  /**
+   * Dolphin SCI: both nodes need a SISCI library (see docs/sci.md).
+   */
+  OM_TRANSPORT_SCI = 1,
+} om_transport;
+
+/**
  * A program started by [`om_start`].
  */
 typedef struct om_job om_job;
@@ -106,9 +120,9 @@ enum om_result om_start(const char *control, const char *const *argv, struct om_
 uint32_t om_job_pid(const struct om_job *job);
 
 /**
- * Migrates process `pid` of this node to the omd at `to` (`"IP:PORT"`), through the omd at
- * `control` (NULL: the default). `downtime_ms` and `max_rounds` are `omctl migrate`'s options (0:
- * the defaults). On success `*out` (if not NULL) holds the report.
+ * Migrates process `pid` of this node to the omd at `to` (`"IP:PORT"`) over TCP, through the omd
+ * at `control` (NULL: the default). `downtime_ms` and `max_rounds` are `omctl migrate`'s options
+ * (0: the defaults). On success `*out` (if not NULL) holds the report.
  *
  * # Safety
  * `control` is NULL or a NUL-terminated string, `to` a NUL-terminated string, `out` NULL or valid
@@ -120,6 +134,20 @@ enum om_result om_migrate(const char *control,
                           uint32_t downtime_ms,
                           uint32_t max_rounds,
                           struct om_migration *out);
+
+/**
+ * [`om_migrate`] with the pages over `transport`.
+ *
+ * # Safety
+ * As [`om_migrate`].
+ */
+enum om_result om_migrate_over(const char *control,
+                               uint32_t pid,
+                               const char *to,
+                               uint32_t downtime_ms,
+                               uint32_t max_rounds,
+                               enum om_transport transport,
+                               struct om_migration *out);
 
 /**
  * Waits for the job's program to end wherever it runs, stores its wait status (as `waitpid`

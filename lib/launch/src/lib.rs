@@ -70,6 +70,18 @@ pub struct MigrateOptions {
     pub max_rounds: u32,
     /// Stop-and-copy instead of pre-copy.
     pub stop_and_copy: bool,
+    /// How the pages travel.
+    pub transport: Transport,
+}
+
+/// How a migration's pages travel (`omctl migrate --transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// Dolphin SCI (see docs/sci.md).
+    Sci,
 }
 
 impl Default for MigrateOptions {
@@ -78,6 +90,7 @@ impl Default for MigrateOptions {
             downtime_ms: 50,
             max_rounds: 30,
             stop_and_copy: false,
+            transport: Transport::Tcp,
         }
     }
 }
@@ -170,8 +183,12 @@ impl Launcher {
         } else {
             "precopy"
         };
+        let transport = match opts.transport {
+            Transport::Tcp => "tcp",
+            Transport::Sci => "sci",
+        };
         let line = format!(
-            "migrate {pid} {to} {} {} {mode}",
+            "migrate {pid} {to} {} {} {mode} {transport}",
             opts.downtime_ms, opts.max_rounds
         );
         let reply = self.request(&line)?;

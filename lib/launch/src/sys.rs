@@ -15,7 +15,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
-use crate::{Job, LaunchError, Launcher, MigrateOptions, Migration};
+use crate::{Job, LaunchError, Launcher, MigrateOptions, Migration, Transport};
 
 /// The result of every om call.
 #[repr(C)]
@@ -35,6 +35,16 @@ pub enum OmResult {
     OmErrWait = 5,
     /// A panic inside om (a bug): nothing was changed by the call.
     OmErrPanic = 6,
+}
+
+/// How a migration's pages travel.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OmTransport {
+    /// TCP (what [`om_migrate`] uses).
+    OmTransportTcp = 0,
+    /// Dolphin SCI: both nodes need a SISCI library (see docs/sci.md).
+    OmTransportSci = 1,
 }
 
 /// A program started by [`om_start`].
@@ -159,9 +169,9 @@ pub unsafe extern "C" fn om_job_pid(job: *const OmJob) -> u32 {
     unsafe { job.as_ref() }.map_or(0, |j| j.job.pid())
 }
 
-/// Migrates process `pid` of this node to the omd at `to` (`"IP:PORT"`), through the omd at
-/// `control` (NULL: the default). `downtime_ms` and `max_rounds` are `omctl migrate`'s options (0:
-/// the defaults). On success `*out` (if not NULL) holds the report.
+/// Migrates process `pid` of this node to the omd at `to` (`"IP:PORT"`) over TCP, through the omd
+/// at `control` (NULL: the default). `downtime_ms` and `max_rounds` are `omctl migrate`'s options
+/// (0: the defaults). On success `*out` (if not NULL) holds the report.
 ///
 /// # Safety
 /// `control` is NULL or a NUL-terminated string, `to` a NUL-terminated string, `out` NULL or valid
@@ -175,6 +185,34 @@ pub unsafe extern "C" fn om_migrate(
     max_rounds: u32,
     out: *mut Migration,
 ) -> OmResult {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        om_migrate_over(
+            control,
+            pid,
+            to,
+            downtime_ms,
+            max_rounds,
+            OmTransport::OmTransportTcp,
+            out,
+        )
+    }
+}
+
+/// [`om_migrate`] with the pages over `transport`.
+///
+/// # Safety
+/// As [`om_migrate`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn om_migrate_over(
+    control: *const c_char,
+    pid: u32,
+    to: *const c_char,
+    downtime_ms: u32,
+    max_rounds: u32,
+    transport: OmTransport,
+    out: *mut Migration,
+) -> OmResult {
     boundary(|| {
         if to.is_null() {
             return invalid("to must not be NULL");
@@ -183,7 +221,13 @@ pub unsafe extern "C" fn om_migrate(
         let Ok(to) = unsafe { CStr::from_ptr(to) }.to_string_lossy().parse() else {
             return invalid("to is not IP:PORT");
         };
-        let mut opts = MigrateOptions::default();
+        let mut opts = MigrateOptions {
+            transport: match transport {
+                OmTransport::OmTransportTcp => Transport::Tcp,
+                OmTransport::OmTransportSci => Transport::Sci,
+            },
+            ..MigrateOptions::default()
+        };
         if downtime_ms > 0 {
             opts.downtime_ms = downtime_ms;
         }

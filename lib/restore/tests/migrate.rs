@@ -462,14 +462,14 @@ fn a_signal_during_a_migration_away_from_home_is_not_lost() {
 }
 
 /// `examples/c/launcher.c`, built against `om.h` and `libom_launch.so`.
-fn c_launcher() -> PathBuf {
+fn c_launcher(tag: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let lib = bin_dir();
     assert!(
         lib.join("libom_launch.so").exists(),
         "build the C ABI first: cargo build -p om-launch"
     );
-    let out = std::env::temp_dir().join(format!("om-c-launcher-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("om-c-launcher-{tag}-{}", std::process::id()));
     let ok = Command::new("gcc")
         .args(["-Wall", "-Werror", "-O2", "-I"])
         .arg(root.join("lib/launch/include"))
@@ -486,26 +486,34 @@ fn c_launcher() -> PathBuf {
     out
 }
 
-#[test]
-fn the_c_launcher_starts_migrates_and_waits() {
-    let c = Cluster::new(2);
-    let launcher = c_launcher();
+/// The C launcher (`examples/c/launcher.c`) on `c`: starts numbered.c on node 0, migrates it to
+/// node 1 (over SCI when `sci`), waits; the output must be an uninterrupted run's.
+fn c_launcher_moves_a_program(c: &Cluster, launcher: &Path, sci: bool) {
     let w = program(build("numbered.c"), &["2500"]);
     let (want, _) = w.reference();
-    let out = c
-        .clean_command(0, &launcher)
-        .arg(c.control(0))
+    let mut cmd = c.clean_command(0, launcher);
+    cmd.arg(c.control(0))
         .arg(c.addr(1))
         .arg(random_ms(200, 800).to_string())
         .args(&w.argv)
         .env("OM_BIN_DIR", bin_dir())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        .envs(c.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    if sci {
+        cmd.env("OM_TRANSPORT", "sci");
+    }
+    let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(out.status.success(), "{:?}: {err}\n{}", out.status, c.logs());
     assert!(err.contains("launcher: moved to"), "{err}");
     assert!(out.stdout == want, "output differs: {err}");
+}
+
+#[test]
+fn the_c_launcher_starts_migrates_and_waits() {
+    let c = Cluster::new(2);
+    let launcher = c_launcher("tcp");
+    c_launcher_moves_a_program(&c, &launcher, false);
     // Bad input is a clear error, not a crash.
     let bad = Command::new(&launcher)
         .args(["/nonexistent/omd.sock", "10.0.0.1:1", "0", "/bin/true"])
@@ -513,6 +521,16 @@ fn the_c_launcher_starts_migrates_and_waits() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("launcher: start:"));
+    let _ = std::fs::remove_file(&launcher);
+    c.rig.teardown().unwrap();
+}
+
+/// The C ABI's `om_migrate_over` with `OM_TRANSPORT_SCI`.
+#[test]
+fn the_c_launcher_migrates_over_sci() {
+    let c = Cluster::with_sci(2);
+    let launcher = c_launcher("sci");
+    c_launcher_moves_a_program(&c, &launcher, true);
     let _ = std::fs::remove_file(&launcher);
     c.rig.teardown().unwrap();
 }
