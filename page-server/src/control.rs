@@ -102,7 +102,7 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     .filter(|_| to.parse::<std::net::SocketAddr>().is_ok())
                     .filter(|_| downtime.parse::<u32>().is_ok() && rounds.parse::<u32>().is_ok())
                     .filter(|_| matches!(*mode, "precopy" | "stop-and-copy"))
-                    .filter(|_| matches!(transport, "tcp" | "sci"))
+                    .filter(|_| om::precopy::migrate::Transport::parse(transport).is_some())
                     .map(|pid| {
                         (
                             pid,

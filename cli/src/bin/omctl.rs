@@ -107,16 +107,17 @@ fn main() -> ExitCode {
             mode,
             transport,
         } => {
-            let mode = match mode {
-                Mode::Precopy => "precopy",
-                Mode::StopAndCopy => "stop-and-copy",
+            let opts = om_launch::MigrateOptions {
+                downtime_ms: downtime,
+                max_rounds,
+                stop_and_copy: mode == Mode::StopAndCopy,
+                transport: if transport == TransportKind::Sci {
+                    om_launch::Transport::Sci
+                } else {
+                    om_launch::Transport::Tcp
+                },
             };
-            let transport = if transport == TransportKind::Sci {
-                "sci"
-            } else {
-                "tcp"
-            };
-            let line = format!("migrate {pid} {to} {downtime} {max_rounds} {mode} {transport}");
+            let line = om_launch::migrate_request(pid, to, &opts);
             match om_cli::control::request(&control, &line) {
                 Ok(reply) => match reply.strip_prefix("OK moved to ") {
                     Some(rest) => {

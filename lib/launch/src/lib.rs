@@ -95,6 +95,25 @@ impl Default for MigrateOptions {
     }
 }
 
+/// omd's control request that migrates process `pid` to `to` (what `omctl migrate` and
+/// [`Launcher::migrate`] send).
+#[must_use]
+pub fn migrate_request(pid: u32, to: SocketAddr, opts: &MigrateOptions) -> String {
+    let mode = if opts.stop_and_copy {
+        "stop-and-copy"
+    } else {
+        "precopy"
+    };
+    let transport = match opts.transport {
+        Transport::Tcp => "tcp",
+        Transport::Sci => "sci",
+    };
+    format!(
+        "migrate {pid} {to} {} {} {mode} {transport}",
+        opts.downtime_ms, opts.max_rounds
+    )
+}
+
 /// Runs programs under om on this node and moves them.
 #[derive(Debug, Clone)]
 pub struct Launcher {
@@ -178,20 +197,7 @@ impl Launcher {
     /// # Errors
     /// [`LaunchError::Refused`] with the reason (the process continues where it was).
     pub fn migrate(&self, pid: u32, to: SocketAddr, opts: &MigrateOptions) -> Result<Migration, LaunchError> {
-        let mode = if opts.stop_and_copy {
-            "stop-and-copy"
-        } else {
-            "precopy"
-        };
-        let transport = match opts.transport {
-            Transport::Tcp => "tcp",
-            Transport::Sci => "sci",
-        };
-        let line = format!(
-            "migrate {pid} {to} {} {} {mode} {transport}",
-            opts.downtime_ms, opts.max_rounds
-        );
-        let reply = self.request(&line)?;
+        let reply = self.request(&migrate_request(pid, to, opts))?;
         match reply.strip_prefix("OK moved to ") {
             Some(rest) => {
                 let json = rest.split_once(' ').map_or("", |(_, j)| j);

@@ -136,22 +136,18 @@ fn a_rank_moves_to_another_node_and_back_under_mpirun() {
     assert_eq!(want.len(), 1200);
     // mpirun on node 0, each rank under omrun with node 0's omd.
     let mut c = rig.node(0).unwrap().command("bash");
-    c.args([
-        "-c",
-        r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
-        "clean-fds",
-    ])
-    .arg(mpirun())
-    .args(["--allow-run-as-root", "--oversubscribe", "-np", "4"])
-    .arg(bin_dir().join("omrun"))
-    .arg("--control")
-    .arg(&omds[0].control)
-    .arg("--")
-    .arg(&prog)
-    .args([lines, "0"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    c.args(common::CLEAN_FDS)
+        .arg(mpirun())
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "4"])
+        .arg(bin_dir().join("omrun"))
+        .arg("--control")
+        .arg(&omds[0].control)
+        .arg("--")
+        .arg(&prog)
+        .args([lines, "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let job = c.spawn().unwrap();
     let omctl = |node: usize, args: &[&str]| {
         Command::new(bin_dir().join("omctl"))

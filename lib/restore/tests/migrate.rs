@@ -98,12 +98,7 @@ impl Cluster {
     /// leaks is not the program's (om cannot capture a stray pipe).
     fn clean_command(&self, node: usize, prog: &Path) -> Command {
         let mut cmd = self.rig.node(node).unwrap().command("bash");
-        cmd.args([
-            "-c",
-            r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
-            "clean-fds",
-        ])
-        .arg(prog);
+        cmd.args(common::CLEAN_FDS).arg(prog);
         cmd
     }
 

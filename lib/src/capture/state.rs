@@ -53,7 +53,8 @@ pub(crate) fn sig_mask(path: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `vmas` without the capture arena and the transport's own ranges. The kernel may have merged the arena with a neighbouring
+/// `vmas` without the capture arena and the transport's own ranges ([`own_ranges`]). The kernel may
+/// have merged the arena with a neighbouring
 /// mapping of the same kind (glibc's arena heaps are `MAP_NORESERVE` too), so the arena is cut out
 /// of whatever VMA holds it rather than that VMA dropped.
 fn without_arena(vmas: Vec<Vma>) -> Vec<Vma> {

@@ -124,6 +124,14 @@ impl ReadableBatch<'_> {
         sums
     }
 
+    /// True when `len` bytes at `addr` lie inside one run of the batch.
+    #[must_use]
+    pub fn covers(&self, addr: u64, len: usize) -> bool {
+        self.runs
+            .iter()
+            .any(|r| r.start <= addr && addr.saturating_add(len as u64) <= r.end)
+    }
+
     /// True when the batch's memory may vanish while it is sent ([`Readable::racy`],
     /// [`Readable::copied`]).
     #[must_use]
@@ -140,33 +148,21 @@ impl ReadableBatch<'_> {
     /// # Errors
     /// A range outside the batch's runs.
     pub fn store(&self, addr: u64, dst: &Landing<'_>, page_size: usize) -> std::io::Result<u64> {
-        let len = dst.len() as u64;
-        if !self
-            .runs
-            .iter()
-            .any(|r| r.start <= addr && addr.saturating_add(len) <= r.end)
-        {
+        if !self.covers(addr, dst.len()) {
             return Err(std::io::Error::other("a store outside the batch's runs"));
         }
-        // SAFETY: getpid has no preconditions.
-        let me = unsafe { libc::getpid() };
         let mut done = 0usize;
         let mut unreadable = 0u64;
         while done < dst.len() {
-            let n = dst.len() - done;
-            let local = libc::iovec {
-                iov_base: (dst.run.addr + done) as *mut libc::c_void,
-                iov_len: n,
+            // SAFETY: the rest of `dst`, which its creator promised writable and mapped for its
+            // lifetime.
+            let got = unsafe {
+                read_own(
+                    (dst.run.addr + done) as *mut u8,
+                    addr + done as u64,
+                    dst.len() - done,
+                )
             };
-            let remote = libc::iovec {
-                iov_base: addr_of(addr + done as u64) as *mut libc::c_void,
-                iov_len: n,
-            };
-            // SAFETY: `local` lies inside `dst`, which its creator promised writable and mapped for
-            // its lifetime; the kernel reads `remote` in this process and stops short (or fails) on
-            // memory that is not mapped: nothing here dereferences it.
-            let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
-            let got = usize::try_from(got).unwrap_or(0);
             done += got;
             if done < dst.len() {
                 // The page at `done` is gone: zeros, and on with the next page.
@@ -195,32 +191,14 @@ impl ReadableBatch<'_> {
         page_size: usize,
         sums: &mut Vec<u32>,
     ) -> std::io::Result<()> {
-        let len = buf.len() as u64;
-        if !self
-            .runs
-            .iter()
-            .any(|r| r.start <= addr && addr.saturating_add(len) <= r.end)
-            || buf.len() % page_size != 0
-        {
+        if !self.covers(addr, buf.len()) || buf.len() % page_size != 0 {
             return Err(std::io::Error::other("a read outside the batch's runs"));
         }
-        // SAFETY: getpid has no preconditions.
-        let me = unsafe { libc::getpid() };
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
-            let local = libc::iovec {
-                iov_base: rest.as_mut_ptr().cast(),
-                iov_len: rest.len(),
-            };
-            let remote = libc::iovec {
-                iov_base: addr_of(addr + done as u64) as *mut libc::c_void,
-                iov_len: rest.len(),
-            };
-            // SAFETY: `local` is the rest of `buf`, writable; the kernel reads `remote` in this
-            // process and stops short (or fails) on memory that is not mapped.
-            let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
-            let got = usize::try_from(got).unwrap_or(0);
+            // SAFETY: `rest` is writable for its whole length.
+            let got = unsafe { read_own(rest.as_mut_ptr(), addr + done as u64, rest.len()) };
             let whole = done + got / page_size * page_size;
             for page in buf[done..whole].chunks(page_size) {
                 sums.push(checksum::page_sum_bytes(page));
@@ -269,31 +247,15 @@ impl ReadableBatch<'_> {
     fn page_sums_copied(&self, page_size: usize, sums: &mut Vec<u32>) {
         const BOUNCE: usize = 256 << 10;
         let mut buf = vec![0u8; BOUNCE.max(page_size)];
-        // SAFETY: getpid has no preconditions.
-        let me = unsafe { libc::getpid() };
         for r in &self.runs {
             let mut addr = r.start;
             while addr < r.end {
                 let n = usize::try_from(r.end - addr).unwrap_or(usize::MAX).min(buf.len());
-                let local = libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: n,
-                };
-                let remote = libc::iovec {
-                    iov_base: addr_of(addr) as *mut libc::c_void,
-                    iov_len: n,
-                };
-                // SAFETY: `local` is `n` writable bytes of `buf`; the kernel reads `remote` in this
-                // process itself and fails (or stops short) on memory that is not mapped: nothing here
-                // dereferences it.
-                let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
-                let got = usize::try_from(got).unwrap_or(0);
+                // SAFETY: `buf` is writable for `n` bytes.
+                let got = unsafe { read_own(buf.as_mut_ptr(), addr, n) };
                 for off in (0..n).step_by(page_size) {
-                    sums.push(if off + page_size <= got {
-                        checksum::page_sum_bytes(&buf[off..off + page_size])
-                    } else {
-                        !checksum::page_sum_bytes(&buf[off..off + page_size])
-                    });
+                    let sum = checksum::page_sum_bytes(&buf[off..off + page_size]);
+                    sums.push(if off + page_size <= got { sum } else { !sum });
                 }
                 addr += n as u64;
             }
@@ -391,6 +353,30 @@ impl Landing<'_> {
     pub(crate) fn mem_run(&self) -> MemRun {
         self.run
     }
+}
+
+/// Copies up to `len` bytes of this process's memory at `src` to `dst` through the kernel
+/// (`process_vm_readv`); returns how many bytes it copied before memory that is not mapped (none
+/// when `src` itself is not). Nothing here dereferences `src`: a running application may unmap it.
+///
+/// # Safety
+/// `dst` must be writable for `len` bytes and not covered by a Rust reference other than the
+/// caller's exclusive one.
+unsafe fn read_own(dst: *mut u8, src: u64, len: usize) -> usize {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let local = libc::iovec {
+        iov_base: dst.cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr_of(src) as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` is writable for `len` bytes (the caller's promise); the kernel reads
+    // `remote` in this process and stops short (or fails) on memory that is not mapped.
+    let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
+    usize::try_from(got).unwrap_or(0)
 }
 
 fn addr_of(v: u64) -> usize {

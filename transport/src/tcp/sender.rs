@@ -317,6 +317,9 @@ impl TcpSender {
 
     /// Sends the batches over the data streams (or the control stream), in parallel.
     fn send_batches(&mut self, batches: &[ReadableBatch<'_>]) -> Result<(), TransportError> {
+        if self.placer.is_some() {
+            return self.place_batches(batches);
+        }
         let round = self.round;
         let page_size = self.page_size;
         let next = AtomicUsize::new(0);
@@ -326,9 +329,6 @@ impl TcpSender {
             }
             Ok(())
         };
-        if self.placer.is_some() {
-            return self.place_batches(batches);
-        }
         if self.data.is_empty() || self.serial {
             return work(&mut self.control, &mut self.bounce);
         }

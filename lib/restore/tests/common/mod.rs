@@ -185,13 +185,17 @@ impl Workload {
 /// test runner's environment leaks is not the program's.
 pub fn clean_fds() -> Command {
     let mut c = Command::new("bash");
-    c.args([
-        "-c",
-        r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
-        "clean-fds",
-    ]);
+    c.args(CLEAN_FDS);
     c
 }
+
+/// `bash` arguments that close every inherited descriptor above 2, then run the arguments that
+/// follow (for commands built elsewhere, such as inside a rig node).
+pub const CLEAN_FDS: [&str; 3] = [
+    "-c",
+    r#"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done; exec "$@""#,
+    "clean-fds",
+];
 
 pub fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
