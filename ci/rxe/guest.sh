@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The soft-RoCE rig: a QEMU guest (TCG) running Debian's 6.1 kernel with rdma_rxe, two rxe devices on a
+# veth pair, and a script of ours as its job.
+#
+#   ci/rxe/guest.sh SCRIPT [FILE...]
+#
+# builds an initramfs from busybox, the kernel's modules, rdma-core (libibverbs, the rxe provider),
+# perftest and iproute2 from this machine's Debian packages, plus every FILE (executables get the
+# shared libraries they need), boots it, runs SCRIPT inside (as /job, with every FILE under /om/ by
+# its base name) and exits with SCRIPT's exit status. The guest's console is this script's output.
+#
+# Inside the guest: rxe0 on veth0 (10.0.0.1) and rxe1 on veth1 (10.0.0.2), joined by the veth pair;
+# policy routing sends traffic between the two addresses over the pair (not the loopback), so RDMA
+# between rxe0 and rxe1 really crosses it. /dev/shm and /tmp are tmpfs.
+#
+# Needs: qemu-system-x86, busybox-static, ibverbs-providers, perftest, iproute2 (ci/deps.sh installs
+# them) and the kernel package, which this script downloads once (apt-get download) into the cache,
+# $OM_RXE_CACHE (default target/rxe). Timeout: $OM_RXE_TIMEOUT seconds (default 600).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cache=${OM_RXE_CACHE:-$root/target/rxe}
+[ $# -ge 1 ] || { echo "usage: $0 SCRIPT [FILE...]" >&2; exit 2; }
+job=$1
+shift
+
+mkdir -p "$cache"
+# The kernel: Debian's current 6.1 image, downloaded once.
+if [ ! -f "$cache/vmlinuz" ]; then
+  pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-6\.1/ {print $2; exit}')
+  [ -n "$pkg" ] || { echo "guest.sh: no linux-image-6.1 package known to apt" >&2; exit 1; }
+  rm -rf "$cache/kernel" && mkdir -p "$cache/kernel"
+  (cd "$cache/kernel" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb .)
+  cp "$cache"/kernel/boot/vmlinuz-* "$cache/vmlinuz.new"
+  mv "$cache/vmlinuz.new" "$cache/vmlinuz"
+fi
+modules=$(echo "$cache"/kernel/lib/modules/*/kernel)
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/om-rxe.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+fs=$work/fs
+mkdir -p "$fs"/{bin,sbin,dev,proc,sys,tmp,run,lib/modules,etc/libibverbs.d,om,lib64}
+
+# Copies an executable or library and, for dynamic ones, every shared library it loads.
+add_elf() {
+  local f=$1 dest=$2
+  install -D -m 755 "$f" "$fs$dest"
+  ldd "$f" 2>/dev/null | awk '/=>/ {print $3} /^\t\// {print $1}' | while read -r lib; do
+    [ -e "$lib" ] || continue
+    [ -e "$fs$lib" ] || install -D -m 755 "$(readlink -f "$lib")" "$fs$lib"
+  done
+}
+
+cp /bin/busybox "$fs/bin/busybox"
+for app in sh mount mkdir cat echo sleep poweroff insmod ls grep sed kill ps dd cmp head tail env \
+  ln chmod rm sync seq awk wc cut tr date timeout mknod printf true false test sort uniq; do
+  ln -s busybox "$fs/bin/$app"
+done
+# Debian's busybox runs its own `ip` applet before $PATH: the job must call /sbin/ip.
+add_elf /sbin/ip /sbin/ip
+add_elf "$(command -v rdma)" /sbin/rdma
+for tool in ib_write_bw ibv_devinfo ibv_rc_pingpong; do
+  add_elf "$(command -v $tool)" "/bin/$tool"
+done
+# The rxe provider, and libgcc_s (pthread_cancel of perftest and rping loads it).
+add_elf /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so
+cp /etc/libibverbs.d/rxe.driver "$fs/etc/libibverbs.d/"
+for lib in /lib/x86_64-linux-gnu/libgcc_s.so.1; do install -D "$lib" "$fs$lib"; done
+
+order="udp_tunnel ip6_udp_tunnel crc32_generic crc32-pclmul ib_core ib_uverbs rdma_rxe veth"
+for m in $order; do
+  cp "$(find "$modules" -name "$m.ko" | head -1)" "$fs/lib/modules/"
+done
+
+for f in "$@"; do
+  if file -L "$f" | grep -q ELF; then add_elf "$f" "/om/$(basename "$f")"; else install -D -m 755 "$f" "$fs/om/$(basename "$f")"; fi
+done
+install -m 755 "$job" "$fs/job"
+
+cat >"$fs/init" <<EOF
+#!/bin/sh
+export PATH=/om:/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/shm /dev/pts
+mount -t tmpfs tmp /dev/shm
+mount -t tmpfs tmp /tmp
+mount -t devpts pts /dev/pts
+for m in $order; do insmod /lib/modules/\$m.ko || echo "insmod \$m failed"; done
+/sbin/ip link set lo up
+/sbin/ip link add veth0 type veth peer name veth1
+/sbin/ip addr add 10.0.0.1/24 dev veth0
+/sbin/ip addr add 10.0.0.2/24 dev veth1
+/sbin/ip link set veth0 up
+/sbin/ip link set veth1 up
+# Both addresses are local: without policy routing the kernel would deliver over lo, where no rxe
+# device listens. Traffic to each address leaves by the other end of the pair; what arrives on the
+# pair is delivered locally.
+echo 1 > /proc/sys/net/ipv4/conf/all/accept_local
+for i in all veth0 veth1; do echo 0 > /proc/sys/net/ipv4/conf/\$i/rp_filter; done
+/sbin/ip route add 10.0.0.2/32 dev veth0 src 10.0.0.1 table 100
+/sbin/ip route add 10.0.0.1/32 dev veth1 src 10.0.0.2 table 101
+/sbin/ip rule add pref 10 iif veth0 lookup local
+/sbin/ip rule add pref 11 iif veth1 lookup local
+/sbin/ip rule add pref 20 to 10.0.0.2 lookup 100
+/sbin/ip rule add pref 21 to 10.0.0.1 lookup 101
+/sbin/ip rule add pref 1000 lookup local
+/sbin/ip rule del pref 0
+/sbin/rdma link add rxe0 type rxe netdev veth0
+/sbin/rdma link add rxe1 type rxe netdev veth1
+chmod 666 /dev/infiniband/* 2>/dev/null
+cd /tmp
+echo "== rxe guest up: \$(ls /sys/class/infiniband | tr '\n' ' ')"
+sh /job
+echo "== rxe guest job exit \$?"
+sync
+poweroff -f
+EOF
+chmod 755 "$fs/init"
+
+(cd "$fs" && find . | busybox cpio -o -H newc 2>/dev/null) | gzip -1 >"$work/initrd"
+
+log=$work/console
+set +e
+timeout "${OM_RXE_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m "${OM_RXE_MEMORY:-2048}" \
+  -nographic -no-reboot -nic none \
+  -kernel "$cache/vmlinuz" -initrd "$work/initrd" \
+  -append "console=ttyS0 quiet panic=-1 oops=panic rdinit=/init" </dev/null | tee "$log"
+qemu=${PIPESTATUS[0]}
+set -e
+status=$(sed -n 's/^== rxe guest job exit \([0-9]*\).*/\1/p' "$log" | tail -1)
+if [ -z "$status" ]; then
+  echo "guest.sh: the guest did not finish its job (qemu exit $qemu)" >&2
+  exit 1
+fi
+exit "$status"
