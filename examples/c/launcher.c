@@ -6,7 +6,8 @@
  *   launcher CONTROL TO DELAY_MS PROG [ARGS...]
  *     CONTROL   this node's omd control socket ("-": OM_CONTROL or the default)
  *     TO        the destination omd, IP:PORT
- *   OM_TRANSPORT=sci in the environment moves the pages over Dolphin SCI instead of TCP.
+ *   OM_TRANSPORT=sci or OM_TRANSPORT=verbs in the environment moves the pages over Dolphin SCI or
+ *   InfiniBand/RoCE verbs instead of TCP.
  *
  * build: gcc -Wall -O2 -I lib/launch/include -o launcher examples/c/launcher.c \
  *            -L target/release -lom_launch -Wl,-rpath,$PWD/target/release
@@ -42,7 +43,11 @@ int main(int argc, char **argv)
 
     om_migration m;
     const char *tr = getenv("OM_TRANSPORT");
-    om_transport transport = tr && strcmp(tr, "sci") == 0 ? OM_TRANSPORT_SCI : OM_TRANSPORT_TCP;
+    om_transport transport = OM_TRANSPORT_TCP;
+    if (tr && strcmp(tr, "sci") == 0)
+        transport = OM_TRANSPORT_SCI;
+    else if (tr && strcmp(tr, "verbs") == 0)
+        transport = OM_TRANSPORT_VERBS;
     om_result r = om_migrate_over(control, om_job_pid(job), to, 0, 0, transport, &m);
     if (r == OM_OK)
         fprintf(stderr, "launcher: moved to %s (pid %u there): frozen %.1f ms, total %.1f ms, %u rounds, %llu bytes\n",

@@ -105,6 +105,7 @@ fn main() {
                 offset: (1 << 30) - 16 * P,
             },
         ],
+        endpoint: vec![0x42; 48],
     };
     put("placement", "two-windows", &placement.encode());
     let descriptor = Batch::encode(1, &runs[..1], &[1, 2, 3], P);

@@ -70,7 +70,7 @@ pub const FEATURES: &[(Feature, bool)] = &[
     (Feature::Restart, true),
     (Feature::Migrate, true),
     (Feature::ProcessList, true),
-    (Feature::Verbs, false),
+    (Feature::Verbs, true),
     (Feature::Sci, true),
 ];
 

@@ -137,7 +137,7 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     reply
                 }
                 None => {
-                    "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|stop-and-copy [tcp|sci]"
+                    "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|stop-and-copy [tcp|sci|verbs]"
                         .to_owned()
                 }
             }

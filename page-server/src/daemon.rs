@@ -33,6 +33,18 @@ fn sci_exporter() -> Option<Arc<dyn om_transport::api::Exporter>> {
     }
 }
 
+/// The verbs transport's exporter, when this node has libibverbs and an active RDMA port; an image
+/// may pin at most `per_image` bytes of registered memory.
+fn verbs_exporter(per_image: u64) -> Option<Arc<dyn om_transport::api::Exporter>> {
+    match om_verbs::VerbsExporter::open(per_image) {
+        Ok(e) => Some(Arc::new(e)),
+        Err(e) => {
+            tracing::debug!(reason = %e, "no verbs transport");
+            None
+        }
+    }
+}
+
 /// omd's configuration, as `omd --help` describes it.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -168,7 +180,10 @@ impl Daemon {
                 crash_at: std::env::var("OM_FAULT")
                     .ok()
                     .and_then(|v| om_transport::tcp::receiver::CrashPoint::parse(&v)),
-                export: sci_exporter(),
+                exporters: sci_exporter()
+                    .into_iter()
+                    .chain(verbs_exporter(config.limits.per_image))
+                    .collect(),
                 ..ReceiverConfig::default()
             },
         );

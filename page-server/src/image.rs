@@ -372,6 +372,7 @@ impl ImageStore for Store {
             mem,
             pages: Mutex::new(PageMap::default()),
             charged: AtomicU64::new(0),
+            pinned: std::sync::atomic::AtomicBool::new(false),
             records: Mutex::new((Vec::new(), 0)),
             shared: Arc::clone(&self.shared),
         })
@@ -391,6 +392,8 @@ pub struct Image {
     mem: ImageMemory,
     pages: Mutex<PageMap>,
     charged: AtomicU64,
+    /// Exported by a fabric that may pin the memory ([`ImageSink::pin`]).
+    pinned: std::sync::atomic::AtomicBool,
     records: Mutex<(Vec<Record>, u64)>,
     shared: Arc<Shared>,
 }
@@ -542,13 +545,22 @@ impl Image {
         (runs, sums)
     }
 
+    /// Makes `len` bytes at image offset `off` zero: released (a hole), or overwritten when the
+    /// memory is pinned by an export.
+    fn release(&self, off: u64, len: u64) -> std::io::Result<()> {
+        if self.pinned.load(std::sync::atomic::Ordering::Acquire) {
+            self.mem.clear(usize_of(off), usize_of(len))
+        } else {
+            self.mem.punch(usize_of(off), usize_of(len))
+        }
+    }
+
     /// Drops pages in `range` (outside the new VMA table): absent again, memory released.
     fn drop_range(&self, layout: &Layout, range: &Range<u64>) -> Result<(), Refusal> {
         for (off, len) in layout.pieces(range).unwrap_or_default() {
             let (was, _) = lock(&self.pages).set(off / self.page_size, len / self.page_size, ABSENT);
             self.uncharge(was);
-            self.mem
-                .punch(usize_of(off), usize_of(len))
+            self.release(off, len)
                 .map_err(|e| (ErrorCode::Internal, format!("cannot free dropped pages: {e}")))?;
         }
         Ok(())
@@ -583,6 +595,10 @@ impl ImageSink for Image {
         Ok(zones)
     }
 
+    fn pin(&self) {
+        self.pinned.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     fn placed(&self) -> Option<(Landing<'_>, Vec<Extent>)> {
         let memory = self.mem.zone(0, self.mem.len()).ok()?;
         let layout = lock(&self.layout);
@@ -598,8 +614,7 @@ impl ImageSink for Image {
         for (off, len) in self.locate(run)? {
             let (was, _) = lock(&self.pages).set(off / self.page_size, len / self.page_size, ZERO);
             self.uncharge(was);
-            self.mem
-                .punch(usize_of(off), usize_of(len))
+            self.release(off, len)
                 .map_err(|e| (ErrorCode::Internal, format!("cannot free zero pages: {e}")))?;
         }
         Ok(())

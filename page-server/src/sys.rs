@@ -127,6 +127,20 @@ impl ImageMemory {
         Ok(())
     }
 
+    /// Overwrites `len` bytes at `off` with zeros, keeping the pages (memory a fabric has pinned
+    /// must stay the memory the image reads: punching would leave the fabric writing to pages the
+    /// memfd no longer holds).
+    ///
+    /// # Errors
+    /// A range outside the mapping.
+    pub fn clear(&self, off: usize, len: usize) -> io::Result<()> {
+        let at = self.at(off, len)?;
+        // SAFETY: the range lies inside our own shared mapping (checked), which no Rust reference
+        // covers; concurrent remote writes to it are the fabric's, and land whole pages.
+        unsafe { std::ptr::write_bytes(at.as_ptr().cast::<u8>(), 0, len) };
+        Ok(())
+    }
+
     /// Allocates the pages of `len` bytes at `off` ahead of a write (`MADV_POPULATE_WRITE`): one call
     /// instead of one fault per page.
     ///

@@ -134,7 +134,7 @@ fn server_with(limits: Limits, export: Option<Arc<dyn om_transport::api::Exporte
         Arc::new(store.clone()),
         ReceiverConfig {
             idle_timeout: Duration::from_secs(20),
-            export,
+            exporters: export.into_iter().collect(),
             ..ReceiverConfig::default()
         },
     );

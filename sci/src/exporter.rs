@@ -92,7 +92,7 @@ impl Exporter for SciExporter {
         caps::SCI
     }
 
-    fn export(&self, image: Arc<dyn Exportable>) -> Result<Box<dyn Export>, Refusal> {
+    fn export(&self, image: Arc<dyn Exportable>, _local: std::net::IpAddr) -> Result<Box<dyn Export>, Refusal> {
         match self.export_sci(image) {
             Ok(e) => Ok(Box::new(e)),
             Err(e) => Err(refusal(&e)),
@@ -118,15 +118,16 @@ pub struct SciExport {
 }
 
 impl Export for SciExport {
-    fn placement(&self, extents: Vec<Extent>) -> Placement {
-        Placement {
+    fn placement(&self, extents: Vec<Extent>) -> Result<Placement, Refusal> {
+        Ok(Placement {
             node: self.node,
             mailbox: self.mailbox.id(),
             doorbell: self.doorbell.number(),
             window_shift: WINDOW_SHIFT,
             windows: self.windows.ids(),
             extents,
-        }
+            endpoint: Vec::new(),
+        })
     }
 
     fn abandon(&self) {

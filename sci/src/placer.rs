@@ -259,7 +259,7 @@ impl Placer for SciPlacer {
         self.racy == Racy::ReadOnce
     }
 
-    fn attach(&mut self, placement: &Placement) -> Result<(), TransportError> {
+    fn attach(&mut self, placement: &Placement, _local: std::net::IpAddr) -> Result<(), TransportError> {
         let key = (
             placement.node,
             placement.mailbox,

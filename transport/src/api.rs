@@ -142,11 +142,19 @@ pub trait Placer: Send + std::fmt::Debug {
     fn cap(&self) -> u32;
 
     /// Takes the receiver's placement (after `Begun`, and again after every `Vmas`): reaches its
-    /// mailbox and windows.
+    /// mailbox and windows. `local` is this node's address on the control connection (a fabric
+    /// that runs over IP picks its port by it).
     ///
     /// # Errors
     /// The fabric refusing or failing.
-    fn attach(&mut self, placement: &Placement) -> Result<(), TransportError>;
+    fn attach(&mut self, placement: &Placement, local: std::net::IpAddr) -> Result<(), TransportError>;
+
+    /// For a fabric whose receiver must connect back (verbs): this side's endpoint, once after an
+    /// [`Placer::attach`] that opened a new connection. The sender hands it to the receiver
+    /// (`Connect`) and waits for `Connected` before any page moves.
+    fn endpoint(&mut self) -> Option<Vec<u8>> {
+        None
+    }
 
     /// Writes `src` at byte `offset` of window `window`.
     ///
@@ -184,6 +192,16 @@ pub trait Placer: Send + std::fmt::Debug {
     /// The fabric failing, or the receiver not draining its mailbox in time.
     fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError>;
 
+    /// Every batch of a round is posted: waits until the fabric is done reading the application's
+    /// memory and lets go of any hold on it (registrations), since the application may remap it
+    /// before the next round.
+    ///
+    /// # Errors
+    /// The fabric failing to complete the round's writes.
+    fn round_done(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// Memory of this process the placer mapped (the receiver's windows and mailbox): never part of
     /// an image.
     fn mappings(&self) -> Vec<Range<u64>>;
@@ -208,17 +226,38 @@ pub trait Exporter: Send + Sync + std::fmt::Debug {
     fn cap(&self) -> u32;
 
     /// Exports `image`'s memory (in windows) and opens a mailbox for one session. The export keeps
-    /// `image` alive and withdraws everything when dropped.
+    /// `image` alive and withdraws everything when dropped. `local` is this node's address on the
+    /// session's control connection.
     ///
     /// # Errors
     /// A [`Refusal`] saying what the fabric refused.
-    fn export(&self, image: std::sync::Arc<dyn Exportable>) -> Result<Box<dyn Export>, Refusal>;
+    fn export(
+        &self,
+        image: std::sync::Arc<dyn Exportable>,
+        local: std::net::IpAddr,
+    ) -> Result<Box<dyn Export>, Refusal>;
 }
 
 /// One session's export.
 pub trait Export: Send + Sync + std::fmt::Debug {
-    /// The placement the sender needs, with these extents.
-    fn placement(&self, extents: Vec<Extent>) -> Placement;
+    /// The placement the sender needs, with these extents (a fabric that registers memory
+    /// registers what they cover).
+    ///
+    /// # Errors
+    /// The fabric refusing to export the memory.
+    fn placement(&self, extents: Vec<Extent>) -> Result<Placement, Refusal>;
+
+    /// Connects to the sender's endpoint (a fabric that connects both ways, [`Placer::endpoint`]).
+    ///
+    /// # Errors
+    /// A bad endpoint, or one this fabric does not take.
+    fn connect(&self, peer: &[u8]) -> Result<(), Refusal> {
+        let _ = peer;
+        Err((
+            crate::wire::ErrorCode::Protocol,
+            "this transport takes no endpoint from the sender".into(),
+        ))
+    }
 
     /// The receiver gives the session up: a sender waiting for room in the mailbox fails at once
     /// instead of waiting out its timeout (also done when the export is dropped).
@@ -285,6 +324,11 @@ pub trait ImageSink: Send + Sync + 'static {
     fn landed(&self, runs: &[Range<u64>], sums: &[u32], suspects: &[usize]) {
         let _ = (runs, sums, suspects);
     }
+
+    /// The image's memory is being exported, and a fabric may pin it (verbs registrations keep
+    /// the pages they pinned): from now on zero and dropped pages are overwritten with zeros, never
+    /// released, so that later remote writes land in the memory the image reads.
+    fn pin(&self) {}
 
     /// The image's whole memory and where address ranges land in it, for a placing transport;
     /// `None` when this image cannot be exported.

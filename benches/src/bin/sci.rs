@@ -57,7 +57,7 @@ fn server(lib: &str) -> (SocketAddr, Store) {
         key(),
         Arc::new(store.clone()),
         ReceiverConfig {
-            export: Some(exporter),
+            exporters: vec![exporter],
             ..ReceiverConfig::default()
         },
     );

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use om::{Feature, Unavailable};
-use om_cli::{EXIT_FAILURE, EXIT_UNAVAILABLE, init_logging, report};
+use om_cli::{EXIT_FAILURE, init_logging, report};
 
 /// Control om processes: move them between nodes, checkpoint them to disk, restart them.
 #[derive(Debug, Parser)]
@@ -95,10 +94,6 @@ fn main() -> ExitCode {
     tracing::debug!(control = %control.display(), cmd = ?args.cmd, "omctl");
     match args.cmd {
         Cmd::Migrate {
-            transport: TransportKind::Verbs,
-            ..
-        } => report("omctl", &Unavailable::new(Feature::Verbs), EXIT_UNAVAILABLE),
-        Cmd::Migrate {
             pid,
             to,
             json,
@@ -111,10 +106,10 @@ fn main() -> ExitCode {
                 downtime_ms: downtime,
                 max_rounds,
                 stop_and_copy: mode == Mode::StopAndCopy,
-                transport: if transport == TransportKind::Sci {
-                    om_launch::Transport::Sci
-                } else {
-                    om_launch::Transport::Tcp
+                transport: match transport {
+                    TransportKind::Tcp => om_launch::Transport::Tcp,
+                    TransportKind::Sci => om_launch::Transport::Sci,
+                    TransportKind::Verbs => om_launch::Transport::Verbs,
                 },
             };
             let line = om_launch::migrate_request(pid, to, &opts);

@@ -53,6 +53,10 @@ typedef enum om_transport {
    * Dolphin SCI: both nodes need a SISCI library (see docs/sci.md).
    */
   OM_TRANSPORT_SCI = 1,
+  /**
+   * InfiniBand/RoCE verbs: both nodes need libibverbs and an RDMA port (see docs/verbs.md).
+   */
+  OM_TRANSPORT_VERBS = 2,
 } om_transport;
 
 /**

@@ -82,6 +82,8 @@ pub enum Transport {
     Tcp,
     /// Dolphin SCI (see docs/sci.md).
     Sci,
+    /// InfiniBand/RoCE verbs (see docs/verbs.md).
+    Verbs,
 }
 
 impl Default for MigrateOptions {
@@ -107,6 +109,7 @@ pub fn migrate_request(pid: u32, to: SocketAddr, opts: &MigrateOptions) -> Strin
     let transport = match opts.transport {
         Transport::Tcp => "tcp",
         Transport::Sci => "sci",
+        Transport::Verbs => "verbs",
     };
     format!(
         "migrate {pid} {to} {} {} {mode} {transport}",

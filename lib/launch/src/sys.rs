@@ -45,6 +45,8 @@ pub enum OmTransport {
     OmTransportTcp = 0,
     /// Dolphin SCI: both nodes need a SISCI library (see docs/sci.md).
     OmTransportSci = 1,
+    /// InfiniBand/RoCE verbs: both nodes need libibverbs and an RDMA port (see docs/verbs.md).
+    OmTransportVerbs = 2,
 }
 
 /// A program started by [`om_start`].
@@ -225,6 +227,7 @@ pub unsafe extern "C" fn om_migrate_over(
             transport: match transport {
                 OmTransport::OmTransportTcp => Transport::Tcp,
                 OmTransport::OmTransportSci => Transport::Sci,
+                OmTransport::OmTransportVerbs => Transport::Verbs,
             },
             ..MigrateOptions::default()
         };

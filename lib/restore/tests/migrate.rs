@@ -330,11 +330,12 @@ fn programs_migrate_over_sci_with_identical_output() {
     c.rig.teardown().unwrap();
 }
 
-/// Asking for SCI from a node whose omd does not offer it fails before anything is frozen; the
-/// program runs on with its output intact.
+/// Asking for SCI or verbs from a node whose omd does not offer it fails before anything is frozen;
+/// the program runs on with its output intact.
 #[test]
-fn sci_to_a_node_without_it_fails_cleanly_and_the_program_runs_on() {
-    // Node 1's omd finds no SISCI library (the tests' library path has the emulation).
+fn sci_or_verbs_to_a_node_without_it_fails_cleanly_and_the_program_runs_on() {
+    // Node 1's omd finds no SISCI library (the tests' library path has the emulation), and this
+    // host has no RDMA device.
     let rig = Rig::new(2).expect("rig");
     let omd = bin_dir().join("omd");
     let omds = vec![
@@ -357,6 +358,10 @@ fn sci_to_a_node_without_it_fails_cleanly_and_the_program_runs_on() {
         .migrate_with(0, pid, 1, &["--transport", "sci"])
         .expect_err("no SISCI library on these nodes");
     assert!(e.contains("SCI") && e.contains("continues here"), "{e}");
+    let e = c
+        .migrate_with(0, pid, 1, &["--transport", "verbs"])
+        .expect_err("no RDMA device on these nodes");
+    assert!(e.contains("verbs") && e.contains("continues here"), "{e}");
     let (out, status) = finish(run);
     assert!(status.success(), "{status:?}");
     let lines: Vec<u32> = String::from_utf8(out)

@@ -63,6 +63,9 @@ pub enum Transport {
     Tcp,
     /// Dolphin SCI: stored straight into the destination's exported image memory (`om-sci`).
     Sci,
+    /// InfiniBand/RoCE verbs: RDMA WRITE from the application's memory into the destination's
+    /// registered image memory (`om-verbs`).
+    Verbs,
 }
 
 impl Transport {
@@ -72,6 +75,7 @@ impl Transport {
         match self {
             Self::Tcp => "tcp",
             Self::Sci => "sci",
+            Self::Verbs => "verbs",
         }
     }
 
@@ -81,6 +85,7 @@ impl Transport {
         match s {
             "tcp" => Some(Self::Tcp),
             "sci" => Some(Self::Sci),
+            "verbs" => Some(Self::Verbs),
             _ => None,
         }
     }
@@ -190,6 +195,9 @@ pub enum MigrateError {
     /// The SCI transport could not start on this node (no SISCI library, fabric error).
     #[error("the SCI transport")]
     Sci(#[source] om_sci::SciError),
+    /// The verbs transport could not start on this node (no libibverbs).
+    #[error("the verbs transport")]
+    Verbs(#[source] om_verbs::VerbsError),
     /// Dirty tracking could not start or failed.
     #[error("dirty tracking")]
     Dirty(#[source] DirtyError),
@@ -325,6 +333,10 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         Transport::Tcp => TcpSender::connect(req.to, &key, SenderConfig::default()),
         Transport::Sci => {
             let placer = om_sci::SciPlacer::open().map_err(MigrateError::Sci)?;
+            TcpSender::connect_placed(req.to, &key, SenderConfig::default(), Box::new(placer))
+        }
+        Transport::Verbs => {
+            let placer = om_verbs::VerbsPlacer::open().map_err(MigrateError::Verbs)?;
             TcpSender::connect_placed(req.to, &key, SenderConfig::default(), Box::new(placer))
         }
     }

@@ -31,9 +31,9 @@ pub struct ReceiverConfig {
     pub max_suspect_pages: u64,
     /// For fault tests: the receiving process dies (`abort`) at this point of every session.
     pub crash_at: Option<CrashPoint>,
-    /// A placing transport this receiver offers (SCI): senders that ask for it get the image memory
-    /// exported and put their pages straight into it.
-    pub export: Option<Arc<dyn Exporter>>,
+    /// The placing transports this receiver offers (SCI, verbs): a sender that asks for one gets
+    /// the image memory exported by it and puts its pages straight into it.
+    pub exporters: Vec<Arc<dyn Exporter>>,
 }
 
 /// Where a fault test kills the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`).
@@ -73,7 +73,7 @@ impl Default for ReceiverConfig {
             idle_timeout: Duration::from_secs(60),
             max_suspect_pages: 1 << 16,
             crash_at: None,
-            export: None,
+            exporters: Vec::new(),
         }
     }
 }
@@ -103,8 +103,8 @@ struct Progress {
 struct Session<I> {
     peer: String,
     granted: u16,
-    /// Pages come through the placing transport ([`ReceiverConfig::export`]).
-    placed: bool,
+    /// Pages come through this placing transport ([`ReceiverConfig::exporters`]).
+    placed: Option<Arc<dyn Exporter>>,
     /// The thread that drains the placing transport's mailbox, and its stop flag.
     drain: Mutex<Option<std::thread::JoinHandle<()>>>,
     drain_stop: AtomicBool,
@@ -227,7 +227,11 @@ impl<S: ImageStore> Receiver<S> {
                 ),
             ));
         }
-        let offered = caps::REQUIRED | self.config.export.as_ref().map_or(0, |e| e.cap());
+        let offered = self
+            .config
+            .exporters
+            .iter()
+            .fold(caps::REQUIRED, |c, e| c | e.cap());
         if hello.caps & caps::REQUIRED != caps::REQUIRED {
             return Err((ErrorCode::Capability, "peer lacks required capabilities".into()));
         }
@@ -281,9 +285,10 @@ impl<S: ImageStore> Receiver<S> {
                 let control = control_clone.map_err(|e| conn.io("duplicate socket", e))?;
                 let placed = self
                     .config
-                    .export
-                    .as_ref()
-                    .is_some_and(|e| welcome.caps & e.cap() != 0);
+                    .exporters
+                    .iter()
+                    .find(|e| welcome.caps & e.cap() != 0)
+                    .cloned();
                 let session = Arc::new(Session {
                     peer: conn.peer().to_owned(),
                     granted: welcome.streams,
@@ -333,7 +338,7 @@ impl<S: ImageStore> Receiver<S> {
         *lock(&session.image) = Some(Arc::clone(&image));
         tracing::info!(peer = %session.peer, pid = begin.info.pid, vmas = begin.vmas.len(), "image opened");
         conn.send(Kind::Begun, &image.id().to_le_bytes())?;
-        let mut export = if session.placed {
+        let mut export = if session.placed.is_some() {
             Some(self.start_drain(conn, session, &image)?)
         } else {
             None
@@ -389,6 +394,14 @@ impl<S: ImageStore> Receiver<S> {
                     if let Some(export) = &export {
                         send_placement(conn, export.as_ref(), image.as_ref())?;
                     }
+                }
+                Kind::Connect if export.is_some() => {
+                    if let Some(export) = &export {
+                        export
+                            .connect(&frame.body)
+                            .map_err(|(c, m)| refused(conn, c, m))?;
+                    }
+                    conn.send(Kind::Connected, &[])?;
                 }
                 Kind::Commit => {
                     if !lock(&session.progress).sealed {
@@ -446,9 +459,8 @@ impl<S: ImageStore> Receiver<S> {
         session: &Arc<Session<S::Image>>,
         image: &Arc<S::Image>,
     ) -> Result<Arc<dyn Export>, TransportError> {
-        let exporter = self
-            .config
-            .export
+        let exporter = session
+            .placed
             .as_ref()
             .ok_or(TransportError::Misuse("a placed session without an exporter"))?;
         if image.placed().is_none() {
@@ -458,9 +470,13 @@ impl<S: ImageStore> Receiver<S> {
                 "this image's memory cannot be exported".into(),
             ));
         }
+        let local = conn
+            .local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        image.pin();
         let export: Arc<dyn Export> = Arc::from(
             exporter
-                .export(Arc::new(Held(Arc::clone(image))))
+                .export(Arc::new(Held(Arc::clone(image))), local)
                 .map_err(|(c, m)| refused(conn, c, m))?,
         );
         send_placement(conn, export.as_ref(), image.as_ref())?;
@@ -516,7 +532,10 @@ fn send_placement<I: ImageSink>(
     image: &I,
 ) -> Result<(), TransportError> {
     let extents = image.placed().map(|(_, e)| e).unwrap_or_default();
-    conn.send(Kind::Placement, &export.placement(extents).encode())
+    let placement = export
+        .placement(extents)
+        .map_err(|(c, m)| refused(conn, c, m))?;
+    conn.send(Kind::Placement, &placement.encode())
 }
 
 fn check_round<I>(

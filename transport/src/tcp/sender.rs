@@ -186,8 +186,17 @@ impl TcpSender {
         };
         let body = self.control.expect(Kind::Placement, "after the VMA table")?;
         let placement = Placement::decode(&body, self.page_size).map_err(|e| self.control.wire(e))?;
-        placer.attach(&placement)?;
+        let local = self
+            .control
+            .local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        placer.attach(&placement, local)?;
         *current = Some(placement);
+        // A fabric that connects both ways: the receiver connects to us before any page moves.
+        if let Some(endpoint) = placer.endpoint() {
+            self.control.send(Kind::Connect, &endpoint)?;
+            self.control.expect(Kind::Connected, "after Connect")?;
+        }
         Ok(())
     }
 
@@ -515,7 +524,10 @@ impl PageSender for TcpSender {
             u64::from(self.config.batch_pages).clamp(1, MAX_BATCH_PAGES as u64)
         };
         let batches = pages.batches(self.page_size, max_pages, MAX_BATCH_RUNS);
-        let sent = self.send_zero(zeroed).and_then(|()| self.send_batches(&batches));
+        let sent = self
+            .send_zero(zeroed)
+            .and_then(|()| self.send_batches(&batches))
+            .and_then(|()| self.placer.as_mut().map_or(Ok(()), |(p, _)| p.round_done()));
         if let Err(e) = sent {
             let e = self.reason_from_peer(e);
             return Err(self.fail(e));

@@ -76,6 +76,9 @@ pub enum Kind {
     /// A placing transport (SCI): where the image's memory is exported and where each address range
     /// lands in it; sent by the receiver after `Begun` and after every `Vmas`.
     Placement = 30,
+    /// A placing transport that connects both ways (verbs): the sender's endpoint, sent after the
+    /// first `Placement`; the receiver connects to it and answers `Connected`.
+    Connect = 31,
     /// Relay: opens the relay of one generation (hop) of a process.
     Attach = 32,
     /// Relay: bytes the process wrote to its stdout (1) or stderr (2).
@@ -92,6 +95,8 @@ pub enum Kind {
     Moved = 38,
     /// Relay: the copy stopped; no more input.
     Stop = 39,
+    /// The receiver connected to the sender's endpoint: pages may move.
+    Connected = 40,
 }
 
 impl Kind {
@@ -102,6 +107,7 @@ impl Kind {
             Self::Hello | Self::Welcome | Self::Proof | Self::Refused => 1024,
             Self::Begin | Self::Vmas => super::MAX_BEGIN_BODY,
             Self::Begun | Self::EndRound | Self::Commit | Self::Committed | Self::Go | Self::Running => 256,
+            Self::Connect | Self::Connected => super::MAX_ENDPOINT,
             Self::Batch => super::MAX_BATCH_BODY,
             Self::Placement => super::MAX_PLACEMENT_BODY,
             Self::Zero => super::MAX_ZERO_BODY,
@@ -138,6 +144,8 @@ impl TryFrom<u16> for Kind {
             22 => Self::Record,
             23 => Self::Commit,
             27 => Self::Vmas,
+            31 => Self::Connect,
+            40 => Self::Connected,
             28 => Self::Go,
             29 => Self::Running,
             30 => Self::Placement,

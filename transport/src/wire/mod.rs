@@ -91,9 +91,9 @@ pub mod caps {
     pub const SCI: u32 = 1 << 2;
     /// Per-page four-lane CRC-32C checksums (always used in version 1).
     pub const PAGE_CRC32C: u32 = 1 << 8;
-    /// Everything this build implements (a sender offers SCI only when it has a SISCI library, a
-    /// receiver grants it only when it can export its image memory).
-    pub const SUPPORTED: u32 = TCP | SCI | PAGE_CRC32C;
+    /// Everything this build implements (a sender offers SCI or verbs only when it has the library
+    /// and a device, a receiver grants it only when it can export its image memory).
+    pub const SUPPORTED: u32 = TCP | VERBS | SCI | PAGE_CRC32C;
     /// What a version-1 peer must offer.
     pub const REQUIRED: u32 = TCP | PAGE_CRC32C;
 
@@ -140,7 +140,9 @@ pub const MAX_WINDOWS: usize = 4096;
 /// Extents of one placement.
 pub const MAX_EXTENTS: usize = 1 << 18;
 /// Largest `Placement` body.
-pub const MAX_PLACEMENT_BODY: usize = 32 + MAX_WINDOWS * 4 + MAX_EXTENTS * 24;
+pub const MAX_PLACEMENT_BODY: usize = 32 + MAX_WINDOWS * 4 + MAX_EXTENTS * 24 + MAX_ENDPOINT;
+/// Bytes of a placing transport's endpoint (a queue pair's address).
+pub const MAX_ENDPOINT: usize = 256;
 /// Bytes of text in `Error`, `Refused` and `Abort`.
 pub const MAX_TEXT: usize = 1024;
 
@@ -268,6 +270,7 @@ mod tests {
             window_shift: 20,
             windows: vec![7],
             extents,
+            endpoint: Vec::new(),
         };
         let ok = p(vec![Extent {
             start: 0x1000,
@@ -370,7 +373,7 @@ mod tests {
             }
             let windows = u32::try_from(off.div_ceil(1 << shift)).unwrap().max(1);
             let p = Placement { node: 8, mailbox: 3, doorbell: 1, window_shift: shift,
-                windows: (100..100 + windows).collect(), extents };
+                windows: (100..100 + windows).collect(), extents, endpoint: vec![7; run.0 as usize % 64] };
             prop_assert_eq!(&Placement::decode(&p.encode(), P).unwrap(), &p);
             let r = 0x10_0000 + run.0 * P..0x10_0000 + (run.0 + run.1) * P;
             let oracle: Option<Vec<(usize, u64)>> = (r.start..r.end).step_by(usize::try_from(P).unwrap()).map(|a| {

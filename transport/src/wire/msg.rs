@@ -392,7 +392,8 @@ struct PlacementHead {
     window_shift: U32,
     windows: U32,
     extents: U32,
-    reserved: U64,
+    endpoint: U32,
+    reserved: U32,
 }
 const _: () = assert!(size_of::<PlacementHead>() == 32);
 
@@ -405,9 +406,9 @@ struct ExtentEntry {
 }
 const _: () = assert!(size_of::<ExtentEntry>() == 24);
 
-/// A decoded `Placement`: how a placing transport (SCI) reaches the receiver's image memory. The image
-/// memory is cut into windows of `1 << window_shift` bytes, each exported as one segment; image offset
-/// `o` is byte `o % window` of window `o / window`.
+/// A decoded `Placement`: how a placing transport (SCI, verbs) reaches the receiver's image memory.
+/// The image memory is cut into windows of `1 << window_shift` bytes, each exported as one segment
+/// (SCI) or memory region (verbs); image offset `o` is byte `o % window` of window `o / window`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     /// The receiver's address on the fabric (a SISCI node id).
@@ -418,10 +419,13 @@ pub struct Placement {
     pub doorbell: u32,
     /// log2 of the window size.
     pub window_shift: u32,
-    /// Segment id of each window, in offset order.
+    /// Segment id (SCI) or remote key (verbs) of each window, in offset order.
     pub windows: Vec<u32>,
     /// Where each covered address range lands, sorted by start.
     pub extents: Vec<Extent>,
+    /// The transport's own address of the receiver, opaque here (a verbs queue pair; empty for SCI),
+    /// at most [`super::MAX_ENDPOINT`] bytes.
+    pub endpoint: Vec<u8>,
 }
 
 impl Placement {
@@ -440,7 +444,8 @@ impl Placement {
             window_shift: U32::new(self.window_shift),
             windows: U32::new(u32_of(self.windows.len())),
             extents: U32::new(u32_of(self.extents.len())),
-            reserved: U64::new(0),
+            endpoint: U32::new(u32_of(self.endpoint.len())),
+            reserved: U32::new(0),
         };
         let mut out = Vec::with_capacity(32 + self.windows.len() * 4 + self.extents.len() * 24);
         out.extend_from_slice(head.as_bytes());
@@ -455,6 +460,7 @@ impl Placement {
             };
             out.extend_from_slice(entry.as_bytes());
         }
+        out.extend_from_slice(&self.endpoint);
         out
     }
 
@@ -470,6 +476,7 @@ impl Placement {
         for (what, len, max) in [
             ("placement windows", nw, MAX_WINDOWS),
             ("placement extents", ne, MAX_EXTENTS),
+            ("placement endpoint", head.endpoint.get() as usize, super::MAX_ENDPOINT),
         ] {
             if len > max {
                 return Err(WireError::Oversized {
@@ -489,7 +496,11 @@ impl Placement {
             .map_err(|_| WireError::Truncated("placement windows"))?;
         let (entries, rest) = <[ExtentEntry]>::ref_from_prefix_with_elems(rest, ne)
             .map_err(|_| WireError::Truncated("placement extents"))?;
-        if !rest.is_empty() {
+        let endpoint = rest
+            .get(..head.endpoint.get() as usize)
+            .ok_or(WireError::Truncated("placement endpoint"))?
+            .to_vec();
+        if rest.len() != endpoint.len() {
             return Err(WireError::Invalid("placement: trailing bytes".into()));
         }
         let span = (nw as u64) << shift;
@@ -526,6 +537,7 @@ impl Placement {
             window_shift: shift,
             windows: windows.iter().map(|w| w.get()).collect(),
             extents,
+            endpoint,
         })
     }
 

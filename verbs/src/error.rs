@@ -1,0 +1,99 @@
+//! Errors of the verbs transport.
+
+use om_transport::TransportError;
+use om_transport::api::Refusal;
+use om_transport::wire::ErrorCode;
+
+/// A failed verbs operation.
+#[derive(Debug, thiserror::Error)]
+pub enum VerbsError {
+    /// libibverbs could not be loaded.
+    #[error("cannot load libibverbs: {0}")]
+    Load(String),
+    /// No device or port to use.
+    #[error("no RDMA device to use: {0}")]
+    NoDevice(String),
+    /// A libibverbs call failed.
+    #[error("{0} failed: {1}")]
+    Call(&'static str, #[source] std::io::Error),
+    /// A queue pair refused a state transition.
+    #[error("cannot move the queue pair to {0}: {1}")]
+    Modify(&'static str, #[source] std::io::Error),
+    /// Registering memory failed.
+    #[error("cannot register {len} bytes at {addr:#x} (RLIMIT_MEMLOCK, `ulimit -l`, may be too low): {source}")]
+    Register {
+        /// Start.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The locked-memory budget cannot hold even the transport's own buffers.
+    #[error("RLIMIT_MEMLOCK allows {limit} bytes, the verbs transport needs at least {need}: raise it (`ulimit -l`)")]
+    Memlock {
+        /// The budget.
+        limit: u64,
+        /// What is needed.
+        need: u64,
+    },
+    /// Posting a work request failed.
+    #[error("posting a work request failed: {0}")]
+    Post(#[source] std::io::Error),
+    /// A work request completed in error.
+    #[error("a work request completed with {status} (vendor error {vendor:#x})")]
+    Completion {
+        /// The library's name for the status.
+        status: String,
+        /// The device's own code.
+        vendor: u32,
+    },
+    /// The peer did not complete work in time.
+    #[error("no completion for {0:?}: the peer stopped taking work")]
+    Timeout(std::time::Duration),
+    /// A peer's endpoint did not decode.
+    #[error("bad verbs endpoint from the peer: {0}")]
+    Endpoint(String),
+    /// A write outside the receiver's windows.
+    #[error("no registered window {window} for {len} bytes at offset {offset:#x}")]
+    NoWindow {
+        /// Window index.
+        window: usize,
+        /// Offset in it.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Used before the receiver's placement arrived.
+    #[error("not attached to a receiver")]
+    NotAttached,
+    /// Reading this process's memory failed.
+    #[error("reading the pages to place: {0}")]
+    Read(#[source] std::io::Error),
+}
+
+impl VerbsError {
+    /// As a transport error, saying what was being done.
+    #[must_use]
+    pub fn during(self, op: &'static str) -> TransportError {
+        TransportError::Fabric {
+            transport: "verbs",
+            op,
+            source: Box::new(self),
+        }
+    }
+
+    /// As a refusal for the peer.
+    #[must_use]
+    pub fn refusal(&self) -> Refusal {
+        let code = match self {
+            Self::Endpoint(_) | Self::NoWindow { .. } => ErrorCode::Protocol,
+            Self::Memlock { .. } | Self::Register { .. } => ErrorCode::Limit,
+            Self::Timeout(_) => ErrorCode::Timeout,
+            Self::Load(_) | Self::NoDevice(_) => ErrorCode::Capability,
+            _ => ErrorCode::Internal,
+        };
+        (code, format!("verbs: {self}"))
+    }
+}

@@ -1,0 +1,469 @@
+//! The sending side: each piece of a batch goes by RDMA WRITE straight from the application's
+//! memory (registered through the [`RegCache`]) into the receiver's window; small pieces, copies and
+//! descriptors go through a registered staging buffer. The batch's descriptor follows as a SEND.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use om_transport::TransportError;
+use om_transport::api::{Placer, Source};
+use om_transport::sys::ReadableBatch;
+use om_transport::wire::{MAX_BATCH_BODY, Placement, caps};
+
+use crate::endpoint::Endpoint;
+use crate::error::VerbsError;
+use crate::regcache::{RegCache, memlock_budget};
+use crate::sys::abi::QpCap;
+use crate::sys::queue::SEND_DEPTH;
+use crate::sys::{Device, Library, Mr, SendQueue};
+
+/// Pieces smaller than this are copied into the staging buffer and written from there: a
+/// registration costs more than the copy.
+pub const ZERO_COPY_MIN: u64 = 64 << 10;
+/// Bytes of one staging slot (at least one descriptor).
+pub const STAGING_SLOT: usize = 1 << 20;
+/// Staging slots (copies in flight at once).
+pub const STAGING_SLOTS: usize = 8;
+/// The largest message the receiver takes: one batch descriptor.
+pub const MESSAGE_BYTES: usize = MAX_BATCH_BODY.div_ceil(4096) * 4096;
+const _: () = assert!(MESSAGE_BYTES <= STAGING_SLOT);
+/// Largest single write (pieces are cut at 1 GiB window boundaries anyway).
+const MAX_WRITE: u64 = 1 << 30;
+
+/// What the placer did, for logs and the benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    /// Bytes written straight from the application's memory.
+    pub zero_copy: u64,
+    /// Bytes written from the staging buffer.
+    pub staged: u64,
+    /// Registrations of the application's memory.
+    pub registrations: u64,
+    /// Most bytes of the application's memory registered at once.
+    pub peak_registered: u64,
+}
+
+/// The registered staging buffer: slots reused once the requests reading them completed.
+#[derive(Debug)]
+struct Staging {
+    mr: Arc<Mr>,
+    buf: Box<[u8]>,
+    /// The last request reading each slot.
+    busy: [u64; STAGING_SLOTS],
+    next: usize,
+}
+
+/// A connection to one receiver.
+#[derive(Debug)]
+struct Link {
+    // Field order is drop order: the queue pair goes before the memory its requests use.
+    sq: SendQueue,
+    cache: RegCache<Arc<Mr>>,
+    staging: Staging,
+    remote: Endpoint,
+    /// Our first packet sequence number.
+    psn: u32,
+    windows: Vec<u32>,
+    shift: u32,
+    dev: Arc<Device>,
+}
+
+/// Places pages into a receiver's image over verbs.
+#[derive(Debug)]
+pub struct VerbsPlacer {
+    lib: Arc<Library>,
+    link: Option<Link>,
+    /// Our endpoint, until the sender hands it over.
+    fresh: Option<Vec<u8>>,
+    page_size: usize,
+    timeout: Duration,
+    budget: u64,
+    /// What was placed how.
+    pub stats: Stats,
+    /// Checksums of staged reads nobody asked for.
+    scratch: Vec<u32>,
+}
+
+impl VerbsPlacer {
+    /// Loads libibverbs. The device is opened when the receiver's placement arrives (by the address
+    /// the control connection uses).
+    ///
+    /// # Errors
+    /// No libibverbs.
+    pub fn open() -> Result<Self, VerbsError> {
+        Ok(Self {
+            lib: Arc::new(Library::load()?),
+            link: None,
+            fresh: None,
+            page_size: om_transport::sys::page_size(),
+            timeout: Duration::from_secs(60),
+            budget: memlock_budget(),
+            stats: Stats::default(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Registers at most `bytes` of memory at a time (staging included) instead of what
+    /// `RLIMIT_MEMLOCK` allows.
+    #[must_use]
+    pub fn with_budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
+        self
+    }
+
+    fn connect(&self, remote: Endpoint, placement: &Placement, local: std::net::IpAddr) -> Result<Link, VerbsError> {
+        let staging_bytes = STAGING_SLOT * STAGING_SLOTS;
+        let need = staging_bytes as u64 + ZERO_COPY_MIN;
+        if self.budget < need {
+            return Err(VerbsError::Memlock {
+                limit: self.budget,
+                need,
+            });
+        }
+        let dev = Arc::new(Device::open(Arc::clone(&self.lib), Some(local))?);
+        let cq = Arc::new(dev.completion_queue(SEND_DEPTH * 2)?);
+        let qp = dev.queue_pair(
+            cq,
+            QpCap {
+                max_send_wr: SEND_DEPTH,
+                max_recv_wr: 1,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: 0,
+            },
+        )?;
+        let psn = psn();
+        qp.connect(&remote, psn)?;
+        let mut buf = vec![0u8; staging_bytes].into_boxed_slice();
+        let mr = Arc::new(dev.register(buf.as_mut_ptr(), buf.len(), 0)?);
+        Ok(Link {
+            sq: SendQueue::new(qp, self.timeout),
+            cache: RegCache::new(self.budget - staging_bytes as u64),
+            staging: Staging {
+                mr,
+                buf,
+                busy: [0; STAGING_SLOTS],
+                next: 0,
+            },
+            remote,
+            psn,
+            windows: placement.windows.clone(),
+            shift: placement.window_shift,
+            dev,
+        })
+    }
+
+    fn link(&mut self) -> Result<&mut Link, VerbsError> {
+        self.link.as_mut().ok_or(VerbsError::NotAttached)
+    }
+
+    fn place(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), VerbsError> {
+        let page_size = self.page_size;
+        let (remote, rkey) = self.link()?.target(window, offset, src.len())?;
+        match src {
+            Source::Bytes(b) => {
+                self.stats.staged += b.len() as u64;
+                let link = self.link()?;
+                for (i, part) in b.chunks(STAGING_SLOT).enumerate() {
+                    let at = remote + (i * STAGING_SLOT) as u64;
+                    link.stage(at, rkey, |slot| {
+                        slot.copy_from_slice(part);
+                        Ok(())
+                    }, part.len())?;
+                }
+                Ok(())
+            }
+            Source::Memory { batch, addr, len } => {
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(MAX_WRITE);
+                    self.place_memory(batch, addr + done, n, remote + done, rkey, page_size)?;
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `len` bytes of the application's memory at `addr`: from its registration when large
+    /// enough (registering its run on a miss), else through the staging buffer.
+    fn place_memory(
+        &mut self,
+        batch: &ReadableBatch<'_>,
+        addr: u64,
+        len: u64,
+        remote: u64,
+        rkey: u32,
+        page_size: usize,
+    ) -> Result<(), VerbsError> {
+        if len < ZERO_COPY_MIN {
+            return self.staged_read(batch, addr, len, remote, rkey, page_size, false);
+        }
+        let link = self.link.as_mut().ok_or(VerbsError::NotAttached)?;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(link.cache.budget());
+            let piece = addr + done..addr + done + n;
+            let mr = match link.cache.lookup(&piece) {
+                Some(mr) => Arc::clone(mr),
+                None => {
+                    let run = batch
+                        .runs()
+                        .iter()
+                        .find(|r| r.start <= piece.start && piece.start < r.end)
+                        .cloned()
+                        .unwrap_or_else(|| piece.clone());
+                    let plan = link.cache.plan(&piece, &run);
+                    if !link.cache.fits(plan.end - plan.start) {
+                        link.sq.quiesce()?;
+                        link.cache.clear();
+                    }
+                    match register_app(&link.dev, &plan) {
+                        Ok(mr) => {
+                            let mr = Arc::new(mr);
+                            link.cache.insert(plan, Arc::clone(&mr));
+                            self.stats.registrations += 1;
+                            self.stats.peak_registered = self.stats.peak_registered.max(link.cache.bytes());
+                            mr
+                        }
+                        // The application unmapped part of it meanwhile: the kernel read gives what
+                        // is left (the rest reads as zeros and comes back as suspect pages).
+                        Err(e) => {
+                            tracing::debug!(error = %e, addr = piece.start, "registration failed, staging");
+                            self.scratch.clear();
+                            link.stage_read(batch, piece.start, n, remote + done, rkey, page_size, &mut self.scratch)?;
+                            self.stats.staged += n;
+                            done += n;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let len32 = u32::try_from(n).unwrap_or(u32::MAX);
+            link.sq.write(&mr, piece.start, len32, remote + done, rkey)?;
+            self.stats.zero_copy += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes of the application's memory at `addr` through the staging buffer; their
+    /// checksums are appended to the placer's scratch list (cleared first unless `summed`, where
+    /// the caller collects them there).
+    #[allow(clippy::too_many_arguments)]
+    fn staged_read(
+        &mut self,
+        batch: &ReadableBatch<'_>,
+        addr: u64,
+        len: u64,
+        remote: u64,
+        rkey: u32,
+        page_size: usize,
+        summed: bool,
+    ) -> Result<(), VerbsError> {
+        if !summed {
+            self.scratch.clear();
+        }
+        let link = self.link.as_mut().ok_or(VerbsError::NotAttached)?;
+        self.stats.staged += len;
+        link.stage_read(batch, addr, len, remote, rkey, page_size, &mut self.scratch)
+    }
+}
+
+/// Registers the application's memory in `range` for reading by the device.
+fn register_app(dev: &Arc<Device>, range: &Range<u64>) -> Result<Mr, VerbsError> {
+    let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
+    dev.register(range.start as *mut u8, len, 0)
+}
+
+/// A random first packet sequence number (24 bits): a stale packet of an earlier connection that
+/// reuses the queue pair number is not taken for ours.
+fn psn() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    u32::try_from(h.finish() & 0xff_ffff).unwrap_or(0)
+}
+
+impl Link {
+    /// The remote address and key of `len` bytes at `offset` of window `window`.
+    fn target(&self, window: usize, offset: u64, len: u64) -> Result<(u64, u32), VerbsError> {
+        let size = 1u64 << self.shift;
+        match self.windows.get(window) {
+            Some(&rkey) if rkey != 0 && offset.checked_add(len).is_some_and(|e| e <= size) => {
+                Ok((self.remote.base + ((window as u64) << self.shift) + offset, rkey))
+            }
+            _ => Err(VerbsError::NoWindow { window, offset, len }),
+        }
+    }
+
+    /// Fills the first `len` bytes (at most a slot) of the next free staging slot with `fill` and
+    /// writes them to `remote` under `rkey`.
+    fn stage(
+        &mut self,
+        remote: u64,
+        rkey: u32,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), VerbsError>,
+        len: usize,
+    ) -> Result<(), VerbsError> {
+        let (addr, slot) = self.slot()?;
+        let at = slot * STAGING_SLOT;
+        let part = self
+            .staging
+            .buf
+            .get_mut(at..at + len)
+            .filter(|_| len <= STAGING_SLOT)
+            .ok_or(VerbsError::NoWindow {
+                window: usize::MAX,
+                offset: remote,
+                len: len as u64,
+            })?;
+        fill(part)?;
+        let id = self
+            .sq
+            .write(&self.staging.mr, addr, u32::try_from(len).unwrap_or(u32::MAX), remote, rkey)?;
+        self.staging.busy[slot] = id;
+        Ok(())
+    }
+
+    /// Reads `len` bytes of the application's memory at `addr` through the kernel, slot by slot,
+    /// appending a checksum per page to `sums`, and writes them to `remote` under `rkey`.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_read(
+        &mut self,
+        batch: &ReadableBatch<'_>,
+        addr: u64,
+        len: u64,
+        remote: u64,
+        rkey: u32,
+        page_size: usize,
+        sums: &mut Vec<u32>,
+    ) -> Result<(), VerbsError> {
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from((len - done).min(STAGING_SLOT as u64)).unwrap_or(STAGING_SLOT);
+            let at = addr + done;
+            self.stage(
+                remote + done,
+                rkey,
+                |slot| batch.read_summed(at, slot, page_size, sums).map_err(VerbsError::Read),
+                n,
+            )?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The next staging slot, once no request reads it any more: its address and index.
+    fn slot(&mut self) -> Result<(u64, usize), VerbsError> {
+        let slot = self.staging.next;
+        self.staging.next = (slot + 1) % STAGING_SLOTS;
+        let busy = self.staging.busy[slot];
+        if busy > self.sq.done() {
+            self.sq.wait(busy)?;
+        }
+        Ok((self.staging.buf.as_ptr() as u64 + (slot * STAGING_SLOT) as u64, slot))
+    }
+
+    /// Sends `descriptor` after everything written so far.
+    fn post(&mut self, descriptor: &[u8]) -> Result<(), VerbsError> {
+        if descriptor.len() > MESSAGE_BYTES {
+            return Err(VerbsError::Endpoint(format!(
+                "a descriptor of {} bytes exceeds the receive buffers ({MESSAGE_BYTES})",
+                descriptor.len()
+            )));
+        }
+        let (addr, slot) = self.slot()?;
+        self.staging.buf[slot * STAGING_SLOT..slot * STAGING_SLOT + descriptor.len()].copy_from_slice(descriptor);
+        let id = self
+            .sq
+            .send(&self.staging.mr, addr, u32::try_from(descriptor.len()).unwrap_or(u32::MAX))?;
+        self.staging.busy[slot] = id;
+        Ok(())
+    }
+}
+
+impl Placer for VerbsPlacer {
+    fn cap(&self) -> u32 {
+        caps::VERBS
+    }
+
+    /// The adapter reads the application's memory itself: the sender checksums first.
+    fn reads_once(&self) -> bool {
+        false
+    }
+
+    fn attach(&mut self, placement: &Placement, local: std::net::IpAddr) -> Result<(), TransportError> {
+        let remote = Endpoint::decode(&placement.endpoint).map_err(|e| e.during("read the receiver's endpoint"))?;
+        if let Some(link) = self.link.as_mut().filter(|l| l.remote == remote) {
+            // A new VMA table: the same connection, windows registered anew.
+            link.windows.clone_from(&placement.windows);
+            link.shift = placement.window_shift;
+            return Ok(());
+        }
+        self.link = None;
+        let link = self
+            .connect(remote, placement, local)
+            .map_err(|e| e.during("connect to the receiver's queue pair"))?;
+        let mine = Endpoint {
+            qpn: link.sq.qp().number(),
+            psn: link.psn,
+            lid: link.dev.attr.lid,
+            mtu: link.dev.attr.active_mtu,
+            gid: link.dev.gid,
+            base: 0,
+        };
+        tracing::debug!(device = %link.dev.name, qpn = mine.qpn, peer_qpn = remote.qpn, "verbs connected");
+        self.fresh = Some(mine.encode());
+        self.link = Some(link);
+        Ok(())
+    }
+
+    fn endpoint(&mut self) -> Option<Vec<u8>> {
+        self.fresh.take()
+    }
+
+    fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError> {
+        self.place(src, window, offset).map_err(|e| e.during("write pages"))
+    }
+
+    fn write_summed(
+        &mut self,
+        batch: &ReadableBatch<'_>,
+        addr: u64,
+        len: u64,
+        window: usize,
+        offset: u64,
+        sums: &mut Vec<u32>,
+    ) -> Result<(), TransportError> {
+        let page_size = self.page_size;
+        let r = (|| {
+            let (remote, rkey) = self.link()?.target(window, offset, len)?;
+            self.scratch = std::mem::take(sums);
+            let r = self.staged_read(batch, addr, len, remote, rkey, page_size, true);
+            *sums = std::mem::take(&mut self.scratch);
+            r
+        })();
+        r.map_err(|e| e.during("write pages"))
+    }
+
+    fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError> {
+        self.link()
+            .and_then(|l| l.post(descriptor))
+            .map_err(|e| e.during("send a batch descriptor"))
+    }
+
+    fn round_done(&mut self) -> Result<(), TransportError> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        let r = link.sq.quiesce();
+        link.cache.clear();
+        r.map_err(|e| e.during("complete the round's writes"))
+    }
+
+    fn mappings(&self) -> Vec<Range<u64>> {
+        Vec::new()
+    }
+}

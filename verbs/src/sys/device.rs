@@ -1,0 +1,535 @@
+//! Safe owners of verbs objects: an opened device port with its protection domain, memory regions,
+//! completion queues and RC queue pairs. Each is destroyed when dropped, after what depends on it
+//! (a queue pair keeps its completion queue and device alive, a region its device).
+
+use std::ffi::{CStr, c_int, c_void};
+use std::net::IpAddr;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use super::abi::{self, Gid, PortAttr, QpAttr, QpCap, QpInitAttr, RecvWr, SendWr, Sge, Wc};
+use super::library::Library;
+use crate::endpoint::Endpoint;
+use crate::error::VerbsError;
+
+fn errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// One port of an opened device, with a protection domain.
+#[derive(Debug)]
+pub struct Device {
+    lib: Arc<Library>,
+    ctx: NonNull<abi::Context>,
+    pd: NonNull<abi::Pd>,
+    /// The device's name (`mlx5_0`, `rxe0`).
+    pub name: String,
+    /// The port (from 1).
+    pub port: u8,
+    /// The port's attributes.
+    pub attr: PortAttr,
+    /// The source GID's index and value.
+    pub gid_index: u8,
+    /// The source GID.
+    pub gid: Gid,
+}
+
+// SAFETY: libibverbs' device contexts and protection domains may be used from any thread (rdma-core
+// serializes inside); the struct only holds them and plain values.
+unsafe impl Send for Device {}
+// SAFETY: as above: every call through a shared Device is one libibverbs guarantees thread-safe.
+unsafe impl Sync for Device {}
+
+/// The GID that stands for IP address `ip` (RoCE v2 maps IPv4 addresses into `::ffff:a.b.c.d`).
+fn gid_of(ip: IpAddr) -> Gid {
+    Gid(match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    })
+}
+
+impl Device {
+    /// Opens the port that serves `local`, the IP address this node uses towards the peer: the
+    /// device whose GID table holds that address (RoCE). `OM_VERBS_DEVICE` (a device name) chooses
+    /// the device instead, and `OM_VERBS_GID` the GID index; without a match, the first active port
+    /// of the first device, GID 0 (InfiniBand, where LIDs address ports).
+    ///
+    /// # Errors
+    /// No device, no active port, or the library failing.
+    pub fn open(lib: Arc<Library>, local: Option<IpAddr>) -> Result<Self, VerbsError> {
+        let wanted = std::env::var("OM_VERBS_DEVICE").ok().filter(|s| !s.is_empty());
+        let mut n: c_int = 0;
+        // SAFETY: ibv_get_device_list fills `n` and returns a NULL-terminated array (or NULL).
+        let list = unsafe { (lib.get_device_list)(&raw mut n) };
+        if list.is_null() {
+            return Err(VerbsError::NoDevice(format!("ibv_get_device_list: {}", errno())));
+        }
+        let count = usize::try_from(n).unwrap_or(0);
+        let mut found = None;
+        let mut seen = Vec::new();
+        for i in 0..count {
+            // SAFETY: `i` < the array's length.
+            let dev = unsafe { *list.add(i) };
+            // SAFETY: a device of the list; the name is a string of the library.
+            let name = unsafe { CStr::from_ptr((lib.get_device_name)(dev)) }
+                .to_string_lossy()
+                .into_owned();
+            seen.push(name.clone());
+            if wanted.as_ref().is_some_and(|w| *w != name) {
+                continue;
+            }
+            match Self::open_one(&lib, dev, &name, local, wanted.is_some()) {
+                Ok(Some(d)) => {
+                    found = Some(Ok(d));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    found.get_or_insert(Err(e));
+                }
+            }
+        }
+        // SAFETY: the list from ibv_get_device_list, freed once; opened contexts stay valid.
+        unsafe { (lib.free_device_list)(list) };
+        match found {
+            Some(Ok(d)) => Ok(d),
+            Some(Err(e)) => Err(e),
+            None => Err(VerbsError::NoDevice(match (&wanted, local) {
+                (Some(w), _) => format!("no device {w} with an active port (devices: {seen:?})"),
+                (None, Some(ip)) => format!("no active port with a GID for {ip} (devices: {seen:?})"),
+                (None, None) => format!("no active port (devices: {seen:?})"),
+            })),
+        }
+    }
+
+    /// Opens `dev` and returns its port for `local` (any active one when `any`), or `None`.
+    fn open_one(
+        lib: &Arc<Library>,
+        dev: *mut c_void,
+        name: &str,
+        local: Option<IpAddr>,
+        any: bool,
+    ) -> Result<Option<Self>, VerbsError> {
+        // SAFETY: `dev` is a device of a live device list.
+        let ctx = NonNull::new(unsafe { (lib.open_device)(dev) })
+            .ok_or_else(|| VerbsError::Call("ibv_open_device", errno()))?;
+        let close = |lib: &Library| {
+            // SAFETY: the context opened above, not used afterwards.
+            unsafe { (lib.close_device)(ctx.as_ptr()) };
+        };
+        let want = local.map(gid_of);
+        let forced_gid = std::env::var("OM_VERBS_GID").ok().and_then(|s| s.parse::<u8>().ok());
+        let mut chosen = None;
+        for port in 1..=u8::MAX {
+            let mut attr = PortAttr::default();
+            // SAFETY: `attr` is a zeroed ibv_port_attr, larger than the compat prefix it fills.
+            if unsafe { (lib.query_port)(ctx.as_ptr(), port, &raw mut attr) } != 0 {
+                break;
+            }
+            if attr.state != abi::PORT_ACTIVE {
+                continue;
+            }
+            let table = u8::try_from(attr.gid_tbl_len.clamp(0, 255)).unwrap_or(0);
+            let mut pick = None;
+            for index in 0..table {
+                let mut gid = Gid::default();
+                // SAFETY: `gid` is a union ibv_gid; index < the table's length.
+                if unsafe { (lib.query_gid)(ctx.as_ptr(), port, c_int::from(index), &raw mut gid) } != 0 {
+                    continue;
+                }
+                let hit = match (forced_gid, want) {
+                    (Some(f), _) => f == index,
+                    (None, Some(w)) => gid == w,
+                    (None, None) => index == 0,
+                };
+                if hit {
+                    pick = Some((index, gid));
+                    break;
+                }
+            }
+            if pick.is_none() && (any || local.is_none()) && attr.link_layer != abi::LINK_LAYER_ETHERNET {
+                pick = Some((0, Gid::default()));
+            }
+            if let Some((index, gid)) = pick {
+                chosen = Some((port, attr, index, gid));
+                break;
+            }
+        }
+        let Some((port, attr, gid_index, gid)) = chosen else {
+            close(lib);
+            return Ok(None);
+        };
+        // SAFETY: an open context.
+        let Some(pd) = NonNull::new(unsafe { (lib.alloc_pd)(ctx.as_ptr()) }) else {
+            let e = errno();
+            close(lib);
+            return Err(VerbsError::Call("ibv_alloc_pd", e));
+        };
+        Ok(Some(Self {
+            lib: Arc::clone(lib),
+            ctx,
+            pd,
+            name: name.into(),
+            port,
+            attr,
+            gid_index,
+            gid,
+        }))
+    }
+
+    /// True for RoCE (GID routed), false for InfiniBand (LID addressed).
+    #[must_use]
+    pub fn is_ethernet(&self) -> bool {
+        self.attr.link_layer == abi::LINK_LAYER_ETHERNET
+    }
+
+    /// The library.
+    #[must_use]
+    pub fn library(&self) -> &Arc<Library> {
+        &self.lib
+    }
+
+    /// Registers `len` bytes at `addr` with `access` flags (pins them).
+    ///
+    /// # Errors
+    /// [`VerbsError::Register`]: unmapped memory, `RLIMIT_MEMLOCK`, the device's limits.
+    pub fn register(self: &Arc<Self>, addr: *mut u8, len: usize, access: c_int) -> Result<Mr, VerbsError> {
+        // SAFETY: registration only records and pins the pages of [addr, addr+len); the kernel
+        // checks the range is mapped. The region is deregistered before the memory can go (the
+        // owners of Mr keep that order).
+        let mr = unsafe { (self.lib.reg_mr)(self.pd.as_ptr(), addr.cast(), len, access) };
+        let mr = NonNull::new(mr).ok_or_else(|| VerbsError::Register {
+            addr: addr as u64,
+            len: len as u64,
+            source: errno(),
+        })?;
+        Ok(Mr {
+            dev: Arc::clone(self),
+            mr,
+        })
+    }
+
+    /// Creates a completion queue of `entries`.
+    ///
+    /// # Errors
+    /// The library failing.
+    pub fn completion_queue(self: &Arc<Self>, entries: u32) -> Result<Cq, VerbsError> {
+        let n = c_int::try_from(entries).unwrap_or(c_int::MAX);
+        // SAFETY: an open context; no channel, no context pointer.
+        let cq = unsafe { (self.lib.create_cq)(self.ctx.as_ptr(), n, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        Ok(Cq {
+            dev: Arc::clone(self),
+            cq: NonNull::new(cq).ok_or_else(|| VerbsError::Call("ibv_create_cq", errno()))?,
+        })
+    }
+
+    /// Creates an RC queue pair on `cq` (sends and receives) and brings it to INIT, allowing remote
+    /// writes.
+    ///
+    /// # Errors
+    /// The library failing.
+    pub fn queue_pair(self: &Arc<Self>, cq: Arc<Cq>, cap: QpCap) -> Result<Qp, VerbsError> {
+        let mut init = QpInitAttr {
+            qp_context: std::ptr::null_mut(),
+            send_cq: cq.cq.as_ptr(),
+            recv_cq: cq.cq.as_ptr(),
+            srq: std::ptr::null_mut(),
+            cap,
+            qp_type: abi::QPT_RC,
+            sq_sig_all: 0,
+        };
+        // SAFETY: a valid protection domain and init attributes naming a live CQ.
+        let qp = unsafe { (self.lib.create_qp)(self.pd.as_ptr(), &raw mut init) };
+        let qp = Qp {
+            qp: NonNull::new(qp).ok_or_else(|| VerbsError::Call("ibv_create_qp", errno()))?,
+            cq,
+            dev: Arc::clone(self),
+        };
+        let mut attr = QpAttr {
+            qp_state: abi::QPS_INIT,
+            port_num: self.port,
+            qp_access_flags: u32::try_from(abi::ACCESS_REMOTE_WRITE | abi::ACCESS_LOCAL_WRITE).unwrap_or(0),
+            ..QpAttr::default()
+        };
+        qp.modify(
+            &mut attr,
+            abi::QP_STATE | abi::QP_PKEY_INDEX | abi::QP_PORT | abi::QP_ACCESS_FLAGS,
+            "INIT",
+        )?;
+        Ok(qp)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: every region, queue and pair holds an Arc of this device, so none is left; the
+        // domain and then the context are released once.
+        unsafe {
+            (self.lib.dealloc_pd)(self.pd.as_ptr());
+        }
+        // SAFETY: as above.
+        unsafe {
+            (self.lib.close_device)(self.ctx.as_ptr());
+        }
+    }
+}
+
+/// A registered memory region.
+#[derive(Debug)]
+pub struct Mr {
+    dev: Arc<Device>,
+    mr: NonNull<abi::Mr>,
+}
+
+// SAFETY: a registration is a kernel object; its keys and bounds are read-only after creation.
+unsafe impl Send for Mr {}
+// SAFETY: as above.
+unsafe impl Sync for Mr {}
+
+impl Mr {
+    fn get(&self) -> &abi::Mr {
+        // SAFETY: the library's ibv_mr, alive until dropped here, never written after creation.
+        unsafe { self.mr.as_ref() }
+    }
+
+    /// Local key.
+    #[must_use]
+    pub fn lkey(&self) -> u32 {
+        self.get().lkey
+    }
+
+    /// Remote key.
+    #[must_use]
+    pub fn rkey(&self) -> u32 {
+        self.get().rkey
+    }
+
+    /// The registered range.
+    #[must_use]
+    pub fn range(&self) -> std::ops::Range<u64> {
+        let m = self.get();
+        m.addr as u64..m.addr as u64 + m.length as u64
+    }
+}
+
+impl Drop for Mr {
+    fn drop(&mut self) {
+        // SAFETY: the region registered by Device::register, deregistered once.
+        unsafe { (self.dev.lib.dereg_mr)(self.mr.as_ptr()) };
+    }
+}
+
+/// A completion queue.
+#[derive(Debug)]
+pub struct Cq {
+    dev: Arc<Device>,
+    cq: NonNull<abi::Cq>,
+}
+
+// SAFETY: libibverbs' CQ polling is thread-safe (the provider locks); om polls each CQ from one
+// thread at a time anyway.
+unsafe impl Send for Cq {}
+// SAFETY: as above.
+unsafe impl Sync for Cq {}
+
+impl Cq {
+    /// Takes up to `wc.len()` completions; returns how many.
+    ///
+    /// # Errors
+    /// The provider failing to poll.
+    pub fn poll(&self, wc: &mut [Wc]) -> Result<usize, VerbsError> {
+        // SAFETY: the CQ's context is the device's; its ops table is the provider's.
+        let poll = unsafe { (*self.cq.as_ref().context).ops.poll_cq }
+            .ok_or(VerbsError::Call("poll_cq", std::io::Error::from_raw_os_error(libc::ENOSYS)))?;
+        let n = c_int::try_from(wc.len()).unwrap_or(c_int::MAX);
+        // SAFETY: `wc` has room for `n` completions.
+        let got = unsafe { poll(self.cq.as_ptr(), n, wc.as_mut_ptr()) };
+        usize::try_from(got).map_err(|_| VerbsError::Call("ibv_poll_cq", std::io::Error::from_raw_os_error(-got)))
+    }
+}
+
+impl Drop for Cq {
+    fn drop(&mut self) {
+        // SAFETY: every queue pair on this CQ holds an Arc of it, so none is left.
+        unsafe { (self.dev.lib.destroy_cq)(self.cq.as_ptr()) };
+    }
+}
+
+/// A reliable-connected queue pair.
+#[derive(Debug)]
+pub struct Qp {
+    qp: NonNull<abi::Qp>,
+    cq: Arc<Cq>,
+    dev: Arc<Device>,
+}
+
+// SAFETY: posting and modifying are thread-safe in libibverbs; om posts from one thread at a time.
+unsafe impl Send for Qp {}
+// SAFETY: as above.
+unsafe impl Sync for Qp {}
+
+impl Qp {
+    /// The queue pair number.
+    #[must_use]
+    pub fn number(&self) -> u32 {
+        // SAFETY: the library's ibv_qp, alive while self is.
+        unsafe { self.qp.as_ref().qp_num }
+    }
+
+    /// The completion queue.
+    #[must_use]
+    pub fn cq(&self) -> &Arc<Cq> {
+        &self.cq
+    }
+
+    /// The device.
+    #[must_use]
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+
+    fn modify(&self, attr: &mut QpAttr, mask: c_int, to: &'static str) -> Result<(), VerbsError> {
+        // SAFETY: a live QP and attributes valid for `mask`.
+        let r = unsafe { (self.dev.lib.modify_qp)(self.qp.as_ptr(), attr, mask) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(VerbsError::Modify(to, std::io::Error::from_raw_os_error(r)))
+        }
+    }
+
+    /// Connects to `remote` (RTR then RTS), starting our sends at `psn`.
+    ///
+    /// # Errors
+    /// The device refusing the transition (an unreachable GID, a bad MTU).
+    pub fn connect(&self, remote: &Endpoint, psn: u32) -> Result<(), VerbsError> {
+        let dev = &self.dev;
+        let mtu = dev.attr.active_mtu.min(remote.mtu).max(1);
+        let mut ah = abi::AhAttr {
+            dlid: remote.lid,
+            port_num: dev.port,
+            ..abi::AhAttr::default()
+        };
+        if dev.is_ethernet() || remote.gid != Gid::default() {
+            ah.is_global = 1;
+            ah.grh = abi::GlobalRoute {
+                dgid: remote.gid,
+                sgid_index: dev.gid_index,
+                hop_limit: 64,
+                ..abi::GlobalRoute::default()
+            };
+        }
+        let mut rtr = QpAttr {
+            qp_state: abi::QPS_RTR,
+            path_mtu: mtu,
+            dest_qp_num: remote.qpn,
+            rq_psn: remote.psn,
+            max_dest_rd_atomic: 1,
+            min_rnr_timer: 12,
+            ah_attr: ah,
+            ..QpAttr::default()
+        };
+        self.modify(
+            &mut rtr,
+            abi::QP_STATE
+                | abi::QP_AV
+                | abi::QP_PATH_MTU
+                | abi::QP_DEST_QPN
+                | abi::QP_RQ_PSN
+                | abi::QP_MAX_DEST_RD_ATOMIC
+                | abi::QP_MIN_RNR_TIMER,
+            "RTR",
+        )?;
+        let mut rts = QpAttr {
+            qp_state: abi::QPS_RTS,
+            // 4.096 us << 14 = 67 ms per try, 7 tries; a receiver without a free receive buffer is
+            // retried for ever (rnr_retry 7): the sender's own deadline bounds the wait.
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+            sq_psn: psn,
+            max_rd_atomic: 1,
+            ..QpAttr::default()
+        };
+        self.modify(
+            &mut rts,
+            abi::QP_STATE
+                | abi::QP_TIMEOUT
+                | abi::QP_RETRY_CNT
+                | abi::QP_RNR_RETRY
+                | abi::QP_SQ_PSN
+                | abi::QP_MAX_QP_RD_ATOMIC,
+            "RTS",
+        )
+    }
+
+    /// Moves the pair to the error state: outstanding and later work completes in error at once,
+    /// and the peer's retries fail.
+    pub fn break_off(&self) {
+        let mut attr = QpAttr {
+            qp_state: abi::QPS_ERR,
+            ..QpAttr::default()
+        };
+        if let Err(e) = self.modify(&mut attr, abi::QP_STATE, "ERR") {
+            tracing::debug!(error = %e, "cannot move a queue pair to the error state");
+        }
+    }
+
+    /// Posts a chain of send work requests.
+    ///
+    /// # Errors
+    /// The provider refusing (a full send queue, a bad request).
+    ///
+    /// # Safety
+    /// Every scatter entry must name registered memory that stays registered and unchanged (for
+    /// sends) until the request completes; `wr` and its chain and scatter lists must be valid.
+    pub unsafe fn post_send(&self, wr: &mut SendWr) -> Result<(), VerbsError> {
+        // SAFETY: the QP's context is the device's; its ops table is the provider's.
+        let post = unsafe { (*self.qp.as_ref().context).ops.post_send }
+            .ok_or(VerbsError::Call("post_send", std::io::Error::from_raw_os_error(libc::ENOSYS)))?;
+        let mut bad: *mut SendWr = std::ptr::null_mut();
+        // SAFETY: the caller guarantees the chain; `bad` receives the failing request.
+        let r = unsafe { post(self.qp.as_ptr(), wr, &raw mut bad) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(VerbsError::Post(std::io::Error::from_raw_os_error(r)))
+        }
+    }
+
+    /// Posts one receive buffer.
+    ///
+    /// # Errors
+    /// The provider refusing.
+    ///
+    /// # Safety
+    /// `sge` must name registered, writable memory that stays registered until the receive
+    /// completes or the pair is destroyed.
+    pub unsafe fn post_recv(&self, wr_id: u64, sge: Sge) -> Result<(), VerbsError> {
+        // SAFETY: as in post_send.
+        let post = unsafe { (*self.qp.as_ref().context).ops.post_recv }
+            .ok_or(VerbsError::Call("post_recv", std::io::Error::from_raw_os_error(libc::ENOSYS)))?;
+        let mut sge = sge;
+        let mut wr = RecvWr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: &raw mut sge,
+            num_sge: 1,
+        };
+        let mut bad: *mut RecvWr = std::ptr::null_mut();
+        // SAFETY: one request on the stack, its buffer as the caller guarantees.
+        let r = unsafe { post(self.qp.as_ptr(), &raw mut wr, &raw mut bad) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(VerbsError::Post(std::io::Error::from_raw_os_error(r)))
+        }
+    }
+}
+
+impl Drop for Qp {
+    fn drop(&mut self) {
+        // SAFETY: the pair created by Device::queue_pair, destroyed once, before its CQ (held here).
+        unsafe { (self.dev.lib.destroy_qp)(self.qp.as_ptr()) };
+    }
+}
