@@ -71,3 +71,26 @@ mod tests {
         assert_eq!(opt(&args, "--gib", "1"), "1");
     }
 }
+
+/// The VMA table of one anonymous read-write region of `len` bytes at `start`, as a benchmark's
+/// image opens it.
+#[must_use]
+pub fn begin_for_region(start: u64, len: u64) -> om_transport::wire::Begin {
+    om_transport::wire::Begin {
+        info: om_transport::wire::ImageInfo {
+            pid: std::process::id(),
+            uid: 0,
+            gid: 0,
+            flags: 0,
+            populated_bytes: len,
+        },
+        vmas: vec![om_transport::wire::Vma {
+            start,
+            end: start + len,
+            prot: 3,
+            flags: 0,
+            pgoff: 0,
+            name: b"[bench]".to_vec(),
+        }],
+    }
+}

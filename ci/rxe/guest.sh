@@ -46,6 +46,8 @@ mkdir -p "$fs"/{bin,sbin,dev,proc,sys,tmp,run,lib/modules,etc/libibverbs.d,om,li
 add_elf() {
   local f=$1 dest=$2
   install -D -m 755 "$f" "$fs$dest"
+  # Debug information only costs the guest memory and boot time.
+  strip --strip-debug "$fs$dest" 2>/dev/null || true
   ldd "$f" 2>/dev/null | awk '/=>/ {print $3} /^\t\// {print $1}' | while read -r lib; do
     [ -e "$lib" ] || continue
     [ -e "$fs$lib" ] || install -D -m 755 "$(readlink -f "$lib")" "$fs$lib"
@@ -54,7 +56,7 @@ add_elf() {
 
 cp /bin/busybox "$fs/bin/busybox"
 for app in sh mount mkdir cat echo sleep poweroff insmod ls grep sed kill ps dd cmp head tail env \
-  ln chmod rm sync seq awk wc cut tr date timeout mknod printf true false test sort uniq; do
+  ln chmod rm sync seq awk wc cut tr date timeout mknod printf true false test sort uniq diff; do
   ln -s busybox "$fs/bin/$app"
 done
 # Debian's busybox runs its own `ip` applet before $PATH: the job must call /sbin/ip.

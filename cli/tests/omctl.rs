@@ -22,7 +22,11 @@ fn migrate_without_omd_is_a_clear_error() {
         "--to",
         "10.0.0.2:7070",
     ];
-    for transport in [&[][..], &["--transport", "sci"][..], &["--transport", "verbs"][..]] {
+    for transport in [
+        &[][..],
+        &["--transport", "sci"][..],
+        &["--transport", "verbs"][..],
+    ] {
         let args: Vec<&str> = base.iter().chain(transport).copied().collect();
         let (code, err) = omctl(&args);
         assert_eq!(code, Some(1), "{args:?}: {err}");

@@ -92,7 +92,11 @@ impl Exporter for SciExporter {
         caps::SCI
     }
 
-    fn export(&self, image: Arc<dyn Exportable>, _local: std::net::IpAddr) -> Result<Box<dyn Export>, Refusal> {
+    fn export(
+        &self,
+        image: Arc<dyn Exportable>,
+        _local: std::net::IpAddr,
+    ) -> Result<Box<dyn Export>, Refusal> {
         match self.export_sci(image) {
             Ok(e) => Ok(Box::new(e)),
             Err(e) => Err(refusal(&e)),

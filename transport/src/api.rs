@@ -202,6 +202,12 @@ pub trait Placer: Send + std::fmt::Debug {
         Ok(())
     }
 
+    /// Descriptors the placer's fabric library opened in this process (a verbs device): never part
+    /// of an image.
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+
     /// Memory of this process the placer mapped (the receiver's windows and mailbox): never part of
     /// an image.
     fn mappings(&self) -> Vec<Range<u64>>;

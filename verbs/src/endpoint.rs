@@ -68,7 +68,9 @@ impl Endpoint {
             base: u64::from_le_bytes(b[40..48].try_into().unwrap_or_default()),
         };
         if e.qpn >= 1 << 24 || e.psn >= 1 << 24 || !(1..=5).contains(&e.mtu) || u32_at(20) != 0 {
-            return Err(bad("queue pair number, sequence number, MTU or reserved bytes out of range"));
+            return Err(bad(
+                "queue pair number, sequence number, MTU or reserved bytes out of range",
+            ));
         }
         Ok(e)
     }
@@ -94,7 +96,14 @@ mod tests {
 
     #[test]
     fn refuses_bad_fields() {
-        let good = Endpoint { qpn: 17, psn: 5, lid: 0, mtu: 3, gid: Gid([1; 16]), base: 4096 };
+        let good = Endpoint {
+            qpn: 17,
+            psn: 5,
+            lid: 0,
+            mtu: 3,
+            gid: Gid([1; 16]),
+            base: 4096,
+        };
         let mut b = good.encode();
         b[0] = b'x';
         assert!(Endpoint::decode(&b).is_err());

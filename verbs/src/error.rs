@@ -20,7 +20,9 @@ pub enum VerbsError {
     #[error("cannot move the queue pair to {0}: {1}")]
     Modify(&'static str, #[source] std::io::Error),
     /// Registering memory failed.
-    #[error("cannot register {len} bytes at {addr:#x} (RLIMIT_MEMLOCK, `ulimit -l`, may be too low): {source}")]
+    #[error(
+        "cannot register {len} bytes at {addr:#x} (RLIMIT_MEMLOCK, `ulimit -l`, may be too low): {source}"
+    )]
     Register {
         /// Start.
         addr: u64,
@@ -31,7 +33,9 @@ pub enum VerbsError {
         source: std::io::Error,
     },
     /// The locked-memory budget cannot hold even the transport's own buffers.
-    #[error("RLIMIT_MEMLOCK allows {limit} bytes, the verbs transport needs at least {need}: raise it (`ulimit -l`)")]
+    #[error(
+        "RLIMIT_MEMLOCK allows {limit} bytes, the verbs transport needs at least {need}: raise it (`ulimit -l`)"
+    )]
     Memlock {
         /// The budget.
         limit: u64,

@@ -72,7 +72,12 @@ pub struct VerbsExport {
 }
 
 impl VerbsExport {
-    fn new(lib: &Arc<Library>, image: Arc<dyn Exportable>, local: IpAddr, budget: u64) -> Result<Self, VerbsError> {
+    fn new(
+        lib: &Arc<Library>,
+        image: Arc<dyn Exportable>,
+        local: IpAddr,
+        budget: u64,
+    ) -> Result<Self, VerbsError> {
         let dev = Arc::new(Device::open(Arc::clone(lib), Some(local))?);
         let depth = u32::try_from(RECV_DEPTH).unwrap_or(16);
         let cq = Arc::new(dev.completion_queue(depth * 2)?);
@@ -123,7 +128,11 @@ impl VerbsExport {
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         let len = windows.len().max(need.len());
         windows.resize_with(len, || None);
-        let registered: u64 = windows.iter().flatten().map(|m| m.range().end - m.range().start).sum();
+        let registered: u64 = windows
+            .iter()
+            .flatten()
+            .map(|m| m.range().end - m.range().start)
+            .sum();
         let mut total_after = registered;
         for (w, &n) in need.iter().enumerate() {
             let have = windows[w].as_ref().map_or(0, |m| m.range().end - m.range().start);
@@ -181,7 +190,11 @@ impl Export for VerbsExport {
         }
         let remote = Endpoint::decode(peer).map_err(|e| e.refusal())?;
         self.qp.connect(&remote, self.psn).map_err(|e| e.refusal())?;
-        tracing::debug!(qpn = self.qp.number(), peer_qpn = remote.qpn, "verbs export connected");
+        tracing::debug!(
+            qpn = self.qp.number(),
+            peer_qpn = remote.qpn,
+            "verbs export connected"
+        );
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use crate::error::VerbsError;
 use crate::regcache::{RegCache, memlock_budget};
 use crate::sys::abi::QpCap;
 use crate::sys::queue::SEND_DEPTH;
-use crate::sys::{Device, Library, Mr, SendQueue};
+use crate::sys::{Anon, Device, Library, Mr, SendQueue};
 
 /// Pieces smaller than this are copied into the staging buffer and written from there: a
 /// registration costs more than the copy.
@@ -28,8 +28,9 @@ pub const STAGING_SLOTS: usize = 8;
 /// The largest message the receiver takes: one batch descriptor.
 pub const MESSAGE_BYTES: usize = MAX_BATCH_BODY.div_ceil(4096) * 4096;
 const _: () = assert!(MESSAGE_BYTES <= STAGING_SLOT);
-/// Largest single write (pieces are cut at 1 GiB window boundaries anyway).
-const MAX_WRITE: u64 = 1 << 30;
+/// Largest single RDMA WRITE: larger pieces go as several, so the send queue keeps the link busy
+/// and completions come often enough to reuse staging slots (1 MiB reaches line rate on HCAs).
+pub const MAX_WRITE: u64 = 1 << 20;
 
 /// What the placer did, for logs and the benchmark.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,7 +49,7 @@ pub struct Stats {
 #[derive(Debug)]
 struct Staging {
     mr: Arc<Mr>,
-    buf: Box<[u8]>,
+    buf: Anon,
     /// The last request reading each slot.
     busy: [u64; STAGING_SLOTS],
     next: usize,
@@ -112,7 +113,12 @@ impl VerbsPlacer {
         self
     }
 
-    fn connect(&self, remote: Endpoint, placement: &Placement, local: std::net::IpAddr) -> Result<Link, VerbsError> {
+    fn connect(
+        &self,
+        remote: Endpoint,
+        placement: &Placement,
+        local: std::net::IpAddr,
+    ) -> Result<Link, VerbsError> {
         let staging_bytes = STAGING_SLOT * STAGING_SLOTS;
         let need = staging_bytes as u64 + ZERO_COPY_MIN;
         if self.budget < need {
@@ -135,8 +141,8 @@ impl VerbsPlacer {
         )?;
         let psn = psn();
         qp.connect(&remote, psn)?;
-        let mut buf = vec![0u8; staging_bytes].into_boxed_slice();
-        let mr = Arc::new(dev.register(buf.as_mut_ptr(), buf.len(), 0)?);
+        let buf = Anon::new(staging_bytes).map_err(|e| VerbsError::Call("mmap", e))?;
+        let mr = Arc::new(dev.register(buf.as_ptr(), buf.len(), 0)?);
         Ok(Link {
             sq: SendQueue::new(qp, self.timeout),
             cache: RegCache::new(self.budget - staging_bytes as u64),
@@ -167,21 +173,20 @@ impl VerbsPlacer {
                 let link = self.link()?;
                 for (i, part) in b.chunks(STAGING_SLOT).enumerate() {
                     let at = remote + (i * STAGING_SLOT) as u64;
-                    link.stage(at, rkey, |slot| {
-                        slot.copy_from_slice(part);
-                        Ok(())
-                    }, part.len())?;
+                    link.stage(
+                        at,
+                        rkey,
+                        |slot| {
+                            slot.copy_from_slice(part);
+                            Ok(())
+                        },
+                        part.len(),
+                    )?;
                 }
                 Ok(())
             }
             Source::Memory { batch, addr, len } => {
-                let mut done = 0u64;
-                while done < len {
-                    let n = (len - done).min(MAX_WRITE);
-                    self.place_memory(batch, addr + done, n, remote + done, rkey, page_size)?;
-                    done += n;
-                }
-                Ok(())
+                self.place_memory(batch, addr, len, remote, rkey, page_size)
             }
         }
     }
@@ -232,7 +237,15 @@ impl VerbsPlacer {
                         Err(e) => {
                             tracing::debug!(error = %e, addr = piece.start, "registration failed, staging");
                             self.scratch.clear();
-                            link.stage_read(batch, piece.start, n, remote + done, rkey, page_size, &mut self.scratch)?;
+                            link.stage_read(
+                                batch,
+                                piece.start,
+                                n,
+                                remote + done,
+                                rkey,
+                                page_size,
+                                &mut self.scratch,
+                            )?;
                             self.stats.staged += n;
                             done += n;
                             continue;
@@ -240,8 +253,14 @@ impl VerbsPlacer {
                     }
                 }
             };
-            let len32 = u32::try_from(n).unwrap_or(u32::MAX);
-            link.sq.write(&mr, piece.start, len32, remote + done, rkey)?;
+            let mut at = 0u64;
+            while at < n {
+                let k = (n - at).min(MAX_WRITE);
+                let k32 = u32::try_from(k).unwrap_or(u32::MAX);
+                link.sq
+                    .write(&mr, piece.start + at, k32, remote + done + at, rkey)?;
+                at += k;
+            }
             self.stats.zero_copy += n;
             done += n;
         }
@@ -271,6 +290,21 @@ impl VerbsPlacer {
     }
 }
 
+/// The mappings of RDMA device files in a `/proc/PID/maps` text.
+fn device_mappings(maps: &str) -> Vec<Range<u64>> {
+    maps.lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(5)
+                .is_some_and(|p| p.starts_with("/dev/infiniband/"))
+        })
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some(u64::from_str_radix(a, 16).ok()?..u64::from_str_radix(b, 16).ok()?)
+        })
+        .collect()
+}
+
 /// Registers the application's memory in `range` for reading by the device.
 fn register_app(dev: &Arc<Device>, range: &Range<u64>) -> Result<Mr, VerbsError> {
     let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
@@ -282,7 +316,11 @@ fn register_app(dev: &Arc<Device>, range: &Range<u64>) -> Result<Mr, VerbsError>
 fn psn() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     u32::try_from(h.finish() & 0xff_ffff).unwrap_or(0)
 }
 
@@ -312,6 +350,7 @@ impl Link {
         let part = self
             .staging
             .buf
+            .bytes_mut()
             .get_mut(at..at + len)
             .filter(|_| len <= STAGING_SLOT)
             .ok_or(VerbsError::NoWindow {
@@ -320,9 +359,13 @@ impl Link {
                 len: len as u64,
             })?;
         fill(part)?;
-        let id = self
-            .sq
-            .write(&self.staging.mr, addr, u32::try_from(len).unwrap_or(u32::MAX), remote, rkey)?;
+        let id = self.sq.write(
+            &self.staging.mr,
+            addr,
+            u32::try_from(len).unwrap_or(u32::MAX),
+            remote,
+            rkey,
+        )?;
         self.staging.busy[slot] = id;
         Ok(())
     }
@@ -347,7 +390,11 @@ impl Link {
             self.stage(
                 remote + done,
                 rkey,
-                |slot| batch.read_summed(at, slot, page_size, sums).map_err(VerbsError::Read),
+                |slot| {
+                    batch
+                        .read_summed(at, slot, page_size, sums)
+                        .map_err(VerbsError::Read)
+                },
                 n,
             )?;
             done += n as u64;
@@ -363,7 +410,10 @@ impl Link {
         if busy > self.sq.done() {
             self.sq.wait(busy)?;
         }
-        Ok((self.staging.buf.as_ptr() as u64 + (slot * STAGING_SLOT) as u64, slot))
+        Ok((
+            self.staging.buf.as_ptr() as u64 + (slot * STAGING_SLOT) as u64,
+            slot,
+        ))
     }
 
     /// Sends `descriptor` after everything written so far.
@@ -375,10 +425,13 @@ impl Link {
             )));
         }
         let (addr, slot) = self.slot()?;
-        self.staging.buf[slot * STAGING_SLOT..slot * STAGING_SLOT + descriptor.len()].copy_from_slice(descriptor);
-        let id = self
-            .sq
-            .send(&self.staging.mr, addr, u32::try_from(descriptor.len()).unwrap_or(u32::MAX))?;
+        self.staging.buf.bytes_mut()[slot * STAGING_SLOT..slot * STAGING_SLOT + descriptor.len()]
+            .copy_from_slice(descriptor);
+        let id = self.sq.send(
+            &self.staging.mr,
+            addr,
+            u32::try_from(descriptor.len()).unwrap_or(u32::MAX),
+        )?;
         self.staging.busy[slot] = id;
         Ok(())
     }
@@ -395,7 +448,8 @@ impl Placer for VerbsPlacer {
     }
 
     fn attach(&mut self, placement: &Placement, local: std::net::IpAddr) -> Result<(), TransportError> {
-        let remote = Endpoint::decode(&placement.endpoint).map_err(|e| e.during("read the receiver's endpoint"))?;
+        let remote =
+            Endpoint::decode(&placement.endpoint).map_err(|e| e.during("read the receiver's endpoint"))?;
         if let Some(link) = self.link.as_mut().filter(|l| l.remote == remote) {
             // A new VMA table: the same connection, windows registered anew.
             link.windows.clone_from(&placement.windows);
@@ -425,7 +479,8 @@ impl Placer for VerbsPlacer {
     }
 
     fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError> {
-        self.place(src, window, offset).map_err(|e| e.during("write pages"))
+        self.place(src, window, offset)
+            .map_err(|e| e.during("write pages"))
     }
 
     fn write_summed(
@@ -463,7 +518,42 @@ impl Placer for VerbsPlacer {
         r.map_err(|e| e.during("complete the round's writes"))
     }
 
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.link.as_ref().map_or_else(Vec::new, |l| l.dev.fds())
+    }
+
+    /// The staging buffer, and the device's queues, which the provider maps from the device file
+    /// (an application that opened a verbs device itself is refused by the capture for its
+    /// descriptor anyway).
     fn mappings(&self) -> Vec<Range<u64>> {
-        Vec::new()
+        let Some(link) = &self.link else {
+            return Vec::new();
+        };
+        let mut v = device_mappings(&std::fs::read_to_string("/proc/self/maps").unwrap_or_default());
+        v.push(link.staging.buf.range());
+        v.sort_by_key(|r| r.start);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_mappings_are_found_by_path() {
+        let maps = "\
+7f0000000000-7f0000001000 rw-s 00000000 00:05 12 /dev/infiniband/uverbs0
+7f0000001000-7f0000003000 r--p 00000000 08:01 99 /usr/lib/libibverbs.so.1
+7f0000004000-7f0000006000 rw-s 10000000 00:05 12 /dev/infiniband/uverbs0
+7f0000008000-7f0000009000 rw-p 00000000 00:00 0
+";
+        assert_eq!(
+            device_mappings(maps),
+            vec![
+                0x7f00_0000_0000..0x7f00_0000_1000,
+                0x7f00_0000_4000..0x7f00_0000_6000
+            ]
+        );
     }
 }

@@ -60,7 +60,10 @@ impl<R> RegCache<R> {
         if run.end - run.start <= self.budget && run.start <= piece.start && piece.end <= run.end {
             run.clone()
         } else {
-            piece.start..piece.end.max(run.end.min(piece.start.saturating_add(self.budget)))
+            piece.start
+                ..piece
+                    .end
+                    .max(run.end.min(piece.start.saturating_add(self.budget)))
         }
     }
 
@@ -99,7 +102,13 @@ pub fn memlock_budget() -> u64 {
     text.lines()
         .find(|l| l.starts_with("Max locked memory"))
         .and_then(|l| l.split_whitespace().nth(3))
-        .map_or(0, |soft| if soft == "unlimited" { u64::MAX } else { soft.parse().unwrap_or(0) })
+        .map_or(0, |soft| {
+            if soft == "unlimited" {
+                u64::MAX
+            } else {
+                soft.parse().unwrap_or(0)
+            }
+        })
 }
 
 /// True when this process has `CAP_IPC_LOCK` in its effective set.
@@ -108,7 +117,11 @@ fn has_ipc_lock() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_owned();
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
             u64::from_str_radix(&hex, 16).ok()
         })
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
@@ -137,8 +150,14 @@ mod tests {
                 let piece = p..run.end.min(p + (piece_pages * P).min(budget));
                 if cache.lookup(&piece).is_none() {
                     let plan = cache.plan(&piece, &run);
-                    prop_assert!(plan.start <= piece.start && piece.end <= plan.end, "plan {plan:?} misses {piece:?}");
-                    prop_assert!(run.start <= plan.start && plan.end <= run.end, "plan {plan:?} leaves run {run:?}");
+                    prop_assert!(
+                        plan.start <= piece.start && piece.end <= plan.end,
+                        "plan {plan:?} misses {piece:?}"
+                    );
+                    prop_assert!(
+                        run.start <= plan.start && plan.end <= run.end,
+                        "plan {plan:?} leaves run {run:?}"
+                    );
                     if !cache.fits(plan.end - plan.start) {
                         cache.clear();
                     }

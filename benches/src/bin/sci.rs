@@ -25,7 +25,6 @@ use om_benches::{median, populated_region};
 use om_page_server::{Limits, Store};
 use om_transport::api::Exporter;
 use om_transport::sys::Readable;
-use om_transport::wire::{Begin, ImageInfo, Vma};
 use om_transport::{ClusterKey, PageSender, Receiver, ReceiverConfig, SenderConfig, TcpSender};
 
 const GIB: usize = 1 << 30;
@@ -93,23 +92,7 @@ fn memcpy(sci: &om_sci::sys::Sisci, src: &mut Region, seed: u32) -> (Duration, D
 fn om(addr: SocketAddr, lib: &str, src: &Region, racy: om_sci::Racy) -> (Duration, Duration) {
     let start = src.addr() as u64;
     let run = std::slice::from_ref(&(start..start + src.len() as u64)).to_vec();
-    let begin = Begin {
-        info: ImageInfo {
-            pid: std::process::id(),
-            uid: 0,
-            gid: 0,
-            flags: 0,
-            populated_bytes: src.len() as u64,
-        },
-        vmas: vec![Vma {
-            start,
-            end: start + src.len() as u64,
-            prot: 3,
-            flags: 0,
-            pgoff: 0,
-            name: b"[bench]".to_vec(),
-        }],
-    };
+    let begin = om_benches::begin_for_region(start, src.len() as u64);
     let placer = om_sci::SciPlacer::open_with(Some(lib))
         .expect("SISCI")
         .with_racy(racy);

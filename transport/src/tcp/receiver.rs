@@ -532,9 +532,7 @@ fn send_placement<I: ImageSink>(
     image: &I,
 ) -> Result<(), TransportError> {
     let extents = image.placed().map(|(_, e)| e).unwrap_or_default();
-    let placement = export
-        .placement(extents)
-        .map_err(|(c, m)| refused(conn, c, m))?;
+    let placement = export.placement(extents).map_err(|(c, m)| refused(conn, c, m))?;
     conn.send(Kind::Placement, &placement.encode())
 }
 

@@ -249,12 +249,13 @@ impl TcpSender {
         Ok(())
     }
 
-    /// The descriptors of its connections (never part of an image).
+    /// The descriptors of its connections and of its placer's fabric (never part of an image).
     #[must_use]
     pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
         std::iter::once(&self.control)
             .chain(self.data.iter())
             .map(Conn::raw_fd)
+            .chain(self.placer.iter().flat_map(|(p, _)| p.fds()))
             .collect()
     }
 

@@ -476,7 +476,11 @@ impl Placement {
         for (what, len, max) in [
             ("placement windows", nw, MAX_WINDOWS),
             ("placement extents", ne, MAX_EXTENTS),
-            ("placement endpoint", head.endpoint.get() as usize, super::MAX_ENDPOINT),
+            (
+                "placement endpoint",
+                head.endpoint.get() as usize,
+                super::MAX_ENDPOINT,
+            ),
         ] {
             if len > max {
                 return Err(WireError::Oversized {

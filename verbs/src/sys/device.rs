@@ -118,7 +118,9 @@ impl Device {
             unsafe { (lib.close_device)(ctx.as_ptr()) };
         };
         let want = local.map(gid_of);
-        let forced_gid = std::env::var("OM_VERBS_GID").ok().and_then(|s| s.parse::<u8>().ok());
+        let forced_gid = std::env::var("OM_VERBS_GID")
+            .ok()
+            .and_then(|s| s.parse::<u8>().ok());
         let mut chosen = None;
         for port in 1..=u8::MAX {
             let mut attr = PortAttr::default();
@@ -183,6 +185,18 @@ impl Device {
         self.attr.link_layer == abi::LINK_LAYER_ETHERNET
     }
 
+    /// The descriptors the library opened for this device (its command and async event files).
+    #[must_use]
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        // SAFETY: the context stays open while self lives; the two fields are plain ints written
+        // once by ibv_open_device.
+        let ctx = unsafe { self.ctx.as_ref() };
+        [ctx.cmd_fd, ctx.async_fd]
+            .into_iter()
+            .filter(|&fd| fd >= 0)
+            .collect()
+    }
+
     /// The library.
     #[must_use]
     pub fn library(&self) -> &Arc<Library> {
@@ -216,7 +230,15 @@ impl Device {
     pub fn completion_queue(self: &Arc<Self>, entries: u32) -> Result<Cq, VerbsError> {
         let n = c_int::try_from(entries).unwrap_or(c_int::MAX);
         // SAFETY: an open context; no channel, no context pointer.
-        let cq = unsafe { (self.lib.create_cq)(self.ctx.as_ptr(), n, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        let cq = unsafe {
+            (self.lib.create_cq)(
+                self.ctx.as_ptr(),
+                n,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
         Ok(Cq {
             dev: Arc::clone(self),
             cq: NonNull::new(cq).ok_or_else(|| VerbsError::Call("ibv_create_cq", errno()))?,
@@ -339,12 +361,15 @@ impl Cq {
     /// The provider failing to poll.
     pub fn poll(&self, wc: &mut [Wc]) -> Result<usize, VerbsError> {
         // SAFETY: the CQ's context is the device's; its ops table is the provider's.
-        let poll = unsafe { (*self.cq.as_ref().context).ops.poll_cq }
-            .ok_or(VerbsError::Call("poll_cq", std::io::Error::from_raw_os_error(libc::ENOSYS)))?;
+        let poll = unsafe { (*self.cq.as_ref().context).ops.poll_cq }.ok_or(VerbsError::Call(
+            "poll_cq",
+            std::io::Error::from_raw_os_error(libc::ENOSYS),
+        ))?;
         let n = c_int::try_from(wc.len()).unwrap_or(c_int::MAX);
         // SAFETY: `wc` has room for `n` completions.
         let got = unsafe { poll(self.cq.as_ptr(), n, wc.as_mut_ptr()) };
-        usize::try_from(got).map_err(|_| VerbsError::Call("ibv_poll_cq", std::io::Error::from_raw_os_error(-got)))
+        usize::try_from(got)
+            .map_err(|_| VerbsError::Call("ibv_poll_cq", std::io::Error::from_raw_os_error(-got)))
     }
 }
 
@@ -485,8 +510,10 @@ impl Qp {
     /// sends) until the request completes; `wr` and its chain and scatter lists must be valid.
     pub unsafe fn post_send(&self, wr: &mut SendWr) -> Result<(), VerbsError> {
         // SAFETY: the QP's context is the device's; its ops table is the provider's.
-        let post = unsafe { (*self.qp.as_ref().context).ops.post_send }
-            .ok_or(VerbsError::Call("post_send", std::io::Error::from_raw_os_error(libc::ENOSYS)))?;
+        let post = unsafe { (*self.qp.as_ref().context).ops.post_send }.ok_or(VerbsError::Call(
+            "post_send",
+            std::io::Error::from_raw_os_error(libc::ENOSYS),
+        ))?;
         let mut bad: *mut SendWr = std::ptr::null_mut();
         // SAFETY: the caller guarantees the chain; `bad` receives the failing request.
         let r = unsafe { post(self.qp.as_ptr(), wr, &raw mut bad) };
@@ -507,8 +534,10 @@ impl Qp {
     /// completes or the pair is destroyed.
     pub unsafe fn post_recv(&self, wr_id: u64, sge: Sge) -> Result<(), VerbsError> {
         // SAFETY: as in post_send.
-        let post = unsafe { (*self.qp.as_ref().context).ops.post_recv }
-            .ok_or(VerbsError::Call("post_recv", std::io::Error::from_raw_os_error(libc::ENOSYS)))?;
+        let post = unsafe { (*self.qp.as_ref().context).ops.post_recv }.ok_or(VerbsError::Call(
+            "post_recv",
+            std::io::Error::from_raw_os_error(libc::ENOSYS),
+        ))?;
         let mut sge = sge;
         let mut wr = RecvWr {
             wr_id,

@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 
-use super::abi::{Context, Cq, Gid, Mr, PortAttr, Pd, Qp, QpAttr, QpInitAttr};
+use super::abi::{Context, Cq, Gid, Mr, Pd, PortAttr, Qp, QpAttr, QpInitAttr};
 use crate::error::VerbsError;
 
 /// The library's file name (its soname: present wherever rdma-core's runtime is installed).

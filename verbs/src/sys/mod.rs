@@ -4,8 +4,10 @@
 pub mod abi;
 pub mod device;
 pub mod library;
+pub mod memory;
 pub mod queue;
 
 pub use device::{Cq, Device, Mr, Qp};
 pub use library::Library;
+pub use memory::Anon;
 pub use queue::{RecvRing, SendQueue};

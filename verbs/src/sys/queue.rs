@@ -72,7 +72,14 @@ impl SendQueue {
     ///
     /// # Errors
     /// A range outside `mr`, the provider refusing, or a completion in error.
-    pub fn write(&mut self, mr: &Arc<Mr>, addr: u64, len: u32, remote: u64, rkey: u32) -> Result<u64, VerbsError> {
+    pub fn write(
+        &mut self,
+        mr: &Arc<Mr>,
+        addr: u64,
+        len: u32,
+        remote: u64,
+        rkey: u32,
+    ) -> Result<u64, VerbsError> {
         self.post(mr, addr, len, Some((remote, rkey)))
     }
 
@@ -85,7 +92,13 @@ impl SendQueue {
         self.post(mr, addr, len, None)
     }
 
-    fn post(&mut self, mr: &Arc<Mr>, addr: u64, len: u32, rdma: Option<(u64, u32)>) -> Result<u64, VerbsError> {
+    fn post(
+        &mut self,
+        mr: &Arc<Mr>,
+        addr: u64,
+        len: u32,
+        rdma: Option<(u64, u32)>,
+    ) -> Result<u64, VerbsError> {
         let range = mr.range();
         if addr < range.start || addr + u64::from(len) > range.end {
             return Err(VerbsError::NoWindow {
@@ -110,7 +123,11 @@ impl SendQueue {
             wr_id: id,
             sg_list: &raw mut sge,
             num_sge: 1,
-            opcode: if rdma.is_some() { abi::WR_RDMA_WRITE } else { abi::WR_SEND },
+            opcode: if rdma.is_some() {
+                abi::WR_RDMA_WRITE
+            } else {
+                abi::WR_SEND
+            },
             send_flags: if signalled { abi::SEND_SIGNALED } else { 0 },
             ..SendWr::default()
         };

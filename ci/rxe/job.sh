@@ -1,0 +1,43 @@
+# Runs inside the soft-RoCE guest (ci/rxe/guest.sh): om's binaries are in /om, rxe0 has 10.0.0.1 and
+# rxe1 10.0.0.2. Fails on the first failing step.
+set -e
+step() { echo; echo "== $*"; }
+
+step "verbs transport tests (page-server/tests/verbs.rs)"
+OM_OMD=/om/omd OM_VERBS_TEST_ADDR=10.0.0.2 verbs-tests --ignored --test-threads=1
+
+step "live migration over rxe: threads, 10.0.0.1 -> 10.0.0.2 -> 10.0.0.1"
+head -c 32 /dev/urandom > /tmp/key && chmod 600 /tmp/key
+for n in 1 2; do
+  omd --listen 10.0.0.$n:7070 --key /tmp/key --control /tmp/omd$n.sock --state-dir /tmp/state$n \
+    >/tmp/omd$n.log 2>&1 &
+done
+threads 2000 > /tmp/plain.out
+omrun --control /tmp/omd1.sock -- threads 2000 > /tmp/moved.out &
+omrun=$!
+sleep 1
+pid=$(cat /proc/$omrun/task/$omrun/children | tr -d ' ')
+fail() { echo "FAILED: $*"; tail -20 /tmp/omd1.log /tmp/omd2.log; exit 1; }
+out=$(omctl --control /tmp/omd1.sock migrate "$pid" --to 10.0.0.2:7070 --transport verbs --max-rounds 3 --json) || fail "migrate to node 2"
+echo "$out"
+there=$(echo "$out" | sed -n 's/.*"pid_there":\([0-9]*\).*/\1/p')
+sleep 1
+back=$(omctl --control /tmp/omd2.sock migrate "$there" --to 10.0.0.1:7070 --transport verbs --max-rounds 3 --json) || fail "migrate back"
+echo "$back"
+wait $omrun || fail "omrun exit status $?"
+cmp /tmp/plain.out /tmp/moved.out || { diff /tmp/plain.out /tmp/moved.out | head -20; fail "output differs from the uninterrupted run"; }
+echo "output identical ($(wc -l < /tmp/plain.out) lines), two hops over verbs"
+
+step "a numbered line every millisecond across a move over rxe"
+numbered 15000 > /tmp/plain.out
+omrun --control /tmp/omd1.sock -- numbered 15000 > /tmp/moved.out &
+omrun=$!
+sleep 1
+pid=$(cat /proc/$omrun/task/$omrun/children | tr -d ' ')
+omctl --control /tmp/omd1.sock migrate "$pid" --to 10.0.0.2:7070 --transport verbs --max-rounds 3 || fail "migrate numbered"
+wait $omrun || fail "omrun exit status $?"
+cmp /tmp/plain.out /tmp/moved.out || fail "lines lost or repeated"
+echo "no line lost or repeated"
+
+step "benchmark: om over rxe / ib_write_bw"
+verbs --mib ${OM_RXE_BENCH_MIB:-32} --runs ${OM_RXE_BENCH_RUNS:-1}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The verbs transport on soft-RoCE: builds om, the verbs tests and the verbs benchmark, boots the rxe
+# guest (ci/rxe/guest.sh) and runs ci/rxe/job.sh inside it: the verbs transport tests, a live
+# migration of a real program between rxe0 and rxe1 and back, and the benchmark against ib_write_bw.
+#
+#   bash ci/rxe/run.sh            # debug build (what CI runs)
+#   OM_RXE_PROFILE=release bash ci/rxe/run.sh   # the benchmark's recorded figures
+#   OM_RXE_JOB=my-job.sh bash ci/rxe/run.sh      # another job script in the same guest
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+profile=${OM_RXE_PROFILE:-debug}
+flag=()
+[ "$profile" = release ] && flag=(--release)
+
+cargo build --locked "${flag[@]}" -p om-cli -p om-page-server -p om-restore -p om-benches --bins
+cargo build --locked "${flag[@]}" -p om-runtime --lib
+# The test binary of page-server/tests/verbs.rs, by its path from cargo.
+tests=$(cargo test --locked "${flag[@]}" -p om-page-server --test verbs --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "verbs":
+        print(m["executable"])')
+[ -x "$tests" ] || { echo "run.sh: no verbs test binary" >&2; exit 1; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/om-rxe-build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cp "$tests" "$work/verbs-tests"
+gcc -O2 -pthread -o "$work/threads" lib/restore/tests/workloads/threads.c
+gcc -O2 -o "$work/numbered" lib/restore/tests/workloads/numbered.c
+bin=target/$profile
+exec bash ci/rxe/guest.sh "${OM_RXE_JOB:-ci/rxe/job.sh}" \
+  "$bin/omd" "$bin/omrun" "$bin/omctl" "$bin/om-restore" "$bin/libomrt.so" "$bin/verbs" \
+  "$work/verbs-tests" "$work/threads" "$work/numbered"

@@ -1,0 +1,234 @@
+//! The verbs transport on a real RDMA device: pages by RDMA WRITE from a live process's memory into
+//! omd's registered image memory, byte for byte; bounded registration windows; a memlock budget too
+//! small for the transport's own buffers; a receiver that dies mid-round.
+//!
+//! These tests need an RDMA device, so they are ignored by default. CI runs them inside the
+//! soft-RoCE guest (`ci/rxe/run.sh`), where the receiver listens on rxe1's address and the sender
+//! uses rxe0's. On a machine with an HCA:
+//!
+//! ```sh
+//! OM_VERBS_TEST_ADDR=<an IP of the RDMA port> cargo test -p om-page-server --test verbs -- --ignored
+//! ```
+//!
+//! (`OM_VERBS_DEVICE=mlx5_0` picks the device by name when its GIDs do not carry that address, as
+//! on InfiniBand.)
+
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+use common::*;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::Duration;
+
+use om_page_server::Limits;
+use om_transport::sys::Readable;
+use om_transport::{PageSender, SenderConfig, TcpSender, TransportError};
+
+/// The address the receiver listens on: one the device serves.
+fn addr() -> String {
+    std::env::var("OM_VERBS_TEST_ADDR").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+fn verbs_server(limits: Limits) -> Server {
+    let exporter = om_verbs::VerbsExporter::open(limits.per_image).expect("an RDMA device");
+    server_at(&addr(), limits, Some(std::sync::Arc::new(exporter)))
+}
+
+fn verbs_sender(
+    to: std::net::SocketAddr,
+    placer: om_verbs::VerbsPlacer,
+) -> Result<TcpSender, TransportError> {
+    TcpSender::connect_placed(to, &key(), SenderConfig::default(), Box::new(placer))
+}
+
+fn limits() -> Limits {
+    Limits {
+        per_image: 1 << 30,
+        total: 1 << 30,
+    }
+}
+
+/// Rounds from stable and racy memory, a new VMA table, dirty pages and a freed range, and the
+/// final round from a copy land byte for byte; no TCP data stream is opened.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn ships_pages_over_verbs_byte_for_byte() {
+    let srv = verbs_server(limits());
+    let len = 24 * MIB;
+    let mut r = random_region(len, 11);
+    let mut tx = verbs_sender(srv.addr, om_verbs::VerbsPlacer::open().unwrap()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    assert_eq!(tx.streams(), 0, "no TCP data streams: pages go by RDMA WRITE");
+    let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
+    assert_eq!(s0.bytes, len as u64);
+    assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
+    let s0 = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
+    assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
+    tx.update_vmas(&begin_for(&r)).unwrap();
+    let base = r.addr() as u64;
+    let mut dirty = Vec::new();
+    for p in (0..(len as u64 / PAGE)).step_by(29) {
+        let w = usize::try_from(p * 512).unwrap();
+        r.words()[w].store(!word(11, w), Ordering::Relaxed);
+        // Runs of one and of several pages: staged and zero-copy writes.
+        let n = if p % 2 == 0 {
+            1
+        } else {
+            20.min(len as u64 / PAGE - p)
+        };
+        dirty.push(base + p * PAGE..base + (p + n) * PAGE);
+    }
+    dirty = om_transport::batch::union(&dirty, &[]);
+    let freed = base + 40 * PAGE..base + 200 * PAGE;
+    dirty = om_transport::batch::uncovered(&dirty, std::slice::from_ref(&freed));
+    r.dontneed(40 * PAGE as usize, 160 * PAGE as usize).unwrap();
+    let s1 = tx
+        .send_round(readable(&dirty), std::slice::from_ref(&freed), false)
+        .unwrap();
+    assert!(s1.suspects.is_empty(), "{:?}", s1.suspects);
+    // The final round from a copy, as in a migration's freeze.
+    let last = &dirty[..dirty.len() / 2];
+    tx.send_round(Readable::copied(last), &[], true).unwrap();
+    let id = tx.commit().unwrap();
+    srv.settle(1);
+    assert_eq!(srv.errors(), "");
+    let image = srv.store.get(id).expect("committed image kept");
+    assert_image_equals(&image, &r, &[freed]);
+}
+
+/// With a locked-memory budget far below the memory shipped, the application's memory is
+/// registered in bounded windows, dropped and registered again; every byte still lands.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn bounded_registration_windows_ship_everything() {
+    let srv = verbs_server(limits());
+    let len = 16 * MIB;
+    let r = random_region(len, 12);
+    let staging = (om_verbs::placer::STAGING_SLOT * om_verbs::placer::STAGING_SLOTS) as u64;
+    let placer = om_verbs::VerbsPlacer::open()
+        .unwrap()
+        .with_budget(staging + MIB as u64);
+    let mut tx = verbs_sender(srv.addr, placer).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
+    assert!(s0.suspects.is_empty());
+    tx.send_round(Readable::copied(&[]), &[], true).unwrap();
+    let id = tx.commit().unwrap();
+    srv.settle(1);
+    assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
+}
+
+/// A budget that cannot even hold the staging buffer is a clear error before any page moves.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn a_memlock_budget_below_the_staging_buffer_is_a_clear_error() {
+    let srv = verbs_server(limits());
+    let r = random_region(MIB, 13);
+    let placer = om_verbs::VerbsPlacer::open().unwrap().with_budget(MIB as u64);
+    let e = verbs_sender(srv.addr, placer)
+        .and_then(|mut tx| tx.begin(&begin_for(&r)).map(|_| ()))
+        .expect_err("budget too small");
+    let msg = om_transport::error::chain(&e);
+    assert!(
+        msg.contains("RLIMIT_MEMLOCK") && msg.contains("ulimit -l"),
+        "{msg}"
+    );
+    assert!(region_matches_seed(&r, 13));
+}
+
+/// The application writes while its pages go by RDMA straight from its memory: pages torn by a
+/// write come back as suspects (the sender checksummed before the adapter read), the final round
+/// from a copy makes the image exact.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn pages_written_while_written_remotely_end_exact() {
+    let srv = verbs_server(limits());
+    let len = 8 * MIB;
+    let r = random_region(len, 14);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut tx = verbs_sender(srv.addr, om_verbs::VerbsPlacer::open().unwrap()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    thread::scope(|s| {
+        s.spawn(|| {
+            let words = r.words();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                words[(n * 4099) % words.len()].fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                if n % 4096 == 0 {
+                    thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        for _ in 0..2 {
+            tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    tx.send_round(Readable::copied(&[whole(&r)]), &[], true).unwrap();
+    let id = tx.commit().unwrap();
+    srv.settle(1);
+    assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
+}
+
+/// omd (the real daemon) dies in the middle of a round: the sender gets a clear error and its
+/// memory is untouched.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn a_killed_receiver_fails_the_sender_and_leaves_the_source_untouched() {
+    let dir = std::env::temp_dir().join(format!("om-verbs-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, [42u8; 32]).unwrap();
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let port = 17000 + (std::process::id() % 1000) as u16;
+    let listen = format!("{}:{port}", addr());
+    // In the guest the daemon is not where cargo built it.
+    let omd_bin = std::env::var("OM_OMD").unwrap_or_else(|_| OMD.into());
+    let mut omd = Command::new(omd_bin)
+        .args(["--listen", &listen, "--key"])
+        .arg(&key_file)
+        .arg("--control")
+        .arg(dir.join("omd.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let to: std::net::SocketAddr = listen.parse().unwrap();
+    let mut tx = None;
+    for _ in 0..100 {
+        match verbs_sender(to, om_verbs::VerbsPlacer::open().unwrap()) {
+            Ok(t) => {
+                tx = Some(t);
+                break;
+            }
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let mut tx = tx.expect("omd up");
+    let len = 64 * MIB;
+    let r = random_region(len, 15);
+    tx.begin(&begin_for(&r)).unwrap();
+    let killer = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        omd.kill().unwrap();
+        omd.wait().unwrap();
+    });
+    let mut failed = None;
+    for _ in 0..20 {
+        if let Err(e) = tx.send_round(readable(&[whole(&r)]), &[], false) {
+            failed = Some(e);
+            break;
+        }
+    }
+    killer.join().unwrap();
+    let e = failed.expect("the sender notices the dead receiver");
+    let msg = om_transport::error::chain(&e);
+    assert!(!msg.is_empty());
+    assert!(region_matches_seed(&r, 15), "source memory untouched");
+    let _ = std::fs::remove_dir_all(&dir);
+}
