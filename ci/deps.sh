@@ -11,6 +11,19 @@ declare -A NEED=(
   [setpriv]=util-linux # dirty-tracking tests run a process unprivileged
   [sqlite3]=sqlite3  # a restart test runs the sqlite3 CLI
   [mpirun]=openmpi-bin # omrun under mpirun (lib/restore/tests/launchers.rs)
+  # the soft-RoCE rig (ci/rxe): a QEMU guest built from this machine's packages
+  [qemu-system-x86_64]=qemu-system-x86
+  [busybox]=busybox-static
+  [ib_write_bw]=perftest
+  [ibv_devinfo]=ibverbs-utils
+  [strip]=binutils
+)
+
+# file -> Debian package (libraries and headers, which no command stands for)
+declare -A NEED_FILES=(
+  [/usr/lib/x86_64-linux-gnu/libibverbs.so.1]=libibverbs1
+  [/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so]=ibverbs-providers
+  [/usr/include/infiniband/verbs.h]=libibverbs-dev # verbs/tests/layout.rs checks om's ABI structs
 )
 
 # cbindgen generates om.h; CI checks the committed header against it (a Rust tool, from crates.io).
@@ -23,6 +36,9 @@ fi
 missing=()
 for cmd in "${!NEED[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
+done
+for f in "${!NEED_FILES[@]}"; do
+  [ -e "$f" ] || missing+=("${NEED_FILES[$f]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 

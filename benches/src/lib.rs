@@ -52,26 +52,6 @@ pub fn populated_region(bytes: usize, seed: u64) -> om::sys::mman::Region {
     r
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_odd_even_empty() {
-        let ms = Duration::from_millis;
-        assert_eq!(median(&[ms(3), ms(1), ms(2)]), Some(ms(2)));
-        assert_eq!(
-            median(&[ms(4), ms(1), ms(2), ms(3)]),
-            Some(Duration::from_micros(2500))
-        );
-        assert_eq!(median(&[]), None);
-        assert!((ratio(ms(3), ms(2)) - 1.5).abs() < 1e-12);
-        let args: Vec<String> = ["b", "--runs", "5"].map(String::from).to_vec();
-        assert_eq!(opt(&args, "--runs", "3"), "5");
-        assert_eq!(opt(&args, "--gib", "1"), "1");
-    }
-}
-
 /// The VMA table of one anonymous read-write region of `len` bytes at `start`, as a benchmark's
 /// image opens it.
 #[must_use]
@@ -92,5 +72,25 @@ pub fn begin_for_region(start: u64, len: u64) -> om_transport::wire::Begin {
             pgoff: 0,
             name: b"[bench]".to_vec(),
         }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_even_empty() {
+        let ms = Duration::from_millis;
+        assert_eq!(median(&[ms(3), ms(1), ms(2)]), Some(ms(2)));
+        assert_eq!(
+            median(&[ms(4), ms(1), ms(2), ms(3)]),
+            Some(Duration::from_micros(2500))
+        );
+        assert_eq!(median(&[]), None);
+        assert!((ratio(ms(3), ms(2)) - 1.5).abs() < 1e-12);
+        let args: Vec<String> = ["b", "--runs", "5"].map(String::from).to_vec();
+        assert_eq!(opt(&args, "--runs", "3"), "5");
+        assert_eq!(opt(&args, "--gib", "1"), "1");
     }
 }

@@ -28,7 +28,9 @@ shift
 mkdir -p "$cache"
 # The kernel: Debian's current 6.1 image, downloaded once.
 if [ ! -f "$cache/vmlinuz" ]; then
-  pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-6\.1/ {print $2; exit}')
+  latest() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6\.1/ {print $2; exit}'; }
+  pkg=$(latest)
+  [ -n "$pkg" ] || { apt-get update -qq >/dev/null 2>&1 || true; pkg=$(latest); }
   [ -n "$pkg" ] || { echo "guest.sh: no linux-image-6.1 package known to apt" >&2; exit 1; }
   rm -rf "$cache/kernel" && mkdir -p "$cache/kernel"
   (cd "$cache/kernel" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb .)

@@ -87,6 +87,15 @@ fn main() {
     let runs = [0x60_0000..0x60_0000 + 3 * P, 0x60_8000..0x60_8000 + P];
     put("batch", "two-runs", &Batch::encode(1, &runs, &[1, 2, 3, 4], P));
     put("zero", "two-runs", &Zero::encode(2, &runs, P));
+    let endpoint = om_verbs::endpoint::Endpoint {
+        qpn: 0x11,
+        psn: 0xabcdef,
+        lid: 0,
+        mtu: 3,
+        gid: om_verbs::sys::abi::Gid([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 2]),
+        base: 0x7f00_0000_0000,
+    };
+    put("verbs_endpoint", "rxe1", &endpoint.encode());
     let placement = Placement {
         node: 8,
         mailbox: 0x1234_5679,
@@ -105,7 +114,7 @@ fn main() {
                 offset: (1 << 30) - 16 * P,
             },
         ],
-        endpoint: vec![0x42; 48],
+        endpoint: endpoint.encode(),
     };
     put("placement", "two-windows", &placement.encode());
     let descriptor = Batch::encode(1, &runs[..1], &[1, 2, 3], P);

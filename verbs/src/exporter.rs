@@ -92,7 +92,7 @@ impl VerbsExport {
             },
         )?;
         let ring = RecvRing::new(&qp, RECV_DEPTH, MESSAGE_BYTES)?;
-        let psn = u32::try_from(std::process::id() & 0xff_ffff).unwrap_or(1);
+        let psn = std::process::id() & 0xff_ffff;
         tracing::debug!(device = %dev.name, qpn = qp.number(), "verbs export opened");
         Ok(Self {
             qp,

@@ -60,7 +60,7 @@ fn server(ip: &str) -> (SocketAddr, Store) {
 /// One full round of `src` into a new image.
 fn om(addr: SocketAddr, src: &om::sys::mman::Region) -> Duration {
     let start = src.addr() as u64;
-    let run = [start..start + src.len() as u64];
+    let run = std::slice::from_ref(&(start..start + src.len() as u64)).to_vec();
     let placer = om_verbs::VerbsPlacer::open().expect("libibverbs");
     let mut tx =
         TcpSender::connect_placed(addr, &key(), SenderConfig::default(), Box::new(placer)).expect("connect");

@@ -373,7 +373,7 @@ mod tests {
             }
             let windows = u32::try_from(off.div_ceil(1 << shift)).unwrap().max(1);
             let p = Placement { node: 8, mailbox: 3, doorbell: 1, window_shift: shift,
-                windows: (100..100 + windows).collect(), extents, endpoint: vec![7; run.0 as usize % 64] };
+                windows: (100..100 + windows).collect(), extents, endpoint: vec![7; usize::try_from(run.0 % 64).unwrap()] };
             prop_assert_eq!(&Placement::decode(&p.encode(), P).unwrap(), &p);
             let r = 0x10_0000 + run.0 * P..0x10_0000 + (run.0 + run.1) * P;
             let oracle: Option<Vec<(usize, u64)>> = (r.start..r.end).step_by(usize::try_from(P).unwrap()).map(|a| {

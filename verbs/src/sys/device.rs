@@ -69,11 +69,13 @@ impl Device {
         let mut seen = Vec::new();
         for i in 0..count {
             // SAFETY: `i` < the array's length.
-            let dev = unsafe { *list.add(i) };
-            // SAFETY: a device of the list; the name is a string of the library.
-            let name = unsafe { CStr::from_ptr((lib.get_device_name)(dev)) }
-                .to_string_lossy()
-                .into_owned();
+            let slot = unsafe { list.add(i) };
+            // SAFETY: an element of the array ibv_get_device_list returned.
+            let dev = unsafe { *slot };
+            // SAFETY: a device of the live list.
+            let raw_name = unsafe { (lib.get_device_name)(dev) };
+            // SAFETY: the name is a NUL-terminated string of the library, alive with the list.
+            let name = unsafe { CStr::from_ptr(raw_name) }.to_string_lossy().into_owned();
             seen.push(name.clone());
             if wanted.as_ref().is_some_and(|w| *w != name) {
                 continue;
@@ -296,6 +298,36 @@ impl Drop for Device {
     }
 }
 
+/// Objects of the library whose first field is their context (`ibv_cq`, `ibv_qp`).
+trait HasContext {
+    fn context(&self) -> *mut abi::Context;
+}
+
+impl HasContext for abi::Cq {
+    fn context(&self) -> *mut abi::Context {
+        self.context
+    }
+}
+
+impl HasContext for abi::Qp {
+    fn context(&self) -> *mut abi::Context {
+        self.context
+    }
+}
+
+/// The provider's operations of `obj`'s device context (where the header's inline `ibv_post_send`,
+/// `ibv_post_recv` and `ibv_poll_cq` look them up).
+fn ops<'a, T: HasContext>(obj: NonNull<T>) -> Result<&'a abi::ContextOps, VerbsError> {
+    // SAFETY: `obj` is a live object of the library (owned by a Cq or Qp that holds its device).
+    let ctx = unsafe { obj.as_ref() }.context();
+    // SAFETY: the object's context is its device's, open for as long as the object lives; the ops
+    // table is written by the provider when the context is opened and never changes.
+    unsafe { ctx.as_ref() }.map(|c| &c.ops).ok_or(VerbsError::Call(
+        "context",
+        std::io::Error::from_raw_os_error(libc::EINVAL),
+    ))
+}
+
 /// A registered memory region.
 #[derive(Debug)]
 pub struct Mr {
@@ -360,8 +392,7 @@ impl Cq {
     /// # Errors
     /// The provider failing to poll.
     pub fn poll(&self, wc: &mut [Wc]) -> Result<usize, VerbsError> {
-        // SAFETY: the CQ's context is the device's; its ops table is the provider's.
-        let poll = unsafe { (*self.cq.as_ref().context).ops.poll_cq }.ok_or(VerbsError::Call(
+        let poll = ops(self.cq)?.poll_cq.ok_or(VerbsError::Call(
             "poll_cq",
             std::io::Error::from_raw_os_error(libc::ENOSYS),
         ))?;
@@ -509,8 +540,7 @@ impl Qp {
     /// Every scatter entry must name registered memory that stays registered and unchanged (for
     /// sends) until the request completes; `wr` and its chain and scatter lists must be valid.
     pub unsafe fn post_send(&self, wr: &mut SendWr) -> Result<(), VerbsError> {
-        // SAFETY: the QP's context is the device's; its ops table is the provider's.
-        let post = unsafe { (*self.qp.as_ref().context).ops.post_send }.ok_or(VerbsError::Call(
+        let post = ops(self.qp)?.post_send.ok_or(VerbsError::Call(
             "post_send",
             std::io::Error::from_raw_os_error(libc::ENOSYS),
         ))?;
@@ -533,8 +563,7 @@ impl Qp {
     /// `sge` must name registered, writable memory that stays registered until the receive
     /// completes or the pair is destroyed.
     pub unsafe fn post_recv(&self, wr_id: u64, sge: Sge) -> Result<(), VerbsError> {
-        // SAFETY: as in post_send.
-        let post = unsafe { (*self.qp.as_ref().context).ops.post_recv }.ok_or(VerbsError::Call(
+        let post = ops(self.qp)?.post_recv.ok_or(VerbsError::Call(
             "post_recv",
             std::io::Error::from_raw_os_error(libc::ENOSYS),
         ))?;
