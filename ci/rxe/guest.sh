@@ -81,6 +81,10 @@ for f in "$@"; do
   if file -L "$f" | grep -q ELF; then add_elf "$f" "/om/$(basename "$f")"; else install -D -m 755 "$f" "$fs/om/$(basename "$f")"; fi
 done
 install -m 755 "$job" "$fs/job"
+# The job's settings from this environment (OM_RXE_BENCH_*: the benchmark's size and runs).
+for v in $(compgen -e | grep '^OM_RXE_BENCH_' || true); do
+  printf "export %s='%s'\n" "$v" "${!v}"
+done >"$fs/env"
 
 cat >"$fs/init" <<EOF
 #!/bin/sh
@@ -116,6 +120,7 @@ for i in all veth0 veth1; do echo 0 > /proc/sys/net/ipv4/conf/\$i/rp_filter; don
 /sbin/rdma link add rxe1 type rxe netdev veth1
 chmod 666 /dev/infiniband/* 2>/dev/null
 cd /tmp
+. /env
 echo "== rxe guest up: \$(ls /sys/class/infiniband | tr '\n' ' ')"
 sh /job
 echo "== rxe guest job exit \$?"
