@@ -58,9 +58,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size in bytes"))
 }
 
-const AFTER_HELP: &str = "Status of this build: omd receives images from authenticated peers into \
-memory and keeps them once committed; the control socket answers `ping`, `images`, `save ID DIR` \
-(write a checkpoint directory) and `drop ID`. Restoring processes lands with issue #5.";
+const AFTER_HELP: &str = "omd receives migrating and checkpointed images from authenticated peers \
+(over TCP, and over Dolphin SCI or InfiniBand/RoCE verbs where this node has a SISCI library or an \
+active RDMA port), restores migrated processes, and serves omrun and omctl on the control socket \
+(`ping`, `images`, `save ID DIR`, `drop ID`, `ps`, `checkpoint ...`, `migrate ...`). OM_LOG=debug turns on logs.";
 
 fn main() -> ExitCode {
     init_logging(tracing::Level::INFO);
