@@ -75,6 +75,38 @@ pub fn begin_for_region(start: u64, len: u64) -> om_transport::wire::Begin {
     }
 }
 
+/// An in-process omd page server on `ip` (a free port) with cluster key `key`, at most `limit` bytes
+/// per image and in all, offering `exporters` (placing transports); serves until the process ends.
+#[must_use]
+pub fn page_server(
+    ip: &str,
+    key: om_transport::ClusterKey,
+    limit: u64,
+    exporters: Vec<std::sync::Arc<dyn om_transport::api::Exporter>>,
+) -> (std::net::SocketAddr, om_page_server::Store) {
+    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let store = om_page_server::Store::new(om_page_server::Limits {
+        per_image: limit,
+        total: limit,
+    });
+    let receiver = om_transport::Receiver::new(
+        key,
+        std::sync::Arc::new(store.clone()),
+        om_transport::ReceiverConfig {
+            exporters,
+            ..om_transport::ReceiverConfig::default()
+        },
+    );
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let r = std::sync::Arc::clone(&receiver);
+            std::thread::spawn(move || r.serve(s));
+        }
+    });
+    (addr, store)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

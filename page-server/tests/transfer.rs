@@ -163,23 +163,13 @@ fn pages_written_while_placed_land_as_checksummed() {
     let srv = sci_server(big_limits());
     let len = 64 * MIB;
     let r = random_region(len, 6);
-    let stop = std::sync::atomic::AtomicBool::new(false);
     let mut tx = sci_sender(srv.addr).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
-    thread::scope(|s| {
-        s.spawn(|| {
-            let words = r.words();
-            let mut n = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                words[(n * 4099) % words.len()].fetch_add(1, Ordering::Relaxed);
-                n += 1;
-            }
-        });
+    while_writing(&r, || {
         for _ in 0..3 {
             let st = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
             assert!(st.suspects.is_empty(), "{:?}", st.suspects);
         }
-        stop.store(true, Ordering::Relaxed);
     });
     tx.send_round(Readable::copied(&[whole(&r)]), &[], true).unwrap();
     let id = tx.commit().unwrap();

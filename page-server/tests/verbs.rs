@@ -148,25 +148,12 @@ fn pages_written_while_written_remotely_end_exact() {
     let srv = verbs_server(limits());
     let len = 8 * MIB;
     let r = random_region(len, 14);
-    let stop = std::sync::atomic::AtomicBool::new(false);
     let mut tx = verbs_sender(srv.addr, om_verbs::VerbsPlacer::open().unwrap()).unwrap();
     tx.begin(&begin_for(&r)).unwrap();
-    thread::scope(|s| {
-        s.spawn(|| {
-            let words = r.words();
-            let mut n = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                words[(n * 4099) % words.len()].fetch_add(1, Ordering::Relaxed);
-                n += 1;
-                if n % 4096 == 0 {
-                    thread::sleep(Duration::from_micros(200));
-                }
-            }
-        });
+    while_writing(&r, || {
         for _ in 0..2 {
             tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
         }
-        stop.store(true, Ordering::Relaxed);
     });
     tx.send_round(Readable::copied(&[whole(&r)]), &[], true).unwrap();
     let id = tx.commit().unwrap();

@@ -16,16 +16,16 @@
 //! (the default on an adapter with a DMA engine). It prints the rates and `om / memcpy`, cold and
 //! warm (the figure is the ratio).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use om::sys::mman::Region;
 use om_benches::{median, populated_region};
-use om_page_server::{Limits, Store};
+use om_page_server::Store;
 use om_transport::api::Exporter;
 use om_transport::sys::Readable;
-use om_transport::{ClusterKey, PageSender, Receiver, ReceiverConfig, SenderConfig, TcpSender};
+use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
 
 const GIB: usize = 1 << 30;
 
@@ -45,28 +45,8 @@ fn key() -> ClusterKey {
 
 /// An in-process omd page server that offers SCI.
 fn server(lib: &str) -> (SocketAddr, Store) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let store = Store::new(Limits {
-        per_image: 16 << 30,
-        total: 16 << 30,
-    });
     let exporter: Arc<dyn Exporter> = Arc::new(om_sci::SciExporter::open_with(Some(lib)).expect("SISCI"));
-    let receiver = Receiver::new(
-        key(),
-        Arc::new(store.clone()),
-        ReceiverConfig {
-            exporters: vec![exporter],
-            ..ReceiverConfig::default()
-        },
-    );
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let r = Arc::clone(&receiver);
-            std::thread::spawn(move || r.serve(s));
-        }
-    });
-    (addr, store)
+    om_benches::page_server("127.0.0.1", key(), 16 << 30, vec![exporter])
 }
 
 /// Memcpy into a fresh segment, then into the same one again: (cold, warm).

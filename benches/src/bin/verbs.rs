@@ -14,15 +14,15 @@
 //!
 //! It prints both rates and `om / ib_write_bw` (the figure).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use om_benches::{median, populated_region};
-use om_page_server::{Limits, Store};
+use om_page_server::Store;
 use om_transport::sys::Readable;
-use om_transport::{ClusterKey, PageSender, Receiver, ReceiverConfig, SenderConfig, TcpSender};
+use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
 
 const MIB: usize = 1 << 20;
 
@@ -32,29 +32,9 @@ fn key() -> ClusterKey {
 
 /// An in-process omd page server on `ip` that offers verbs.
 fn server(ip: &str) -> (SocketAddr, Store) {
-    let listener = TcpListener::bind((ip, 0)).expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let limits = Limits {
-        per_image: 8 << 30,
-        total: 8 << 30,
-    };
-    let store = Store::new(limits);
-    let exporter = om_verbs::VerbsExporter::open(limits.per_image).expect("an RDMA device");
-    let receiver = Receiver::new(
-        key(),
-        Arc::new(store.clone()),
-        ReceiverConfig {
-            exporters: vec![Arc::new(exporter)],
-            ..ReceiverConfig::default()
-        },
-    );
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let r = Arc::clone(&receiver);
-            std::thread::spawn(move || r.serve(s));
-        }
-    });
-    (addr, store)
+    let limit = 8 << 30;
+    let exporter = om_verbs::VerbsExporter::open(limit).expect("an RDMA device");
+    om_benches::page_server(ip, key(), limit, vec![Arc::new(exporter)])
 }
 
 /// One full round of `src` into a new image.

@@ -176,3 +176,26 @@ pub fn assert_image_equals(image: &Image, r: &Region, zeroed: &[Range<u64>]) {
         }
     }
 }
+
+/// Runs `f` while another thread keeps writing words of `r` (4099 words apart, so every page in
+/// turn), as a running application does while its pages are sent.
+pub fn while_writing<T>(r: &Region, f: impl FnOnce() -> T) -> T {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|s| {
+        s.spawn(|| {
+            let words = r.words();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                words[(n * 4099) % words.len()].fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                if n % 4096 == 0 {
+                    // Leave the sender a core on small machines.
+                    thread::yield_now();
+                }
+            }
+        });
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        out
+    })
+}
