@@ -10,6 +10,11 @@ pub enum VerbsError {
     /// libibverbs could not be loaded.
     #[error("cannot load libibverbs: {0}")]
     Load(String),
+    /// Registered memory would not survive a `fork()` correctly here.
+    #[error(
+        "registered memory is not fork-safe here (libibverbs does not report IBV_FORK_UNNEEDED: Linux 5.13 and rdma-core 35 or later are needed)"
+    )]
+    ForkUnsafe,
     /// No device or port to use.
     #[error("no RDMA device to use: {0}")]
     NoDevice(String),
@@ -95,7 +100,7 @@ impl VerbsError {
             Self::Endpoint(_) | Self::NoWindow { .. } => ErrorCode::Protocol,
             Self::Memlock { .. } | Self::Register { .. } => ErrorCode::Limit,
             Self::Timeout(_) => ErrorCode::Timeout,
-            Self::Load(_) | Self::NoDevice(_) => ErrorCode::Capability,
+            Self::Load(_) | Self::NoDevice(_) | Self::ForkUnsafe => ErrorCode::Capability,
             _ => ErrorCode::Internal,
         };
         (code, format!("verbs: {self}"))

@@ -12,7 +12,7 @@ use om_transport::wire::{ErrorCode, Extent, Placement, caps};
 use crate::endpoint::Endpoint;
 use crate::error::VerbsError;
 use crate::placer::MESSAGE_BYTES;
-use crate::sys::abi::{self, QpCap};
+use crate::sys::abi::QpCap;
 use crate::sys::{Device, Library, Mr, Qp, RecvRing};
 
 /// log2 of a window (one registration, one remote key).
@@ -110,7 +110,7 @@ impl VerbsExport {
     /// from its window's start to the highest byte an extent needs in it); returns the remote keys.
     fn register(&self, extents: &[Extent]) -> Result<Vec<u32>, VerbsError> {
         let memory = self.image.memory();
-        let (base, total) = (memory.as_ptr(), memory.len() as u64);
+        let total = memory.len() as u64;
         let window = 1u64 << WINDOW_SHIFT;
         let mut need: Vec<u64> = Vec::new();
         for e in extents {
@@ -149,13 +149,13 @@ impl VerbsExport {
                     need: total_after,
                 });
             }
-            let at = base.wrapping_add(usize::try_from(start).unwrap_or(usize::MAX));
             // The previous round was acknowledged (a new table comes only between rounds): no
-            // write uses the old registration, which goes here.
-            windows[w] = Some(self.dev.register(
-                at,
+            // write uses the old registration, which goes first (its pins count too).
+            windows[w] = None;
+            windows[w] = Some(self.dev.register_exported(
+                &self.image,
+                usize::try_from(start).unwrap_or(usize::MAX),
                 usize::try_from(len).unwrap_or(usize::MAX),
-                abi::ACCESS_LOCAL_WRITE | abi::ACCESS_REMOTE_WRITE,
             )?);
         }
         Ok(windows.iter().map(|m| m.as_ref().map_or(0, Mr::rkey)).collect())

@@ -28,6 +28,8 @@ pub const STAGING_SLOTS: usize = 8;
 /// The largest message the receiver takes: one batch descriptor.
 pub const MESSAGE_BYTES: usize = MAX_BATCH_BODY.div_ceil(4096) * 4096;
 const _: () = assert!(MESSAGE_BYTES <= STAGING_SLOT);
+/// Locked memory left to the provider's own queues (which count against `RLIMIT_MEMLOCK` too).
+pub const HEADROOM: u64 = 1 << 20;
 /// Largest single RDMA WRITE: larger pieces go as several, so the send queue keeps the link busy
 /// and completions come often enough to reuse staging slots (1 MiB reaches line rate on HCAs).
 pub const MAX_WRITE: u64 = 1 << 20;
@@ -120,7 +122,7 @@ impl VerbsPlacer {
         local: std::net::IpAddr,
     ) -> Result<Link, VerbsError> {
         let staging_bytes = STAGING_SLOT * STAGING_SLOTS;
-        let need = staging_bytes as u64 + ZERO_COPY_MIN;
+        let need = staging_bytes as u64 + HEADROOM + ZERO_COPY_MIN;
         if self.budget < need {
             return Err(VerbsError::Memlock {
                 limit: self.budget,
@@ -142,10 +144,10 @@ impl VerbsPlacer {
         let psn = psn();
         qp.connect(&remote, psn)?;
         let buf = Anon::new(staging_bytes).map_err(|e| VerbsError::Call("mmap", e))?;
-        let mr = Arc::new(dev.register(buf.as_ptr(), buf.len(), 0)?);
+        let mr = Arc::new(dev.register_for_reading(&buf.range())?);
         Ok(Link {
             sq: SendQueue::new(qp, self.timeout),
-            cache: RegCache::new(self.budget - staging_bytes as u64),
+            cache: RegCache::new(self.budget - staging_bytes as u64 - HEADROOM),
             staging: Staging {
                 mr,
                 buf,
@@ -224,7 +226,18 @@ impl VerbsPlacer {
                         link.sq.quiesce()?;
                         link.cache.clear();
                     }
-                    match register_app(&link.dev, &plan) {
+                    let mut attempt = register_app(&link.dev, &plan);
+                    if let Err(VerbsError::Register { source, .. }) = &attempt
+                        && matches!(source.raw_os_error(), Some(libc::ENOMEM | libc::EAGAIN))
+                        && link.cache.bytes() > 0
+                    {
+                        // Locked memory ran short (the provider's own queues count too): let go of
+                        // this round's registrations and try once more.
+                        link.sq.quiesce()?;
+                        link.cache.clear();
+                        attempt = register_app(&link.dev, &plan);
+                    }
+                    match attempt {
                         Ok(mr) => {
                             let mr = Arc::new(mr);
                             link.cache.insert(plan, Arc::clone(&mr));
@@ -258,7 +271,7 @@ impl VerbsPlacer {
                 let k = (n - at).min(MAX_WRITE);
                 let k32 = u32::try_from(k).unwrap_or(u32::MAX);
                 link.sq
-                    .write(&mr, piece.start + at, k32, remote + done + at, rkey)?;
+                    .write(&mr, piece.start + at, k32, remote + done + at, rkey, false)?;
                 at += k;
             }
             self.stats.zero_copy += n;
@@ -307,8 +320,7 @@ fn device_mappings(maps: &str) -> Vec<Range<u64>> {
 
 /// Registers the application's memory in `range` for reading by the device.
 fn register_app(dev: &Arc<Device>, range: &Range<u64>) -> Result<Mr, VerbsError> {
-    let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
-    dev.register(range.start as *mut u8, len, 0)
+    dev.register_for_reading(range)
 }
 
 /// A random first packet sequence number (24 bits): a stale packet of an earlier connection that
@@ -350,8 +362,7 @@ impl Link {
         let part = self
             .staging
             .buf
-            .bytes_mut()
-            .get_mut(at..at + len)
+            .slice_mut(at, len)
             .filter(|_| len <= STAGING_SLOT)
             .ok_or(VerbsError::NoWindow {
                 window: usize::MAX,
@@ -359,12 +370,14 @@ impl Link {
                 len: len as u64,
             })?;
         fill(part)?;
+        // Signalled: the slot is reused once this write completes, without a flush to wait for.
         let id = self.sq.write(
             &self.staging.mr,
             addr,
             u32::try_from(len).unwrap_or(u32::MAX),
             remote,
             rkey,
+            true,
         )?;
         self.staging.busy[slot] = id;
         Ok(())
@@ -425,7 +438,10 @@ impl Link {
             )));
         }
         let (addr, slot) = self.slot()?;
-        self.staging.buf.bytes_mut()[slot * STAGING_SLOT..slot * STAGING_SLOT + descriptor.len()]
+        self.staging
+            .buf
+            .slice_mut(slot * STAGING_SLOT, descriptor.len())
+            .ok_or(VerbsError::NotAttached)?
             .copy_from_slice(descriptor);
         let id = self.sq.send(
             &self.staging.mr,

@@ -48,14 +48,34 @@ fn gid_of(ip: IpAddr) -> Gid {
     })
 }
 
+/// How a port is chosen in one pass over the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// A GID that holds the local address (or `OM_VERBS_GID`, or GID 0 when there is no address).
+    Exact,
+    /// No GID matched anywhere: an InfiniBand port (LID addressed) with GID 0, or any active port
+    /// of a device named by `OM_VERBS_DEVICE`.
+    Fallback,
+}
+
+/// The kernel's type of GID `index` of `dev`'s `port` ("RoCE v2", "IB/RoCE v1"), if it says.
+fn gid_type(dev: &str, port: u8, index: u8) -> Option<String> {
+    std::fs::read_to_string(format!(
+        "/sys/class/infiniband/{dev}/ports/{port}/gid_attrs/types/{index}"
+    ))
+    .ok()
+    .map(|s| s.trim().to_owned())
+}
+
 impl Device {
     /// Opens the port that serves `local`, the IP address this node uses towards the peer: the
-    /// device whose GID table holds that address (RoCE). `OM_VERBS_DEVICE` (a device name) chooses
-    /// the device instead, and `OM_VERBS_GID` the GID index; without a match, the first active port
-    /// of the first device, GID 0 (InfiniBand, where LIDs address ports).
+    /// port whose GID table holds that address (RoCE; the RoCE v2 entry where there are two), on
+    /// any device. Without such a GID anywhere, the first active InfiniBand port (LID addressed,
+    /// GID 0). `OM_VERBS_DEVICE` (a device name) restricts the choice to that device, where any
+    /// active port will do, and `OM_VERBS_GID` picks the GID index.
     ///
     /// # Errors
-    /// No device, no active port, or the library failing.
+    /// No device, no usable port, or the library failing.
     pub fn open(lib: Arc<Library>, local: Option<IpAddr>) -> Result<Self, VerbsError> {
         let wanted = std::env::var("OM_VERBS_DEVICE").ok().filter(|s| !s.is_empty());
         let mut n: c_int = 0;
@@ -64,10 +84,8 @@ impl Device {
         if list.is_null() {
             return Err(VerbsError::NoDevice(format!("ibv_get_device_list: {}", errno())));
         }
-        let count = usize::try_from(n).unwrap_or(0);
-        let mut found = None;
-        let mut seen = Vec::new();
-        for i in 0..count {
+        let mut devices = Vec::new();
+        for i in 0..usize::try_from(n).unwrap_or(0) {
             // SAFETY: `i` < the array's length.
             let slot = unsafe { list.add(i) };
             // SAFETY: an element of the array ibv_get_device_list returned.
@@ -76,41 +94,51 @@ impl Device {
             let raw_name = unsafe { (lib.get_device_name)(dev) };
             // SAFETY: the name is a NUL-terminated string of the library, alive with the list.
             let name = unsafe { CStr::from_ptr(raw_name) }.to_string_lossy().into_owned();
-            seen.push(name.clone());
-            if wanted.as_ref().is_some_and(|w| *w != name) {
-                continue;
-            }
-            match Self::open_one(&lib, dev, &name, local, wanted.is_some()) {
-                Ok(Some(d)) => {
-                    found = Some(Ok(d));
-                    break;
+            devices.push((dev, name));
+        }
+        let mut found = None;
+        'passes: for pass in [Pass::Exact, Pass::Fallback] {
+            for (dev, name) in &devices {
+                if wanted.as_ref().is_some_and(|w| w != name) {
+                    continue;
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    found.get_or_insert(Err(e));
+                match Self::open_one(&lib, *dev, name, local, pass, wanted.is_some()) {
+                    Ok(Some(d)) => {
+                        found = Some(Ok(d));
+                        break 'passes;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        found.get_or_insert(Err(e));
+                    }
                 }
             }
         }
         // SAFETY: the list from ibv_get_device_list, freed once; opened contexts stay valid.
         unsafe { (lib.free_device_list)(list) };
+        let seen: Vec<&String> = devices.iter().map(|(_, n)| n).collect();
         match found {
             Some(Ok(d)) => Ok(d),
             Some(Err(e)) => Err(e),
             None => Err(VerbsError::NoDevice(match (&wanted, local) {
                 (Some(w), _) => format!("no device {w} with an active port (devices: {seen:?})"),
-                (None, Some(ip)) => format!("no active port with a GID for {ip} (devices: {seen:?})"),
+                (None, Some(ip)) => {
+                    format!("no active port with a GID for {ip}, and no InfiniBand port (devices: {seen:?})")
+                }
                 (None, None) => format!("no active port (devices: {seen:?})"),
             })),
         }
     }
 
-    /// Opens `dev` and returns its port for `local` (any active one when `any`), or `None`.
+    /// Opens `dev` and returns its port for `local` as `pass` chooses (`named`: the user named
+    /// this device), or `None`.
     fn open_one(
         lib: &Arc<Library>,
         dev: *mut c_void,
         name: &str,
         local: Option<IpAddr>,
-        any: bool,
+        pass: Pass,
+        named: bool,
     ) -> Result<Option<Self>, VerbsError> {
         // SAFETY: `dev` is a device of a live device list.
         let ctx = NonNull::new(unsafe { (lib.open_device)(dev) })
@@ -133,27 +161,30 @@ impl Device {
             if attr.state != abi::PORT_ACTIVE {
                 continue;
             }
-            let table = u8::try_from(attr.gid_tbl_len.clamp(0, 255)).unwrap_or(0);
-            let mut pick = None;
-            for index in 0..table {
+            let gid_at = |index: u8| {
                 let mut gid = Gid::default();
                 // SAFETY: `gid` is a union ibv_gid; index < the table's length.
-                if unsafe { (lib.query_gid)(ctx.as_ptr(), port, c_int::from(index), &raw mut gid) } != 0 {
-                    continue;
+                let r = unsafe { (lib.query_gid)(ctx.as_ptr(), port, c_int::from(index), &raw mut gid) };
+                (r == 0).then_some(gid)
+            };
+            let table = u8::try_from(attr.gid_tbl_len.clamp(0, 255)).unwrap_or(0);
+            let pick = match (pass, forced_gid, want) {
+                (_, Some(f), _) if f < table => gid_at(f).map(|g| (f, g)),
+                (Pass::Exact, None, Some(w)) => {
+                    // Every entry that holds the address; RoCE v2 (routable) before v1.
+                    let hits: Vec<u8> = (0..table).filter(|&i| gid_at(i) == Some(w)).collect();
+                    hits.iter()
+                        .copied()
+                        .find(|&i| gid_type(name, port, i).as_deref() == Some("RoCE v2"))
+                        .or_else(|| hits.first().copied())
+                        .map(|i| (i, w))
                 }
-                let hit = match (forced_gid, want) {
-                    (Some(f), _) => f == index,
-                    (None, Some(w)) => gid == w,
-                    (None, None) => index == 0,
-                };
-                if hit {
-                    pick = Some((index, gid));
-                    break;
+                (Pass::Exact, None, None) => gid_at(0).map(|g| (0, g)),
+                (Pass::Fallback, None, _) if named || attr.link_layer != abi::LINK_LAYER_ETHERNET => {
+                    Some((0, gid_at(0).unwrap_or_default()))
                 }
-            }
-            if pick.is_none() && (any || local.is_none()) && attr.link_layer != abi::LINK_LAYER_ETHERNET {
-                pick = Some((0, Gid::default()));
-            }
+                _ => None,
+            };
             if let Some((index, gid)) = pick {
                 chosen = Some((port, attr, index, gid));
                 break;
@@ -205,14 +236,22 @@ impl Device {
         &self.lib
     }
 
-    /// Registers `len` bytes at `addr` with `access` flags (pins them).
+    /// Registers `len` bytes at `addr` with `access` flags (pins them); the region keeps `keep`
+    /// alive.
     ///
-    /// # Errors
-    /// [`VerbsError::Register`]: unmapped memory, `RLIMIT_MEMLOCK`, the device's limits.
-    pub fn register(self: &Arc<Self>, addr: *mut u8, len: usize, access: c_int) -> Result<Mr, VerbsError> {
-        // SAFETY: registration only records and pins the pages of [addr, addr+len); the kernel
-        // checks the range is mapped. The region is deregistered before the memory can go (the
-        // owners of Mr keep that order).
+    /// # Safety
+    /// With an access that lets the device write (`LOCAL_WRITE`, `REMOTE_WRITE`), the memory must
+    /// stay mapped and owned by `keep` (or outlive the region otherwise), and no Rust reference may
+    /// cover it while the device can write it.
+    unsafe fn register_raw(
+        self: &Arc<Self>,
+        addr: *mut u8,
+        len: usize,
+        access: c_int,
+        keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<Mr, VerbsError> {
+        // SAFETY: registration records and pins the pages of [addr, addr+len) (the kernel checks
+        // they are mapped); what the device may then do with them is the caller's contract.
         let mr = unsafe { (self.lib.reg_mr)(self.pd.as_ptr(), addr.cast(), len, access) };
         let mr = NonNull::new(mr).ok_or_else(|| VerbsError::Register {
             addr: addr as u64,
@@ -222,7 +261,67 @@ impl Device {
         Ok(Mr {
             dev: Arc::clone(self),
             mr,
+            _keep: keep,
         })
+    }
+
+    /// Registers memory of this process for the device to read (the sources of writes and sends):
+    /// the pages stay pinned, and so readable by the device, whatever the process does with the
+    /// mapping meanwhile.
+    ///
+    /// # Errors
+    /// [`VerbsError::Register`]: unmapped memory, `RLIMIT_MEMLOCK`, the device's limits.
+    pub fn register_for_reading(self: &Arc<Self>, range: &std::ops::Range<u64>) -> Result<Mr, VerbsError> {
+        let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
+        // SAFETY: read-only access: the device never writes these pages.
+        unsafe { self.register_raw(range.start as *mut u8, len, 0, None) }
+    }
+
+    /// Registers `buf` for the device to write locally (receive buffers); the region keeps it.
+    ///
+    /// # Errors
+    /// As [`Device::register_for_reading`].
+    pub fn register_for_receiving(self: &Arc<Self>, buf: &Arc<super::Anon>) -> Result<Mr, VerbsError> {
+        // SAFETY: `buf` is a mapping of its own that the region keeps alive; Anon hands out no
+        // reference into itself through a shared Arc (reads copy through a raw pointer).
+        unsafe {
+            self.register_raw(
+                buf.as_ptr(),
+                buf.len(),
+                abi::ACCESS_LOCAL_WRITE,
+                Some(Arc::clone(buf) as Arc<dyn std::any::Any + Send + Sync>),
+            )
+        }
+    }
+
+    /// Registers `len` bytes at `offset` of an exported image's memory for remote writes; the
+    /// region keeps the image alive.
+    ///
+    /// # Errors
+    /// A range outside the image's memory, or as [`Device::register_for_reading`].
+    pub fn register_exported(
+        self: &Arc<Self>,
+        image: &Arc<dyn om_transport::api::Exportable>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Mr, VerbsError> {
+        let memory = image.memory();
+        let zone = memory.part(offset, len).ok_or(VerbsError::NoWindow {
+            window: usize::MAX,
+            offset: offset as u64,
+            len: len as u64,
+        })?;
+        // SAFETY: the zone lies inside the image's memory (a shared mapping omd owns and only
+        // accesses through the kernel or raw pointers, see `Landing`), which the region keeps
+        // alive through its Arc.
+        unsafe {
+            self.register_raw(
+                zone.as_ptr(),
+                zone.len(),
+                abi::ACCESS_LOCAL_WRITE | abi::ACCESS_REMOTE_WRITE,
+                Some(Arc::new(Arc::clone(image)) as Arc<dyn std::any::Any + Send + Sync>),
+            )
+        }
     }
 
     /// Creates a completion queue of `entries`.
@@ -333,6 +432,8 @@ fn ops<'a, T: HasContext>(obj: NonNull<T>) -> Result<&'a abi::ContextOps, VerbsE
 pub struct Mr {
     dev: Arc<Device>,
     mr: NonNull<abi::Mr>,
+    /// What owns the registered memory, kept alive while the region is.
+    _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 // SAFETY: a registration is a kernel object; its keys and bounds are read-only after creation.

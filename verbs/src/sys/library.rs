@@ -29,6 +29,8 @@ pub struct Library {
     pub query_port: unsafe extern "C" fn(*mut Context, u8, *mut PortAttr) -> c_int,
     pub query_gid: unsafe extern "C" fn(*mut Context, u8, c_int, *mut Gid) -> c_int,
     pub wc_status_str: unsafe extern "C" fn(c_uint) -> *const c_char,
+    /// `ibv_is_fork_initialized` (rdma-core 35 and later).
+    pub is_fork_initialized: Option<unsafe extern "C" fn() -> c_uint>,
     /// Keeps the functions above loaded.
     _lib: libloading::Library,
 }
@@ -43,11 +45,22 @@ macro_rules! sym {
 }
 
 impl Library {
-    /// Loads libibverbs: `OM_VERBS_LIB`, else its soname from the loader's path.
+    /// Loads libibverbs: `OM_VERBS_LIB`, else its soname from the loader's path; refuses a
+    /// kernel or library under which registered memory is not safe across `fork()` (the
+    /// application may fork, and omd does to start restores).
     ///
     /// # Errors
-    /// [`VerbsError::Load`] when it is missing or lacks a function.
+    /// [`VerbsError::Load`] when it is missing or lacks a function, [`VerbsError::ForkUnsafe`].
     pub fn load() -> Result<Self, VerbsError> {
+        let lib = Self::load_unchecked()?;
+        if lib.fork_safe() {
+            Ok(lib)
+        } else {
+            Err(VerbsError::ForkUnsafe)
+        }
+    }
+
+    fn load_unchecked() -> Result<Self, VerbsError> {
         let path = std::env::var("OM_VERBS_LIB").unwrap_or_else(|_| SONAME.into());
         // SAFETY: loading libibverbs runs its initializers, which only read its configuration
         // (provider drivers are loaded later, by ibv_get_device_list).
@@ -71,8 +84,21 @@ impl Library {
             query_port: sym!(lib, "ibv_query_port"),
             query_gid: sym!(lib, "ibv_query_gid"),
             wc_status_str: sym!(lib, "ibv_wc_status_str"),
+            // SAFETY: as for `sym!`: the function of that name and prototype, when it exists.
+            is_fork_initialized: unsafe { lib.get(b"ibv_is_fork_initialized\0") }.ok().map(|s| *s),
             _lib: lib,
         })
+    }
+
+    /// True when registered memory needs no protection across `fork()`: the kernel copies pinned
+    /// pages for the child instead of leaving the parent's writes to a fresh page the adapter does
+    /// not see (Linux 5.13 and later; libibverbs says `IBV_FORK_UNNEEDED`).
+    #[must_use]
+    pub fn fork_safe(&self) -> bool {
+        const IBV_FORK_UNNEEDED: c_uint = 2;
+        // SAFETY: a function without arguments that reads the library's state.
+        self.is_fork_initialized
+            .is_some_and(|f| unsafe { f() } == IBV_FORK_UNNEEDED)
     }
 
     /// The library's name for a work completion status.

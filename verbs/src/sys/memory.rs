@@ -41,11 +41,32 @@ impl Anon {
         Ok(Self { ptr, len })
     }
 
-    /// The bytes.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `len` readable and writable bytes owned by self; &mut self makes
-        // this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    /// `len` bytes at `off`, to fill (`None` outside the mapping). A device may read other parts
+    /// of the mapping meanwhile; it never writes a mapping handed out this way (staging buffers are
+    /// registered for reading only).
+    pub fn slice_mut(&mut self, off: usize, len: usize) -> Option<&mut [u8]> {
+        if off.checked_add(len)? > self.len {
+            return None;
+        }
+        let at = self.ptr.as_ptr().wrapping_add(off);
+        // SAFETY: inside the mapping (checked), which self owns; &mut self makes this the only
+        // reference into it.
+        Some(unsafe { std::slice::from_raw_parts_mut(at, len) })
+    }
+
+    /// A copy of `len` bytes at `off` (`None` outside the mapping), read through a raw pointer: a
+    /// device may be writing other parts of the mapping meanwhile, so no reference covers it.
+    #[must_use]
+    pub fn read(&self, off: usize, len: usize) -> Option<Vec<u8>> {
+        if off.checked_add(len)? > self.len {
+            return None;
+        }
+        let mut out = vec![0u8; len];
+        let at = self.ptr.as_ptr().wrapping_add(off);
+        // SAFETY: the source lies inside the mapping (checked), which self keeps mapped; the caller
+        // reads a part the device finished writing (a reaped receive).
+        unsafe { std::ptr::copy_nonoverlapping(at, out.as_mut_ptr(), len) };
+        Some(out)
     }
 
     /// Start address.

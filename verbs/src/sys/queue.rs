@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::abi::{self, SendWr, Sge, Wc};
 use super::device::{Mr, Qp};
+use super::memory::Anon;
 use crate::error::VerbsError;
 
 /// One request in this many is signalled (selective signalling).
@@ -68,7 +69,8 @@ impl SendQueue {
         self.done
     }
 
-    /// Writes `len` bytes of `mr`'s memory at `addr` to `remote` (under `rkey`) at the peer.
+    /// Writes `len` bytes of `mr`'s memory at `addr` to `remote` (under `rkey`) at the peer;
+    /// `signal` asks for a completion of its own (for memory to be reused once it is done).
     ///
     /// # Errors
     /// A range outside `mr`, the provider refusing, or a completion in error.
@@ -79,8 +81,9 @@ impl SendQueue {
         len: u32,
         remote: u64,
         rkey: u32,
+        signal: bool,
     ) -> Result<u64, VerbsError> {
-        self.post(mr, addr, len, Some((remote, rkey)))
+        self.post(mr, addr, len, Some((remote, rkey)), signal)
     }
 
     /// Sends `len` bytes of `mr`'s memory at `addr` as one message into the peer's next receive
@@ -89,7 +92,7 @@ impl SendQueue {
     /// # Errors
     /// As [`SendQueue::write`].
     pub fn send(&mut self, mr: &Arc<Mr>, addr: u64, len: u32) -> Result<u64, VerbsError> {
-        self.post(mr, addr, len, None)
+        self.post(mr, addr, len, None, true)
     }
 
     fn post(
@@ -98,6 +101,7 @@ impl SendQueue {
         addr: u64,
         len: u32,
         rdma: Option<(u64, u32)>,
+        signal: bool,
     ) -> Result<u64, VerbsError> {
         let range = mr.range();
         if addr < range.start || addr + u64::from(len) > range.end {
@@ -113,7 +117,7 @@ impl SendQueue {
             self.wait(want)?;
         }
         let id = self.posted + 1;
-        let signalled = rdma.is_none() || id % SIGNAL_EVERY == 0;
+        let signalled = signal || rdma.is_none() || id % SIGNAL_EVERY == 0;
         let mut sge = Sge {
             addr,
             length: len,
@@ -162,7 +166,7 @@ impl SendQueue {
             && id > self.done
             && let Some((_, mr)) = self.holds.back().cloned()
         {
-            self.post(&mr, mr.range().start, 0, None)?;
+            self.post(&mr, mr.range().start, 0, None, true)?;
         }
         let mut last = Instant::now();
         let mut wc = [Wc::default(); 16];
@@ -210,8 +214,8 @@ impl SendQueue {
 #[derive(Debug)]
 pub struct RecvRing {
     mr: Arc<Mr>,
-    /// The buffers (the registered memory; never read while the device may write a buffer).
-    buf: Box<[u8]>,
+    /// The buffers (registered; the region keeps the mapping alive).
+    buf: Arc<Anon>,
     size: usize,
     count: usize,
 }
@@ -222,11 +226,8 @@ impl RecvRing {
     /// # Errors
     /// Registration or posting failing.
     pub fn new(qp: &Qp, count: usize, size: usize) -> Result<Self, VerbsError> {
-        let mut buf = vec![0u8; count * size].into_boxed_slice();
-        let mr = Arc::new(
-            qp.device()
-                .register(buf.as_mut_ptr(), buf.len(), abi::ACCESS_LOCAL_WRITE)?,
-        );
+        let buf = Arc::new(Anon::new(count * size).map_err(|e| VerbsError::Call("mmap", e))?);
+        let mr = Arc::new(qp.device().register_for_receiving(&buf)?);
         let ring = Self { mr, buf, size, count };
         for i in 0..count {
             ring.repost(qp, i)?;
@@ -240,9 +241,9 @@ impl RecvRing {
             length: u32::try_from(self.size).unwrap_or(u32::MAX),
             lkey: self.mr.lkey(),
         };
-        // SAFETY: buffer `i` lies inside the registered `buf`, which this ring owns and keeps
-        // (with its registration) until it is dropped, after the queue pair's owner destroyed or
-        // broke the pair (the exporter's field order).
+        // SAFETY: buffer `i` lies inside the registered `buf`, which the registration keeps
+        // mapped for as long as the ring (which holds the registration) lives; the ring is dropped
+        // after the queue pair is destroyed (the exporter's field order).
         unsafe { qp.post_recv(i as u64, sge) }
     }
 
@@ -274,7 +275,7 @@ impl RecvRing {
                 }
                 // The device finished writing buffer `i` (its completion was reaped) and will not
                 // touch it again until it is reposted below.
-                let msg = self.buf[i * self.size..i * self.size + len].to_vec();
+                let msg = self.buf.read(i * self.size, len).unwrap_or_default();
                 self.repost(qp, i)?;
                 if msg.is_empty() {
                     continue;
