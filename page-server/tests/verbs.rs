@@ -7,11 +7,11 @@
 //! uses rxe0's. On a machine with an HCA:
 //!
 //! ```sh
-//! OM_VERBS_TEST_ADDR=<an IP of the RDMA port> cargo test -p om-page-server --test verbs -- --ignored
+//! OM_VERBS_DEVICE=mlx5_0 OM_VERBS_TEST_ADDR=<the port's IP> \
+//!   cargo test -p om-page-server --test verbs -- --ignored
 //! ```
 //!
-//! (`OM_VERBS_DEVICE=mlx5_0` picks the device by name when its GIDs do not carry that address, as
-//! on InfiniBand.)
+//! (`OM_VERBS_DEVICE` may be left out on RoCE, where the address picks the port.)
 
 #![allow(clippy::cast_possible_truncation)]
 
