@@ -19,8 +19,6 @@ pub fn sibling(name: &str) -> std::path::PathBuf {
 
 use std::process::ExitCode;
 
-/// Exit code when an operation is not available in this build (sysexits' `EX_UNAVAILABLE`).
-pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit code for an operation that failed.
 pub const EXIT_FAILURE: u8 = 1;
 

@@ -5,8 +5,7 @@
 //! API that `omrun`, `omctl`, `omd` and the C ABI speak. See `docs/ARCHITECTURE.md` for the whole
 //! picture and where each part lives.
 //!
-//! What exists today is listed in [`FEATURES`]; everything else answers with
-//! [`Unavailable`], never a panic.
+//! What it can do is listed in [`FEATURES`].
 
 pub mod capture;
 pub mod compat;
@@ -15,6 +14,7 @@ pub mod dirty;
 pub mod image;
 pub mod precopy;
 pub mod sys;
-pub mod unavailable;
 
-pub use unavailable::{FEATURES, Feature, Unavailable};
+pub mod features;
+
+pub use features::{FEATURES, Feature};

@@ -98,6 +98,14 @@ impl Conn {
         self.stream.local_addr().ok()
     }
 
+    /// This end's IP address (the unspecified address if the socket cannot say): a fabric that runs
+    /// over IP picks its port by it.
+    #[must_use]
+    pub fn local_ip(&self) -> std::net::IpAddr {
+        self.local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip())
+    }
+
     /// Fails reads and writes that wait longer than `t` (a stalled peer must not pin memory or a
     /// thread forever).
     ///

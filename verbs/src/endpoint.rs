@@ -76,6 +76,13 @@ impl Endpoint {
     }
 }
 
+/// A random first packet sequence number (24 bits), so that a stale packet of an earlier connection
+/// that reused the queue pair number is not taken for one of this connection.
+#[must_use]
+pub fn random_psn() -> u32 {
+    u32::from_le_bytes(om_transport::auth::random_bytes()) & 0xff_ffff
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,24 @@ pub enum VerbsError {
         /// Length.
         len: u64,
     },
+    /// Memory outside the registered region a request or registration names.
+    #[error("{len} bytes at {addr:#x} lie outside the registered region")]
+    OutsideRegion {
+        /// Start.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// More bytes than a buffer holds.
+    #[error("{what} of {len} bytes exceeds its buffer ({max} bytes)")]
+    TooLarge {
+        /// What.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The buffer's size.
+        max: usize,
+    },
     /// Used before the receiver's placement arrived.
     #[error("not attached to a receiver")]
     NotAttached,

@@ -92,7 +92,7 @@ impl VerbsExport {
             },
         )?;
         let ring = RecvRing::new(&qp, RECV_DEPTH, MESSAGE_BYTES)?;
-        let psn = std::process::id() & 0xff_ffff;
+        let psn = crate::endpoint::random_psn();
         tracing::debug!(device = %dev.name, qpn = qp.number(), "verbs export opened");
         Ok(Self {
             qp,

@@ -34,19 +34,6 @@ pub const HEADROOM: u64 = 1 << 20;
 /// and completions come often enough to reuse staging slots (1 MiB reaches line rate on HCAs).
 pub const MAX_WRITE: u64 = 1 << 20;
 
-/// What the placer did, for logs and the benchmark.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stats {
-    /// Bytes written straight from the application's memory.
-    pub zero_copy: u64,
-    /// Bytes written from the staging buffer.
-    pub staged: u64,
-    /// Registrations of the application's memory.
-    pub registrations: u64,
-    /// Most bytes of the application's memory registered at once.
-    pub peak_registered: u64,
-}
-
 /// The registered staging buffer: slots reused once the requests reading them completed.
 #[derive(Debug)]
 struct Staging {
@@ -82,9 +69,7 @@ pub struct VerbsPlacer {
     page_size: usize,
     timeout: Duration,
     budget: u64,
-    /// What was placed how.
-    pub stats: Stats,
-    /// Checksums of staged reads nobody asked for.
+    /// Checksums of staged reads nobody asked for (the sender checksummed those pages itself).
     scratch: Vec<u32>,
 }
 
@@ -102,7 +87,6 @@ impl VerbsPlacer {
             page_size: om_transport::sys::page_size(),
             timeout: Duration::from_secs(60),
             budget: memlock_budget(),
-            stats: Stats::default(),
             scratch: Vec::new(),
         })
     }
@@ -141,7 +125,7 @@ impl VerbsPlacer {
                 max_inline_data: 0,
             },
         )?;
-        let psn = psn();
+        let psn = crate::endpoint::random_psn();
         qp.connect(&remote, psn)?;
         let buf = Anon::new(staging_bytes).map_err(|e| VerbsError::Call("mmap", e))?;
         let mr = Arc::new(dev.register_for_reading(&buf.range())?);
@@ -171,7 +155,6 @@ impl VerbsPlacer {
         let (remote, rkey) = self.link()?.target(window, offset, src.len())?;
         match src {
             Source::Bytes(b) => {
-                self.stats.staged += b.len() as u64;
                 let link = self.link()?;
                 for (i, part) in b.chunks(STAGING_SLOT).enumerate() {
                     let at = remote + (i * STAGING_SLOT) as u64;
@@ -204,10 +187,11 @@ impl VerbsPlacer {
         rkey: u32,
         page_size: usize,
     ) -> Result<(), VerbsError> {
-        if len < ZERO_COPY_MIN {
-            return self.staged_read(batch, addr, len, remote, rkey, page_size, false);
-        }
         let link = self.link.as_mut().ok_or(VerbsError::NotAttached)?;
+        if len < ZERO_COPY_MIN {
+            self.scratch.clear();
+            return link.stage_read(batch, addr, len, remote, rkey, page_size, &mut self.scratch);
+        }
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(link.cache.budget());
@@ -223,26 +207,22 @@ impl VerbsPlacer {
                         .unwrap_or_else(|| piece.clone());
                     let plan = link.cache.plan(&piece, &run);
                     if !link.cache.fits(plan.end - plan.start) {
-                        link.sq.quiesce()?;
-                        link.cache.clear();
+                        link.drop_registrations()?;
                     }
-                    let mut attempt = register_app(&link.dev, &plan);
+                    let mut attempt = link.dev.register_for_reading(&plan);
                     if let Err(VerbsError::Register { source, .. }) = &attempt
                         && matches!(source.raw_os_error(), Some(libc::ENOMEM | libc::EAGAIN))
                         && link.cache.bytes() > 0
                     {
                         // Locked memory ran short (the provider's own queues count too): let go of
                         // this round's registrations and try once more.
-                        link.sq.quiesce()?;
-                        link.cache.clear();
-                        attempt = register_app(&link.dev, &plan);
+                        link.drop_registrations()?;
+                        attempt = link.dev.register_for_reading(&plan);
                     }
                     match attempt {
                         Ok(mr) => {
                             let mr = Arc::new(mr);
                             link.cache.insert(plan, Arc::clone(&mr));
-                            self.stats.registrations += 1;
-                            self.stats.peak_registered = self.stats.peak_registered.max(link.cache.bytes());
                             mr
                         }
                         // The application unmapped part of it meanwhile: the kernel read gives what
@@ -259,7 +239,6 @@ impl VerbsPlacer {
                                 page_size,
                                 &mut self.scratch,
                             )?;
-                            self.stats.staged += n;
                             done += n;
                             continue;
                         }
@@ -274,32 +253,9 @@ impl VerbsPlacer {
                     .write(&mr, piece.start + at, k32, remote + done + at, rkey, false)?;
                 at += k;
             }
-            self.stats.zero_copy += n;
             done += n;
         }
         Ok(())
-    }
-
-    /// Writes `len` bytes of the application's memory at `addr` through the staging buffer; their
-    /// checksums are appended to the placer's scratch list (cleared first unless `summed`, where
-    /// the caller collects them there).
-    #[allow(clippy::too_many_arguments)]
-    fn staged_read(
-        &mut self,
-        batch: &ReadableBatch<'_>,
-        addr: u64,
-        len: u64,
-        remote: u64,
-        rkey: u32,
-        page_size: usize,
-        summed: bool,
-    ) -> Result<(), VerbsError> {
-        if !summed {
-            self.scratch.clear();
-        }
-        let link = self.link.as_mut().ok_or(VerbsError::NotAttached)?;
-        self.stats.staged += len;
-        link.stage_read(batch, addr, len, remote, rkey, page_size, &mut self.scratch)
     }
 }
 
@@ -318,25 +274,15 @@ fn device_mappings(maps: &str) -> Vec<Range<u64>> {
         .collect()
 }
 
-/// Registers the application's memory in `range` for reading by the device.
-fn register_app(dev: &Arc<Device>, range: &Range<u64>) -> Result<Mr, VerbsError> {
-    dev.register_for_reading(range)
-}
-
-/// A random first packet sequence number (24 bits): a stale packet of an earlier connection that
-/// reuses the queue pair number is not taken for ours.
-fn psn() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    u32::try_from(h.finish() & 0xff_ffff).unwrap_or(0)
-}
-
 impl Link {
+    /// Waits until every request posted so far has completed, then lets go of every registration
+    /// of the application's memory.
+    fn drop_registrations(&mut self) -> Result<(), VerbsError> {
+        let r = self.sq.quiesce();
+        self.cache.clear();
+        r
+    }
+
     /// The remote address and key of `len` bytes at `offset` of window `window`.
     fn target(&self, window: usize, offset: u64, len: u64) -> Result<(u64, u32), VerbsError> {
         let size = 1u64 << self.shift;
@@ -364,10 +310,10 @@ impl Link {
             .buf
             .slice_mut(at, len)
             .filter(|_| len <= STAGING_SLOT)
-            .ok_or(VerbsError::NoWindow {
-                window: usize::MAX,
-                offset: remote,
-                len: len as u64,
+            .ok_or(VerbsError::TooLarge {
+                what: "a staged write",
+                len,
+                max: STAGING_SLOT,
             })?;
         fill(part)?;
         // Signalled: the slot is reused once this write completes, without a flush to wait for.
@@ -431,17 +377,19 @@ impl Link {
 
     /// Sends `descriptor` after everything written so far.
     fn post(&mut self, descriptor: &[u8]) -> Result<(), VerbsError> {
+        let too_large = VerbsError::TooLarge {
+            what: "a batch descriptor",
+            len: descriptor.len(),
+            max: MESSAGE_BYTES,
+        };
         if descriptor.len() > MESSAGE_BYTES {
-            return Err(VerbsError::Endpoint(format!(
-                "a descriptor of {} bytes exceeds the receive buffers ({MESSAGE_BYTES})",
-                descriptor.len()
-            )));
+            return Err(too_large);
         }
         let (addr, slot) = self.slot()?;
         self.staging
             .buf
             .slice_mut(slot * STAGING_SLOT, descriptor.len())
-            .ok_or(VerbsError::NotAttached)?
+            .ok_or(too_large)?
             .copy_from_slice(descriptor);
         let id = self.sq.send(
             &self.staging.mr,
@@ -509,14 +457,12 @@ impl Placer for VerbsPlacer {
         sums: &mut Vec<u32>,
     ) -> Result<(), TransportError> {
         let page_size = self.page_size;
-        let r = (|| {
-            let (remote, rkey) = self.link()?.target(window, offset, len)?;
-            self.scratch = std::mem::take(sums);
-            let r = self.staged_read(batch, addr, len, remote, rkey, page_size, true);
-            *sums = std::mem::take(&mut self.scratch);
-            r
-        })();
-        r.map_err(|e| e.during("write pages"))
+        self.link()
+            .and_then(|l| {
+                let (remote, rkey) = l.target(window, offset, len)?;
+                l.stage_read(batch, addr, len, remote, rkey, page_size, sums)
+            })
+            .map_err(|e| e.during("write pages"))
     }
 
     fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError> {
@@ -529,9 +475,8 @@ impl Placer for VerbsPlacer {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
-        let r = link.sq.quiesce();
-        link.cache.clear();
-        r.map_err(|e| e.during("complete the round's writes"))
+        link.drop_registrations()
+            .map_err(|e| e.during("complete the round's writes"))
     }
 
     fn fds(&self) -> Vec<std::os::fd::RawFd> {

@@ -91,24 +91,19 @@ impl<R> RegCache<R> {
 }
 
 /// The locked-memory budget of this process: unlimited with `CAP_IPC_LOCK` (the kernel does not
-/// count pins then), else `RLIMIT_MEMLOCK`'s soft limit (read from `/proc/self/limits`).
+/// count pins then), else `RLIMIT_MEMLOCK`'s soft limit.
 #[must_use]
 pub fn memlock_budget() -> u64 {
     if has_ipc_lock() {
         return u64::MAX;
     }
-    let text = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    // "Max locked memory         8388608              8388608              bytes"
-    text.lines()
-        .find(|l| l.starts_with("Max locked memory"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .map_or(0, |soft| {
-            if soft == "unlimited" {
-                u64::MAX
-            } else {
-                soft.parse().unwrap_or(0)
-            }
-        })
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK).map_or(0, |(soft, _)| {
+        if soft == nix::sys::resource::RLIM_INFINITY {
+            u64::MAX
+        } else {
+            soft
+        }
+    })
 }
 
 /// True when this process has `CAP_IPC_LOCK` in its effective set.

@@ -395,12 +395,10 @@ impl<S: ImageStore> Receiver<S> {
                         send_placement(conn, export.as_ref(), image.as_ref())?;
                     }
                 }
-                Kind::Connect if export.is_some() => {
-                    if let Some(export) = &export {
-                        export
-                            .connect(&frame.body)
-                            .map_err(|(c, m)| refused(conn, c, m))?;
-                    }
+                Kind::Connect if let Some(export) = &export => {
+                    export
+                        .connect(&frame.body)
+                        .map_err(|(c, m)| refused(conn, c, m))?;
                     conn.send(Kind::Connected, &[])?;
                 }
                 Kind::Commit => {
@@ -470,13 +468,10 @@ impl<S: ImageStore> Receiver<S> {
                 "this image's memory cannot be exported".into(),
             ));
         }
-        let local = conn
-            .local_addr()
-            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
         image.pin();
         let export: Arc<dyn Export> = Arc::from(
             exporter
-                .export(Arc::new(Held(Arc::clone(image))), local)
+                .export(Arc::new(Held(Arc::clone(image))), conn.local_ip())
                 .map_err(|(c, m)| refused(conn, c, m))?,
         );
         send_placement(conn, export.as_ref(), image.as_ref())?;

@@ -186,11 +186,7 @@ impl TcpSender {
         };
         let body = self.control.expect(Kind::Placement, "after the VMA table")?;
         let placement = Placement::decode(&body, self.page_size).map_err(|e| self.control.wire(e))?;
-        let local = self
-            .control
-            .local_addr()
-            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
-        placer.attach(&placement, local)?;
+        placer.attach(&placement, self.control.local_ip())?;
         *current = Some(placement);
         // A fabric that connects both ways: the receiver connects to us before any page moves.
         if let Some(endpoint) = placer.endpoint() {

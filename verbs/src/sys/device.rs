@@ -306,9 +306,8 @@ impl Device {
         len: usize,
     ) -> Result<Mr, VerbsError> {
         let memory = image.memory();
-        let zone = memory.part(offset, len).ok_or(VerbsError::NoWindow {
-            window: usize::MAX,
-            offset: offset as u64,
+        let zone = memory.part(offset, len).ok_or(VerbsError::OutsideRegion {
+            addr: offset as u64,
             len: len as u64,
         })?;
         // SAFETY: the zone lies inside the image's memory (a shared mapping omd owns and only

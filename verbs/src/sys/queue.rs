@@ -21,6 +21,18 @@ pub const SIGNAL_EVERY: u64 = 32;
 /// Requests in flight on the send queue, at most.
 pub const SEND_DEPTH: u32 = 256;
 
+/// A completion's status as a result: an error names the library's status and the device's code.
+fn succeeded(qp: &Qp, c: &Wc) -> Result<(), VerbsError> {
+    if c.status == abi::WC_SUCCESS {
+        Ok(())
+    } else {
+        Err(VerbsError::Completion {
+            status: qp.device().library().status_name(c.status),
+            vendor: c.vendor_err,
+        })
+    }
+}
+
 /// The sending side of a connected queue pair.
 #[derive(Debug)]
 pub struct SendQueue {
@@ -105,9 +117,8 @@ impl SendQueue {
     ) -> Result<u64, VerbsError> {
         let range = mr.range();
         if addr < range.start || addr + u64::from(len) > range.end {
-            return Err(VerbsError::NoWindow {
-                window: usize::MAX,
-                offset: addr,
+            return Err(VerbsError::OutsideRegion {
+                addr,
                 len: u64::from(len),
             });
         }
@@ -174,12 +185,7 @@ impl SendQueue {
         while self.done < id {
             let n = self.qp.cq().poll(&mut wc)?;
             for c in &wc[..n] {
-                if c.status != abi::WC_SUCCESS {
-                    return Err(VerbsError::Completion {
-                        status: self.qp.device().library().status_name(c.status),
-                        vendor: c.vendor_err,
-                    });
-                }
+                succeeded(&self.qp, c)?;
                 self.done = self.done.max(c.wr_id);
             }
             while self.holds.front().is_some_and(|(last, _)| *last <= self.done) {
@@ -259,12 +265,7 @@ impl RecvRing {
         loop {
             if qp.cq().poll(&mut wc)? == 1 {
                 let c = wc[0];
-                if c.status != abi::WC_SUCCESS {
-                    return Err(VerbsError::Completion {
-                        status: qp.device().library().status_name(c.status),
-                        vendor: c.vendor_err,
-                    });
-                }
+                succeeded(qp, &c)?;
                 let i = usize::try_from(c.wr_id).unwrap_or(usize::MAX);
                 let len = usize::try_from(c.byte_len).unwrap_or(usize::MAX);
                 if c.opcode & abi::WC_RECV == 0 || i >= self.count || len > self.size {
