@@ -202,6 +202,13 @@ pub trait Placer: Send + std::fmt::Debug {
         Ok(())
     }
 
+    /// The control connection's descriptor, owned by the sender for as long as the placer lives:
+    /// a placer that waits for its fabric may watch it, since the receiver says it gave up there
+    /// (an `Error` frame, or the connection closing) while the fabric itself may stay silent.
+    fn watch(&mut self, control: std::os::fd::RawFd) {
+        let _ = control;
+    }
+
     /// Descriptors the placer's fabric library opened in this process (a verbs device): never part
     /// of an image.
     fn fds(&self) -> Vec<std::os::fd::RawFd> {

@@ -61,6 +61,10 @@ pub enum VerbsError {
     /// The peer did not complete work in time.
     #[error("no completion for {0:?}: the peer stopped taking work")]
     Timeout(std::time::Duration),
+    /// The peer closed the control connection or reported a failure on it while the fabric was
+    /// still waiting for it.
+    #[error("the receiver gave up (its control connection closed or reported an error)")]
+    PeerGone,
     /// A peer's endpoint did not decode.
     #[error("bad verbs endpoint from the peer: {0}")]
     Endpoint(String),

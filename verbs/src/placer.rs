@@ -66,6 +66,8 @@ pub struct VerbsPlacer {
     link: Option<Link>,
     /// Our endpoint, until the sender hands it over.
     fresh: Option<Vec<u8>>,
+    /// The sender's control connection ([`Placer::watch`]).
+    control: Option<std::os::fd::RawFd>,
     page_size: usize,
     timeout: Duration,
     budget: u64,
@@ -84,6 +86,7 @@ impl VerbsPlacer {
             lib: Arc::new(Library::load()?),
             link: None,
             fresh: None,
+            control: None,
             page_size: om_transport::sys::page_size(),
             timeout: Duration::from_secs(60),
             budget: memlock_budget(),
@@ -129,8 +132,12 @@ impl VerbsPlacer {
         qp.connect(&remote, psn)?;
         let buf = Anon::new(staging_bytes).map_err(|e| VerbsError::Call("mmap", e))?;
         let mr = Arc::new(dev.register_for_reading(&buf.range())?);
+        let mut sq = SendQueue::new(qp, self.timeout);
+        if let Some(fd) = self.control {
+            sq.watch(fd);
+        }
         Ok(Link {
-            sq: SendQueue::new(qp, self.timeout),
+            sq,
             cache: RegCache::new(self.budget - staging_bytes as u64 - HEADROOM),
             staging: Staging {
                 mr,
@@ -440,6 +447,10 @@ impl Placer for VerbsPlacer {
 
     fn endpoint(&mut self) -> Option<Vec<u8>> {
         self.fresh.take()
+    }
+
+    fn watch(&mut self, control: std::os::fd::RawFd) {
+        self.control = Some(control);
     }
 
     fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError> {

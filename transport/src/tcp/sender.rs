@@ -151,6 +151,10 @@ impl TcpSender {
                 ),
             });
         }
+        let mut placer = placer;
+        if let Some(p) = &mut placer {
+            p.watch(control.raw_fd());
+        }
         Ok(Self {
             control,
             data: Vec::new(),

@@ -47,6 +47,8 @@ pub struct SendQueue {
     last_signalled: u64,
     /// How long to wait for the peer to take work before giving up.
     pub timeout: Duration,
+    /// The control connection to the peer, watched while waiting ([`SendQueue::watch`]).
+    control: Option<std::os::fd::RawFd>,
 }
 
 impl SendQueue {
@@ -60,7 +62,39 @@ impl SendQueue {
             holds: VecDeque::new(),
             last_signalled: 0,
             timeout,
+            control: None,
         }
+    }
+
+    /// Watches `control`, the peer's control connection, while waiting for completions: anything
+    /// arriving on it mid-round (an `Error` frame) or its closing means the peer gave up, which an
+    /// adapter may never report (soft-RoCE was seen retrying for good against a killed receiver).
+    /// The caller keeps `control` open while the queue waits; if it did not, poll would report
+    /// the number as invalid (or as some other file) and the wait would end early, nothing worse.
+    pub fn watch(&mut self, control: std::os::fd::RawFd) {
+        self.control = Some(control);
+    }
+
+    /// Sleeps up to `pause`, returning early with an error when the watched control connection
+    /// has something to say or closed.
+    fn nap(&self, pause: Duration) -> Result<(), VerbsError> {
+        let Some(fd) = self.control else {
+            std::thread::sleep(pause);
+            return Ok(());
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(pause.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one pollfd on the stack, valid for the call; poll only reports readiness (for any
+        // number, open or not) and reads nothing.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if n > 0 && pfd.revents != 0 {
+            return Err(VerbsError::PeerGone);
+        }
+        Ok(())
     }
 
     /// The queue pair.
@@ -197,7 +231,7 @@ impl SendQueue {
             } else if last.elapsed() > self.timeout {
                 return Err(VerbsError::Timeout(self.timeout));
             } else {
-                std::thread::sleep(pause);
+                self.nap(pause)?;
                 pause = (pause * 2).min(Duration::from_micros(100));
             }
         }
