@@ -391,6 +391,10 @@ impl<S: ImageStore> Receiver<S> {
                         );
                     }
                     image.relayout(&table).map_err(|(c, m)| refused(conn, c, m))?;
+                    // Batches of the next round travel on the data streams: the sender waits for
+                    // this before it sends any, so none reaches a range before the table that
+                    // makes it part of the image.
+                    conn.send(Kind::Relaid, &[])?;
                     if let Some(export) = &export {
                         send_placement(conn, export.as_ref(), image.as_ref())?;
                     }

@@ -592,6 +592,11 @@ impl PageSender for TcpSender {
         match self
             .control
             .send(Kind::Vmas, &body)
+            .and_then(|()| {
+                self.control
+                    .expect(Kind::Relaid, "after a new VMA table")
+                    .map(drop)
+            })
             .and_then(|()| self.take_placement())
         {
             Ok(()) => Ok(()),

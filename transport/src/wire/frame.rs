@@ -97,6 +97,9 @@ pub enum Kind {
     Stop = 39,
     /// The receiver connected to the sender's endpoint: pages may move.
     Connected = 40,
+    /// The new VMA table of a `Vmas` is in effect: pages of the next round may go to its new
+    /// ranges (they travel on other streams, which must not overtake it).
+    Relaid = 41,
 }
 
 impl Kind {
@@ -106,7 +109,13 @@ impl Kind {
         match self {
             Self::Hello | Self::Welcome | Self::Proof | Self::Refused => 1024,
             Self::Begin | Self::Vmas => super::MAX_BEGIN_BODY,
-            Self::Begun | Self::EndRound | Self::Commit | Self::Committed | Self::Go | Self::Running => 256,
+            Self::Begun
+            | Self::EndRound
+            | Self::Commit
+            | Self::Committed
+            | Self::Go
+            | Self::Running
+            | Self::Relaid => 256,
             Self::Connect | Self::Connected => super::MAX_ENDPOINT,
             Self::Batch => super::MAX_BATCH_BODY,
             Self::Placement => super::MAX_PLACEMENT_BODY,
@@ -146,6 +155,7 @@ impl TryFrom<u16> for Kind {
             27 => Self::Vmas,
             31 => Self::Connect,
             40 => Self::Connected,
+            41 => Self::Relaid,
             28 => Self::Go,
             29 => Self::Running,
             30 => Self::Placement,

@@ -22,6 +22,7 @@
 //!    |--- EndRound{r, batches, pages, last} ----------->|  control stream
 //!    |<-- RoundAck{r, pages, suspects} -----------------|  after every batch of r is verified
 //!    |--- Vmas{VMA table} ----------------------------->|  between rounds, when the map changed
+//!    |<-- Relaid ---------------------------------------|  in effect: the next round may use it
 //!    |        ... rounds r+1, r+2, ...; the final one has last = 1 ...                         |
 //!    |--- Record{kind, bytes} ------------------------->|  threads, fds, process state
 //!    |--- Commit ------------------------------------->|
@@ -43,7 +44,7 @@
 //!   Open(r) --Batch/Zero of round r--> Open(r)
 //!   Open(r) --EndRound r, all batches verified--> Open(r+1)     (RoundAck sent)
 //!   Open(r) --EndRound r, last--> Sealed                         (RoundAck sent)
-//!   Open(r) --Vmas--> Open(r)                                     (pages outside the new table dropped)
+//!   Open(r) --Vmas--> Open(r)                  (pages outside the new table dropped; Relaid sent)
 //!   Sealed --Record--> Sealed;  Sealed --Commit--> Committed     (image handed over)
 //!   Committed (MIGRATE) --Go--> Running                          (the copy starts)
 //!   any state --Abort / error / disconnect / timeout--> Discarded (all memory freed)
@@ -78,8 +79,9 @@ pub use msg::{
     Zero,
 };
 
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks. 2: every `Vmas` is answered with `Relaid` (a peer of
+/// version 1 would not wait for it, or not send it; the handshake refuses the mix).
+pub const VERSION: u16 = 2;
 
 /// Capability bits negotiated in the handshake.
 pub mod caps {
