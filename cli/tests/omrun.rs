@@ -54,8 +54,11 @@ fn signals_sent_to_omrun_reach_the_program() {
     // handler.
     let script = "trap 'echo usr1' USR1; trap 'echo hup' HUP; trap 'echo term; exit 42' TERM; \
                   echo ready; while :; do sleep 0.01; done";
-    let mut child = Command::new(OMRUN)
-        .args(["--", "sh", "-c", script])
+    // A shell cannot trap a signal that was ignored when it started, and a test run under `nohup`
+    // (or as a background job) starts with HUP (or INT and QUIT) ignored: env puts the defaults back
+    // before it execs omrun, which passes them on.
+    let mut child = Command::new("env")
+        .args(["--default-signal=HUP,INT,QUIT", OMRUN, "--", "sh", "-c", script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
