@@ -94,7 +94,14 @@ fn bad_input_is_a_usage_error() {
 fn help_describes_the_interface() {
     let out = Command::new(OMCTL).args(["migrate", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for word in ["--to", "--json", "--downtime", "--max-rounds", "--transport"] {
+    for word in [
+        "--to",
+        "--json",
+        "--downtime",
+        "--max-rounds",
+        "--transport",
+        "--auto-converge",
+    ] {
         assert!(help.contains(word), "{word} missing from:\n{help}");
     }
 }

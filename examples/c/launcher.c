@@ -7,7 +7,8 @@
  *     CONTROL   this node's omd control socket ("-": OM_CONTROL or the default)
  *     TO        the destination omd, IP:PORT
  *   OM_TRANSPORT=sci or OM_TRANSPORT=verbs in the environment moves the pages over Dolphin SCI or
- *   InfiniBand/RoCE verbs instead of TCP.
+ *   InfiniBand/RoCE verbs instead of TCP; OM_AUTO_CONVERGE=1 throttles a program that dirties
+ *   memory faster than the pages travel.
  *
  * build: gcc -Wall -O2 -I lib/launch/include -o launcher examples/c/launcher.c \
  *            -L target/release -lom_launch -Wl,-rpath,$PWD/target/release
@@ -42,13 +43,16 @@ int main(int argc, char **argv)
     nanosleep(&t, NULL);
 
     om_migration m;
+    om_migrate_options opts = {0}; /* the defaults, over TCP */
     const char *tr = getenv("OM_TRANSPORT");
-    om_transport transport = OM_TRANSPORT_TCP;
     if (tr && strcmp(tr, "sci") == 0)
-        transport = OM_TRANSPORT_SCI;
+        opts.transport = OM_TRANSPORT_SCI;
     else if (tr && strcmp(tr, "verbs") == 0)
-        transport = OM_TRANSPORT_VERBS;
-    om_result r = om_migrate_over(control, om_job_pid(job), to, 0, 0, transport, &m);
+        opts.transport = OM_TRANSPORT_VERBS;
+    const char *ac = getenv("OM_AUTO_CONVERGE");
+    if (ac && strcmp(ac, "1") == 0)
+        opts.flags |= OM_MIGRATE_AUTO_CONVERGE;
+    om_result r = om_migrate_with(control, om_job_pid(job), to, &opts, &m);
     if (r == OM_OK)
         fprintf(stderr, "launcher: moved to %s (pid %u there): frozen %.1f ms, total %.1f ms, %u rounds, %llu bytes\n",
                 to, m.pid_there, m.freeze_ms, m.total_ms, m.rounds, (unsigned long long)m.bytes_sent);

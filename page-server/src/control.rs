@@ -27,8 +27,8 @@ pub const MAX_REQUEST: usize = 4096;
 ///   process whose own pid, in its namespace, is V), and ` pid=PID,at=IP:PORT` per process that
 ///   migrated away from here
 /// - `migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS MODE [TRANSPORT]`: asks the runtime of PID to
-///   migrate to the omd at IP:PORT (MODE `precopy` or `stop-and-copy`; TRANSPORT `tcp`, the
-///   default, or `sci`) with this omd's cluster key; the answer is the runtime's (`OK moved ...`
+///   migrate to the omd at IP:PORT (MODE `precopy`, `auto-converge` or `stop-and-copy`; TRANSPORT `tcp`, the
+///   default, `sci` or `verbs`) with this omd's cluster key; the answer is the runtime's (`OK moved ...`
 ///   with a JSON report, or `ERR ...`)
 #[must_use]
 pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> String {
@@ -101,7 +101,7 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     .ok()
                     .filter(|_| to.parse::<std::net::SocketAddr>().is_ok())
                     .filter(|_| downtime.parse::<u32>().is_ok() && rounds.parse::<u32>().is_ok())
-                    .filter(|_| matches!(*mode, "precopy" | "stop-and-copy"))
+                    .filter(|_| om::precopy::migrate::Mode::parse(mode).is_some())
                     .filter(|_| om::precopy::migrate::Transport::parse(transport).is_some())
                     .map(|pid| {
                         (
@@ -137,7 +137,7 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
                     reply
                 }
                 None => {
-                    "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|stop-and-copy [tcp|sci|verbs]"
+                    "ERR usage: migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS precopy|auto-converge|stop-and-copy [tcp|sci|verbs]"
                         .to_owned()
                 }
             }

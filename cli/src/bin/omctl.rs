@@ -62,6 +62,10 @@ enum Cmd {
         /// Pre-copy rounds while the process runs, or stop-and-copy (everything while it is stopped).
         #[arg(long, value_enum, default_value_t = Mode::Precopy)]
         mode: Mode,
+        /// Throttle the process while it dirties memory faster than the pages travel, more each
+        /// round that does not halve the work (pre-copy only).
+        #[arg(long)]
+        auto_converge: bool,
     },
     /// Write a process's image to a directory.
     Checkpoint {
@@ -101,11 +105,17 @@ fn main() -> ExitCode {
             max_rounds,
             mode,
             transport,
+            auto_converge,
         } => {
+            if auto_converge && mode == Mode::StopAndCopy {
+                eprintln!("omctl: error: --auto-converge throttles pre-copy rounds; stop-and-copy has none");
+                return ExitCode::from(2);
+            }
             let opts = om_launch::MigrateOptions {
                 downtime_ms: downtime,
                 max_rounds,
                 stop_and_copy: mode == Mode::StopAndCopy,
+                auto_converge,
                 transport: match transport {
                     TransportKind::Tcp => om_launch::Transport::Tcp,
                     TransportKind::Sci => om_launch::Transport::Sci,

@@ -8,6 +8,17 @@
 #include <stdint.h>
 
 /**
+ * [`OmMigrateOptions::flags`]: everything while the process is stopped, no pre-copy rounds.
+ */
+#define OM_MIGRATE_STOP_AND_COPY 1
+
+/**
+ * [`OmMigrateOptions::flags`]: throttle the process while it dirties memory faster than the pages
+ * travel (pre-copy only).
+ */
+#define OM_MIGRATE_AUTO_CONVERGE 2
+
+/**
  * The result of every om call.
  */
 typedef enum om_result {
@@ -94,6 +105,30 @@ typedef struct om_migration {
   uint64_t final_bytes;
 } om_migration;
 
+/**
+ * The options of [`om_migrate_with`] (`omctl migrate`'s); zero-initialised means the defaults
+ * over TCP.
+ */
+typedef struct om_migrate_options {
+  /**
+   * The acceptable freeze in milliseconds (0: the default, 50).
+   */
+  uint32_t downtime_ms;
+  /**
+   * The most pre-copy rounds (0: the default, 30).
+   */
+  uint32_t max_rounds;
+  /**
+   * How the pages travel: an `om_transport` value (a plain integer here, so that a value this
+   * library does not know is an invalid argument, not undefined behaviour).
+   */
+  uint32_t transport;
+  /**
+   * `OM_MIGRATE_*` bits; unknown bits are an invalid argument.
+   */
+  uint32_t flags;
+} om_migrate_options;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -151,6 +186,18 @@ enum om_result om_migrate_over(const char *control,
                                uint32_t downtime_ms,
                                uint32_t max_rounds,
                                enum om_transport transport,
+                               struct om_migration *out);
+
+/**
+ * [`om_migrate`] with every option: `opts` (NULL: the defaults over TCP).
+ *
+ * # Safety
+ * As [`om_migrate`]; `opts` is NULL or valid to read.
+ */
+enum om_result om_migrate_with(const char *control,
+                               uint32_t pid,
+                               const char *to,
+                               const struct om_migrate_options *opts,
                                struct om_migration *out);
 
 /**

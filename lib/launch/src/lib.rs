@@ -70,6 +70,9 @@ pub struct MigrateOptions {
     pub max_rounds: u32,
     /// Stop-and-copy instead of pre-copy.
     pub stop_and_copy: bool,
+    /// Throttle the program while it dirties memory faster than the link carries it
+    /// (pre-copy only; see docs/migration.md).
+    pub auto_converge: bool,
     /// How the pages travel.
     pub transport: Transport,
 }
@@ -92,6 +95,7 @@ impl Default for MigrateOptions {
             downtime_ms: 50,
             max_rounds: 30,
             stop_and_copy: false,
+            auto_converge: false,
             transport: Transport::Tcp,
         }
     }
@@ -101,10 +105,10 @@ impl Default for MigrateOptions {
 /// [`Launcher::migrate`] send).
 #[must_use]
 pub fn migrate_request(pid: u32, to: SocketAddr, opts: &MigrateOptions) -> String {
-    let mode = if opts.stop_and_copy {
-        "stop-and-copy"
-    } else {
-        "precopy"
+    let mode = match (opts.stop_and_copy, opts.auto_converge) {
+        (true, _) => "stop-and-copy",
+        (false, true) => "auto-converge",
+        (false, false) => "precopy",
     };
     let transport = match opts.transport {
         Transport::Tcp => "tcp",

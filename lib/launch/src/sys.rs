@@ -49,6 +49,28 @@ pub enum OmTransport {
     OmTransportVerbs = 2,
 }
 
+/// [`OmMigrateOptions::flags`]: everything while the process is stopped, no pre-copy rounds.
+pub const OM_MIGRATE_STOP_AND_COPY: u32 = 1;
+/// [`OmMigrateOptions::flags`]: throttle the process while it dirties memory faster than the pages
+/// travel (pre-copy only).
+pub const OM_MIGRATE_AUTO_CONVERGE: u32 = 2;
+
+/// The options of [`om_migrate_with`] (`omctl migrate`'s); zero-initialised means the defaults
+/// over TCP.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OmMigrateOptions {
+    /// The acceptable freeze in milliseconds (0: the default, 50).
+    pub downtime_ms: u32,
+    /// The most pre-copy rounds (0: the default, 30).
+    pub max_rounds: u32,
+    /// How the pages travel: an `om_transport` value (a plain integer here, so that a value this
+    /// library does not know is an invalid argument, not undefined behaviour).
+    pub transport: u32,
+    /// `OM_MIGRATE_*` bits; unknown bits are an invalid argument.
+    pub flags: u32,
+}
+
 /// A program started by [`om_start`].
 #[derive(Debug)]
 pub struct OmJob {
@@ -215,6 +237,28 @@ pub unsafe extern "C" fn om_migrate_over(
     transport: OmTransport,
     out: *mut Migration,
 ) -> OmResult {
+    let opts = OmMigrateOptions {
+        downtime_ms,
+        max_rounds,
+        transport: transport as u32,
+        flags: 0,
+    };
+    // SAFETY: the caller's contract, passed on; `opts` lives for the call.
+    unsafe { om_migrate_with(control, pid, to, &raw const opts, out) }
+}
+
+/// [`om_migrate`] with every option: `opts` (NULL: the defaults over TCP).
+///
+/// # Safety
+/// As [`om_migrate`]; `opts` is NULL or valid to read.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn om_migrate_with(
+    control: *const c_char,
+    pid: u32,
+    to: *const c_char,
+    opts: *const OmMigrateOptions,
+    out: *mut Migration,
+) -> OmResult {
     boundary(|| {
         if to.is_null() {
             return invalid("to must not be NULL");
@@ -223,19 +267,40 @@ pub unsafe extern "C" fn om_migrate_over(
         let Ok(to) = unsafe { CStr::from_ptr(to) }.to_string_lossy().parse() else {
             return invalid("to is not IP:PORT");
         };
+        // SAFETY: null or valid to read (the caller's contract).
+        let given = unsafe { opts.as_ref() }.copied().unwrap_or(OmMigrateOptions {
+            downtime_ms: 0,
+            max_rounds: 0,
+            transport: OmTransport::OmTransportTcp as u32,
+            flags: 0,
+        });
+        let transport = [
+            (OmTransport::OmTransportTcp, Transport::Tcp),
+            (OmTransport::OmTransportSci, Transport::Sci),
+            (OmTransport::OmTransportVerbs, Transport::Verbs),
+        ]
+        .into_iter()
+        .find(|(c, _)| *c as u32 == given.transport);
+        let Some((_, transport)) = transport else {
+            return invalid("unknown transport");
+        };
+        if given.flags & !(OM_MIGRATE_STOP_AND_COPY | OM_MIGRATE_AUTO_CONVERGE) != 0 {
+            return invalid("unknown bits in flags");
+        }
         let mut opts = MigrateOptions {
-            transport: match transport {
-                OmTransport::OmTransportTcp => Transport::Tcp,
-                OmTransport::OmTransportSci => Transport::Sci,
-                OmTransport::OmTransportVerbs => Transport::Verbs,
-            },
+            transport,
+            stop_and_copy: given.flags & OM_MIGRATE_STOP_AND_COPY != 0,
+            auto_converge: given.flags & OM_MIGRATE_AUTO_CONVERGE != 0,
             ..MigrateOptions::default()
         };
-        if downtime_ms > 0 {
-            opts.downtime_ms = downtime_ms;
+        if opts.stop_and_copy && opts.auto_converge {
+            return invalid("auto-converge throttles pre-copy rounds; stop-and-copy has none");
         }
-        if max_rounds > 0 {
-            opts.max_rounds = max_rounds;
+        if given.downtime_ms > 0 {
+            opts.downtime_ms = given.downtime_ms;
+        }
+        if given.max_rounds > 0 {
+            opts.max_rounds = given.max_rounds;
         }
         // SAFETY: the caller's contract on `control`.
         let control = unsafe { opt_path(control) };

@@ -398,6 +398,61 @@ fn a_line_every_millisecond_is_neither_lost_nor_repeated() {
     c.rig.teardown().unwrap();
 }
 
+/// The `stop` and the per-round throttles of a report.
+fn stop_and_throttles(json: &str) -> (String, Vec<f64>) {
+    let stop = om_launch::report::text(json, "stop")
+        .unwrap_or_default()
+        .to_owned();
+    let throttles = json
+        .split("\"throttle\":")
+        .skip(1)
+        .map(|t| t.split([',', '}']).next().unwrap().parse().unwrap())
+        .collect();
+    (stop, throttles)
+}
+
+/// A program that rewrites 96 MiB faster than any round carries it: plain pre-copy gives up for no
+/// progress (and sends it all while frozen), auto-converge throttles it until the rest fits the
+/// downtime. Both moves keep the output byte for byte.
+#[test]
+fn auto_converge_throttles_a_writer_faster_than_the_link() {
+    let c = Cluster::new(2);
+    let w = program(build("hotwriter.c"), &[]);
+    let (want, want_status) = w.reference();
+    let (run, pid) = c.run(0, &w);
+    std::thread::sleep(Duration::from_millis(random_ms(200, 400)));
+    let r = c
+        .migrate_with(0, pid, 1, &["--auto-converge"])
+        .unwrap_or_else(|e| panic!("migrate 0 -> 1: {e}\n{}", c.logs()));
+    let (stop, throttles) = stop_and_throttles(&r);
+    assert!(
+        stop.starts_with("WithinBudget"),
+        "auto-converge did not converge: {r}"
+    );
+    assert!(
+        throttles.iter().any(|t| *t >= 0.2) && throttles.windows(2).all(|w| w[1] >= w[0]),
+        "no rising throttle: {r}"
+    );
+    let there = c.wait_registered(1, |p| p == pid_there(&r));
+    let r2 = c
+        .migrate(1, there, 0)
+        .unwrap_or_else(|e| panic!("migrate 1 -> 0: {e}\n{}", c.logs()));
+    let (stop, throttles) = stop_and_throttles(&r2);
+    assert!(
+        stop.starts_with("NoProgress") && throttles.iter().all(|t| *t == 0.0),
+        "without auto-converge the writer should outrun the rounds: {r2}"
+    );
+    let (got, status) = finish(run);
+    assert_eq!(status.code(), want_status.code(), "{r}\n{r2}");
+    assert!(
+        got == want,
+        "output differs:\n{}\n--- uninterrupted:\n{}",
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+    c.rig.teardown().unwrap();
+}
+
 #[test]
 fn stdin_reaches_the_program_in_order_across_hops() {
     let c = Cluster::new(2);

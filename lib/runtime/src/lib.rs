@@ -183,11 +183,7 @@ fn migrate_request(rest: &str) -> Option<om::precopy::migrate::Request> {
     let to = w.next()?.parse().ok()?;
     let downtime = w.next()?.parse::<u64>().ok()?;
     let max_rounds = w.next()?.parse::<u32>().ok()?;
-    let mode = match w.next()? {
-        "precopy" => om::precopy::migrate::Mode::PreCopy,
-        "stop-and-copy" => om::precopy::migrate::Mode::StopAndCopy,
-        _ => return None,
-    };
+    let (mode, auto_converge) = om::precopy::migrate::Mode::parse(w.next()?)?;
     let transport = om::precopy::migrate::Transport::parse(w.next()?)?;
     let key = PathBuf::from(w.next()?);
     Some(om::precopy::migrate::Request {
@@ -196,6 +192,7 @@ fn migrate_request(rest: &str) -> Option<om::precopy::migrate::Request> {
         budget: om::precopy::Budget {
             downtime: Duration::from_millis(downtime),
             max_rounds,
+            auto_converge,
             ..om::precopy::Budget::default()
         },
         mode,

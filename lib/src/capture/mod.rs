@@ -11,7 +11,7 @@
 //! 4. The handler returns. On the source the threads are released (or the process ends); in a restored
 //!    copy the restorer has bumped the restore marker, and [`Restored`] says so.
 
-mod preflight;
+pub(crate) mod preflight;
 pub(crate) mod state;
 
 use std::path::{Path, PathBuf};

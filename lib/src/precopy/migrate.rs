@@ -26,6 +26,7 @@ use om_transport::wire::{Begin, ImageInfo, Vma as WireVma};
 use om_transport::{ClusterKey, KeyError, SenderConfig, TcpSender, TransportError};
 
 use super::converge::{self, Budget, Decision, RoundStats, StopReason};
+use super::throttle::{Throttle, ThrottleError};
 use crate::capture::{self, CaptureError, Captured, Frozen, Summary};
 use crate::dirty::{self, DirtyError, Mechanism, RangeTable, Scope, Tracker};
 use crate::image::records::KIND_HOME;
@@ -38,6 +39,30 @@ pub enum Mode {
     PreCopy,
     /// No rounds: freeze, send every page, restore (the baseline pre-copy is measured against).
     StopAndCopy,
+}
+
+impl Mode {
+    /// The word on the control protocol: `precopy`, `auto-converge` (pre-copy that throttles the
+    /// application when it dirties memory faster than the link carries it) or `stop-and-copy`.
+    #[must_use]
+    pub fn word(self, auto_converge: bool) -> &'static str {
+        match (self, auto_converge) {
+            (Self::PreCopy, false) => "precopy",
+            (Self::PreCopy, true) => "auto-converge",
+            (Self::StopAndCopy, _) => "stop-and-copy",
+        }
+    }
+
+    /// The mode and whether to auto-converge, from the control protocol's word.
+    #[must_use]
+    pub fn parse(word: &str) -> Option<(Self, bool)> {
+        match word {
+            "precopy" => Some((Self::PreCopy, false)),
+            "auto-converge" => Some((Self::PreCopy, true)),
+            "stop-and-copy" => Some((Self::StopAndCopy, false)),
+            _ => None,
+        }
+    }
 }
 
 /// What to migrate where.
@@ -100,6 +125,8 @@ pub struct RoundReport {
     pub elapsed: Duration,
     /// Bytes the process wrote meanwhile (the next round's work).
     pub dirtied: u64,
+    /// The share of its time the application was throttled to during the round (auto-converge).
+    pub throttle: f64,
 }
 
 impl RoundReport {
@@ -141,11 +168,12 @@ impl Report {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"bytes\":{},\"ms\":{:.3},\"dirtied\":{},\"dirty_rate\":{:.0}}}",
+                    "{{\"bytes\":{},\"ms\":{:.3},\"dirtied\":{},\"dirty_rate\":{:.0},\"throttle\":{:.2}}}",
                     r.bytes,
                     r.elapsed.as_secs_f64() * 1e3,
                     r.dirtied,
-                    r.dirty_rate()
+                    r.dirty_rate(),
+                    r.throttle
                 )
             })
             .collect();
@@ -201,6 +229,9 @@ pub enum MigrateError {
     /// Dirty tracking could not start or failed.
     #[error("dirty tracking")]
     Dirty(#[source] DirtyError),
+    /// Auto-converge could not throttle the application.
+    #[error("auto-converge")]
+    Throttle(#[source] ThrottleError),
     /// The destination refused the image.
     #[error("opening the image on the destination")]
     Begin(#[source] TransportError),
@@ -382,6 +413,8 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     let mut reports = Vec::new();
     let mut stop = StopReason::RoundLimit;
     let mut sent = 0u64;
+    // Auto-converge: the application's threads lose a share of their time until the freeze.
+    let mut throttle: Option<Throttle> = None;
     if req.mode == Mode::PreCopy {
         let mut work = populated;
         let mut zeroed = RangeTable::new();
@@ -422,10 +455,12 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
                 session.table = now;
             }
             let dirtied = bytes_of(&private_runs(&next.dirty, &session.table));
+            let share = throttle.as_ref().map_or(0.0, Throttle::share);
             let r = RoundReport {
                 bytes: st.bytes,
                 elapsed: st.elapsed,
                 dirtied,
+                throttle: share,
             };
             on_round(&r);
             reports.push(r);
@@ -436,7 +471,14 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
             });
             work = next.dirty;
             zeroed = next.zeroed;
-            match converge::decide(&rounds, &req.budget, t0.elapsed(), 0.0) {
+            match converge::decide(&rounds, &req.budget, t0.elapsed(), share) {
+                Decision::Continue { throttle: next } if next > 0.0 => match &throttle {
+                    Some(t) => t.set(next),
+                    None => match Throttle::start(next) {
+                        Ok(t) => throttle = Some(t),
+                        Err(e) => return Err(fail_dirty(&mut session, MigrateError::Throttle(e))),
+                    },
+                },
                 Decision::Continue { .. } => {}
                 Decision::Stop(reason) => {
                     stop = reason;
@@ -474,6 +516,9 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     let work: capture::Work = Box::new(move |frame, started| final_round(&in_handler, frame, started));
     // Signals for the process wait in omrun from here until it knows where the process runs.
     tell_anchor("freeze");
+    // The throttle thread would not park for the freeze; throttled threads asleep in its handler
+    // sleep on into it.
+    drop(throttle);
     let captured = capture::freeze_and_run(work);
     let captured = match captured {
         Ok(c) => c,

@@ -328,6 +328,67 @@ fn unsafe_zeroed_sigaction() -> libc::sigaction {
     unsafe { std::mem::zeroed() }
 }
 
+/// How long a thread sleeps when the throttle signal reaches it, in nanoseconds (0: not at all).
+static THROTTLE_SLEEP_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The throttle signal's handler: sleeps [`THROTTLE_SLEEP_NS`] (auto-converge, see
+/// `precopy::throttle`). Async-signal-safe: an atomic load and `nanosleep`.
+extern "C" fn on_throttle_signal(_sig: i32) {
+    let ns = THROTTLE_SLEEP_NS.load(Ordering::Acquire);
+    if ns == 0 {
+        return;
+    }
+    let ts = libc::timespec {
+        tv_sec: i64::try_from(ns / 1_000_000_000).unwrap_or(0),
+        tv_nsec: i64::try_from(ns % 1_000_000_000).unwrap_or(0),
+    };
+    // The interrupted code may be about to read errno.
+    let saved = nix::errno::Errno::last_raw();
+    // SAFETY: a valid timespec; a null remainder is allowed. An interruption just ends the sleep.
+    unsafe { libc::nanosleep(&raw const ts, std::ptr::null_mut()) };
+    nix::errno::Errno::set_raw(saved);
+}
+
+/// Sets how long the throttle signal puts a thread to sleep.
+pub fn set_throttle_sleep(ns: u64) {
+    THROTTLE_SLEEP_NS.store(ns, Ordering::Release);
+}
+
+/// Installs the throttle handler for `sig` (restarting interrupted calls) and returns the
+/// disposition it replaced.
+///
+/// # Errors
+/// The `rt_sigaction` failure.
+pub fn install_throttle_handler(sig: i32) -> io::Result<KernelSigaction> {
+    let old = sigaction_get(sig)?;
+    let mut tmp: libc::sigaction = unsafe_zeroed_sigaction();
+    tmp.sa_sigaction = on_throttle_signal as *const () as usize;
+    tmp.sa_flags = libc::SA_RESTART;
+    // SAFETY: `tmp` is a valid glibc sigaction whose handler is async-signal-safe (an atomic load
+    // and nanosleep, errno kept).
+    if unsafe { libc::sigaction(sig, &raw const tmp, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(old)
+}
+
+/// Puts back the disposition `old` of the throttle signal `sig`, discarding any instance still
+/// pending in some thread first (ignoring a signal drops what is pending): a late one must not meet
+/// the default action, which for a real-time signal ends the process.
+///
+/// # Errors
+/// The `rt_sigaction` failure.
+pub fn uninstall_throttle_handler(sig: i32, old: &KernelSigaction) -> io::Result<()> {
+    let ignore = KernelSigaction {
+        handler: 1,
+        ..KernelSigaction::default()
+    };
+    // SAFETY: SIG_IGN needs no handler or restorer.
+    unsafe { sigaction_set(sig, &ignore) }?;
+    // SAFETY: `old` came from the kernel for this very signal.
+    unsafe { sigaction_set(sig, old) }
+}
+
 /// Puts back a disposition saved by [`install_checkpoint_handler`].
 ///
 /// # Errors
