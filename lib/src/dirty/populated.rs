@@ -1,4 +1,7 @@
-//! Which pages of a range hold data: present or swapped, and not the shared zero page.
+//! Which pages of a range hold the process's own data: present or swapped, not the shared zero
+//! page, and not a file's page (in a private file mapping only the copy-on-write copies are the
+//! process's; the rest is the file, which a restore maps again, as a checkpoint's capture decides).
+//! Shared mappings are never sent page by page, so the rule does not matter for them.
 
 use std::fs::File;
 use std::ops::Range;
@@ -6,8 +9,8 @@ use std::os::unix::fs::FileExt;
 
 use super::{DirtyError, RangeTable};
 use crate::sys::pagemap::{
-    self, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PM_PRESENT, PM_SWAP, PageRegion, PmScanArg,
-    ScanResult, ScanVec,
+    self, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PM_FILE, PM_PRESENT, PM_SWAP,
+    PageRegion, PmScanArg, ScanResult, ScanVec,
 };
 
 /// Output slots per `PAGEMAP_SCAN` call.
@@ -76,8 +79,8 @@ impl PopulatedQuery {
                     let arg = PmScanArg {
                         start,
                         end: range.end,
-                        category_inverted: PAGE_IS_PFNZERO,
-                        category_mask: PAGE_IS_PFNZERO,
+                        category_inverted: PAGE_IS_PFNZERO | PAGE_IS_FILE,
+                        category_mask: PAGE_IS_PFNZERO | PAGE_IS_FILE,
                         category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                         return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                         ..Default::default()
@@ -112,8 +115,8 @@ impl PopulatedQuery {
     }
 }
 
-/// Adds the pages of `range` whose pagemap entries say they hold data: present, or swap-format but not
-/// a PTE marker.
+/// Adds the pages of `range` whose pagemap entries say they hold data: present and not a file's page,
+/// or swap-format but not a PTE marker.
 fn entries(
     pagemap: &File,
     range: Range<u64>,
@@ -136,7 +139,8 @@ fn entries(
             })?;
         for (i, e) in bytes.chunks_exact(8).enumerate() {
             let e = u64::from_ne_bytes(e.try_into().unwrap_or([0; 8]));
-            let data = e & PM_PRESENT != 0 || (e & PM_SWAP != 0 && e & SWAP_TYPE_MASK != marker_type);
+            let data = (e & PM_PRESENT != 0 && e & PM_FILE == 0)
+                || (e & PM_SWAP != 0 && e & SWAP_TYPE_MASK != marker_type);
             if data {
                 let a = (page + i as u64) * p;
                 out.push(a..a + p);

@@ -135,6 +135,8 @@ pub fn scan(pagemap: &impl AsFd, mut arg: PmScanArg, out: &mut [PageRegion]) -> 
 pub const PM_PRESENT: u64 = 1 << 63;
 /// Bit 62: page swapped.
 pub const PM_SWAP: u64 = 1 << 62;
+/// Pagemap entry: a file page or shared anonymous memory.
+pub const PM_FILE: u64 = 1 << 61;
 /// Bit 55: pte is soft-dirty.
 pub const PM_SOFT_DIRTY: u64 = 1 << 55;
 
