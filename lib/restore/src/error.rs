@@ -9,6 +9,10 @@ pub enum RestoreError {
     /// The checkpoint could not be read.
     #[error("reading the checkpoint")]
     Checkpoint(#[source] om::image::CheckpointError),
+    /// A checkpoint directory whose manifest lacks page checksums (only omd hands over pages it
+    /// checked already).
+    #[error("the checkpoint has no checksum for its pages")]
+    Unchecked,
     /// A record could not be decoded.
     #[error("decoding a {what} record")]
     Record {

@@ -199,9 +199,13 @@ impl<'a> Server<'a> {
                 pieces,
                 cursor: 0,
                 faults: std::collections::VecDeque::new(),
-                filled: Bits::new(ckpt.sums.len()),
+                filled: Bits::new(ckpt.data_pages()),
             }],
-            verified: Bits::new(ckpt.sums.len()),
+            verified: Bits::new(if ckpt.sums.is_empty() {
+                0
+            } else {
+                ckpt.data_pages()
+            }),
         }
     }
 
@@ -230,6 +234,9 @@ impl<'a> Server<'a> {
         let off = usize::try_from(d.offset + (at - d.addr.start)).unwrap_or(usize::MAX);
         let pages: &'a [u8] = self.pages;
         let bytes = pages.get(off..off + n * ps).ok_or(LazyError::Checksum(at))?;
+        if self.sums.is_empty() {
+            return Ok(bytes); // checked by whoever handed the pages over
+        }
         for (k, p) in bytes.chunks(ps).enumerate() {
             if self.verified.get(first + k) {
                 continue;

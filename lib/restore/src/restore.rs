@@ -153,6 +153,10 @@ impl Image {
     /// # Errors
     /// The first problem found.
     pub fn gate(&self) -> Result<(), RestoreError> {
+        // Only pages handed over by omd (which checked each as it landed) may come unchecked.
+        if self.pages_fd.is_none() && !self.ckpt.checks_pages() {
+            return Err(RestoreError::Unchecked);
+        }
         let you = nix::unistd::getuid().as_raw();
         let image = self.ckpt.begin.info.uid;
         if you != 0 && you != image {
@@ -299,7 +303,7 @@ fn enter_user_namespace() -> Result<(), RestoreError> {
 pub type OnRunning<'a> = &'a mut dyn FnMut(u32) -> bool;
 
 /// VMAs with at least this much page data are restored lazily.
-pub const LAZY_MIN: u64 = 1 << 20;
+pub const LAZY_MIN: u64 = 64 << 10;
 
 /// Which VMAs to serve on demand: those holding at least [`LAZY_MIN`] bytes of data, unless
 /// `OM_RESTORE_EAGER` is set.
@@ -314,7 +318,13 @@ fn lazy_vmas(img: &Image) -> Vec<bool> {
             data[i] += s.addr.end - s.addr.start;
         }
     }
-    data.iter().map(|d| *d >= LAZY_MIN).collect()
+    // The restore marker is written into its premapped page before the program runs: that VMA is
+    // filled first (a lazy fill would find the page present and skip the rest of its data).
+    let marker = img.process.restore_marker;
+    data.iter()
+        .zip(vmas)
+        .map(|(d, v)| *d >= LAZY_MIN && !(v.start <= marker && marker < v.end))
+        .collect()
 }
 
 /// Restores the image and waits for the program to end.

@@ -246,6 +246,20 @@ fn a_corrupted_page_is_refused_and_nothing_runs() {
     assert_restart_fails(&node, &ck, "fails its checksum");
 }
 
+/// A checkpoint directory whose manifest lost its checksums (only omd may hand over pages without
+/// them, pages it checked itself) is refused before anything runs.
+#[test]
+fn a_checkpoint_without_page_checksums_is_refused() {
+    let (node, ck, _) = checkpointed("nosums", "single.c");
+    let mut c = om::image::Checkpoint::open(&ck).unwrap();
+    assert!(c.checks_pages() && !c.sums.is_empty());
+    c.sums.clear();
+    let manifest = c.encode_manifest().unwrap();
+    std::fs::write(ck.join(om::image::checkpoint::MANIFEST), manifest).unwrap();
+    assert!(!om::image::Checkpoint::open(&ck).unwrap().checks_pages());
+    assert_restart_fails(&node, &ck, "no checksum for its pages");
+}
+
 #[test]
 fn detached_restart_prints_the_pid_and_the_file_output_continues() {
     let prog = build("threads.c");

@@ -95,7 +95,8 @@ pub struct Checkpoint {
     pub begin: Begin,
     /// Data and zero runs in address order.
     pub runs: Vec<Run>,
-    /// One checksum per data page.
+    /// One checksum per data page; empty when whoever hands over the pages has checked them
+    /// already (omd, which checks every page as it lands, for a migration's copy).
     pub sums: Vec<u32>,
     /// Records for the restorer.
     pub records: Vec<Record>,
@@ -320,6 +321,24 @@ impl Checkpoint {
         out
     }
 
+    /// How many data pages the runs hold.
+    #[must_use]
+    pub fn data_pages(&self) -> usize {
+        let bytes: u64 = self
+            .runs
+            .iter()
+            .filter(|r| r.data)
+            .map(|r| r.addr.end - r.addr.start)
+            .sum();
+        usize::try_from(bytes / self.page_size).unwrap_or(usize::MAX)
+    }
+
+    /// True when the manifest carries a checksum for every data page (see [`Checkpoint::sums`]).
+    #[must_use]
+    pub fn checks_pages(&self) -> bool {
+        self.sums.len() == self.data_pages()
+    }
+
     /// Reads and checks the manifest of the checkpoint in `dir`.
     ///
     /// # Errors
@@ -403,7 +422,7 @@ impl Checkpoint {
             });
         }
         let sum_bytes = c.section("checksums", MAX_RUNS * 4)?;
-        if sum_bytes.len() as u64 != data_pages * 4 {
+        if !sum_bytes.is_empty() && sum_bytes.len() as u64 != data_pages * 4 {
             return Err(bad("checksum count does not match the data pages"));
         }
         let sums = sum_bytes
@@ -605,6 +624,20 @@ mod tests {
                 seg(0x20000, 0x21000, 0x3000, 3, Some(2)),
             ]
         );
+    }
+
+    #[test]
+    fn checksums_are_all_or_none() {
+        let mut c = Checkpoint::decode_manifest(&manifest()).unwrap();
+        assert!(c.checks_pages());
+        assert_eq!(c.data_pages(), 2);
+        // None: the pages were checked by whoever handed them over.
+        c.sums.clear();
+        let none = Checkpoint::decode_manifest(&c.encode_manifest().unwrap()).unwrap();
+        assert!(!none.checks_pages() && none.sums.is_empty());
+        // Some but not all: refused.
+        c.sums = vec![1];
+        assert!(Checkpoint::decode_manifest(&c.encode_manifest().unwrap()).is_err());
     }
 
     #[test]
