@@ -47,7 +47,8 @@ impl Default for Budget {
     fn default() -> Self {
         Self {
             downtime: Duration::from_millis(50),
-            fixed_cost: Duration::from_millis(5),
+            // An idle process's freeze on the benchmark's nodes: 11-20 ms (docs/migration.md).
+            fixed_cost: Duration::from_millis(15),
             max_rounds: 30,
             max_time: Duration::from_secs(300),
             auto_converge: false,

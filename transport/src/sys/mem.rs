@@ -246,7 +246,18 @@ impl ReadableBatch<'_> {
     /// suspect, and the sender must send it again (or fail).
     fn page_sums_copied(&self, page_size: usize, sums: &mut Vec<u32>) {
         const BOUNCE: usize = 256 << 10;
-        let mut buf = vec![0u8; BOUNCE.max(page_size)];
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(|buf| {
+            if buf.len() < BOUNCE.max(page_size) {
+                buf.resize(BOUNCE.max(page_size), 0);
+            }
+            self.page_sums_into(page_size, sums, buf);
+        });
+    }
+
+    fn page_sums_into(&self, page_size: usize, sums: &mut Vec<u32>, buf: &mut [u8]) {
         for r in &self.runs {
             let mut addr = r.start;
             while addr < r.end {

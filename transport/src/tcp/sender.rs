@@ -21,6 +21,10 @@ use crate::wire::{
 /// Pages per batch of a placing transport.
 const PLACED_BATCH_PAGES: u64 = 8192;
 const _: () = assert!(PLACED_BATCH_PAGES <= MAX_BATCH_PAGES as u64);
+/// Stack of a round's data-stream threads. They are the migrating process's threads: their stacks
+/// (which glibc caches for the next round's threads) are captured with it, and the 2 MiB default was
+/// 4 MiB of every final round.
+const STREAM_STACK: usize = 256 << 10;
 
 /// How a [`TcpSender`] uses the link.
 #[derive(Debug, Clone)]
@@ -346,13 +350,19 @@ impl TcpSender {
             let handles: Vec<_> = self
                 .data
                 .iter_mut()
-                .map(|c| s.spawn(|| work(c, &mut Vec::new())))
+                .map(|c| {
+                    std::thread::Builder::new()
+                        .stack_size(STREAM_STACK)
+                        .spawn_scoped(s, || work(c, &mut Vec::new()))
+                })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or(Err(TransportError::Misuse("stream thread panicked")))
+                .map(|h| match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or(Err(TransportError::Misuse("stream thread panicked"))),
+                    Err(_) => Err(TransportError::Misuse("cannot start a stream thread")),
                 })
                 .collect()
         });
