@@ -59,11 +59,10 @@ const ZERO: u8 = 2;
 const CHUNK: usize = 512;
 const CHUNK_PAGES: u64 = CHUNK as u64;
 
-/// The state and checksum of 512 pages.
+/// The state of 512 pages.
 #[derive(Debug)]
 struct Chunk {
     state: [u8; CHUNK],
-    sum: [u32; CHUNK],
 }
 
 /// Per-page state, allocated in chunks of 512 pages as pages arrive (a sparse image of a huge VMA
@@ -87,7 +86,6 @@ impl PageMap {
             let c = self.chunks.entry(chunk).or_insert_with(|| {
                 Box::new(Chunk {
                     state: [ABSENT; CHUNK],
-                    sum: [0; CHUNK],
                 })
             });
             for slot in &mut c.state[lo..hi] {
@@ -102,19 +100,18 @@ impl PageMap {
         (was, now)
     }
 
-    /// Every page that is not absent, as (image page index, state, checksum), in index order.
+    /// Every page that is not absent, as (image page index, state), in index order.
     #[cfg(test)]
-    fn present(&self) -> impl Iterator<Item = (u64, u8, u32)> + '_ {
+    fn present(&self) -> impl Iterator<Item = (u64, u8)> + '_ {
         let mut keys: Vec<u64> = self.chunks.keys().copied().collect();
         keys.sort_unstable();
         keys.into_iter().flat_map(move |k| {
             let c = &self.chunks[&k];
             c.state
                 .iter()
-                .zip(c.sum.iter())
                 .enumerate()
-                .filter(|(_, (s, _))| **s != ABSENT)
-                .map(move |(i, (s, sum))| (k * CHUNK_PAGES + i as u64, *s, *sum))
+                .filter(|(_, s)| **s != ABSENT)
+                .map(move |(i, s)| (k * CHUNK_PAGES + i as u64, *s))
         })
     }
 
@@ -122,13 +119,6 @@ impl PageMap {
         self.chunks
             .get(&(p / CHUNK_PAGES))
             .map_or(ABSENT, |c| c.state[usize::try_from(p % CHUNK_PAGES).unwrap_or(0)])
-    }
-
-    /// Records the checksum of landed page `p`.
-    fn set_sum(&mut self, p: u64, sum: u32) {
-        if let Some(c) = self.chunks.get_mut(&(p / CHUNK_PAGES)) {
-            c.sum[usize::try_from(p % CHUNK_PAGES).unwrap_or(0)] = sum;
-        }
     }
 }
 
@@ -257,14 +247,11 @@ impl Layout {
     }
 }
 
-/// The runs of data and zero pages of `map` laid out by `layout`, in address order, and (when
-/// `with_sums`) the checksum of every data page in the same order.
-fn state_runs(map: &PageMap, layout: &Layout, ps: u64, with_sums: bool) -> (Vec<StateRun>, Vec<u32>) {
+/// The runs of data and zero pages of `map` laid out by `layout`, in address order.
+fn state_runs(map: &PageMap, layout: &Layout, ps: u64) -> Vec<StateRun> {
     // This runs while a migrating process is frozen: whole stretches of equal state at a time,
     // one extent lookup per stretch (a page at a time cost 34 ms for 1 GiB).
-    // Runs in image offset order, each with its checksums as a range of `in_offset_order`.
-    let mut out: Vec<(StateRun, Range<usize>)> = Vec::new();
-    let mut in_offset_order: Vec<u32> = Vec::new();
+    let mut out: Vec<StateRun> = Vec::new();
     let mut keys: Vec<u64> = map.chunks.keys().copied().collect();
     keys.sort_unstable();
     for k in keys {
@@ -282,42 +269,25 @@ fn state_runs(map: &PageMap, layout: &Layout, ps: u64, with_sums: bool) -> (Vec<
             let n = 1 + c.state[i + 1..most].iter().take_while(|s| **s == state).count();
             let data = state == DATA;
             let len = n as u64 * ps;
-            let first = in_offset_order.len();
-            if data && with_sums {
-                in_offset_order.extend_from_slice(&c.sum[i..i + n]);
-            }
-            let sums = first..in_offset_order.len();
             match out.last_mut() {
-                Some((r, s))
+                Some(r)
                     if r.addr.end == addr
                         && r.data == data
                         && r.offset + (r.addr.end - r.addr.start) == offset =>
                 {
                     r.addr.end += len;
-                    s.end = sums.end;
                 }
-                _ => out.push((
-                    StateRun {
-                        addr: addr..addr + len,
-                        data,
-                        offset,
-                    },
-                    sums,
-                )),
+                _ => out.push(StateRun {
+                    addr: addr..addr + len,
+                    data,
+                    offset,
+                }),
             }
             i += n;
         }
     }
-    out.sort_unstable_by_key(|(r, _)| r.addr.start);
-    let mut sums = Vec::with_capacity(in_offset_order.len());
-    let runs = out
-        .into_iter()
-        .map(|(r, s)| {
-            sums.extend_from_slice(&in_offset_order[s]);
-            r
-        })
-        .collect();
-    (runs, sums)
+    out.sort_unstable_by_key(|r| r.addr.start);
+    out
 }
 
 #[derive(Debug)]
@@ -569,7 +539,7 @@ impl Image {
     pub fn state_runs(&self) -> Vec<StateRun> {
         let layout = lock(&self.layout);
         let map = lock(&self.pages);
-        state_runs(&map, &layout, self.page_size, false).0
+        state_runs(&map, &layout, self.page_size)
     }
 
     /// Makes `len` bytes at image offset `off` zero: released (a hole), or overwritten when the
@@ -676,25 +646,6 @@ impl ImageSink for Image {
         layout.set_vmas(&begin.vmas)
     }
 
-    fn landed(&self, runs: &[Range<u64>], sums: &[u32], suspects: &[usize]) {
-        let layout = lock(&self.layout);
-        let mut map = lock(&self.pages);
-        let mut i = 0usize;
-        let mut bad = suspects.iter().copied().peekable();
-        for r in runs {
-            for (off, len) in layout.pieces(r).unwrap_or_default() {
-                for p in 0..len / self.page_size {
-                    if bad.peek() == Some(&i) {
-                        bad.next();
-                    } else if let Some(&s) = sums.get(i) {
-                        map.set_sum(off / self.page_size + p, s);
-                    }
-                    i += 1;
-                }
-            }
-        }
-    }
-
     fn go(&self) -> Result<u32, Refusal> {
         let prepared = lock(&self.prepared).take();
         match prepared {
@@ -784,38 +735,31 @@ mod tests {
 
     /// The plain definition: every present page on its own, merged with the previous run when it
     /// continues it in address, state and image offset; then in address order.
-    fn oracle(map: &PageMap, layout: &Layout) -> (Vec<StateRun>, Vec<u32>) {
-        let mut out: Vec<(StateRun, Vec<u32>)> = Vec::new();
-        for (page, state, sum) in map.present() {
+    fn oracle(map: &PageMap, layout: &Layout) -> Vec<StateRun> {
+        let mut out: Vec<StateRun> = Vec::new();
+        for (page, state) in map.present() {
             let offset = page * PS;
             let Some(addr) = layout.address_of(offset) else {
                 continue;
             };
             let data = state == DATA;
             match out.last_mut() {
-                Some((r, sums))
+                Some(r)
                     if r.addr.end == addr
                         && r.data == data
                         && r.offset + (r.addr.end - r.addr.start) == offset =>
                 {
                     r.addr.end += PS;
-                    if data {
-                        sums.push(sum);
-                    }
                 }
-                _ => out.push((
-                    StateRun {
-                        addr: addr..addr + PS,
-                        data,
-                        offset,
-                    },
-                    if data { vec![sum] } else { Vec::new() },
-                )),
+                _ => out.push(StateRun {
+                    addr: addr..addr + PS,
+                    data,
+                    offset,
+                }),
             }
         }
-        out.sort_unstable_by_key(|(r, _)| r.addr.start);
-        let sums = out.iter().flat_map(|(_, s)| s.clone()).collect();
-        (out.into_iter().map(|(r, _)| r).collect(), sums)
+        out.sort_unstable_by_key(|r| r.addr.start);
+        out
     }
 
     proptest! {
@@ -845,17 +789,10 @@ mod tests {
             both.dedup_by_key(|v| v.start);
             layout.set_vmas(&both).unwrap();
             let mut map = PageMap::default();
-            for (k, &(page, n, state)) in sets.iter().enumerate() {
+            for &(page, n, state) in &sets {
                 map.set(page, n, state);
-                for p in page..page + n {
-                    map.set_sum(p, u32::try_from(p * 31 + k as u64).unwrap());
-                }
             }
-            let (runs, sums) = state_runs(&map, &layout, PS, true);
-            prop_assert_eq!(&state_runs(&map, &layout, PS, false).0, &runs);
-            let (want_runs, want_sums) = oracle(&map, &layout);
-            prop_assert_eq!(runs, want_runs);
-            prop_assert_eq!(sums, want_sums);
+            prop_assert_eq!(state_runs(&map, &layout, PS), oracle(&map, &layout));
         }
     }
 }

@@ -42,18 +42,9 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The word on the control protocol: `precopy`, `auto-converge` (pre-copy that throttles the
-    /// application when it dirties memory faster than the link carries it) or `stop-and-copy`.
-    #[must_use]
-    pub fn word(self, auto_converge: bool) -> &'static str {
-        match (self, auto_converge) {
-            (Self::PreCopy, false) => "precopy",
-            (Self::PreCopy, true) => "auto-converge",
-            (Self::StopAndCopy, _) => "stop-and-copy",
-        }
-    }
-
-    /// The mode and whether to auto-converge, from the control protocol's word.
+    /// The mode and whether to auto-converge, from the control protocol's word: `precopy`,
+    /// `auto-converge` (pre-copy that throttles the application when it dirties memory faster than
+    /// the link carries it) or `stop-and-copy`.
     #[must_use]
     pub fn parse(word: &str) -> Option<(Self, bool)> {
         match word {
