@@ -106,12 +106,14 @@ impl ReadableBatch<'_> {
         &self.runs
     }
 
-    /// One checksum per page, in run order.
+    /// One checksum per page, in run order. Racy memory is read through `scratch` (grown to fit
+    /// and kept by the caller: a fresh buffer per batch dirtied fresh heap pages, which a migration
+    /// then sends in its final round).
     #[must_use]
-    pub fn page_sums(&self, page_size: usize) -> Vec<u32> {
+    pub fn page_sums(&self, page_size: usize, scratch: &mut Vec<u8>) -> Vec<u32> {
         let mut sums = Vec::new();
         if self.racy {
-            self.page_sums_copied(page_size, &mut sums);
+            self.page_sums_copied(page_size, &mut sums, scratch);
             return sums;
         }
         for r in &self.runs {
@@ -244,20 +246,12 @@ impl ReadableBatch<'_> {
     /// Checksums of a copy of the pages read through the kernel. A page it cannot read gets the
     /// complement of its copy's sum, which the landed page cannot match: the receiver reports it as a
     /// suspect, and the sender must send it again (or fail).
-    fn page_sums_copied(&self, page_size: usize, sums: &mut Vec<u32>) {
+    fn page_sums_copied(&self, page_size: usize, sums: &mut Vec<u32>, scratch: &mut Vec<u8>) {
         const BOUNCE: usize = 256 << 10;
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        if scratch.len() < BOUNCE.max(page_size) {
+            scratch.resize(BOUNCE.max(page_size), 0);
         }
-        BUF.with_borrow_mut(|buf| {
-            if buf.len() < BOUNCE.max(page_size) {
-                buf.resize(BOUNCE.max(page_size), 0);
-            }
-            self.page_sums_into(page_size, sums, buf);
-        });
-    }
-
-    fn page_sums_into(&self, page_size: usize, sums: &mut Vec<u32>, buf: &mut [u8]) {
+        let buf = &mut scratch[..BOUNCE.max(page_size)];
         for r in &self.runs {
             let mut addr = r.start;
             while addr < r.end {

@@ -432,7 +432,7 @@ impl Placing<'_> {
         } else if fused {
             Vec::with_capacity(pages)
         } else {
-            batch.page_sums(ps)
+            batch.page_sums(ps, bounce)
         };
         let mut at = 0usize;
         for run in batch.runs() {
@@ -479,7 +479,7 @@ fn send_batch(
         let body = Batch::encode(round, batch.runs(), &sums, page_size);
         return conn.send_with_bytes(Kind::Batch, &body, &bounce[..len]);
     }
-    let sums = batch.page_sums(ps);
+    let sums = batch.page_sums(ps, bounce);
     let body = Batch::encode(round, batch.runs(), &sums, page_size);
     conn.send_with_pages(Kind::Batch, &body, Some(batch))
 }
