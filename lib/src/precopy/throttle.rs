@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -45,8 +45,6 @@ pub enum ThrottleError {
 pub struct Throttle {
     sig: i32,
     old: KernelSigaction,
-    /// The share of time taken away, in millionths.
-    share: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -76,19 +74,17 @@ impl Throttle {
         let sig = preflight::choose_signal().ok_or(ThrottleError::NoSignal)?;
         task::set_throttle_sleep(sleep_ns(ppm(share)));
         let old = task::install_throttle_handler(sig).map_err(ThrottleError::Handler)?;
-        let share_ppm = Arc::new(AtomicU64::new(ppm(share)));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (share_ppm, stop) = (Arc::clone(&share_ppm), Arc::clone(&stop));
+            let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("om-throttle".into())
-                .spawn(move || run(sig, &share_ppm, &stop))
+                .spawn(move || run(sig, &stop))
         };
         match thread {
             Ok(t) => Ok(Self {
                 sig,
                 old,
-                share: share_ppm,
                 stop,
                 thread: Some(t),
             }),
@@ -101,16 +97,15 @@ impl Throttle {
 
     /// Changes the share of time taken away.
     pub fn set(&self, share: f64) {
-        self.share.store(ppm(share), Ordering::Release);
         task::set_throttle_sleep(sleep_ns(ppm(share)));
     }
 
-    /// The share of time taken away now.
+    /// The share of time taken away now (the handler's sleep over the period).
     #[must_use]
     pub fn share(&self) -> f64 {
-        // At most 990_000: exact in an f64.
+        // Both at most 2e7 ns: exact in an f64.
         #[allow(clippy::cast_precision_loss)]
-        let s = self.share.load(Ordering::Acquire) as f64 / 1e6;
+        let s = task::throttle_sleep() as f64 / PERIOD.as_nanos() as f64;
         s
     }
 }
@@ -132,14 +127,14 @@ impl Drop for Throttle {
 }
 
 /// The throttle thread: every period, signals each application thread once.
-fn run(sig: i32, share_ppm: &AtomicU64, stop: &AtomicBool) {
+fn run(sig: i32, stop: &AtomicBool) {
     let pid = std::process::id();
     let me = task::gettid();
     // Whether each thread seen so far takes the signal (runtime threads block it).
     let mut takes: HashMap<u32, bool> = HashMap::new();
     let bit = 1u64 << (sig - 1);
     while !stop.load(Ordering::Acquire) {
-        if share_ppm.load(Ordering::Acquire) > 0 {
+        if task::throttle_sleep() > 0 {
             let tasks = state::list_tasks().unwrap_or_default();
             takes.retain(|t, _| tasks.contains(t));
             for t in tasks.into_iter().filter(|t| *t != me) {

@@ -308,15 +308,35 @@ extern "C" fn on_checkpoint_signal(_sig: i32, _info: *mut libc::siginfo_t, uc: *
 /// # Errors
 /// The `rt_sigaction` failure.
 pub fn install_checkpoint_handler(sig: i32) -> io::Result<KernelSigaction> {
+    // The checkpoint handler is async-signal-safe: syscalls and atomics only, or the control
+    // thread's own job.
+    install_handler(
+        sig,
+        on_checkpoint_signal as *const () as usize,
+        libc::SA_SIGINFO | libc::SA_RESTART,
+        true,
+    )
+}
+
+/// Installs one of om's own async-signal-safe handlers (`handler`, with `flags`; every signal
+/// blocked while it runs when `block_all`) for `sig` through glibc, which supplies its restorer so
+/// that the frame returns like any other; returns the disposition it replaced.
+fn install_handler(
+    sig: i32,
+    handler: usize,
+    flags: libc::c_int,
+    block_all: bool,
+) -> io::Result<KernelSigaction> {
     let old = sigaction_get(sig)?;
-    // Take glibc's restorer from its own sigaction so that the frame returns like any other.
     let mut tmp: libc::sigaction = unsafe_zeroed_sigaction();
-    tmp.sa_sigaction = on_checkpoint_signal as *const () as usize;
-    tmp.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: `tmp.sa_mask` is a valid sigset_t.
-    unsafe { libc::sigfillset(&raw mut tmp.sa_mask) };
-    // SAFETY: `tmp` is a valid glibc sigaction whose handler is async-signal-safe (syscalls and
-    // atomics only, or the control thread's own job).
+    tmp.sa_sigaction = handler;
+    tmp.sa_flags = flags;
+    if block_all {
+        // SAFETY: `tmp.sa_mask` is a valid sigset_t.
+        unsafe { libc::sigfillset(&raw mut tmp.sa_mask) };
+    }
+    // SAFETY: `tmp` is a valid glibc sigaction; `handler` is one of this module's handlers, each
+    // async-signal-safe and of the signature `flags` says.
     if unsafe { libc::sigaction(sig, &raw const tmp, std::ptr::null_mut()) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -354,22 +374,25 @@ pub fn set_throttle_sleep(ns: u64) {
     THROTTLE_SLEEP_NS.store(ns, Ordering::Release);
 }
 
+/// How long the throttle signal puts a thread to sleep now, in nanoseconds.
+#[must_use]
+pub fn throttle_sleep() -> u64 {
+    THROTTLE_SLEEP_NS.load(Ordering::Acquire)
+}
+
 /// Installs the throttle handler for `sig` (restarting interrupted calls) and returns the
 /// disposition it replaced.
 ///
 /// # Errors
 /// The `rt_sigaction` failure.
 pub fn install_throttle_handler(sig: i32) -> io::Result<KernelSigaction> {
-    let old = sigaction_get(sig)?;
-    let mut tmp: libc::sigaction = unsafe_zeroed_sigaction();
-    tmp.sa_sigaction = on_throttle_signal as *const () as usize;
-    tmp.sa_flags = libc::SA_RESTART;
-    // SAFETY: `tmp` is a valid glibc sigaction whose handler is async-signal-safe (an atomic load
-    // and nanosleep, errno kept).
-    if unsafe { libc::sigaction(sig, &raw const tmp, std::ptr::null_mut()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(old)
+    // An atomic load and nanosleep, errno kept; other signals (the checkpoint's) may nest.
+    install_handler(
+        sig,
+        on_throttle_signal as *const () as usize,
+        libc::SA_RESTART,
+        false,
+    )
 }
 
 /// Puts back the disposition `old` of the throttle signal `sig`, discarding any instance still
