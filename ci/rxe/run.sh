@@ -28,10 +28,11 @@ trap 'rm -rf "$work"' EXIT
 cp "$tests" "$work/verbs-tests"
 gcc -O2 -pthread -o "$work/threads" lib/restore/tests/workloads/threads.c
 gcc -O2 -o "$work/numbered" lib/restore/tests/workloads/numbered.c
+gcc -O2 -o "$work/laps" lib/restore/tests/workloads/laps.c
 cargo build --locked "${flag[@]}" -p om-launch --lib
 gcc -Wall -Werror -O2 -I lib/launch/include -o "$work/launcher" examples/c/launcher.c \
   -L"target/$profile" -lom_launch -Wl,-rpath,/om
 bin=target/$profile
 exec bash ci/rxe/guest.sh "${OM_RXE_JOB:-ci/rxe/job.sh}" \
   "$bin/omd" "$bin/omrun" "$bin/omctl" "$bin/om-restore" "$bin/libomrt.so" "$bin/verbs" \
-  "$bin/libom_launch.so" "$work/verbs-tests" "$work/threads" "$work/numbered" "$work/launcher"
+  "$bin/libom_launch.so" "$work/verbs-tests" "$work/threads" "$work/numbered" "$work/laps" "$work/launcher"

@@ -85,8 +85,8 @@ pub enum PlanError {
     /// No room for the restorer's areas.
     #[error("no free range of {0} bytes for the restorer in both address spaces")]
     NoHole(u64),
-    /// The restore marker is not in private writable memory of the image.
-    #[error("the restore marker at {0:#x} is not in private writable memory of the image")]
+    /// The restore marker is not inside one private writable VMA of the image.
+    #[error("the restore marker at {0:#x} is not inside one private writable VMA of the image")]
     Marker(u64),
 }
 
@@ -110,6 +110,9 @@ pub struct Here<'a> {
     /// Where the blob waits, once everything is restored and before any thread runs, for one byte
     /// (the go of a migration's two-phase commit); end of file ends the restore.
     pub hold_fd: Option<u32>,
+    /// Bytes of the restore marker that the restorer writes (its generation, the leftover area,
+    /// and from image version 2 the control socket's path).
+    pub marker_len: u64,
 }
 
 /// How a VMA is premapped.
@@ -294,7 +297,7 @@ pub fn plan(
     let specials = pair_specials(&here.specials, &process.specials)?;
     let marker_ok = vmas.iter().any(|v| {
         v.start <= process.restore_marker
-            && process.restore_marker + 24 <= v.end
+            && process.restore_marker + here.marker_len <= v.end
             && v.flags & vma_flags::SHARED == 0
             && v.prot & libc::PROT_WRITE as u32 != 0
     });
@@ -921,6 +924,7 @@ mod tests {
             hold_fd: None,
             exe_fd: Some(10),
             uffd: Some(11),
+            marker_len: 24,
         };
         let plan = plan(&vmas, &p, &threads, &here, &[true, true, false]).unwrap();
         assert_eq!(
@@ -998,6 +1002,7 @@ mod tests {
             hold_fd: None,
             exe_fd: None,
             uffd: None,
+            marker_len: 24,
         };
         let mut t2 = threads.clone();
         t2[0].tid = 5;
@@ -1027,6 +1032,15 @@ mod tests {
         assert_eq!(
             plan(&vmas, &p, &threads, &here, &[]).unwrap_err(),
             PlanError::Marker(0x5555_0000_0100)
+        );
+        // Its first 24 bytes fit, the path after them would run past the end of the VMA.
+        p.restore_marker = 0x5555_0000_8000 - 100;
+        let mut h3 = here.clone();
+        assert!(plan(&vmas, &p, &threads, &h3, &[]).is_ok());
+        h3.marker_len = 152;
+        assert_eq!(
+            plan(&vmas, &p, &threads, &h3, &[]).unwrap_err(),
+            PlanError::Marker(0x5555_0000_8000 - 100)
         );
     }
 }

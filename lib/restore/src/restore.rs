@@ -230,7 +230,7 @@ struct BlobFds {
     hold: Option<RawFd>,
 }
 
-fn here_layout(code: &'static [u8], fds: BlobFds) -> Result<Here<'static>, RestoreError> {
+fn here_layout(code: &'static [u8], fds: BlobFds, marker_len: u64) -> Result<Here<'static>, RestoreError> {
     let vmas = maps::read_self().map_err(RestoreError::Maps)?;
     Ok(Here {
         busy: vmas.iter().map(|v| v.start..v.end).collect(),
@@ -249,6 +249,7 @@ fn here_layout(code: &'static [u8], fds: BlobFds) -> Result<Here<'static>, Resto
         exe_fd: fds.exe.and_then(|f| u32::try_from(f).ok()),
         uffd: fds.uffd.and_then(|f| u32::try_from(f).ok()),
         hold_fd: fds.hold.and_then(|f| u32::try_from(f).ok()),
+        marker_len,
     })
 }
 
@@ -257,7 +258,7 @@ fn here_layout(code: &'static [u8], fds: BlobFds) -> Result<Here<'static>, Resto
 fn plan_and_reserve(img: &Image, fds: BlobFds, lazy: &[bool]) -> Result<(Plan, Area, Area), RestoreError> {
     let mut last = None;
     for _ in 0..4 {
-        let here = here_layout(sys::blob_code(), fds)?;
+        let here = here_layout(sys::blob_code(), fds, marker_len(img))?;
         let plan = plan::plan(&img.ckpt.begin.vmas, &img.process, &img.threads, &here, lazy)
             .map_err(RestoreError::Plan)?;
         let leftover = match Area::reserve(plan.leftover.start, plan.leftover.end - plan.leftover.start) {
@@ -304,6 +305,16 @@ pub type OnRunning<'a> = &'a mut dyn FnMut(u32) -> bool;
 
 /// VMAs with at least this much page data are restored lazily.
 pub const LAZY_MIN: u64 = 64 << 10;
+
+/// Bytes of the restore marker the restorer writes: the control socket's path too from image
+/// version 2 (`om::capture::MARKER_LEN`), else the first 24.
+fn marker_len(img: &Image) -> u64 {
+    if img.ckpt.version >= 2 {
+        om::capture::MARKER_LEN
+    } else {
+        24
+    }
+}
 
 /// Which VMAs to serve on demand: those holding at least [`LAZY_MIN`] bytes of data, unless
 /// `OM_RESTORE_EAGER` is set.

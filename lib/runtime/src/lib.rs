@@ -67,9 +67,11 @@ extern "C" fn omrt_init() {
     if std::env::var_os("OM_RUNTIME_DISABLE").is_some() {
         return;
     }
+    om::sys::task::note_main_thread();
     read_anchor();
     let control = om::control::resolve_socket_path(None);
-    // The thread inherits a mask with every signal blocked, so it never takes the application's.
+    // The thread inherits a mask with every signal but the faults blocked, so it never takes the
+    // application's.
     let _ = om::sys::task::with_all_signals_blocked(|| {
         std::thread::Builder::new()
             .name("omrt".into())

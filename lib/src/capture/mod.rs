@@ -117,9 +117,12 @@ pub struct Summary {
 }
 
 /// The restore marker: the restorer writes the restore generation here (its address travels in the
-/// process record), so that the control thread can tell a restored copy from the source.
+/// process record), so that the control thread can tell a restored copy from the source. Aligned
+/// to a power of two above its size, so that it never straddles a page, and so never two VMAs
+/// (the restorer writes it into one premapped VMA; a build that placed it across the end of the
+/// library's file-backed data made every restore of a lazily served `.bss` fail).
 #[derive(Debug)]
-#[repr(C)]
+#[repr(C, align(256))]
 pub struct RestoreMarker {
     /// Bumped by each restore.
     pub generation: AtomicU64,
@@ -137,7 +140,9 @@ pub struct RestoreMarker {
 pub const CONTROL_PATH_MAX: usize = 128;
 /// Bytes of the marker that the restorer writes.
 pub const MARKER_LEN: u64 = 24 + CONTROL_PATH_MAX as u64;
-const _: () = assert!(size_of::<RestoreMarker>() as u64 == MARKER_LEN);
+const _: () = assert!(std::mem::offset_of!(RestoreMarker, control) == 24);
+const _: () = assert!(size_of::<RestoreMarker>() as u64 >= MARKER_LEN);
+const _: () = assert!(align_of::<RestoreMarker>() as u64 >= MARKER_LEN);
 
 /// The process's marker.
 pub static MARKER: RestoreMarker = RestoreMarker {
@@ -363,6 +368,27 @@ pub fn freeze_and_run(work: Work) -> Result<Captured, CaptureError> {
             Err(e)
         }
     }
+}
+
+/// Runs `work` on the calling (control) thread while every other thread is parked in the checkpoint
+/// handler, then lets them go: for a step that must not race with the application, such as a
+/// soft-dirty round (reading the bits and clearing them are two system calls). Nothing is captured
+/// and no child-process rule applies. Every other thread must take the signal: stop the runtime's
+/// own threads (the throttle) first.
+///
+/// # Errors
+/// [`CaptureError`] of the freeze; `work` has not run and the threads run on.
+pub fn paused<T>(work: impl FnOnce() -> T) -> Result<T, CaptureError> {
+    let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
+    let f = Freeze::get();
+    f.control_tid.store(task::gettid(), Ordering::Release);
+    f.on_control.store(0, Ordering::Release);
+    wait_unparked(f)?;
+    let old = task::install_checkpoint_handler(sig).map_err(CaptureError::Handler)?;
+    let out = freeze(f, sig).map(|()| work());
+    release(f);
+    let _ = task::restore_disposition(sig, &old);
+    out
 }
 
 /// Lets threads released by an earlier freeze leave the handler (on their own time), then clears

@@ -35,7 +35,7 @@ use std::io;
 use std::ops::Range;
 
 pub use full::FullTracker;
-pub use mprotect::{MprotectTracker, open_range};
+pub use mprotect::{MprotectTracker, forget_copied, open_range};
 pub use ranges::{RangeTable, Run};
 
 /// What one round found.
@@ -237,6 +237,13 @@ pub trait Tracker: Send + fmt::Debug {
     /// reading the bits and clearing them cannot be one atomic step, so a write in between would be
     /// lost). The pre-copy engine stops the threads around `collect` for such a tracker.
     fn needs_stopped_threads(&self) -> bool {
+        false
+    }
+
+    /// True when tracking shows in `/proc/self/maps` (mprotect makes tracked memory read-only): a
+    /// capture must stop the tracker before it reads the memory map, or the copy would get the
+    /// tracker's protections instead of the application's.
+    fn shows_in_maps(&self) -> bool {
         false
     }
 

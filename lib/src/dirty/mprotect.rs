@@ -545,13 +545,17 @@ impl MprotectTracker {
         ));
         let tracked = tracked_table(&maps, &self.scope);
         let now = self.populated.over(&self.pagemap, &tracked)?;
-        let out = now.intersection(&wanted);
-        let zeroed = if first {
+        if first {
+            // Round 0 is every populated page in scope, read-only memory included: a read-only
+            // private mapping holds data of its own too (a library's RELRO, relocated by ld.so).
             self.zero.begin(&now);
-            RangeTable::new()
-        } else {
-            self.zero.round(&tracked, &now)
-        };
+            return Ok(Round {
+                dirty: now,
+                zeroed: RangeTable::new(),
+            });
+        }
+        let out = now.intersection(&wanted);
+        let zeroed = self.zero.round(&tracked, &now);
         Ok(Round { dirty: out, zeroed })
     }
 }
@@ -561,7 +565,9 @@ impl MprotectTracker {
 /// - stacks: a write fault on a read-only stack cannot be delivered (the kernel has nowhere to put
 ///   the signal frame) and kills the process. `[stack]`, and thread stacks, which glibc and most
 ///   runtimes map with a `PROT_NONE` guard page directly below;
-/// - the VMA holding the tracker's own state, which the handler writes.
+/// - the VMA holding the tracker's own state, which the handler writes;
+/// - the main thread's thread control block and rseq area, which the kernel writes for it (a
+///   failed kernel write there kills the thread; other threads' blocks lie in their guarded stacks).
 fn must_not_protect(maps: &[Vma], v: &Vma) -> bool {
     if v.path == "[stack]" {
         return true;
@@ -574,7 +580,12 @@ fn must_not_protect(maps: &[Vma], v: &Vma) -> bool {
         std::ptr::from_ref(&TABLES) as u64,
         std::ptr::from_ref(&INFLIGHT) as u64,
     ];
-    guarded || own.iter().any(|a| v.start <= *a && *a < v.end)
+    let kernel = crate::sys::task::main_thread_kernel_areas();
+    guarded
+        || own
+            .iter()
+            .chain(kernel.iter().filter(|a| **a != 0))
+            .any(|a| v.start <= *a && *a < v.end)
 }
 
 fn max_map_count() -> usize {
@@ -607,6 +618,10 @@ impl Tracker for MprotectTracker {
         segv::install(claim).map_err(DirtyError::SignalHandler)?;
         self.started = true;
         Ok(self.round(true)?.dirty)
+    }
+
+    fn shows_in_maps(&self) -> bool {
+        true
     }
 
     fn collect(&mut self) -> Result<Round, DirtyError> {
@@ -651,6 +666,12 @@ impl Tracker for MprotectTracker {
         self.identity.clear();
         result
     }
+}
+
+/// In a restored copy: the tracker that ran in the source was stopped before the capture and is
+/// forgotten there (its descriptors are not the copy's), so it never drops; let a new one start.
+pub fn forget_copied() {
+    OWNED.store(false, SeqCst);
 }
 
 impl Drop for MprotectTracker {

@@ -223,6 +223,9 @@ pub enum MigrateError {
     /// Auto-converge could not throttle the application.
     #[error("auto-converge")]
     Throttle(#[source] ThrottleError),
+    /// The application's threads could not be stopped for a round's dirty scan.
+    #[error("stopping the threads for a dirty-page scan")]
+    Pause(#[source] CaptureError),
     /// The destination refused the image.
     #[error("opening the image on the destination")]
     Begin(#[source] TransportError),
@@ -325,6 +328,25 @@ fn bytes_of(runs: &[std::ops::Range<u64>]) -> u64 {
     runs.iter().map(|r| r.end - r.start).sum()
 }
 
+/// The pages written since the last round. A tracker that reads and clears in two steps
+/// (soft-dirty) runs with the application's threads parked, as CRIU's pre-dump freezes its task: a
+/// write between the steps would be in neither round and lost. The throttle's thread takes no
+/// signals, so it stops for that moment and starts again at the same share.
+fn collect_round(
+    tracker: &mut dyn Tracker,
+    throttle: &mut Option<Throttle>,
+) -> Result<dirty::Round, MigrateError> {
+    if !tracker.needs_stopped_threads() {
+        return tracker.collect().map_err(MigrateError::Dirty);
+    }
+    let share = throttle.take().map(|t| t.share());
+    let round = capture::paused(|| tracker.collect()).map_err(MigrateError::Pause)?;
+    if let Some(share) = share {
+        *throttle = Some(Throttle::start(share).map_err(MigrateError::Throttle)?);
+    }
+    round.map_err(MigrateError::Dirty)
+}
+
 /// What the final round needs, shared with the work that runs in the control thread's handler.
 struct Session {
     sender: TcpSender,
@@ -425,9 +447,9 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
             };
             session.suspects = RangeTable::from_runs(st.suspects.iter().cloned());
             sent += st.bytes;
-            let next = match session.tracker.collect() {
+            let next = match collect_round(session.tracker.as_mut(), &mut throttle) {
                 Ok(n) => n,
-                Err(e) => return Err(fail_dirty(&mut session, MigrateError::Dirty(e))),
+                Err(e) => return Err(fail_dirty(&mut session, e)),
             };
             let (_, now) = match capture::memory_map() {
                 Ok(m) => m,
@@ -538,6 +560,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
             // Those ranges are not mapped in the copy.
             capture::own_ranges(&[]);
             std::mem::forget(shared);
+            dirty::forget_copied();
             return Ok(Outcome::Restored);
         }
         Captured::Source(summary, frozen) => (summary, frozen),
@@ -595,6 +618,11 @@ fn final_round(shared: &Mutex<Session>, frame: u64, started: Instant) -> Result<
     GENERATION.fetch_add(1, Ordering::AcqRel);
     let result = (|| {
         let last = s.tracker.collect().map_err(CaptureError::Dirty)?;
+        if s.tracker.shows_in_maps() {
+            // The last round is known and nothing runs: the application's protections go back
+            // before the snapshot reads them (a failed migration would stop the tracker anyway).
+            s.tracker.stop().map_err(CaptureError::Dirty)?;
+        }
         let snap = capture::snapshot(frame)?;
         if snap.wire_vmas != s.table {
             let b = Begin {

@@ -7,7 +7,8 @@
 //! throttle's share of the period, so a thread runs at most `1 - share` of the time.
 //!
 //! Application threads are told apart from the runtime's by their signal mask: every runtime thread
-//! (the control thread, the transport's data streams, this thread) blocks every signal. A thread
+//! (the control thread, the transport's data streams, this thread) blocks every signal but the
+//! synchronous faults (`task::FAULT_SIGNALS`). A thread
 //! that blocks the throttle signal is left alone (the signal is chosen so that none did when
 //! throttling began). Threads that appear later are found at the next period.
 //!
@@ -65,7 +66,7 @@ fn ppm(share: f64) -> u64 {
 
 impl Throttle {
     /// Starts taking `share` (0 ..= 0.99) of every application thread's time. Must run on a thread
-    /// that blocks every signal (the runtime's control thread): the throttle thread inherits its
+    /// that blocks every signal but the faults (the runtime's control thread): the throttle thread inherits its
     /// mask.
     ///
     /// # Errors

@@ -141,6 +141,37 @@ unsafe extern "C" {
 /// The rseq signature glibc registers with on x86_64.
 pub const RSEQ_SIG: u32 = 0x5305_3053;
 
+/// The main thread's `FS` base (its thread control block), 0 until [`note_main_thread`] ran.
+static MAIN_TCB: AtomicU64 = AtomicU64::new(0);
+
+/// Records the calling thread as the process's main thread. The runtime's constructor calls it (it
+/// runs on the main thread, before `main`).
+pub fn note_main_thread() {
+    MAIN_TCB.store(arch_prctl_get(0x1003), Ordering::Release); // ARCH_GET_FS
+}
+
+/// Where the kernel writes on the main thread's behalf: its thread control block and its rseq area
+/// (the `cpu_id` fields, rewritten on every return to user space after a preemption or a signal).
+/// Such a write into a read-only page is not a fault the thread could handle: the kernel kills it
+/// with SIGSEGV. Zeros stand for none (before [`note_main_thread`], or no rseq).
+#[must_use]
+pub fn main_thread_kernel_areas() -> [u64; 2] {
+    let fs = MAIN_TCB.load(Ordering::Acquire);
+    if fs == 0 {
+        return [0; 2];
+    }
+    // SAFETY: glibc (2.35+) exports these as constants set before main.
+    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
+    [
+        fs,
+        if size > 0 {
+            fs.wrapping_add_signed(off as i64)
+        } else {
+            0
+        },
+    ]
+}
+
 /// What a thread leaves in its slot while it is parked.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -302,8 +333,8 @@ extern "C" fn on_checkpoint_signal(_sig: i32, _info: *mut libc::siginfo_t, uc: *
     futex_wake_all(&f.parked);
 }
 
-/// Installs the checkpoint handler for `sig` (all signals blocked while it runs) and returns the
-/// disposition it replaced.
+/// Installs the checkpoint handler for `sig` (all signals but the faults blocked while it runs) and
+/// returns the disposition it replaced.
 ///
 /// # Errors
 /// The `rt_sigaction` failure.
@@ -332,8 +363,7 @@ fn install_handler(
     tmp.sa_sigaction = handler;
     tmp.sa_flags = flags;
     if block_all {
-        // SAFETY: `tmp.sa_mask` is a valid sigset_t.
-        unsafe { libc::sigfillset(&raw mut tmp.sa_mask) };
+        tmp.sa_mask = all_but_faults();
     }
     // SAFETY: `tmp` is a valid glibc sigaction; `handler` is one of this module's handlers, each
     // async-signal-safe and of the signature `flags` says.
@@ -542,14 +572,35 @@ fn unsafe_zeroed_sigset() -> libc::sigset_t {
     unsafe { std::mem::zeroed() }
 }
 
-/// Runs `f` with every signal blocked in the calling thread, then puts the old mask back. A thread
-/// created inside `f` starts with every signal blocked: no window in which it could take a signal
-/// meant for the application.
+/// The synchronous fault signals, never blocked by om: a fault whose signal is blocked kills the
+/// process on the spot, so blocking one defers nothing, and the mprotect dirty tracker resolves the
+/// runtime's own writes to tracked memory (its self-test, its allocations) through SIGSEGV.
+pub const FAULT_SIGNALS: [i32; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+];
+
+/// Every signal but [`FAULT_SIGNALS`].
+fn all_but_faults() -> libc::sigset_t {
+    let mut set: libc::sigset_t = unsafe_zeroed_sigset();
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigfillset(&raw mut set) };
+    for sig in FAULT_SIGNALS {
+        // SAFETY: a valid set and signal number.
+        unsafe { libc::sigdelset(&raw mut set, sig) };
+    }
+    set
+}
+
+/// Runs `f` with every signal but the faults ([`FAULT_SIGNALS`]) blocked in the calling thread,
+/// then puts the old mask back. A thread created inside `f` starts with that mask: no window in
+/// which it could take a signal meant for the application.
 pub fn with_all_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
-    let mut all: libc::sigset_t = unsafe_zeroed_sigset();
+    let all = all_but_faults();
     let mut old: libc::sigset_t = unsafe_zeroed_sigset();
-    // SAFETY: `all` is a valid sigset_t.
-    unsafe { libc::sigfillset(&raw mut all) };
     // SAFETY: valid sets; `old` receives the current mask.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const all, &raw mut old) };
     let r = f();
