@@ -11,8 +11,8 @@ use std::path::Path;
 
 use om_page_server::checkpoint::{Checkpoint, Run};
 use om_transport::wire::{
-    Batch, Begin, EndRound, Extent, FrameHeader, Hello, ImageInfo, Kind, Placement, Record, Role, RoundAck,
-    Text, VERSION, Vma, Zero, caps,
+    Batch, Begin, EndRound, Extent, Fate, FrameHeader, Hello, ImageInfo, Kind, Placement, Record, Role,
+    RoundAck, Text, VERSION, Vma, Zero, caps,
 };
 use zerocopy::IntoBytes;
 
@@ -142,6 +142,8 @@ fn main() {
         &Text::encode(3, "image exceeds the memory limit"),
     );
     put("record", "thread", &Record::encode(1, &[0xab; 48]));
+    put("fate", "running", &Fate::Running(4242).encode());
+    put("fate", "discarded", &Fate::Discarded.encode());
     let manifest = Checkpoint {
         dir: ".".into(),
         page_size: P,

@@ -696,6 +696,42 @@ fn destination_dies_after_restore_before_commit() {
     destination_dies("prepared");
 }
 
+/// The go reaches the destination, which drops the connection before starting the copy: the
+/// source asks what became of it, hears that it was discarded, and runs on.
+#[test]
+fn a_go_lost_before_the_copy_started_leaves_the_process_here() {
+    destination_dies("lost-go");
+}
+
+/// The copy starts but its `Running` never reaches the source: the source asks on a new
+/// connection, hears that the copy runs, and ends; the program runs exactly once.
+#[test]
+fn a_lost_running_is_confirmed_and_the_process_moves() {
+    let c = Cluster::with_fault(2, &[(1, "lost-running")]);
+    let w = program(build("numbered.c"), &["2500"]);
+    let (run, pid) = c.run(0, &w);
+    std::thread::sleep(Duration::from_millis(300));
+    let json = c
+        .migrate(0, pid, 1)
+        .unwrap_or_else(|e| panic!("the migration must go through: {e}\n{}", c.logs()));
+    let there = pid_there(&json);
+    assert!(there > 0 && there != pid, "{json}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the source {pid} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (out, status) = finish(run);
+    assert!(status.success(), "{status:?}");
+    let lines: Vec<u32> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(lines, (0..2500).collect::<Vec<u32>>(), "output");
+    c.rig.teardown().unwrap();
+}
+
 #[test]
 fn a_wrong_cluster_key_is_refused_before_anything_is_frozen() {
     let c = Cluster::new(2);

@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use om_transport::api::PageSender;
+use om_transport::error::chain;
 use om_transport::relay::Home;
 use om_transport::sys::Readable;
-use om_transport::wire::{Begin, ImageInfo, Vma as WireVma};
+use om_transport::wire::{Begin, Fate, ImageInfo, Vma as WireVma};
 use om_transport::{ClusterKey, KeyError, SenderConfig, TcpSender, TransportError};
 
 use super::converge::{self, Budget, Decision, RoundStats, StopReason};
@@ -241,9 +242,22 @@ pub enum MigrateError {
     /// The destination could not restore the copy (it said why).
     #[error("restoring on the destination")]
     Commit(#[source] TransportError),
-    /// The go was not acknowledged.
+    /// The go was not acknowledged, and the destination says the copy does not run.
     #[error("starting the copy on the destination")]
     Go(#[source] TransportError),
+    /// The go went out, and neither `Running` nor an answer to `Ask` came back: the copy may run
+    /// on the destination too.
+    #[error(
+        "starting the copy on the destination: no confirmation within {secs} s; the process continues \
+         here, and a copy may run there too"
+    )]
+    GoInDoubt {
+        /// How long the destination was asked.
+        secs: u64,
+        /// The go's own failure.
+        #[source]
+        source: TransportError,
+    },
 }
 
 /// The home of this process: set once from `omrun`'s relay port and token, its address fixed at the
@@ -584,13 +598,28 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         resume(&mut session, frozen);
         return Err(MigrateError::Commit(e));
     }
-    // ...and starts it on go.
+    // ...and starts it on go, the point of no return: without `Running`, the destination is asked
+    // what became of the copy, and the source resumes only if it did not start.
     let pid_there = match session.sender.go() {
         Ok(p) => p,
-        Err(e) => {
-            resume(&mut session, frozen);
-            return Err(MigrateError::Go(e));
-        }
+        Err(e) => match confirm_go(req.to, &key, session.sender.token()) {
+            Some(Fate::Running(pid)) => {
+                tracing::warn!(error = %chain(&e), pid, "the go's answer was lost; the destination confirms the copy runs");
+                pid
+            }
+            Some(fate) => {
+                tracing::warn!(error = %chain(&e), ?fate, "the go failed; the destination did not start the copy");
+                resume(&mut session, frozen);
+                return Err(MigrateError::Go(e));
+            }
+            None => {
+                resume(&mut session, frozen);
+                return Err(MigrateError::GoInDoubt {
+                    secs: CONFIRM_GO.as_secs(),
+                    source: e,
+                });
+            }
+        },
     };
     let freeze = freeze_started.elapsed();
     let final_bytes = session.final_bytes;
@@ -607,6 +636,25 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         },
         frozen,
     ))
+}
+
+/// How long a source whose go went unanswered asks the destination what became of the copy.
+const CONFIRM_GO: Duration = Duration::from_secs(20);
+
+/// After a go without `Running`: asks the destination, on new connections, until it answers or
+/// [`CONFIRM_GO`] passes (`None`). Asking starts the copy there if it is still prepared.
+fn confirm_go(to: SocketAddr, key: &ClusterKey, token: u64) -> Option<Fate> {
+    let deadline = Instant::now() + CONFIRM_GO;
+    loop {
+        match TcpSender::ask(to, key, SenderConfig::default(), token) {
+            Ok(fate) => return Some(fate),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %chain(&e), "asking the destination what became of the copy");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// The final round, in the control thread's handler with every other thread parked.

@@ -1,7 +1,7 @@
 //! The TCP receiver: authenticates connections, runs the session state machine of [`crate::wire`], and
 //! lands pages straight into the memory an [`ImageStore`] provides.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
 use std::ops::Range;
 use std::os::fd::AsFd;
@@ -16,8 +16,8 @@ use crate::error::TransportError;
 use crate::key::ClusterKey;
 use crate::sys::Landing;
 use crate::wire::{
-    self, Batch, Begin, EndRound, ErrorCode, Hello, ImageInfo, Kind, MAX_ACK_RUNS, Record, Role, RoundAck,
-    WireError, Zero, caps,
+    self, Batch, Begin, EndRound, ErrorCode, Fate, Hello, ImageInfo, Kind, MAX_ACK_RUNS, MAX_FATES, Record,
+    Role, RoundAck, WireError, Zero, caps,
 };
 
 /// Receiver settings.
@@ -36,24 +36,34 @@ pub struct ReceiverConfig {
     pub exporters: Vec<Arc<dyn Exporter>>,
 }
 
-/// Where a fault test kills the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`).
+/// Where a fault test breaks the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`,
+/// `lost-go`, `lost-running`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
-    /// When round N ends (before its acknowledgement).
+    /// The receiver dies when round N ends (before its acknowledgement).
     Round(u32),
-    /// When the final round ends.
+    /// The receiver dies when the final round ends.
     Final,
-    /// After the commit of a migration: the copy is prepared, the go not yet received.
+    /// The receiver dies after the commit of a migration: the copy is prepared, the go not yet
+    /// received.
     Prepared,
+    /// The connection drops as the go arrives, before the copy starts (the go's wait failed): the
+    /// copy is discarded; the receiver lives on.
+    LostGo,
+    /// The connection drops after the copy started, before `Running` is sent; the receiver lives
+    /// on.
+    LostRunning,
 }
 
 impl CrashPoint {
-    /// Parses `round:N`, `final` or `prepared`.
+    /// Parses `round:N`, `final`, `prepared`, `lost-go` or `lost-running`.
     #[must_use]
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "final" => Some(Self::Final),
             "prepared" => Some(Self::Prepared),
+            "lost-go" => Some(Self::LostGo),
+            "lost-running" => Some(Self::LostRunning),
             _ => s.strip_prefix("round:")?.parse().ok().map(Self::Round),
         }
     }
@@ -88,6 +98,16 @@ pub enum Outcome {
     },
     /// A data stream finished.
     StreamDone,
+    /// An `Ask` was answered.
+    Answered(Fate),
+}
+
+/// A migration's copy, by its commit token, as `Go` and `Ask` find it.
+enum CopyState<I> {
+    /// Restored and held: the first `Go` or `Ask` starts it.
+    Prepared(Arc<I>),
+    /// Started or discarded.
+    Decided(Fate),
 }
 
 #[derive(Debug, Default)]
@@ -181,6 +201,8 @@ pub struct Receiver<S: ImageStore> {
     config: ReceiverConfig,
     page_size: u64,
     sessions: Mutex<HashMap<u64, Arc<Session<S::Image>>>>,
+    /// The last [`MAX_FATES`] migration copies, by commit token.
+    copies: Mutex<VecDeque<(u64, CopyState<S::Image>)>>,
 }
 
 impl<S: ImageStore> std::fmt::Debug for Receiver<S> {
@@ -206,7 +228,47 @@ impl<S: ImageStore> Receiver<S> {
             config,
             page_size: crate::sys::page_size() as u64,
             sessions: Mutex::new(HashMap::new()),
+            copies: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Remembers the prepared copy of `token`.
+    fn prepare(&self, token: u64, image: Arc<S::Image>) {
+        let mut c = lock(&self.copies);
+        if c.len() >= MAX_FATES {
+            c.pop_front();
+        }
+        c.push_back((token, CopyState::Prepared(image)));
+    }
+
+    /// Starts the copy of `token` if it is still prepared (once, whoever asks first: the `Go` on its
+    /// control connection, or an `Ask`), and returns its fate, with the reason when it could not
+    /// start.
+    fn start(&self, token: u64) -> (Fate, Option<Refusal>) {
+        let mut c = lock(&self.copies);
+        let Some((_, copy)) = c.iter_mut().find(|(t, _)| *t == token) else {
+            return (Fate::Unknown, None);
+        };
+        let (fate, why) = match std::mem::replace(copy, CopyState::Decided(Fate::Unknown)) {
+            CopyState::Prepared(image) => match image.go() {
+                Ok(pid) => (Fate::Running(pid), None),
+                Err(why) => (Fate::Discarded, Some(why)),
+            },
+            CopyState::Decided(f) => (f, None),
+        };
+        *copy = CopyState::Decided(fate);
+        (fate, why)
+    }
+
+    /// Discards the copy of `token` unless it started (its image goes when the last holder drops
+    /// it).
+    fn discard(&self, token: u64) {
+        let mut c = lock(&self.copies);
+        if let Some((_, copy)) = c.iter_mut().find(|(t, _)| *t == token)
+            && matches!(copy, CopyState::Prepared(_))
+        {
+            *copy = CopyState::Decided(Fate::Discarded);
+        }
     }
 
     /// Sessions in progress.
@@ -324,7 +386,26 @@ impl<S: ImageStore> Receiver<S> {
         conn: &mut Conn,
         session: &Arc<Session<S::Image>>,
     ) -> Result<Outcome, TransportError> {
-        let body = conn.expect(Kind::Begin, "before begin")?;
+        let first = conn.recv()?;
+        let body = match first.kind {
+            Kind::Begin => first.body,
+            Kind::Ask => {
+                let token = wire::msg::decode_u64(&first.body, "ask").map_err(|e| conn.wire(e))?;
+                let (fate, why) = self.start(token);
+                if let Some((_, reason)) = why {
+                    tracing::warn!(peer = %session.peer, %reason, "an asked-for copy could not start");
+                }
+                tracing::info!(peer = %session.peer, ?fate, "asked for a copy's fate");
+                conn.send(Kind::Answer, &fate.encode())?;
+                return Ok(Outcome::Answered(fate));
+            }
+            other => {
+                return Err(conn.wire(WireError::Unexpected {
+                    got: other,
+                    state: "before begin",
+                }));
+            }
+        };
         let begin = Begin::decode(&body, self.page_size).map_err(|e| conn.wire(e))?;
         let image = self
             .store
@@ -406,6 +487,7 @@ impl<S: ImageStore> Receiver<S> {
                     conn.send(Kind::Connected, &[])?;
                 }
                 Kind::Commit => {
+                    let token = wire::msg::decode_u64(&frame.body, "commit").map_err(|e| conn.wire(e))?;
                     if !lock(&session.progress).sealed {
                         return Err(refused(
                             conn,
@@ -423,13 +505,34 @@ impl<S: ImageStore> Receiver<S> {
                     conn.send(Kind::Committed, &id.to_le_bytes())?;
                     tracing::info!(peer = %session.peer, image = id, bytes = image.bytes(), "image committed");
                     if begin.info.flags & ImageInfo::MIGRATE != 0 {
-                        // Prepared: only Go starts the copy; anything else (an error, a timeout,
-                        // the connection closing) drops the image, which discards the copy.
+                        // Prepared: only Go (or an Ask of the same token) starts the copy; anything
+                        // else (an error, a timeout, the connection closing) discards it.
+                        self.prepare(token, Arc::clone(&image));
                         crash_if(self.config.crash_at, CrashPoint::Prepared);
-                        conn.expect(Kind::Go, "after a migration's commit")?;
-                        let pid = image.go().map_err(|(c, m)| refused(conn, c, m))?;
-                        conn.send(Kind::Running, &u64::from(pid).to_le_bytes())?;
+                        let go = conn.expect(Kind::Go, "after a migration's commit");
+                        if go.is_err() || self.config.crash_at == Some(CrashPoint::LostGo) {
+                            self.discard(token);
+                        }
+                        go?;
+                        if self.config.crash_at == Some(CrashPoint::LostGo) {
+                            tracing::error!("OM_FAULT: the go is lost");
+                            return Err(TransportError::Misuse("OM_FAULT lost-go"));
+                        }
+                        let pid = match self.start(token) {
+                            (Fate::Running(pid), _) => pid,
+                            (_, why) => {
+                                let (c, m) =
+                                    why.unwrap_or((ErrorCode::Session, "the copy was discarded".into()));
+                                return Err(refused(conn, c, m));
+                            }
+                        };
                         tracing::info!(peer = %session.peer, image = id, pid, "migrated process running");
+                        if self.config.crash_at == Some(CrashPoint::LostRunning) {
+                            tracing::error!("OM_FAULT: running is lost");
+                            conn.reset_on_close();
+                            return Err(TransportError::Misuse("OM_FAULT lost-running"));
+                        }
+                        conn.send(Kind::Running, &u64::from(pid).to_le_bytes())?;
                     }
                     return Ok(Outcome::Committed { image: id });
                 }

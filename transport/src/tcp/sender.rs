@@ -14,8 +14,8 @@ use crate::error::TransportError;
 use crate::key::ClusterKey;
 use crate::sys::{self, Readable, ReadableBatch};
 use crate::wire::{
-    self, Batch, Begin, EndRound, ErrorCode, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_ZERO_RUNS,
-    Placement, Record, Role, RoundAck, Text, Zero, caps,
+    self, Batch, Begin, EndRound, ErrorCode, Fate, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS,
+    MAX_ZERO_RUNS, Placement, Record, Role, RoundAck, Text, Zero, caps,
 };
 
 /// Pages per batch of a placing transport.
@@ -81,6 +81,8 @@ pub struct TcpSender {
     bounce: Vec<u8>,
     /// A placing transport for the pages (SCI), with the receiver's current placement.
     placer: Option<(Box<dyn Placer>, Option<Placement>)>,
+    /// The commit's token: names the migration's copy on the receiver (`Ask`).
+    token: u64,
 }
 
 fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
@@ -175,7 +177,34 @@ impl TcpSender {
             serial: false,
             bounce: Vec::new(),
             placer: placer.map(|p| (p, None)),
+            token: u64::from_le_bytes(auth::random_bytes()),
         })
+    }
+
+    /// The token the commit names this image's copy by, for [`TcpSender::ask`].
+    #[must_use]
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Asks the receiver at `addr`, on a connection of its own, what became of the migration copy
+    /// committed with `token`, after a `Go` whose `Running` did not arrive. The receiver starts the
+    /// copy if it is still prepared (the source passed its point of no return with the go).
+    ///
+    /// # Errors
+    /// Connection, authentication or protocol errors: the fate is still unknown.
+    pub fn ask(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        config: SenderConfig,
+        token: u64,
+    ) -> Result<Fate, TransportError> {
+        let mut s = Self::connect(addr, key, config)?;
+        // Nothing to abort on this connection, whatever happens.
+        s.state = State::Done;
+        s.control.send(Kind::Ask, &token.to_le_bytes())?;
+        let body = s.control.expect(Kind::Answer, "after ask")?;
+        Fate::decode(&body).map_err(|e| s.control.wire(e))
     }
 
     /// Memory of this process the placing transport mapped (never part of an image).
@@ -631,7 +660,7 @@ impl PageSender for TcpSender {
         }
         let r = self
             .control
-            .send(Kind::Commit, &[])
+            .send(Kind::Commit, &self.token.to_le_bytes())
             .and_then(|()| self.control.expect(Kind::Committed, "after commit"))
             .and_then(|b| wire::msg::decode_u64(&b, "committed").map_err(|e| self.control.wire(e)));
         match r {

@@ -100,6 +100,11 @@ pub enum Kind {
     /// The new VMA table of a `Vmas` is in effect: pages of the next round may go to its new
     /// ranges (they travel on other streams, which must not overtake it).
     Relaid = 41,
+    /// Migration, on a connection of its own: what became of the prepared copy of this commit
+    /// token? Starts it if it is still prepared (the source has passed its point of no return).
+    Ask = 42,
+    /// The answer to `Ask`: a [`super::Fate`].
+    Answer = 43,
 }
 
 impl Kind {
@@ -115,7 +120,9 @@ impl Kind {
             | Self::Committed
             | Self::Go
             | Self::Running
-            | Self::Relaid => 256,
+            | Self::Relaid
+            | Self::Ask
+            | Self::Answer => 256,
             Self::Connect | Self::Connected => super::MAX_ENDPOINT,
             Self::Batch => super::MAX_BATCH_BODY,
             Self::Placement => super::MAX_PLACEMENT_BODY,
@@ -156,6 +163,8 @@ impl TryFrom<u16> for Kind {
             31 => Self::Connect,
             40 => Self::Connected,
             41 => Self::Relaid,
+            42 => Self::Ask,
+            43 => Self::Answer,
             28 => Self::Go,
             29 => Self::Running,
             30 => Self::Placement,

@@ -1,4 +1,4 @@
-//! om's wire protocol, version 1.
+//! om's wire protocol, version 3.
 //!
 //! # Connections and sessions
 //!
@@ -25,7 +25,7 @@
 //!    |<-- Relaid ---------------------------------------|  in effect: the next round may use it
 //!    |        ... rounds r+1, r+2, ...; the final one has last = 1 ...                         |
 //!    |--- Record{kind, bytes} ------------------------->|  threads, fds, process state
-//!    |--- Commit ------------------------------------->|
+//!    |--- Commit{token} ------------------------------>|  token: 64 random bits, names the copy
 //!    |<-- Committed{image id} --------------------------|  the image is complete and kept
 //!    |      a migration (Begin flag MIGRATE) goes on: Committed means *prepared*, the copy is   |
 //!    |      restored on the receiver and held before its first instruction                     |
@@ -35,7 +35,20 @@
 //!
 //! The two-phase commit of a migration: the source stays frozen from its final round until
 //! `Running`, and exits only then. Any failure before `Go` (an error, a timeout, the connection
-//! closing) discards the prepared copy and the source continues. `Go` is the point of no return.
+//! closing) discards the prepared copy and the source continues. `Go` is the point of no return:
+//! once the source sends it, the source does not resume unless the receiver says the copy did not
+//! run. When `Running` does not arrive (the connection failed after `Go` went out, or while it
+//! did), the source asks on a new connection, by the commit token:
+//!
+//! ```text
+//!    |--- Hello ... Proof (a control connection) ------>|
+//!    |--- Ask{token} ---------------------------------->|  starts the copy if it is still prepared
+//!    |<-- Answer{Running(pid) | Discarded | Unknown} ---|
+//! ```
+//!
+//! `Running`: the copy runs, the source ends as after `Running`. `Discarded` (its `Go` wait failed
+//! first) or `Unknown` (the receiver restarted, and its prepared copies died with it): the source
+//! continues. The receiver remembers the fate of its last [`MAX_FATES`] commits.
 //!
 //! # Receiver states (one session)
 //!
@@ -47,6 +60,7 @@
 //!   Open(r) --Vmas--> Open(r)                  (pages outside the new table dropped; Relaid sent)
 //!   Sealed --Record--> Sealed;  Sealed --Commit--> Committed     (image handed over)
 //!   Committed (MIGRATE) --Go--> Running                          (the copy starts)
+//!   Authenticated --Ask--> (Answer sent, connection ends)
 //!   any state --Abort / error / disconnect / timeout--> Discarded (all memory freed)
 //! ```
 //!
@@ -75,13 +89,17 @@ pub mod msg;
 
 pub use frame::{FrameHeader, Kind, TAG_LEN};
 pub use msg::{
-    Batch, Begin, EndRound, Extent, Hello, ImageInfo, Placement, Record, Role, RoundAck, RunEntry, Text, Vma,
-    Zero,
+    Batch, Begin, EndRound, Extent, Fate, Hello, ImageInfo, Placement, Record, Role, RoundAck, RunEntry,
+    Text, Vma, Zero,
 };
 
 /// The protocol version this build speaks. 2: every `Vmas` is answered with `Relaid` (a peer of
-/// version 1 would not wait for it, or not send it; the handshake refuses the mix).
-pub const VERSION: u16 = 2;
+/// version 1 would not wait for it, or not send it). 3: `Commit` carries the copy's token, and
+/// `Ask`/`Answer` confirm a `Go` whose `Running` was lost. The handshake refuses a mix.
+pub const VERSION: u16 = 3;
+
+/// Commits whose fate a receiver remembers for `Ask`.
+pub const MAX_FATES: usize = 1024;
 
 /// Capability bits negotiated in the handshake.
 pub mod caps {
@@ -339,6 +357,23 @@ mod tests {
         assert_eq!(Text::decode(&Text::encode(t.code, &t.text)).unwrap(), t);
     }
 
+    #[test]
+    fn a_fate_round_trips_and_a_pid_must_match_its_state() {
+        for f in [Fate::Unknown, Fate::Running(4242), Fate::Discarded] {
+            assert_eq!(Fate::decode(&f.encode()), Ok(f));
+        }
+        let body = |state: u32, pid: u32| {
+            let mut b = state.to_le_bytes().to_vec();
+            b.extend_from_slice(&pid.to_le_bytes());
+            b
+        };
+        for (state, pid) in [(1, 0), (0, 7), (2, 7), (3, 0)] {
+            assert!(matches!(Fate::decode(&body(state, pid)), Err(WireError::Invalid(_))));
+        }
+        assert!(matches!(Fate::decode(&body(1, 5)[..7]), Err(WireError::Truncated(_))));
+        assert!(matches!(Fate::decode(&[0; 9]), Err(WireError::Truncated(_))));
+    }
+
     proptest! {
         /// Every decoder takes arbitrary bytes without panicking (the in-CI stand-in for fuzzing).
         #[test]
@@ -356,6 +391,7 @@ mod tests {
             let _ = Text::decode(&bytes);
             let _ = Record::decode(&bytes);
             let _ = Placement::decode(&bytes, P);
+            let _ = Fate::decode(&bytes);
         }
 
         /// A placement round-trips, and its pieces put every page of a run exactly where a

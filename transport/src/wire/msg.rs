@@ -872,7 +872,56 @@ impl RoundAck {
     }
 }
 
-/// A body that is a single `u64` (`Begun`, `Committed`) or empty (`Commit`).
+/// What became of a migration's prepared copy: the body of `Answer`, for the commit token of an
+/// `Ask`. Eight bytes: the state (`u32`: 0 unknown, 1 running, 2 discarded), then the copy's pid
+/// (`u32`, non-zero exactly when it runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// The receiver knows no copy of that token: it never prepared one, or it restarted since
+    /// (its prepared copies died with it).
+    Unknown,
+    /// The copy runs; its pid on the receiving node.
+    Running(u32),
+    /// The copy was discarded before it ran.
+    Discarded,
+}
+
+impl Fate {
+    /// The body.
+    #[must_use]
+    pub fn encode(self) -> [u8; 8] {
+        let (state, pid) = match self {
+            Self::Unknown => (0u32, 0u32),
+            Self::Running(pid) => (1, pid),
+            Self::Discarded => (2, 0),
+        };
+        let mut out = [0; 8];
+        out[..4].copy_from_slice(&state.to_le_bytes());
+        out[4..].copy_from_slice(&pid.to_le_bytes());
+        out
+    }
+
+    /// Parses a body.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`] for a wrong size; [`WireError::Invalid`] for an unknown state or a
+    /// pid that does not match it.
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let b: [u8; 8] = body.try_into().map_err(|_| WireError::Truncated("answer"))?;
+        let state = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let pid = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        match (state, pid) {
+            (0, 0) => Ok(Self::Unknown),
+            (1, p) if p != 0 => Ok(Self::Running(p)),
+            (2, 0) => Ok(Self::Discarded),
+            _ => Err(WireError::Invalid(format!(
+                "answer: state {state} with pid {pid}"
+            ))),
+        }
+    }
+}
+
+/// A body that is a single `u64` (`Begun`, `Committed`) `Commit`'s token, `Ask`.
 ///
 /// # Errors
 /// Wrong size.
