@@ -41,6 +41,17 @@ wait $omrun || { st=$?; cat /tmp/moved.out; fail "laps: omrun exit status $st"; 
 cmp /tmp/plain.out /tmp/moved.out || fail "laps: output differs from the uninterrupted run"
 echo "no write lost ($(wc -l < /tmp/plain.out) lines)"
 
+step "copies in a private file mapping dropped again read as the file after a move (TCP)"
+filecow 7 /tmp/fc-plain.data > /tmp/plain.out
+omrun --control /tmp/omd1.sock -- filecow 7 /tmp/fc-moved.data > /tmp/moved.out &
+omrun=$!
+sleep 2
+pid=$(cat /proc/$omrun/task/$omrun/children | tr -d ' ')
+omctl --control /tmp/omd1.sock migrate "$pid" --to 10.0.0.2:7070 --max-rounds 4 || fail "migrate filecow"
+wait $omrun || { st=$?; cat /tmp/moved.out; fail "filecow: omrun exit status $st"; }
+cmp /tmp/plain.out /tmp/moved.out || fail "filecow: output differs from the uninterrupted run"
+echo "dropped copies read as the file"
+
 step "a numbered line every millisecond: a destination that dies in round 1, then a move over rxe"
 # omd on 10.0.0.2:7071 crashes in round 1 of every image (OM_FAULT): the migration fails and the
 # program runs on at home; the next migration, to the healthy omd, goes through.

@@ -29,10 +29,11 @@ cp "$tests" "$work/verbs-tests"
 gcc -O2 -pthread -o "$work/threads" lib/restore/tests/workloads/threads.c
 gcc -O2 -o "$work/numbered" lib/restore/tests/workloads/numbered.c
 gcc -O2 -o "$work/laps" lib/restore/tests/workloads/laps.c
+gcc -O2 -o "$work/filecow" lib/restore/tests/workloads/filecow.c
 cargo build --locked "${flag[@]}" -p om-launch --lib
 gcc -Wall -Werror -O2 -I lib/launch/include -o "$work/launcher" examples/c/launcher.c \
   -L"target/$profile" -lom_launch -Wl,-rpath,/om
 bin=target/$profile
 exec bash ci/rxe/guest.sh "${OM_RXE_JOB:-ci/rxe/job.sh}" \
   "$bin/omd" "$bin/omrun" "$bin/omctl" "$bin/om-restore" "$bin/libomrt.so" "$bin/verbs" \
-  "$bin/libom_launch.so" "$work/verbs-tests" "$work/threads" "$work/numbered" "$work/laps" "$work/launcher"
+  "$bin/libom_launch.so" "$work/verbs-tests" "$work/threads" "$work/numbered" "$work/laps" "$work/filecow" "$work/launcher"

@@ -43,8 +43,9 @@ pub use ranges::{RangeTable, Run};
 pub struct Round {
     /// Pages that may have been written: read them (after the call returns) and send them.
     pub dirty: RangeTable,
-    /// Pages that held data at the previous round and hold none now: the receiver makes them zero.
-    /// Apply before `dirty` (a page in both reads as zero or as its newer data).
+    /// Pages that held data at the previous round and hold none now: the receiver forgets their
+    /// data (a restore makes them zero in anonymous memory and maps the file's page in a private
+    /// file mapping). Apply before `dirty` (a page in both reads as zero or as its newer data).
     pub zeroed: RangeTable,
 }
 pub use softdirty::SoftDirtyTracker;
@@ -368,6 +369,16 @@ pub fn self_test(mechanism: Mechanism) -> Result<(), DirtyError> {
 /// The address ranges that `scope` watches in `maps`, as a table.
 pub(crate) fn tracked_table(maps: &[Vma], scope: &Scope) -> RangeTable {
     RangeTable::from_runs(tracked_ranges(maps, scope).map(|(r, _)| r))
+}
+
+/// The tracked parts of private file mappings: where a page without data of its own is the
+/// file's, not zeros.
+pub(crate) fn private_file_table(maps: &[Vma], scope: &Scope) -> RangeTable {
+    RangeTable::from_runs(
+        tracked_ranges(maps, scope)
+            .filter(|(_, v)| v.inode != 0 && !v.perms.shared)
+            .map(|(r, _)| r),
+    )
 }
 
 /// The VMAs of `maps` that `scope` watches and that can hold the process's data, clipped to the scope.

@@ -24,7 +24,10 @@ use std::os::fd::OwnedFd;
 
 use super::maps::{self, Vma};
 use super::populated::{DEFAULT_MARKER_SWAP_TYPE, PopulatedQuery, SCAN_VEC, ZeroWatch};
-use super::{DirtyError, Mechanism, RangeTable, Round, Scope, Tracker, tracked_ranges, tracked_table};
+use super::{
+    DirtyError, Mechanism, RangeTable, Round, Scope, Tracker, private_file_table, tracked_ranges,
+    tracked_table,
+};
 use crate::sys::pagemap::{
     self, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, PmScanArg, ScanResult,
     ScanVec,
@@ -57,6 +60,10 @@ pub struct UffdTracker {
     /// Pages that lost their data are found by a full populated-page diff every round only when the
     /// kernel's written-page scan does not report zapped pages (probed in `new`).
     zero: Option<ZeroWatch>,
+    /// Otherwise the private file mappings alone are diffed: a copy-on-write page zapped there
+    /// leaves a write-protect marker (the kernel keeps file-backed protection across a zap), so the
+    /// written-page scan does not report it, and the page is the file's again.
+    file_zero: ZeroWatch,
     /// Zeroed ranges found while arming this round: a re-armed range minus its populated pages.
     armed_zeroed: RangeTable,
     started: bool,
@@ -100,6 +107,7 @@ impl UffdTracker {
             untrackable: HashSet::new(),
             registered: Vec::new(),
             zero: None,
+            file_zero: ZeroWatch::default(),
             armed_zeroed: RangeTable::new(),
             started: false,
             stats: UffdRoundStats::default(),
@@ -255,9 +263,15 @@ impl UffdTracker {
                 let tracked = tracked_table(&maps, &self.scope);
                 z.round(&tracked, &self.populated.over(&self.pagemap, &tracked)?)
             }
-            // Zapped pages in registered ranges are reported as written (and read back as zeros);
-            // replaced or moved ranges were re-armed.
-            None => std::mem::take(&mut self.armed_zeroed),
+            // Zapped anonymous pages in registered ranges are reported as written (and read back as
+            // zeros); replaced or moved ranges were re-armed; zapped pages of private file
+            // mappings are found by their own diff.
+            None => {
+                let files = private_file_table(&maps, &self.scope);
+                let now = self.populated.over(&self.pagemap, &files)?;
+                let dropped = self.file_zero.round(&files, &now);
+                std::mem::take(&mut self.armed_zeroed).union(&dropped)
+            }
         };
         Ok(Round { dirty: out, zeroed })
     }
@@ -351,6 +365,9 @@ impl Tracker for UffdTracker {
         }
         if let Some(z) = self.zero.as_mut() {
             z.begin(&out);
+        } else {
+            self.file_zero
+                .begin(&out.intersection(&private_file_table(&maps, &self.scope)));
         }
         Ok(out)
     }

@@ -368,9 +368,15 @@ mod tests {
             b
         };
         for (state, pid) in [(1, 0), (0, 7), (2, 7), (3, 0)] {
-            assert!(matches!(Fate::decode(&body(state, pid)), Err(WireError::Invalid(_))));
+            assert!(matches!(
+                Fate::decode(&body(state, pid)),
+                Err(WireError::Invalid(_))
+            ));
         }
-        assert!(matches!(Fate::decode(&body(1, 5)[..7]), Err(WireError::Truncated(_))));
+        assert!(matches!(
+            Fate::decode(&body(1, 5)[..7]),
+            Err(WireError::Truncated(_))
+        ));
         assert!(matches!(Fate::decode(&[0; 9]), Err(WireError::Truncated(_))));
     }
 
