@@ -156,7 +156,7 @@ fn claim_in_active(addr: u64) -> bool {
     let off = slot.off.load(SeqCst);
     if slot.coarse.load(SeqCst) || OPENED.fetch_add(1, SeqCst) >= BUDGET.load(SeqCst) {
         // Over budget: open the whole range (one VMA again) and mark all of it.
-        if set_tracked_protection(start, end - start, prot).is_err() {
+        if set_tracked_protection(start, end - start, prot).is_err() && !open_page(addr, prot) {
             return false;
         }
         slot.coarse.store(true, SeqCst);
@@ -171,7 +171,7 @@ fn claim_in_active(addr: u64) -> bool {
     let c = chunk_of(start, end, shift, addr);
     // Writable first, then marked: a collect that clears the bit in between re-protects the chunk, and
     // the retried write traps again and marks it then.
-    if set_tracked_protection(c.start, c.end - c.start, prot).is_err() {
+    if set_tracked_protection(c.start, c.end - c.start, prot).is_err() && !open_page(addr, prot) {
         return false;
     }
     let b = bit_of(start, shift, addr);
@@ -179,6 +179,14 @@ fn claim_in_active(addr: u64) -> bool {
         word.fetch_or(1 << (b % 64), SeqCst);
     }
     true
+}
+
+/// Opens the page at `addr` alone, when its chunk (or range) cannot be opened as a whole because it
+/// runs over a hole: memory unmapped inside a range that is still tracked (a gap in the maps is no
+/// evidence that a range ended). The faulting page itself is mapped. Async-signal-safe.
+fn open_page(addr: u64, prot: i32) -> bool {
+    let page = crate::sys::page_size() as u64;
+    set_tracked_protection(addr & !(page - 1), page, prot).is_ok()
 }
 
 /// Opens the tracked memory in `[addr, addr+len)` (restores write access) and marks it dirty. A no-op
@@ -312,7 +320,28 @@ impl MprotectTracker {
     /// Protection changes on memory that may have been unmapped meanwhile: `ENOMEM` means it is gone.
     fn protect_if_mapped(start: u64, end: u64, prot: i32) -> Result<(), DirtyError> {
         match set_tracked_protection(start, end - start, prot) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => Ok(()),
+            // A hole inside the range: `mprotect` changed the VMAs before it and stopped there,
+            // leaving whatever lies beyond as it was (writable memory whose writes would then be
+            // missed). Again VMA by VMA, only memory of this range's kind (its protection with or
+            // without write); what went away stays away.
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                let same = |p: i32| p & !libc::PROT_WRITE == prot & !libc::PROT_WRITE;
+                for v in maps::read_self()?
+                    .iter()
+                    .filter(|v| v.start < end && start < v.end && !v.perms.shared && same(v.perms.prot()))
+                {
+                    let (a, b) = (v.start.max(start), v.end.min(end));
+                    match set_tracked_protection(a, b - a, prot) {
+                        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {}
+                        r => r.map_err(|source| DirtyError::Protect {
+                            start: a,
+                            end: b,
+                            source,
+                        })?,
+                    }
+                }
+                Ok(())
+            }
             r => r.map_err(|source| DirtyError::Protect { start, end, source }),
         }
     }
