@@ -655,6 +655,19 @@ fn omctl_ps_shows_where_a_process_went() {
     c.rig.teardown().unwrap();
 }
 
+/// Waits for numbered.c (`lines` lines) to end: it must succeed having printed every line exactly
+/// once, in order.
+fn finish_numbered(run: Kill, lines: u32, what: &str) {
+    let (out, status) = finish(run);
+    assert!(status.success(), "{what}: {status:?}");
+    let got: Vec<u32> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(got, (0..lines).collect::<Vec<u32>>(), "{what}: output");
+}
+
 /// The destination's omd dies at `fault`: the migration fails, and the process runs on at home,
 /// exactly once: its output is complete and in order.
 fn destination_dies(fault: &str) {
@@ -668,14 +681,7 @@ fn destination_dies(fault: &str) {
         .migrate_with(0, pid, 1, &["--downtime", "0"])
         .expect_err("the migration must fail");
     assert!(e.contains("continues here"), "{fault}: {e}");
-    let (out, status) = finish(run);
-    assert!(status.success(), "{fault}: {status:?}");
-    let lines: Vec<u32> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(lines, (0..2500).collect::<Vec<u32>>(), "{fault}: output");
+    finish_numbered(run, 2500, fault);
     // Nothing of the copy is left on the destination: no restorer of node 1's still runs.
     let node1 = c.rig.state_dir().join("n1");
     let node1 = node1.to_string_lossy().into_owned();
@@ -744,14 +750,7 @@ fn a_lost_running_is_confirmed_and_the_process_moves() {
         assert!(Instant::now() < deadline, "the source {pid} still runs");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (out, status) = finish(run);
-    assert!(status.success(), "{status:?}");
-    let lines: Vec<u32> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(lines, (0..2500).collect::<Vec<u32>>(), "output");
+    finish_numbered(run, 2500, "lost-running");
     c.rig.teardown().unwrap();
 }
 
