@@ -279,6 +279,11 @@ impl Home {
                 return Ok(self.advance());
             }
             Event::Closed(g) => {
+                if g < self.active {
+                    // It moved on and was settled then (its `Moved` came first): the close ends it.
+                    self.gens.remove(&g);
+                    return Ok(None);
+                }
                 let hop = self.gens.entry(g).or_default();
                 hop.writer = None;
                 if hop.exit.is_none() && hop.moved.is_none() {

@@ -84,9 +84,17 @@ impl Cluster {
     /// Starts a workload under omrun on `node` (stdout piped); returns once its runtime registered
     /// with that node's omd.
     fn run(&self, node: usize, w: &Workload) -> (Kill, u32) {
+        self.run_logged(node, w, None)
+    }
+
+    /// [`Cluster::run`], with omrun's own stderr (its log, and the program's) going to `log`.
+    fn run_logged(&self, node: usize, w: &Workload, log: Option<&Path>) -> (Kill, u32) {
         let mut cmd = self.clean_command(node, &bin_dir().join("omrun"));
         cmd.arg("--control").arg(self.control(node)).arg("--");
         w.setup(&mut cmd);
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map(Kill).unwrap();
         let omrun = child.0.id();
@@ -636,6 +644,33 @@ fn ten_hops_over_three_nodes_and_home_again() {
     let w = program(build("threads.c"), &["1200"]);
     let hops = [1, 2, 0, 1, 2, 0, 1, 2, 0, 1];
     migrate_along(&c, "ten hops", &w, (100, 300), &hops);
+    c.rig.teardown().unwrap();
+}
+
+/// A generation that moved on is settled by its `Moved`: its relay closing afterwards is no news
+/// (omrun used to log every hop's close as a node lost with the process).
+#[test]
+fn omrun_takes_a_relay_closing_after_a_move_in_its_stride() {
+    let c = Cluster::new(2);
+    let w = program(build("numbered.c"), &["2500"]);
+    let log = std::env::temp_dir().join(format!("om-mig-omrun-log-{}", std::process::id()));
+    let (run, mut pid) = c.run_logged(0, &w, Some(&log));
+    let mut at = 0;
+    for to in [1, 0] {
+        std::thread::sleep(Duration::from_millis(400));
+        let r = c
+            .migrate(at, pid, to)
+            .unwrap_or_else(|e| panic!("migration {at} -> {to}: {e}\n{}", c.logs()));
+        pid = pid_there(&r);
+        at = to;
+    }
+    finish_numbered(run, 2500, "two hops");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        !text.contains("relay closed before the process ended"),
+        "omrun's log:\n{text}"
+    );
     c.rig.teardown().unwrap();
 }
 
