@@ -410,14 +410,7 @@ fn sci_or_verbs_to_a_node_without_it_fails_cleanly_and_the_program_runs_on() {
         .migrate_with(0, pid, 1, &["--transport", "verbs"])
         .expect_err("no RDMA device on these nodes");
     assert!(e.contains("verbs") && e.contains("continues here"), "{e}");
-    let (out, status) = finish(run);
-    assert!(status.success(), "{status:?}");
-    let lines: Vec<u32> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(lines, (0..1500).collect::<Vec<u32>>());
+    finish_numbered(run, 1500, "after the refusals");
     c.rig.teardown().unwrap();
 }
 
@@ -431,18 +424,7 @@ fn a_line_every_millisecond_is_neither_lost_nor_repeated() {
     let there = pid_there(&r);
     std::thread::sleep(Duration::from_millis(random_ms(300, 900)));
     c.migrate(1, there, 0).expect("migrate 1 -> 0");
-    let (out, status) = finish(run);
-    assert!(status.success(), "{status:?}");
-    let lines: Vec<u32> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(
-        lines,
-        (0..4000).collect::<Vec<u32>>(),
-        "lines lost or repeated ({r})"
-    );
+    finish_numbered(run, 4000, &format!("lines lost or repeated ({r})"));
     c.rig.teardown().unwrap();
 }
 

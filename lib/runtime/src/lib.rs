@@ -72,7 +72,7 @@ extern "C" fn omrt_init() {
     let control = om::control::resolve_socket_path(None);
     // The thread inherits a mask with every signal but the faults blocked, so it never takes the
     // application's.
-    let _ = om::sys::task::with_all_signals_blocked(|| {
+    let _ = om::sys::task::with_signals_blocked(|| {
         std::thread::Builder::new()
             .name("omrt".into())
             .stack_size(1 << 20)

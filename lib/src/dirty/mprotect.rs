@@ -567,11 +567,6 @@ impl MprotectTracker {
                 }
             }
         }
-        // Only data: the populated pages of the dirty chunks, fresh ranges and overflow, from one scan
-        // of the tracked memory that also tells which pages lost their data.
-        let wanted = dirty.union(&RangeTable::from_runs(
-            fresh.into_iter().chain(self.overflow.iter().cloned()),
-        ));
         let tracked = tracked_table(&maps, &self.scope);
         let now = self.populated.over(&self.pagemap, &tracked)?;
         if first {
@@ -583,6 +578,11 @@ impl MprotectTracker {
                 zeroed: RangeTable::new(),
             });
         }
+        // Only data: the populated pages of the dirty chunks, fresh ranges and overflow, from the one
+        // scan of the tracked memory that also tells which pages lost their data.
+        let wanted = dirty.union(&RangeTable::from_runs(
+            fresh.into_iter().chain(self.overflow.iter().cloned()),
+        ));
         let out = now.intersection(&wanted);
         let zeroed = self.zero.round(&tracked, &now);
         Ok(Round { dirty: out, zeroed })

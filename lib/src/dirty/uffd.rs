@@ -57,13 +57,13 @@ pub struct UffdTracker {
     untrackable: HashSet<(u64, u64)>,
     /// Ranges we registered, to unregister at stop.
     registered: Vec<Range<u64>>,
-    /// Pages that lost their data are found by a full populated-page diff every round only when the
-    /// kernel's written-page scan does not report zapped pages (probed in `new`).
-    zero: Option<ZeroWatch>,
-    /// Otherwise the private file mappings alone are diffed: a copy-on-write page zapped there
-    /// leaves a write-protect marker (the kernel keeps file-backed protection across a zap), so the
-    /// written-page scan does not report it, and the page is the file's again.
-    file_zero: ZeroWatch,
+    /// Pages that lost their data, found by a populated-page diff every round: of all tracked memory
+    /// when the kernel's written-page scan does not report zapped pages (`zero_everywhere`, probed in
+    /// `new`), else of the private file mappings alone: a copy-on-write page zapped there leaves a
+    /// write-protect marker (the kernel keeps file-backed protection across a zap), so the scan does
+    /// not report it, and the page is the file's again.
+    zero: ZeroWatch,
+    zero_everywhere: bool,
     /// Zeroed ranges found while arming this round: a re-armed range minus its populated pages.
     armed_zeroed: RangeTable,
     started: bool,
@@ -98,7 +98,7 @@ impl UffdTracker {
                 "this kernel's written-page scan misses zapped pages; diffing populated pages every round"
             );
         }
-        let mut t = Self {
+        Ok(Self {
             scope,
             uffd: fd,
             pagemap,
@@ -106,16 +106,12 @@ impl UffdTracker {
             vec: ScanVec::new(SCAN_VEC).map_err(DirtyError::ScanBuffer)?,
             untrackable: HashSet::new(),
             registered: Vec::new(),
-            zero: None,
-            file_zero: ZeroWatch::default(),
+            zero: ZeroWatch::default(),
+            zero_everywhere: !zaps_reported,
             armed_zeroed: RangeTable::new(),
             started: false,
             stats: UffdRoundStats::default(),
-        };
-        if !zaps_reported {
-            t.zero = Some(ZeroWatch::default());
-        }
-        Ok(t)
+        })
     }
 
     /// Counters of the last `start` or `collect`.
@@ -210,6 +206,15 @@ impl UffdTracker {
         Ok(true)
     }
 
+    /// The memory whose populated pages are diffed for `zeroed` (see [`UffdTracker::zero`]).
+    fn zero_watched(&self, maps: &[Vma]) -> RangeTable {
+        if self.zero_everywhere {
+            tracked_table(maps, &self.scope)
+        } else {
+            private_file_table(maps, &self.scope)
+        }
+    }
+
     fn round(&mut self) -> Result<Round, DirtyError> {
         self.stats = UffdRoundStats::default();
         self.armed_zeroed = RangeTable::new();
@@ -258,20 +263,16 @@ impl UffdTracker {
             }
             out = out.union(&part);
         }
-        let zeroed = match self.zero.as_mut() {
-            Some(z) => {
-                let tracked = tracked_table(&maps, &self.scope);
-                z.round(&tracked, &self.populated.over(&self.pagemap, &tracked)?)
-            }
-            // Zapped anonymous pages in registered ranges are reported as written (and read back as
-            // zeros); replaced or moved ranges were re-armed; zapped pages of private file
-            // mappings are found by their own diff.
-            None => {
-                let files = private_file_table(&maps, &self.scope);
-                let now = self.populated.over(&self.pagemap, &files)?;
-                let dropped = self.file_zero.round(&files, &now);
-                std::mem::take(&mut self.armed_zeroed).union(&dropped)
-            }
+        let watched = self.zero_watched(&maps);
+        let dropped = self
+            .zero
+            .round(&watched, &self.populated.over(&self.pagemap, &watched)?);
+        let zeroed = if self.zero_everywhere {
+            dropped
+        } else {
+            // Zapped anonymous pages in registered ranges are reported as written (and read back
+            // as zeros); replaced or moved ranges were re-armed.
+            std::mem::take(&mut self.armed_zeroed).union(&dropped)
         };
         Ok(Round { dirty: out, zeroed })
     }
@@ -363,12 +364,8 @@ impl Tracker for UffdTracker {
         for r in ranges {
             self.arm(r, &mut out)?;
         }
-        if let Some(z) = self.zero.as_mut() {
-            z.begin(&out);
-        } else {
-            self.file_zero
-                .begin(&out.intersection(&private_file_table(&maps, &self.scope)));
-        }
+        let watched = self.zero_watched(&maps);
+        self.zero.begin(&out.intersection(&watched));
         Ok(out)
     }
 

@@ -8,9 +8,9 @@
 //!
 //! Application threads are told apart from the runtime's by their signal mask: every runtime thread
 //! (the control thread, the transport's data streams, this thread) blocks every signal but the
-//! synchronous faults (`task::FAULT_SIGNALS`). A thread
-//! that blocks the throttle signal is left alone (the signal is chosen so that none did when
-//! throttling began). Threads that appear later are found at the next period.
+//! synchronous faults (`task::FAULT_SIGNALS`). A thread that blocks the throttle signal is left
+//! alone (the signal is chosen so that none did when throttling began). Threads that appear later
+//! are found at the next period.
 //!
 //! Throttling ends just before the freeze (threads asleep in the handler sleep on into it): the
 //! thread stops, and the handler is uninstalled in a way that drops any signal still pending (see [`crate::sys::task::uninstall_throttle_handler`]).
@@ -66,8 +66,8 @@ fn ppm(share: f64) -> u64 {
 
 impl Throttle {
     /// Starts taking `share` (0 ..= 0.99) of every application thread's time. Must run on a thread
-    /// that blocks every signal but the faults (the runtime's control thread): the throttle thread inherits its
-    /// mask.
+    /// that blocks every signal but the faults (the runtime's control thread): the throttle thread
+    /// inherits its mask.
     ///
     /// # Errors
     /// [`ThrottleError`]; nothing is throttled then.

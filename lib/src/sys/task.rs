@@ -349,8 +349,8 @@ pub fn install_checkpoint_handler(sig: i32) -> io::Result<KernelSigaction> {
     )
 }
 
-/// Installs one of om's own async-signal-safe handlers (`handler`, with `flags`; every signal
-/// blocked while it runs when `block_all`) for `sig` through glibc, which supplies its restorer so
+/// Installs one of om's own async-signal-safe handlers (`handler`, with `flags`; every signal but
+/// the faults blocked while it runs when `block_all`) for `sig` through glibc, which supplies its restorer so
 /// that the frame returns like any other; returns the disposition it replaced.
 fn install_handler(
     sig: i32,
@@ -598,7 +598,7 @@ fn all_but_faults() -> libc::sigset_t {
 /// Runs `f` with every signal but the faults ([`FAULT_SIGNALS`]) blocked in the calling thread,
 /// then puts the old mask back. A thread created inside `f` starts with that mask: no window in
 /// which it could take a signal meant for the application.
-pub fn with_all_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+pub fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     let all = all_but_faults();
     let mut old: libc::sigset_t = unsafe_zeroed_sigset();
     // SAFETY: valid sets; `old` receives the current mask.

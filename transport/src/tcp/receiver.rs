@@ -509,14 +509,16 @@ impl<S: ImageStore> Receiver<S> {
                         // else (an error, a timeout, the connection closing) discards it.
                         self.prepare(token, Arc::clone(&image));
                         crash_if(self.config.crash_at, CrashPoint::Prepared);
-                        let go = conn.expect(Kind::Go, "after a migration's commit");
-                        if go.is_err() || self.config.crash_at == Some(CrashPoint::LostGo) {
+                        let go = conn.expect(Kind::Go, "after a migration's commit").and_then(|_| {
+                            if self.config.crash_at == Some(CrashPoint::LostGo) {
+                                tracing::error!("OM_FAULT: the go is lost");
+                                return Err(TransportError::Misuse("OM_FAULT lost-go"));
+                            }
+                            Ok(())
+                        });
+                        if let Err(e) = go {
                             self.discard(token);
-                        }
-                        go?;
-                        if self.config.crash_at == Some(CrashPoint::LostGo) {
-                            tracing::error!("OM_FAULT: the go is lost");
-                            return Err(TransportError::Misuse("OM_FAULT lost-go"));
+                            return Err(e);
                         }
                         let pid = match self.start(token) {
                             (Fate::Running(pid), _) => pid,

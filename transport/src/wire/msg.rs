@@ -886,6 +886,15 @@ pub enum Fate {
     Discarded,
 }
 
+/// The fixed layout of a [`Fate`].
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct FateBody {
+    state: U32,
+    pid: U32,
+}
+const _: () = assert!(size_of::<FateBody>() == 8);
+
 impl Fate {
     /// The body.
     #[must_use]
@@ -896,8 +905,13 @@ impl Fate {
             Self::Discarded => (2, 0),
         };
         let mut out = [0; 8];
-        out[..4].copy_from_slice(&state.to_le_bytes());
-        out[4..].copy_from_slice(&pid.to_le_bytes());
+        out.copy_from_slice(
+            FateBody {
+                state: state.into(),
+                pid: pid.into(),
+            }
+            .as_bytes(),
+        );
         out
     }
 
@@ -907,9 +921,8 @@ impl Fate {
     /// [`WireError::Truncated`] for a wrong size; [`WireError::Invalid`] for an unknown state or a
     /// pid that does not match it.
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
-        let b: [u8; 8] = body.try_into().map_err(|_| WireError::Truncated("answer"))?;
-        let state = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let pid = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let b = FateBody::read_from_bytes(body).map_err(|_| WireError::Truncated("answer"))?;
+        let (state, pid) = (b.state.get(), b.pid.get());
         match (state, pid) {
             (0, 0) => Ok(Self::Unknown),
             (1, p) if p != 0 => Ok(Self::Running(p)),
@@ -921,7 +934,7 @@ impl Fate {
     }
 }
 
-/// A body that is a single `u64` (`Begun`, `Committed`) `Commit`'s token, `Ask`.
+/// A body that is a single `u64` (`Begun`, `Committed`, the token of `Commit` and `Ask`).
 ///
 /// # Errors
 /// Wrong size.
