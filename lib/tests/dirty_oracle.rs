@@ -6,8 +6,8 @@
 //! migration would (zero the `zeroed` pages, copy the `dirty` ones), and checks:
 //!
 //! - exactness, in quiescent rounds: on regions whose layout did not change, the reported pages equal
-//!   what the mechanism must report (the written pages; for mprotect their chunks' populated pages;
-//!   for none every populated page);
+//!   what the mechanism must report (the written pages; for none every populated page; for mprotect
+//!   at least the written pages and at most their chunks' populated pages);
 //! - soundness: after the final round (writers stopped, as in a migration's freeze) the receiver's
 //!   copy equals the real memory byte for byte, also after rounds collected while writers ran.
 
@@ -401,13 +401,22 @@ fn run_case(mechanism: Mechanism, plans: &[RoundPlan]) -> Result<(), String> {
             &volatile,
             &ours,
         );
-        if got != want {
-            let missing: Vec<_> = want.difference(&got).take(4).map(|p| format!("{p:#x}")).collect();
+        // mprotect's chunks are clipped to its tracked ranges, which the test cannot see (a region
+        // mapped over a smaller one is tracked as two ranges): the chunk rule is an upper bound and
+        // the written pages the lower one. The others report exactly what they must.
+        let at_least = if mechanism == Mechanism::Mprotect {
+            stable_part(&written, &volatile, &ours)
+        } else {
+            want.clone()
+        };
+        if !at_least.is_subset(&got) || !got.is_subset(&want) {
+            let missing: Vec<_> = at_least.difference(&got).take(4).map(|p| format!("{p:#x}")).collect();
             let extra: Vec<_> = got.difference(&want).take(4).map(|p| format!("{p:#x}")).collect();
             return Err(format!(
-                "round {}: {} pages reported, {} expected; missing {missing:?}, extra {extra:?}",
+                "round {}: {} pages reported, {}..={} expected; missing {missing:?}, extra {extra:?}",
                 n + 1,
                 got.len(),
+                at_least.len(),
                 want.len()
             ));
         }

@@ -410,7 +410,10 @@ impl MprotectTracker {
                     planned.push(Planned::new(r, self.identity[*i].prot, v, true));
                 }
                 None if v.perms.write => {
-                    let key = (v.start, v.end);
+                    // The piece, not its VMA: the part of a VMA that a tracked range does not cover
+                    // is new memory on its own, and the VMA's bounds change when the covered part
+                    // becomes read-only, which would restart the probation.
+                    let key = (r.start, r.end);
                     if active.is_none() || self.probation.contains(&key) {
                         planned.push(Planned::new(r, v.perms.prot(), v, true));
                     } else {
