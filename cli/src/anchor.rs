@@ -9,6 +9,12 @@
 //! reads its own stdin only once the process has left home, and hands each generation the stdin
 //! bytes the previous one left unread: in order, nothing lost or repeated.
 //!
+//! When the copy's stdin is a pseudo-terminal on its node (the process's stdio was omrun's terminal,
+//! the relay says `Terminal`), omrun puts its own terminal in raw mode while that copy reads it, as
+//! `ssh -t` does: keys go through unchanged, and the copy's terminal edits lines, echoes and turns
+//! `^C` into `SIGINT` by the program's own settings. Window size changes go along as `Resize`. omrun
+//! gives its terminal its settings back when it ends.
+//!
 //! Signals are blocked in omrun and read from a `signalfd`, so there is no handler and no race with the
 //! child's exit: `SIGCHLD` arrives on the same descriptor. A signal that the kernel generated for the
 //! whole foreground process group (Ctrl-C on a terminal) already reached the child, which shares omrun's
@@ -31,6 +37,7 @@ use om_transport::relay::{self, Msg};
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, raise, sigprocmask};
 use nix::sys::signalfd::SignalFd;
+use nix::sys::termios::{SetArg, Termios, cfmakeraw, tcgetattr, tcsetattr};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
@@ -177,6 +184,8 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
         signals: Vec::new(),
         frozen: false,
         moved: false,
+        cooked: None,
+        sized: 0,
         tx,
     };
     loop {
@@ -210,6 +219,8 @@ struct Generation {
     input_ended: bool,
     exit: Option<i32>,
     moved: Option<Vec<u8>>,
+    /// Its descriptors on a pseudo-terminal there (bit n: descriptor n), once it said so.
+    terminal: u8,
 }
 
 struct Home {
@@ -229,7 +240,20 @@ struct Home {
     frozen: bool,
     /// The runtime said `moved`.
     moved: bool,
+    /// omrun's terminal settings before it made the terminal raw for a copy: given back at the end.
+    cooked: Option<Termios>,
+    /// The last generation told the window size (a change during a hop reaches the next copy
+    /// when it takes over).
+    sized: u32,
     tx: mpsc::Sender<Event>,
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Some(t) = self.cooked.take() {
+            let _ = tcsetattr(std::io::stdin(), SetArg::TCSADRAIN, &t);
+        }
+    }
 }
 
 impl Home {
@@ -274,6 +298,10 @@ impl Home {
                     Msg::Exit(status) => hop.exit = Some(status),
                     // Signals that reached a copy while it was moving on: for the next one.
                     Msg::Signal(sig) => self.signals.push(sig),
+                    Msg::Terminal(fds) => {
+                        hop.terminal = fds;
+                        self.feed();
+                    }
                     other => tracing::warn!(generation = g, ?other, "unexpected relay message"),
                 }
                 return Ok(self.advance());
@@ -328,12 +356,43 @@ impl Home {
                     }
                 }
             }
+            // Away, on a terminal: the copy's terminal learns the new size and signals it.
+            None if sig == Signal::SIGWINCH && self.cooked.is_some() => self.resize(),
             None => {
                 self.signals.push(sig as i32);
                 self.feed();
             }
         }
         Ok(None)
+    }
+
+    /// Sends the active generation the home terminal's window size.
+    fn resize(&mut self) {
+        let Some(size) = crate::sys::window_size(&std::io::stdin()) else {
+            return;
+        };
+        if let Some(w) = self.gens.get_mut(&self.active).and_then(|h| h.writer.as_mut()) {
+            let _ = relay::send(w, &Msg::Resize(size));
+        }
+    }
+
+    /// Makes omrun's terminal raw for a copy whose stdin is a pseudo-terminal (once; the settings
+    /// come back at the end).
+    fn go_raw(&mut self) {
+        if self.cooked.is_some() {
+            return;
+        }
+        let stdin = std::io::stdin();
+        let Ok(cooked) = tcgetattr(&stdin) else {
+            return;
+        };
+        let mut raw = cooked.clone();
+        cfmakeraw(&mut raw);
+        if let Err(e) = tcsetattr(&stdin, SetArg::TCSANOW, &raw) {
+            tracing::warn!(error = %e, "cannot put the terminal in raw mode");
+            return;
+        }
+        self.cooked = Some(cooked);
     }
 
     fn reap_home(&mut self) -> Result<Option<Outcome>, AnchorError> {
@@ -416,10 +475,16 @@ impl Home {
             return;
         }
         let g = self.active;
-        let Some(hop) = self.gens.get_mut(&g) else { return };
-        if hop.stopped {
+        let Some(hop) = self.gens.get(&g) else { return };
+        if hop.stopped || hop.writer.is_none() {
             return;
         }
+        if hop.terminal & 1 != 0 && self.sized != g {
+            self.go_raw();
+            self.sized = g;
+            self.resize();
+        }
+        let Some(hop) = self.gens.get_mut(&g) else { return };
         let Some(w) = hop.writer.as_mut() else { return };
         for sig in self.signals.drain(..) {
             let _ = relay::send(w, &Msg::Signal(sig));

@@ -10,6 +10,7 @@ use std::fs;
 use std::path::Path;
 
 use om_page_server::checkpoint::{Checkpoint, Run};
+use om_transport::relay::{Home, Terminal, WinSize};
 use om_transport::wire::{
     Batch, Begin, EndRound, Extent, Fate, FrameHeader, Hello, ImageInfo, Kind, Placement, Record, Role,
     RoundAck, Text, VERSION, Vma, Zero, caps,
@@ -170,6 +171,38 @@ fn main() {
     .encode_manifest()
     .expect("encode the manifest");
     put("checkpoint_manifest", "small", &manifest);
+    let home = Home {
+        addr: "10.77.0.1:40000".parse().expect("an address"),
+        token: vec![9; 32],
+        generation: 2,
+    };
+    put("relay", "home", &home.encode());
+    let terminal = Terminal {
+        fds: 0b111,
+        iflag: 0x500,
+        oflag: 0x5,
+        cflag: 0xbf,
+        lflag: 0x8a3b,
+        line: 0,
+        cc: [3; om_transport::relay::NCCS],
+        ispeed: 15,
+        ospeed: 15,
+        size: WinSize {
+            rows: 24,
+            cols: 80,
+            xpixel: 0,
+            ypixel: 0,
+        },
+    };
+    put("relay", "terminal", &terminal.encode());
+    // The relay target reads a message as one kind byte, then the body.
+    put("relay", "msg_terminal", &[Kind::Terminal as u8, 0b111]);
+    put(
+        "relay",
+        "msg_resize",
+        &[Kind::Resize as u8, 50, 0, 132, 0, 0, 0, 0, 0],
+    );
+    put("relay", "msg_output", &[Kind::Output as u8, 1, b'h', b'i']);
     put(
         "maps",
         "self",

@@ -1,7 +1,7 @@
-//! The home relay's messages and the home record a migrated image carries.
+//! The home relay's messages and the home and terminal records a migrated image carries.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use om_transport::relay::{Home, Msg};
+use om_transport::relay::{Home, Msg, Terminal};
 use om_transport::wire::Kind;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,5 +13,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(h) = Home::decode(data) {
         assert_eq!(Home::decode(&h.encode()), Ok(h));
+    }
+    if let Ok(t) = Terminal::decode(data) {
+        assert_eq!(Terminal::decode(&t.encode()), Ok(t));
     }
 });

@@ -410,7 +410,11 @@ fn run_case(mechanism: Mechanism, plans: &[RoundPlan]) -> Result<(), String> {
             want.clone()
         };
         if !at_least.is_subset(&got) || !got.is_subset(&want) {
-            let missing: Vec<_> = at_least.difference(&got).take(4).map(|p| format!("{p:#x}")).collect();
+            let missing: Vec<_> = at_least
+                .difference(&got)
+                .take(4)
+                .map(|p| format!("{p:#x}"))
+                .collect();
             let extra: Vec<_> = got.difference(&want).take(4).map(|p| format!("{p:#x}")).collect();
             return Err(format!(
                 "round {}: {} pages reported, {}..={} expected; missing {missing:?}, extra {extra:?}",

@@ -8,9 +8,12 @@
 //! the hold pipe and the copy runs; if the image is dropped first (the source gave up or went away)
 //! the hold pipe closes and om-restore discards the copy.
 //!
-//! The program's stdio are pipes to omd. Once it runs, a relay thread carries them to its home
+//! The program's stdio are pipes to omd, or, for those that were on a terminal (the image's terminal
+//! record), a pseudo-terminal in that terminal's state, which om-restore makes the controlling
+//! terminal of the program's own session. Once it runs, a relay thread carries them to its home
 //! (`omrun`, reached with the home record the image carries, see [`om_transport::relay`]) together
-//! with signals from home and, at the end, its exit status or the news that it moved on.
+//! with signals and window sizes from home and, at the end, its exit status or the news that it
+//! moved on.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -24,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use om::image::Checkpoint;
 use om::image::checkpoint::{MANIFEST, Run};
-use om::image::records::KIND_HOME;
+use om::image::records::{KIND_HOME, KIND_TERMINAL};
 use om_transport::api::{ImageSink, Refusal};
 use om_transport::conn::Conn;
-use om_transport::relay::{self, Home, Msg};
+use om_transport::relay::{self, Home, Msg, Terminal};
 use om_transport::wire::{Begin, ErrorCode};
 
 use crate::image::Image;
@@ -58,10 +61,7 @@ pub struct Prepared {
     hold: Option<File>,
     pid: u32,
     dir: PathBuf,
-    stdin: Option<File>,
-    stdin_peek: File,
-    stdout: File,
-    stderr: File,
+    streams: Streams,
     home: Option<Home>,
     runtimes: Runtimes,
 }
@@ -72,6 +72,98 @@ fn internal(what: &str) -> impl Fn(io::Error) -> Refusal + '_ {
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// omd's side of a copy's standard streams.
+#[derive(Debug)]
+struct Streams {
+    /// Where stdin bytes from home go: the stdin pipe, or the terminal's master.
+    input: Option<File>,
+    /// A reader of the stdin pipe, for what the copy leaves unread in it.
+    peek: Option<File>,
+    /// What to relay, by stream (1 stdout, 2 stderr): pipes, and the terminal's master once, as the
+    /// first of the two that is on it.
+    outputs: Vec<(u8, File)>,
+    /// Where descriptor 2's output shows (om-restore's reason when it fails).
+    diag: File,
+    /// The pseudo-terminal, when some were on a terminal.
+    terminal: Option<Tty>,
+}
+
+#[derive(Debug)]
+struct Tty {
+    master: File,
+    /// omd's own slave: what the copy leaves unread is read from it, and it must close before the
+    /// master can end.
+    slave: Option<File>,
+    /// The descriptors on it (bit n: descriptor n).
+    fds: u8,
+}
+
+impl Streams {
+    /// Pipes, and a pseudo-terminal in the state of `terminal` for the descriptors on it; returns
+    /// omd's side and the child's descriptors 0, 1, 2.
+    fn open(terminal: Option<&Terminal>) -> io::Result<(Self, [OwnedFd; 3])> {
+        let tty = terminal
+            .map(|t| crate::sys::open_terminal(t).map(|pair| (pair, t.fds)))
+            .transpose()?;
+        let on_tty = |fd: u8| tty.as_ref().is_some_and(|(_, fds)| fds & (1 << fd) != 0);
+        let (input, peek, child0) = match &tty {
+            Some(((master, slave), _)) if on_tty(0) => (master.try_clone()?, None, slave.try_clone()?),
+            _ => {
+                let (r, w) = pipe()?;
+                (w, Some(File::from(r.try_clone()?)), r)
+            }
+        };
+        let mut outputs = Vec::new();
+        let mut diag = None;
+        let mut child = Vec::new();
+        for fd in [1u8, 2] {
+            match &tty {
+                Some(((master, slave), _)) if on_tty(fd) => {
+                    child.push(slave.try_clone()?);
+                    if outputs.iter().all(|(s, _)| !on_tty(*s)) {
+                        outputs.push((fd, File::from(master.try_clone()?)));
+                    }
+                    if fd == 2 {
+                        diag = Some(File::from(master.try_clone()?));
+                    }
+                }
+                _ => {
+                    let (r, w) = pipe()?;
+                    child.push(w);
+                    if fd == 2 {
+                        diag = Some(File::from(r.try_clone()?));
+                    }
+                    outputs.push((fd, File::from(r)));
+                }
+            }
+        }
+        let [child1, child2]: [OwnedFd; 2] = child.try_into().map_err(|_| io::Error::other("stdio"))?;
+        let diag = diag.ok_or_else(|| io::Error::other("stdio"))?;
+        let terminal = tty.map(|((master, slave), fds)| Tty {
+            master: File::from(master),
+            slave: Some(File::from(slave)),
+            fds,
+        });
+        Ok((
+            Self {
+                input: Some(File::from(input)),
+                peek,
+                outputs,
+                diag,
+                terminal,
+            },
+            [child0, child1, child2],
+        ))
+    }
+
+    /// Once the copy has ended: what it left unread on the terminal, and the terminal's slave
+    /// closed, so that its output ends. Empty without a terminal.
+    fn release_terminal(&mut self) -> Vec<u8> {
+        let slave = self.terminal.as_mut().and_then(|t| t.slave.take());
+        slave.map(|s| crate::sys::drain_terminal(&s)).unwrap_or_default()
+    }
 }
 
 impl Restorer {
@@ -117,16 +209,30 @@ impl Restorer {
         // No sync: the manifest only has to outlive this omd's handling of the image.
         fs::write(dir.join(MANIFEST), manifest).map_err(internal("writing the image manifest"))?;
 
+        // A terminal for the copy only where it writes to one: stdin alone on a terminal (output
+        // redirected) stays a pipe, as the input it gets from home is.
+        let terminal = image
+            .records()
+            .iter()
+            .find(|r| r.kind == KIND_TERMINAL)
+            .and_then(|r| Terminal::decode(&r.bytes).ok())
+            .filter(|t| t.fds & 0b110 != 0);
         let (ready_r, ready_w) = pipe().map_err(internal("pipe"))?;
         let (hold_r, hold_w) = pipe().map_err(internal("pipe"))?;
-        let (in_r, in_w) = pipe().map_err(internal("pipe"))?;
-        let (out_r, out_w) = pipe().map_err(internal("pipe"))?;
-        let (err_r, err_w) = pipe().map_err(internal("pipe"))?;
-        let stdin_peek = in_r.try_clone().map_err(internal("dup"))?;
+        let (streams, [in_r, out_w, err_w]) =
+            Streams::open(terminal.as_ref()).map_err(internal("setting up the copy's stdio"))?;
         let mut cmd = Command::new(&self.program);
         cmd.env(om::control::CONTROL_ENV, &self.control)
             .arg(&dir)
-            .args(["--pages-fd", "3", "--ready-fd", "4", "--hold-fd", "5"])
+            .args([
+                "--pages-fd",
+                "3",
+                "--ready-fd",
+                "4",
+                "--hold-fd",
+                "5",
+                "--session",
+            ])
             .stdin(Stdio::from(in_r))
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(err_w));
@@ -142,7 +248,6 @@ impl Restorer {
             )
         })?;
         drop((ready_w, hold_r));
-        let stderr = File::from(err_r);
         let mut line = String::new();
         let ready = File::from(ready_r);
         let in_time = {
@@ -168,10 +273,10 @@ impl Restorer {
                 let _ = child.wait();
                 let mut why = String::new();
                 let _ = nix::fcntl::fcntl(
-                    &stderr,
+                    &streams.diag,
                     nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
                 );
-                let _ = (&stderr).take(4096).read_to_string(&mut why);
+                let _ = (&streams.diag).take(4096).read_to_string(&mut why);
                 let _ = fs::remove_dir_all(&dir);
                 let why = why.trim();
                 return Err((
@@ -198,10 +303,7 @@ impl Restorer {
             hold: Some(File::from(hold_w)),
             pid,
             dir,
-            stdin: Some(File::from(in_w)),
-            stdin_peek: File::from(stdin_peek),
-            stdout: File::from(out_r),
-            stderr,
+            streams,
             home,
             runtimes: self.runtimes.clone(),
         })
@@ -251,28 +353,50 @@ impl Prepared {
         let conn = self.home.as_ref().and_then(|h| connect_home(h, pid));
         let Some(conn) = conn else {
             // No home to report to: the output goes to omd's own.
-            drop(self.stdin.take());
-            let out = pump_local(self.stdout.try_clone().ok(), io::stdout());
-            let err = pump_local(self.stderr.try_clone().ok(), io::stderr());
+            drop(self.streams.input.take());
+            let pumps: Vec<_> = self
+                .streams
+                .outputs
+                .drain(..)
+                .map(|(s, f)| pump_local(f, s))
+                .collect();
             let status = self.child.wait();
-            let _ = (out.join(), err.join());
+            self.streams.release_terminal();
+            for p in pumps {
+                let _ = p.join();
+            }
             tracing::info!(pid, ?status, "migrated process ended");
             return;
         };
         let writer = Arc::new(Mutex::new(conn.try_clone().ok()));
-        let out = pump_home(self.stdout.try_clone().ok(), 1, Arc::clone(&writer));
-        let err = pump_home(self.stderr.try_clone().ok(), 2, Arc::clone(&writer));
+        if let Some(t) = &self.streams.terminal {
+            // Before any output: omrun switches its terminal to raw mode for it.
+            if let Some(w) = writer.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+                let _ = relay::send(w, &Msg::Terminal(t.fds));
+            }
+        }
+        let pumps: Vec<_> = self
+            .streams
+            .outputs
+            .drain(..)
+            .map(|(s, f)| pump_home(f, s, Arc::clone(&writer)))
+            .collect();
         let mut reader = conn;
         // Input goes through a queue and a writer thread that never blocks the relay: what the
         // copy has not taken when it moves on is handed back, nothing is lost.
         let feed = Arc::new(Feed::default());
-        let writer_thread = self.stdin.take().map(|s| {
+        let writer_thread = self.streams.input.take().map(|s| {
             let feed = Arc::clone(&feed);
             thread::spawn(move || feed.write_into(s))
         });
         let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
         let runtimes = self.runtimes.clone();
         let input_feed = Arc::clone(&feed);
+        let master = self
+            .streams
+            .terminal
+            .as_ref()
+            .and_then(|t| t.master.try_clone().ok());
         let _input = thread::spawn(move || {
             loop {
                 match relay::recv(&mut reader) {
@@ -288,20 +412,32 @@ impl Prepared {
                             deliver(pid, sig);
                         }
                     }
+                    // The kernel tells the program (SIGWINCH to the terminal's foreground group).
+                    Ok(Msg::Resize(size)) => match &master {
+                        Some(m) => {
+                            if let Err(e) = crate::sys::set_window_size(m, size) {
+                                tracing::warn!(pid, error = %e, "cannot set the copy's window size");
+                            }
+                        }
+                        None => tracing::warn!(pid, "a window size for a copy without a terminal"),
+                    },
                     Ok(other) => tracing::warn!(pid, ?other, "unexpected relay message from home"),
                     Err(_) => return,
                 }
             }
         });
         let status = self.child.wait();
-        let _ = (out.join(), err.join());
+        let left_on_terminal = self.streams.release_terminal();
+        for p in pumps {
+            let _ = p.join();
+        }
         let moved = self.runtimes.take_moved(pid);
         let held = self.runtimes.end_migrating(pid);
         let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(w) = w.as_mut() else { return };
         let end = if moved {
             // The copy moved on: stop the home's input, then hand back what the copy left unread:
-            // its pipe first, then what was still queued.
+            // its pipe or terminal first, then what was still queued.
             let _ = relay::send(w, &Msg::Stop);
             let _ = ended_rx.recv_timeout(HOME_TIMEOUT);
             feed.stop();
@@ -311,7 +447,10 @@ impl Prepared {
             for sig in held {
                 let _ = relay::send(w, &Msg::Signal(sig));
             }
-            let mut left = unread(&self.stdin_peek);
+            let mut left = left_on_terminal;
+            if let Some(peek) = &self.streams.peek {
+                left.extend(unread(peek));
+            }
             left.extend(feed.take());
             left.truncate(relay::MAX_LEFTOVER);
             Msg::Moved(left)
@@ -358,31 +497,50 @@ fn connect_home(home: &Home, pid: u32) -> Option<Conn> {
     }
 }
 
-fn pump_local(from: Option<File>, mut to: impl Write + Send + 'static) -> thread::JoinHandle<()> {
+fn pump_local(from: File, stream: u8) -> thread::JoinHandle<()> {
     thread::spawn(move || {
-        if let Some(mut f) = from {
-            let _ = io::copy(&mut f, &mut to);
-        }
+        pump(&from, |bytes| {
+            let _ = if stream == 2 {
+                io::stderr().write_all(bytes)
+            } else {
+                io::stdout().write_all(bytes)
+            };
+        });
     })
 }
 
-fn pump_home(from: Option<File>, stream: u8, to: Arc<Mutex<Option<Conn>>>) -> thread::JoinHandle<()> {
+fn pump_home(from: File, stream: u8, to: Arc<Mutex<Option<Conn>>>) -> thread::JoinHandle<()> {
     thread::spawn(move || {
-        let Some(mut f) = from else { return };
-        let mut buf = vec![0u8; relay::MAX_CHUNK];
-        loop {
-            let n = match f.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
+        pump(&from, |bytes| {
             let mut c = to.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(conn) = c.as_mut() {
-                if relay::send(conn, &Msg::Output(stream, buf[..n].to_vec())).is_err() {
+                if relay::send(conn, &Msg::Output(stream, bytes.to_vec())).is_err() {
                     *c = None;
                 }
             }
-        }
+        });
     })
+}
+
+/// Reads `from` to its end (end of file, or `EIO` from a terminal's master once its slave is
+/// closed), handing each chunk to `each`. A terminal's master is shared with the input writer, which
+/// makes it non-blocking: then it waits for data.
+fn pump(mut from: &File, mut each: impl FnMut(&[u8])) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut buf = vec![0u8; relay::MAX_CHUNK];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => each(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(100u16));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Sends `sig` to process `pid` of this node.

@@ -258,3 +258,77 @@ pub fn spawn_with_fds(
     unsafe { cmd.pre_exec(place) };
     cmd.spawn()
 }
+
+/// A pseudo-terminal in the state `t` records (settings and window size): `(master, slave)`, both
+/// close-on-exec (the slave reaches a child as its stdio through `dup2`).
+///
+/// # Errors
+/// `openpty` or `fcntl` failed.
+pub fn open_terminal(t: &om_transport::relay::Terminal) -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let termios = t.termios();
+    let size = t.size.to_libc();
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: out-pointers to two ints; a null name buffer; termios and winsize live across the
+    // call, which only reads them. glibc opens the slave with O_NOCTTY: omd never gets it as its
+    // controlling terminal.
+    let r = unsafe {
+        libc::openpty(
+            &raw mut master,
+            &raw mut slave,
+            std::ptr::null_mut(),
+            &raw const termios,
+            &raw const size,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded: an open descriptor that nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    // SAFETY: as for the master.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    for fd in [&master, &slave] {
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    }
+    Ok((master, slave))
+}
+
+/// Sets a terminal's window size (on the master: the kernel signals the slave's foreground group).
+///
+/// # Errors
+/// `TIOCSWINSZ` failed.
+pub fn set_window_size(fd: &impl AsFd, size: om_transport::relay::WinSize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let w = size.to_libc();
+    // SAFETY: TIOCSWINSZ reads one `struct winsize`, which lives across the call.
+    if unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &raw const w) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What waits in a terminal's input queue, read from its slave once its program has ended: a
+/// partial line too (the slave is switched to non-canonical reads first).
+#[must_use]
+pub fn drain_terminal(slave: &impl AsFd) -> Vec<u8> {
+    use nix::sys::termios::{LocalFlags, SetArg, SpecialCharacterIndices, tcgetattr, tcsetattr};
+    let mut out = Vec::new();
+    let Ok(mut t) = tcgetattr(slave) else {
+        return out;
+    };
+    t.local_flags.remove(LocalFlags::ICANON | LocalFlags::ECHO);
+    t.control_chars[SpecialCharacterIndices::VMIN as usize] = 0;
+    t.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+    if tcsetattr(slave, SetArg::TCSANOW, &t).is_err() {
+        return out;
+    }
+    let mut buf = [0u8; 4096];
+    while out.len() < om_transport::relay::MAX_LEFTOVER {
+        match nix::unistd::read(slave.as_fd(), &mut buf) {
+            Ok(n) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    out
+}

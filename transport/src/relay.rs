@@ -9,8 +9,10 @@
 //!  node running generation g                       omrun (home)
 //!    |--- Hello{Relay} / Welcome / Proofs ----------->|  token-keyed handshake
 //!    |--- Attach{g} --------------------------------->|
+//!    |--- Terminal{fds} ----------------------------->|  if its stdio is a pseudo-terminal here
 //!    |--- Output{1|2, bytes} ------------------------>|  stdout/stderr, in order per stream
 //!    |<-- Input{bytes} / InputEnd ---------------------|  only once generation g-1 has ended
+//!    |<-- Resize{rows, cols, ...} ---------------------|  the home terminal's size, after Terminal
 //!    |<-- Signal{sig} ---------------------------------|
 //!    |--- Exit{wait status} ------------------------->|  the process ended: omrun ends the same way
 //!    |--- Stop -------------------------------------->|  or: it moved on to generation g+1;
@@ -21,9 +23,18 @@
 //! omrun writes a generation's output only after the previous generation ended (its relay sent
 //! `Moved` after the last byte it relayed), and gives stdin to one generation at a time, starting with
 //! the bytes the previous one left unread: nothing is lost, reordered or duplicated across a hop.
+//!
+//! A process whose stdio was a terminal carries that terminal's state ([`Terminal`], a record of
+//! the image): the node it moves to gives it a pseudo-terminal in that state as its controlling
+//! terminal and says so (`Terminal`); omrun then puts the home terminal in raw mode, as `ssh -t`
+//! does, so that keys reach the copy's terminal unchanged (its line editing, echo and `^C` are the
+//! program's own settings), and passes window size changes on (`Resize`).
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+use zerocopy::byteorder::little_endian::{U16, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::auth;
 use crate::conn::{Conn, Frame};
@@ -103,6 +114,196 @@ impl Home {
     }
 }
 
+/// A terminal's window size (`struct winsize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WinSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+    /// Width in pixels.
+    pub xpixel: u16,
+    /// Height in pixels.
+    pub ypixel: u16,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct WinSizeBody {
+    rows: U16,
+    cols: U16,
+    xpixel: U16,
+    ypixel: U16,
+}
+const _: () = assert!(size_of::<WinSizeBody>() == 8);
+
+impl WinSize {
+    fn body(self) -> WinSizeBody {
+        WinSizeBody {
+            rows: self.rows.into(),
+            cols: self.cols.into(),
+            xpixel: self.xpixel.into(),
+            ypixel: self.ypixel.into(),
+        }
+    }
+
+    fn of(b: &WinSizeBody) -> Self {
+        Self {
+            rows: b.rows.get(),
+            cols: b.cols.get(),
+            xpixel: b.xpixel.get(),
+            ypixel: b.ypixel.get(),
+        }
+    }
+
+    /// As the kernel takes it.
+    #[must_use]
+    pub fn to_libc(self) -> libc::winsize {
+        libc::winsize {
+            ws_row: self.rows,
+            ws_col: self.cols,
+            ws_xpixel: self.xpixel,
+            ws_ypixel: self.ypixel,
+        }
+    }
+
+    /// From the kernel's.
+    #[must_use]
+    pub fn from_libc(w: &libc::winsize) -> Self {
+        Self {
+            rows: w.ws_row,
+            cols: w.ws_col,
+            xpixel: w.ws_xpixel,
+            ypixel: w.ws_ypixel,
+        }
+    }
+}
+
+/// Number of control characters in a `struct termios`.
+pub const NCCS: usize = 32;
+const _: () = assert!(libc::NCCS == NCCS);
+
+/// The terminal that a process's stdio was on when it was captured (record kind 6 of an image): its
+/// settings and window size, and which of the descriptors 0-2 are on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terminal {
+    /// Bit `n` set: descriptor `n` (0, 1 or 2) is this terminal.
+    pub fds: u8,
+    /// `c_iflag`.
+    pub iflag: u32,
+    /// `c_oflag`.
+    pub oflag: u32,
+    /// `c_cflag`.
+    pub cflag: u32,
+    /// `c_lflag`.
+    pub lflag: u32,
+    /// `c_line`.
+    pub line: u8,
+    /// `c_cc`.
+    pub cc: [u8; NCCS],
+    /// Input speed.
+    pub ispeed: u32,
+    /// Output speed.
+    pub ospeed: u32,
+    /// The window size.
+    pub size: WinSize,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct TerminalBody {
+    fds: u8,
+    line: u8,
+    size: WinSizeBody,
+    iflag: U32,
+    oflag: U32,
+    cflag: U32,
+    lflag: U32,
+    ispeed: U32,
+    ospeed: U32,
+    cc: [u8; NCCS],
+}
+const _: () = assert!(size_of::<TerminalBody>() == 66);
+
+impl Terminal {
+    /// The record bytes.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        TerminalBody {
+            fds: self.fds,
+            line: self.line,
+            size: self.size.body(),
+            iflag: self.iflag.into(),
+            oflag: self.oflag.into(),
+            cflag: self.cflag.into(),
+            lflag: self.lflag.into(),
+            ispeed: self.ispeed.into(),
+            ospeed: self.ospeed.into(),
+            cc: self.cc,
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    /// Decodes a record.
+    ///
+    /// # Errors
+    /// A record of the wrong size, or one that names no descriptor or one above 2.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let b = TerminalBody::read_from_bytes(bytes).map_err(|_| WireError::Truncated("terminal record"))?;
+        if b.fds == 0 || b.fds > 0b111 {
+            return Err(WireError::Invalid(format!(
+                "terminal record: descriptor mask {:#x}",
+                b.fds
+            )));
+        }
+        Ok(Self {
+            fds: b.fds,
+            iflag: b.iflag.get(),
+            oflag: b.oflag.get(),
+            cflag: b.cflag.get(),
+            lflag: b.lflag.get(),
+            line: b.line,
+            cc: b.cc,
+            ispeed: b.ispeed.get(),
+            ospeed: b.ospeed.get(),
+            size: WinSize::of(&b.size),
+        })
+    }
+
+    /// The settings as the kernel takes them.
+    #[must_use]
+    pub fn termios(&self) -> libc::termios {
+        libc::termios {
+            c_iflag: self.iflag,
+            c_oflag: self.oflag,
+            c_cflag: self.cflag,
+            c_lflag: self.lflag,
+            c_line: self.line,
+            c_cc: self.cc,
+            c_ispeed: self.ispeed,
+            c_ospeed: self.ospeed,
+        }
+    }
+
+    /// From the kernel's settings and window size of the terminal on descriptors `fds`.
+    #[must_use]
+    pub fn from_libc(fds: u8, t: &libc::termios, size: &libc::winsize) -> Self {
+        Self {
+            fds,
+            iflag: t.c_iflag,
+            oflag: t.c_oflag,
+            cflag: t.c_cflag,
+            lflag: t.c_lflag,
+            line: t.c_line,
+            cc: t.c_cc,
+            ispeed: t.c_ispeed,
+            ospeed: t.c_ospeed,
+            size: WinSize::from_libc(size),
+        }
+    }
+}
+
 /// One relay message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
@@ -122,6 +323,10 @@ pub enum Msg {
     Stop,
     /// The process moved on, leaving these stdin bytes unread.
     Moved(Vec<u8>),
+    /// The copy's descriptors in this mask (bit n: descriptor n) are a pseudo-terminal.
+    Terminal(u8),
+    /// The home terminal's window size changed.
+    Resize(WinSize),
 }
 
 impl Msg {
@@ -139,6 +344,8 @@ impl Msg {
             Self::Exit(s) => (Kind::Exit, s.to_le_bytes().to_vec()),
             Self::Stop => (Kind::Stop, Vec::new()),
             Self::Moved(b) => (Kind::Moved, b.clone()),
+            Self::Terminal(fds) => (Kind::Terminal, vec![*fds]),
+            Self::Resize(w) => (Kind::Resize, w.body().as_bytes().to_vec()),
         }
     }
 
@@ -161,6 +368,13 @@ impl Msg {
             Kind::Exit => Self::Exit(i32::from_le_bytes(word("exit")?)),
             Kind::Stop if body.is_empty() => Self::Stop,
             Kind::Moved => Self::Moved(body.to_vec()),
+            Kind::Terminal => match body {
+                &[fds @ 1..=0b111] => Self::Terminal(fds),
+                _ => return Err(WireError::Invalid("terminal: descriptor mask".into())),
+            },
+            Kind::Resize => Self::Resize(WinSize::of(
+                &WinSizeBody::read_from_bytes(body).map_err(|_| WireError::Truncated("resize"))?,
+            )),
             other => {
                 return Err(WireError::Unexpected {
                     got: other,
@@ -278,6 +492,13 @@ mod tests {
             Msg::Exit(0x100),
             Msg::Stop,
             Msg::Moved(b"rest".to_vec()),
+            Msg::Terminal(0b110),
+            Msg::Resize(WinSize {
+                rows: 50,
+                cols: 132,
+                xpixel: 1,
+                ypixel: 65535,
+            }),
         ] {
             let (k, b) = m.frame();
             assert_eq!(Msg::decode(k, &b).unwrap(), m);
@@ -285,5 +506,45 @@ mod tests {
         assert!(Msg::decode(Kind::Output, &[3, 1]).is_err());
         assert!(Msg::decode(Kind::Signal, &[1]).is_err());
         assert!(Msg::decode(Kind::Batch, &[]).is_err());
+        assert!(Msg::decode(Kind::Terminal, &[0]).is_err());
+        assert!(Msg::decode(Kind::Terminal, &[8]).is_err());
+        assert!(Msg::decode(Kind::Resize, &[1; 7]).is_err());
+    }
+
+    #[test]
+    fn terminal_record_round_trips_through_the_kernel_struct() {
+        let mut cc = [0u8; NCCS];
+        for (i, c) in cc.iter_mut().enumerate() {
+            *c = u8::try_from(i * 7).unwrap();
+        }
+        let t = Terminal {
+            fds: 0b011,
+            iflag: 0x500,
+            oflag: 0x5,
+            cflag: 0xbf,
+            lflag: 0x8a3b,
+            line: 0,
+            cc,
+            ispeed: 15,
+            ospeed: 15,
+            size: WinSize {
+                rows: 24,
+                cols: 80,
+                xpixel: 0,
+                ypixel: 0,
+            },
+        };
+        assert_eq!(Terminal::decode(&t.encode()).unwrap(), t);
+        let k = t.termios();
+        assert_eq!(Terminal::from_libc(t.fds, &k, &t.size.to_libc()), t);
+        let e = t.encode();
+        for n in 0..e.len() {
+            assert!(Terminal::decode(&e[..n]).is_err());
+        }
+        let mut none = e.clone();
+        none[0] = 0;
+        assert!(Terminal::decode(&none).is_err());
+        none[0] = 0b1000;
+        assert!(Terminal::decode(&none).is_err());
     }
 }

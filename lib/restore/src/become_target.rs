@@ -38,6 +38,8 @@ pub struct Target<'a> {
     pub status_fd: RawFd,
     /// The hold fd of a migration (already at its planned number).
     pub hold_fd: Option<RawFd>,
+    /// A session of its own (see [`crate::Image::session`]).
+    pub session: bool,
     /// The pages file.
     pub pages: &'a std::path::Path,
     /// The exe fd, if any (already at its planned number).
@@ -68,6 +70,9 @@ fn prot_of(v: &Vma) -> i32 {
 fn prepare(t: &mut Target<'_>) -> Result<(), RestoreError> {
     let plan = t.plan;
     sys::block_all_signals();
+    if t.session {
+        sys::new_session().map_err(RestoreError::os("starting a session with the terminal"))?;
+    }
     let vmas = &t.ckpt.begin.vmas;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     // The leftover area: fresh read-write memory over the reservation.

@@ -6,6 +6,8 @@
 //! (its image memfd) instead of `DIR/pages`; `--hold-fd` holds the restored program before its first
 //! instruction, after the ready line, until one byte `g` arrives on fd N (the go of the two-phase
 //! commit). Anything else, or end of file, kills the copy and om-restore exits with status 75.
+//! `--session` starts the program in a session of its own, with the terminal on its stdio (if any)
+//! as its controlling terminal.
 //!
 //! `om-restore --describe DIR` prints what the image holds instead.
 
@@ -14,7 +16,7 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: om-restore DIR [--ready-fd N] [--pages-fd N] [--hold-fd N] | om-restore --describe DIR"
+        "usage: om-restore DIR [--ready-fd N] [--pages-fd N] [--hold-fd N] [--session] | om-restore --describe DIR"
     );
     ExitCode::from(2)
 }
@@ -26,11 +28,13 @@ fn main() -> ExitCode {
     let mut pages: Option<i32> = None;
     let mut hold: Option<i32> = None;
     let mut describe = false;
+    let mut session = false;
     let mut it = args.iter();
     let fd_arg = |v: Option<&String>| v.and_then(|v| v.parse::<i32>().ok()).filter(|fd| *fd > 2);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--describe" => describe = true,
+            "--session" => session = true,
             "--ready-fd" => match fd_arg(it.next()) {
                 Some(fd) => ready = Some(fd),
                 _ => return usage(),
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         img.pages_fd = Some(fd);
     }
     img.hold = hold.is_some();
+    img.session = session;
     // These fds are only for the caller and this process: the program must not inherit them.
     for fd in [ready, pages, hold].into_iter().flatten() {
         let _ = om_restore::sys::set_cloexec(fd, true);

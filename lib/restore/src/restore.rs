@@ -48,6 +48,9 @@ pub struct Image {
     pub hold: bool,
     /// The descriptor `pages` names, when the caller handed it over (closed once it is opened).
     pub pages_fd: Option<RawFd>,
+    /// Start the program in a session of its own, with the terminal on its stdio (if any) as its
+    /// controlling terminal (a migrated copy: omd gives it a pseudo-terminal or pipes).
+    pub session: bool,
 }
 
 impl Image {
@@ -75,8 +78,8 @@ impl Image {
                 KIND_THREAD => threads.push(ThreadRecord::decode(&r.bytes).map_err(rec("thread"))?),
                 KIND_FD => fds.push(FdRecord::decode(&r.bytes).map_err(rec("fd"))?),
                 KIND_MAPPED_FILE => files.push(MappedFile::decode(&r.bytes).map_err(rec("mapped file"))?),
-                // For omd's relay; the restore itself has no use for it.
-                om::image::records::KIND_HOME => {}
+                // For omd's relay, which sets up the stdio; the restore itself has no use for them.
+                om::image::records::KIND_HOME | om::image::records::KIND_TERMINAL => {}
                 other => return Err(RestoreError::Records(format!("an unknown record kind {other}"))),
             }
         }
@@ -87,6 +90,7 @@ impl Image {
         Ok(Self {
             pages: dir.join(om::image::checkpoint::PAGES),
             hold: false,
+            session: false,
             pages_fd: None,
             ckpt,
             process,
@@ -613,6 +617,7 @@ fn run_init(
             premap,
             status_fd: status_w,
             hold_fd: fds.hold,
+            session: img.session,
             pages: &img.pages,
             exe_fd,
             lazy,

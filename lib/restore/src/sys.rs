@@ -548,6 +548,27 @@ pub fn set_raw_sigaction(sig: u32, handler: u64, flags: u64, restorer: u64, mask
     unsafe { om::sys::task::sigaction_set(i32::try_from(sig).unwrap_or(-1), &act) }
 }
 
+/// Makes the calling process the leader of a new session and, when one of its descriptors 0-2 is a
+/// terminal, makes that terminal the session's controlling terminal (so that its line discipline
+/// signals the program: `^C`, a window size change).
+///
+/// # Errors
+/// `setsid` or `TIOCSCTTY` failed.
+pub fn new_session() -> io::Result<()> {
+    nix::unistd::setsid()?;
+    for fd in 0..=2 {
+        // SAFETY: isatty only queries the descriptor.
+        if unsafe { libc::isatty(fd) } == 1 {
+            // SAFETY: TIOCSCTTY takes an int argument (0: do not steal it from another session).
+            if unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Blocks every signal in the calling thread.
 pub fn block_all_signals() {
     // SAFETY: an all-zero sigset_t is valid and sigfillset fills it.

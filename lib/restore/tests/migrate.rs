@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -792,5 +793,183 @@ fn a_wrong_cluster_key_is_refused_before_anything_is_frozen() {
     assert!(status.success());
     assert_eq!(String::from_utf8(got).unwrap().lines().count(), 1500);
     drop(omd);
+    c.rig.teardown().unwrap();
+}
+
+/// A home terminal for omrun: a pseudo-terminal whose master the test types into and reads, as a
+/// person at a terminal would.
+struct HomeTerminal {
+    master: std::fs::File,
+    /// The test's own slave: its settings are what omrun sets; closing it ends the reader.
+    slave: std::os::fd::OwnedFd,
+    path: PathBuf,
+    screen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl HomeTerminal {
+    fn open() -> Self {
+        let size = nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&size), None).unwrap();
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+        let master = std::fs::File::from(pty.master);
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut from, to) = (master.try_clone().unwrap(), std::sync::Arc::clone(&screen));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once every slave is closed.
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                to.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            master,
+            slave: pty.slave,
+            path,
+            screen,
+        }
+    }
+
+    fn stdio(&self) -> Stdio {
+        Stdio::from(self.slave.try_clone().unwrap())
+    }
+
+    fn typed(&mut self, keys: &[u8]) {
+        std::io::Write::write_all(&mut self.master, keys).unwrap();
+    }
+
+    fn screen(&self) -> Vec<u8> {
+        self.screen.lock().unwrap().clone()
+    }
+
+    /// Waits until the screen shows `text` (after everything it showed before).
+    fn shows(&self, text: &str, what: &str, c: &Cluster) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(&self.screen()).contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the terminal never showed {text:?}; it shows:\n{:?}\n{}",
+                String::from_utf8_lossy(&self.screen()),
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn canonical(&self) -> bool {
+        nix::sys::termios::tcgetattr(&self.slave)
+            .unwrap()
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ICANON)
+    }
+
+    /// Resizes the window: the kernel signals the terminal's foreground group (omrun's).
+    fn resize(&self, rows: u16, cols: u16) {
+        let ok = Command::new("stty")
+            .arg("-F")
+            .arg(&self.path)
+            .args(["rows", &rows.to_string(), "cols", &cols.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "stty");
+    }
+}
+
+/// Runs tty.c under omrun on a terminal of its own (omrun is the session leader, the terminal its
+/// controlling one) and drives it like a person: a line, then keys, a window resize and `^C`. With
+/// `hops`, the program moves to node 1 while it waits for the line and back to node 0 once it is in
+/// raw mode. Returns what the terminal showed, how omrun ended, and whether the terminal's line
+/// editing was back on at the end.
+fn tty_session(c: &Cluster, hops: bool) -> (Vec<u8>, std::process::ExitStatus, bool) {
+    let mut term = HomeTerminal::open();
+    let prog = build("tty.c");
+    let mut cmd = c.rig.node(0).unwrap().command("setsid");
+    cmd.args(["-w", "-c", "bash"])
+        .args(common::CLEAN_FDS)
+        .arg(bin_dir().join("omrun"))
+        .arg("--control")
+        .arg(c.control(0))
+        .arg("--")
+        .arg(&prog)
+        .stdin(term.stdio())
+        .stdout(term.stdio())
+        .stderr(term.stdio());
+    let mut run = cmd.spawn().map(Kill).unwrap();
+    let omrun = run.0.id();
+    let what = if hops { "moved" } else { "at home" };
+    let mut pid = c.wait_registered(0, |p| common::parent_of(p) == Some(omrun));
+    term.shows("name? ", what, c);
+    if hops {
+        let r = c
+            .migrate(0, pid, 1)
+            .unwrap_or_else(|e| panic!("tty: migration 0 -> 1: {e}\n{}", c.logs()));
+        pid = pid_there(&r);
+        // omrun hands the keys to the copy's terminal once it is in raw mode itself.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while term.canonical() {
+            assert!(
+                Instant::now() < deadline,
+                "omrun never made its terminal raw\n{}",
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    term.typed(b"om\r");
+    term.shows("raw\r\n", what, c);
+    if hops {
+        c.migrate(1, pid, 0)
+            .unwrap_or_else(|e| panic!("tty: migration 1 -> 0: {e}\n{}", c.logs()));
+    }
+    term.resize(50, 132);
+    term.shows("resized 50x132\r\n", what, c);
+    term.typed(b"x");
+    term.shows("key x\r\n", what, c);
+    term.typed(&[3]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = run.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: ^C did not end omrun\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let canonical = term.canonical();
+    (term.screen(), status, canonical)
+}
+
+/// A program on omrun's terminal keeps its terminal after a move: `isatty`, the window size and its
+/// changes, raw mode (keys at once, no echo), echo and line editing before it, `^C` as SIGINT. The
+/// terminal shows, byte for byte, what it shows when the program stays home, and omrun ends by the
+/// same signal and gives its terminal its settings back.
+#[test]
+fn a_program_on_a_terminal_keeps_it_across_moves() {
+    use std::os::unix::process::ExitStatusExt;
+    let c = Cluster::new(2);
+    let (want, want_status, _) = tty_session(&c, false);
+    assert_eq!(
+        want_status.signal(),
+        Some(libc::SIGINT),
+        "at home: {want_status:?}"
+    );
+    let (got, status, canonical) = tty_session(&c, true);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want),
+        "the terminal after two moves"
+    );
+    assert_eq!(status.signal(), Some(libc::SIGINT), "moved: {status:?}");
+    assert!(canonical, "omrun left its terminal in raw mode");
     c.rig.teardown().unwrap();
 }

@@ -1,7 +1,8 @@
 //! Records: the parts of a process image that are not memory.
 //!
 //! Each record travels as a wire `Record { kind, bytes }` (and in a checkpoint's records section).
-//! Kinds: 1 [`ProcessRecord`], 2 [`ThreadRecord`], 3 [`FdRecord`], 4 [`MappedFile`]. Every field is
+//! Kinds: 1 [`ProcessRecord`], 2 [`ThreadRecord`], 3 [`FdRecord`], 4 [`MappedFile`], 5 the home and
+//! 6 the terminal (for omd's relay). Every field is
 //! little-endian, every variable part has a length in front and a cap; unknown kinds are an error.
 
 use super::codec::{Dec, DecodeError, Enc};
@@ -18,6 +19,9 @@ pub const KIND_FD: u32 = 3;
 pub const KIND_MAPPED_FILE: u32 = 4;
 /// Record kind: where the process's home is ([`om_transport::relay::Home`]); only in migrations.
 pub const KIND_HOME: u32 = 5;
+/// Record kind: the terminal its stdio is on ([`om_transport::relay::Terminal`]); only in
+/// migrations of a process that has one.
+pub const KIND_TERMINAL: u32 = 6;
 
 const MAX_PATH: usize = 4096;
 const MAX_AUXV_WORDS: usize = 256;

@@ -30,7 +30,7 @@ use super::converge::{self, Budget, Decision, RoundStats, StopReason};
 use super::throttle::{Throttle, ThrottleError};
 use crate::capture::{self, CaptureError, Captured, Frozen, Summary};
 use crate::dirty::{self, DirtyError, Mechanism, RangeTable, Scope, Tracker};
-use crate::image::records::KIND_HOME;
+use crate::image::records::{KIND_HOME, KIND_TERMINAL};
 use crate::image::vma_flags;
 
 /// How pages are moved.
@@ -698,6 +698,12 @@ fn final_round(shared: &Mutex<Session>, frame: u64, started: Instant) -> Result<
         if let Some(h) = &s.home {
             s.sender
                 .send_record(KIND_HOME, &h.encode())
+                .map_err(CaptureError::Send)?;
+        }
+        // Read now, with the process stopped: the settings it last made.
+        if let Some(t) = crate::sys::tty::stdio_terminal() {
+            s.sender
+                .send_record(KIND_TERMINAL, &t.encode())
                 .map_err(CaptureError::Send)?;
         }
         s.final_bytes = st.bytes;

@@ -9,6 +9,7 @@ pub mod mman;
 pub mod pagemap;
 pub mod segv;
 pub mod task;
+pub mod tty;
 pub mod uffd;
 
 /// `_IOC(dir, type, nr, size)` from `include/uapi/asm-generic/ioctl.h`.

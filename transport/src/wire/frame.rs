@@ -105,6 +105,12 @@ pub enum Kind {
     Ask = 42,
     /// The answer to `Ask`: a [`super::Fate`].
     Answer = 43,
+    /// Relay: the copy's stdio is a pseudo-terminal on its node (a mask of the descriptors 0-2 on
+    /// it follows); home puts its own terminal in raw mode, the copy's terminal does the line
+    /// editing and echo.
+    Terminal = 44,
+    /// Relay: the home terminal's new window size, for the copy's pseudo-terminal.
+    Resize = 45,
 }
 
 impl Kind {
@@ -130,7 +136,13 @@ impl Kind {
             Self::RoundAck => super::MAX_ACK_BODY,
             Self::Record => super::MAX_RECORD_BODY,
             Self::Abort | Self::Error => super::MAX_TEXT + 8,
-            Self::Attach | Self::InputEnd | Self::Signal | Self::Exit | Self::Stop => 64,
+            Self::Attach
+            | Self::InputEnd
+            | Self::Signal
+            | Self::Exit
+            | Self::Stop
+            | Self::Terminal
+            | Self::Resize => 64,
             Self::Output | Self::Input => crate::relay::MAX_CHUNK + 8,
             Self::Moved => crate::relay::MAX_LEFTOVER + 8,
         }
@@ -165,6 +177,8 @@ impl TryFrom<u16> for Kind {
             41 => Self::Relaid,
             42 => Self::Ask,
             43 => Self::Answer,
+            44 => Self::Terminal,
+            45 => Self::Resize,
             28 => Self::Go,
             29 => Self::Running,
             30 => Self::Placement,

@@ -95,8 +95,9 @@ pub use msg::{
 
 /// The protocol version this build speaks. 2: every `Vmas` is answered with `Relaid` (a peer of
 /// version 1 would not wait for it, or not send it). 3: `Commit` carries the copy's token, and
-/// `Ask`/`Answer` confirm a `Go` whose `Running` was lost. The handshake refuses a mix.
-pub const VERSION: u16 = 3;
+/// `Ask`/`Answer` confirm a `Go` whose `Running` was lost. 4: relays carry `Terminal` and `Resize`.
+/// The handshake refuses a mix.
+pub const VERSION: u16 = 4;
 
 /// Commits whose fate a receiver remembers for `Ask`.
 pub const MAX_FATES: usize = 1024;
