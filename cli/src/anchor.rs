@@ -123,12 +123,18 @@ impl Outcome {
 /// Runs `prog args` as a child, relays its stdio and signals wherever it runs until it ends, and
 /// returns how it ended.
 ///
-/// `env` is added to the child's environment (the runtime's `LD_PRELOAD`).
+/// `env` is added to the child's environment (the runtime's `LD_PRELOAD`); `control` is the home
+/// omd's control socket, told where the process runs after each move.
 ///
 /// # Errors
 /// An [`AnchorError`] when the program cannot be started or watched. The program's own failure is an
 /// [`Outcome`], not an error.
-pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> Result<Outcome, AnchorError> {
+pub fn run(
+    prog: &OsString,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+    control: &std::path::Path,
+) -> Result<Outcome, AnchorError> {
     let mut mask = SigSet::empty();
     for s in FORWARDED {
         mask.add(s);
@@ -175,6 +181,9 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
     spawn_listener(listener, token.to_vec(), tx.clone());
     let mut home = Home {
         pid: Some(pid),
+        home_pid: pid,
+        control: control.to_path_buf(),
+        located: 0,
         anchor: home_end,
         gens: BTreeMap::new(),
         active: 0,
@@ -201,7 +210,7 @@ pub fn run(prog: &OsString, args: &[OsString], env: &[(OsString, OsString)]) -> 
 /// What the anchor's threads report.
 enum Event {
     Signal(nix::libc::signalfd_siginfo),
-    Attached(u32, Box<Conn>),
+    Attached(u32, Box<Conn>, Option<std::net::SocketAddr>),
     Relay(u32, Msg),
     Closed(u32),
     Stdin(Vec<u8>),
@@ -221,11 +230,19 @@ struct Generation {
     moved: Option<Vec<u8>>,
     /// Its descriptors on a pseudo-terminal there (bit n: descriptor n), once it said so.
     terminal: u8,
+    /// The omd of the node it runs on.
+    node: Option<std::net::SocketAddr>,
 }
 
 struct Home {
     /// The child while it runs at home.
     pid: Option<Pid>,
+    /// The child's pid (the process's pid at home, under which the home omd knows it).
+    home_pid: Pid,
+    /// The home omd's control socket.
+    control: std::path::PathBuf,
+    /// The last generation whose node the home omd was told.
+    located: u32,
     anchor: UnixStream,
     gens: BTreeMap<u32, Generation>,
     /// The generation whose output is written and which gets stdin and signals.
@@ -260,13 +277,15 @@ impl Home {
     fn handle(&mut self, event: Event) -> Result<Option<Outcome>, AnchorError> {
         match event {
             Event::Signal(info) => return self.signal(&info),
-            Event::Attached(g, conn) => {
+            Event::Attached(g, conn, node) => {
                 // A generation that already ended has nothing more to say.
                 if g < self.active {
                     return Ok(None);
                 }
                 let reader = conn.try_clone().ok();
-                self.gens.entry(g).or_default().writer = Some(*conn);
+                let hop = self.gens.entry(g).or_default();
+                hop.writer = Some(*conn);
+                hop.node = node;
                 if let Some(r) = reader {
                     spawn_relay_reader(g, r, self.tx.clone());
                 }
@@ -364,6 +383,16 @@ impl Home {
             }
         }
         Ok(None)
+    }
+
+    /// Tells the home omd where the process runs now (for `omctl ps`).
+    fn locate(&self, node: std::net::SocketAddr) {
+        let line = format!("at {} {node}", self.home_pid);
+        match crate::control::request(&self.control, &line) {
+            Ok(reply) if reply.starts_with("OK") => {}
+            Ok(reply) => tracing::debug!(%reply, "the home omd did not note where the process runs"),
+            Err(e) => tracing::debug!(error = %e, "cannot tell the home omd where the process runs"),
+        }
     }
 
     /// Sends the active generation the home terminal's window size.
@@ -479,10 +508,15 @@ impl Home {
         if hop.stopped || hop.writer.is_none() {
             return;
         }
-        if hop.terminal & 1 != 0 && self.sized != g {
+        let (terminal, node) = (hop.terminal, hop.node);
+        if terminal & 1 != 0 && self.sized != g {
             self.go_raw();
             self.sized = g;
             self.resize();
+        }
+        if let Some(node) = node.filter(|_| self.located != g) {
+            self.located = g;
+            self.locate(node);
         }
         let Some(hop) = self.gens.get_mut(&g) else { return };
         let Some(w) = hop.writer.as_mut() else { return };
@@ -553,9 +587,9 @@ fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>
             let (tx, token, busy) = (tx.clone(), token.clone(), Arc::clone(&busy));
             let spawned = std::thread::Builder::new().spawn(move || {
                 match relay::accept(s, &token, Duration::from_secs(10)) {
-                    Ok((conn, g)) => {
-                        tracing::debug!(generation = g, peer = conn.peer(), "relay attached");
-                        let _ = tx.send(Event::Attached(g, Box::new(conn)));
+                    Ok((conn, g, node)) => {
+                        tracing::debug!(generation = g, peer = conn.peer(), ?node, "relay attached");
+                        let _ = tx.send(Event::Attached(g, Box::new(conn), node));
                     }
                     Err(e) => tracing::warn!(error = %om_transport::error::chain(&e), "relay connection refused"),
                 }

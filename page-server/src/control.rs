@@ -25,7 +25,9 @@ pub const MAX_REQUEST: usize = 4096;
 ///   LEAVE is 1 to keep it running, 0 to end it once the image is safe
 /// - `ps`: `OK N` then ` pid=PID` per om process registered here (` pid=PID,vpid=V` for a restored
 ///   process whose own pid, in its namespace, is V), and ` pid=PID,at=IP:PORT` per process that
-///   migrated away from here
+///   migrated away from here: where it runs now, for one whose home is here (until its omrun ends)
+/// - `at PID IP:PORT` (handled by the daemon: it needs the peer's credentials): omrun, anchor of
+///   the process PID of this node that moved away, says where it runs now
 /// - `migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS MODE [TRANSPORT]`: asks the runtime of PID to
 ///   migrate to the omd at IP:PORT (MODE `precopy`, `auto-converge` or `stop-and-copy`; TRANSPORT `tcp`, the
 ///   default, `sci` or `verbs`) with this omd's cluster key; the answer is the runtime's (`OK moved ...`

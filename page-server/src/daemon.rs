@@ -169,6 +169,7 @@ impl Daemon {
             dir: incoming,
             runtimes: runtimes.clone(),
             control: fs::canonicalize(&config.control).unwrap_or_else(|_| config.control.clone()),
+            listen: listener.local_addr().unwrap_or(config.listen),
         };
         let store = Store::with_restorer(config.limits, Some(Arc::new(restorer)));
         let key_path = fs::canonicalize(&config.key).unwrap_or_else(|_| config.key.clone());
@@ -328,6 +329,21 @@ fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes, key: &
                         Err(e) => writeln!(writer, "ERR {e}")?,
                     }
                     return Ok(());
+                }
+                if let Some(args) = request.strip_prefix("at ") {
+                    // omrun: where its process runs now.
+                    let reply = match args.split_ascii_whitespace().collect::<Vec<_>>().as_slice() {
+                        [pid, at] if at.parse::<std::net::SocketAddr>().is_ok() => pid
+                            .parse::<u32>()
+                            .map_err(|e| e.to_string())
+                            .and_then(|p| runtimes.relocate(p, at, &writer)),
+                        _ => Err("usage: at PID IP:PORT".to_owned()),
+                    };
+                    match reply {
+                        Ok(()) => writeln!(writer, "OK")?,
+                        Err(e) => writeln!(writer, "ERR {e}")?,
+                    }
+                    continue;
                 }
                 writeln!(writer, "{}", control::answer(request, store, runtimes, key))?;
             }

@@ -52,6 +52,8 @@ pub struct Restorer {
     pub runtimes: Runtimes,
     /// This omd's control socket (the restored runtime registers there).
     pub control: PathBuf,
+    /// This omd's listen address (the relay tells the process's home where it runs).
+    pub listen: std::net::SocketAddr,
 }
 
 /// A restored copy held before its first instruction.
@@ -64,6 +66,7 @@ pub struct Prepared {
     streams: Streams,
     home: Option<Home>,
     runtimes: Runtimes,
+    listen: std::net::SocketAddr,
 }
 
 fn internal(what: &str) -> impl Fn(io::Error) -> Refusal + '_ {
@@ -306,6 +309,7 @@ impl Restorer {
             streams,
             home,
             runtimes: self.runtimes.clone(),
+            listen: self.listen,
         })
     }
 }
@@ -350,7 +354,7 @@ impl Prepared {
     /// Carries stdio, signals and the end of the copy between it and its home.
     fn relay(mut self) {
         let pid = self.pid;
-        let conn = self.home.as_ref().and_then(|h| connect_home(h, pid));
+        let conn = self.home.as_ref().and_then(|h| connect_home(h, self.listen, pid));
         let Some(conn) = conn else {
             // No home to report to: the output goes to omd's own.
             drop(self.streams.input.take());
@@ -480,10 +484,10 @@ impl Drop for Prepared {
     }
 }
 
-fn connect_home(home: &Home, pid: u32) -> Option<Conn> {
+fn connect_home(home: &Home, listen: std::net::SocketAddr, pid: u32) -> Option<Conn> {
     let deadline = Instant::now() + HOME_TIMEOUT;
     loop {
-        match relay::connect(home, Duration::from_secs(5)) {
+        match relay::connect(home, listen, Duration::from_secs(5)) {
             Ok(c) => return Some(c),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(pid, error = %e, "home not reachable yet");

@@ -5,6 +5,10 @@
 //! namespace and says its pid *there* (its old one): omd accepts it when the last entry of the
 //! peer's `NSpid` is that pid, and files it under the pid this node sees, noting the other as its
 //! `vpid`. Requests for a process (`checkpoint`) are relayed over that connection, one at a time.
+//!
+//! A process that leaves its home node is remembered there with its anchor (`omrun`, its parent):
+//! omrun learns from each relay where the process runs next and says so (`at PID IP:PORT`, accepted
+//! from that omrun only), and the entry goes once omrun has ended.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -25,12 +29,22 @@ struct Entry {
     conn: Arc<Mutex<UnixStream>>,
 }
 
+/// A process that migrated away from this node.
+#[derive(Debug, Clone)]
+struct Away {
+    /// The omd it runs at now, as far as this node knows.
+    at: String,
+    /// For a process whose home is here: its omrun, by pid and start time (which tells a reused
+    /// pid apart). Copies restored here have none: the relay takes their entry when they end.
+    anchor: Option<(u32, u64)>,
+}
+
 /// The registered runtimes, by pid on this node.
 #[derive(Debug, Clone, Default)]
 pub struct Runtimes {
     inner: Arc<Mutex<BTreeMap<u32, Entry>>>,
-    /// Processes that migrated away from this node: pid here, and where they went.
-    moved: Arc<Mutex<BTreeMap<u32, String>>>,
+    /// Processes that migrated away from this node, by their pid here.
+    moved: Arc<Mutex<BTreeMap<u32, Away>>>,
     /// Processes being migrated away, with the signals held for them meanwhile.
     migrating: Arc<Mutex<BTreeMap<u32, Vec<i32>>>>,
 }
@@ -51,6 +65,19 @@ fn connected(conn: &Mutex<UnixStream>) -> bool {
         Ok(_) => true,
         Err(e) => e == nix::errno::Errno::EAGAIN,
     }
+}
+
+/// The parent and the start time (clock ticks since boot) of process `pid`, from `/proc/PID/stat`.
+fn parent_and_start(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces and parentheses): state, ppid, ... starttime
+    // is the 20th field from there.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((rest.get(1)?.parse().ok()?, rest.get(19)?.parse().ok()?))
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    parent_and_start(pid).map(|(_, start)| start)
 }
 
 /// The pids of process `pid` in each pid namespace it belongs to, outermost first (`NSpid`).
@@ -144,15 +171,37 @@ impl Runtimes {
             .is_some()
     }
 
-    /// Processes that migrated away from this node and where to: `(pid, address)`.
+    /// Processes that migrated away from this node and where they run: `(pid, address)`. Those
+    /// whose home is here and whose omrun has ended are forgotten first.
     #[must_use]
     pub fn moved(&self) -> Vec<(u32, String)> {
-        self.moved
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(p, a)| (*p, a.clone()))
-            .collect()
+        let mut moved = self.moved.lock().unwrap_or_else(PoisonError::into_inner);
+        moved.retain(|_, a| a.anchor.is_none_or(|(pid, start)| start_time(pid) == Some(start)));
+        moved.iter().map(|(p, a)| (*p, a.at.clone())).collect()
+    }
+
+    /// Notes where the process `pid`, whose home is here, runs now: told by its omrun, the peer of
+    /// `stream`.
+    ///
+    /// # Errors
+    /// A text for the `ERR` reply: no such process, or the peer is not its omrun.
+    pub fn relocate(&self, pid: u32, at: &str, stream: &UnixStream) -> Result<(), String> {
+        let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
+        let peer = u32::try_from(cred.pid()).unwrap_or(0);
+        let mut moved = self.moved.lock().unwrap_or_else(PoisonError::into_inner);
+        match moved.get_mut(&pid) {
+            Some(a)
+                if a.anchor
+                    .is_some_and(|(anchor, start)| anchor == peer && start_time(peer) == Some(start)) =>
+            {
+                a.at = at.to_owned();
+                Ok(())
+            }
+            Some(_) => Err(format!("at {pid}: the peer (process {peer}) is not its omrun")),
+            None => Err(format!(
+                "at {pid}: no process of this node moved away under that pid"
+            )),
+        }
     }
 
     /// Sends `request` to the runtime of `pid` and returns its one-line answer.
@@ -179,12 +228,24 @@ impl Runtimes {
         })();
         match result {
             Ok(line) if line.starts_with("OK moved") => {
-                // The process left: note it before it ends (the relay asks), then let it go.
-                let to = line.split_whitespace().nth(3).unwrap_or("?").to_owned();
+                // The process left: note it before it ends (the relay asks), then let it go. A
+                // process that is not a restored copy (same pid in its namespace) is at home: its
+                // parent is its omrun.
+                let at = line.split_whitespace().nth(3).unwrap_or("?").to_owned();
+                let home = self
+                    .inner
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&pid)
+                    .is_some_and(|e| e.vpid == pid);
+                let anchor = home
+                    .then(|| parent_and_start(pid))
+                    .flatten()
+                    .and_then(|(parent, _)| Some((parent, start_time(parent)?)));
                 self.moved
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(pid, to);
+                    .insert(pid, Away { at, anchor });
                 let _ = writeln!(&*stream, "bye");
                 Ok(line.trim_end().to_owned())
             }

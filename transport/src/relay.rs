@@ -8,7 +8,7 @@
 //! ```text
 //!  node running generation g                       omrun (home)
 //!    |--- Hello{Relay} / Welcome / Proofs ----------->|  token-keyed handshake
-//!    |--- Attach{g} --------------------------------->|
+//!    |--- Attach{g, node's omd address} ------------->|  omrun tells its omd where it runs
 //!    |--- Terminal{fds} ----------------------------->|  if its stdio is a pseudo-terminal here
 //!    |--- Output{1|2, bytes} ------------------------>|  stdout/stderr, in order per stream
 //!    |<-- Input{bytes} / InputEnd ---------------------|  only once generation g-1 has ended
@@ -307,8 +307,8 @@ impl Terminal {
 /// One relay message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
-    /// Opens generation `g`.
-    Attach(u32),
+    /// Opens generation `g`, running on the node whose omd listens at this address (if known).
+    Attach(u32, Option<SocketAddr>),
     /// Output of stream 1 (stdout) or 2 (stderr).
     Output(u8, Vec<u8>),
     /// Bytes for stdin.
@@ -332,7 +332,13 @@ pub enum Msg {
 impl Msg {
     fn frame(&self) -> (Kind, Vec<u8>) {
         match self {
-            Self::Attach(g) => (Kind::Attach, g.to_le_bytes().to_vec()),
+            Self::Attach(g, node) => {
+                let mut v = g.to_le_bytes().to_vec();
+                if let Some(a) = node {
+                    v.extend_from_slice(a.to_string().as_bytes());
+                }
+                (Kind::Attach, v)
+            }
             Self::Output(s, b) => {
                 let mut v = vec![*s];
                 v.extend_from_slice(b);
@@ -357,7 +363,21 @@ impl Msg {
         let word =
             |what| -> Result<[u8; 4], WireError> { body.try_into().map_err(|_| WireError::Truncated(what)) };
         Ok(match kind {
-            Kind::Attach => Self::Attach(u32::from_le_bytes(word("attach")?)),
+            Kind::Attach => {
+                let (g, node) = body
+                    .split_first_chunk::<4>()
+                    .ok_or(WireError::Truncated("attach"))?;
+                let node = match node {
+                    [] => None,
+                    text => Some(
+                        std::str::from_utf8(text)
+                            .ok()
+                            .and_then(|t| t.parse().ok())
+                            .ok_or_else(|| WireError::Invalid("attach: node address".into()))?,
+                    ),
+                };
+                Self::Attach(u32::from_le_bytes(*g), node)
+            }
             Kind::Output => match body.split_first() {
                 Some((&s @ (1 | 2), rest)) => Self::Output(s, rest.to_vec()),
                 _ => return Err(WireError::Invalid("output for no stream".into())),
@@ -415,29 +435,39 @@ fn hello(nonce: [u8; 32]) -> Hello {
     }
 }
 
-/// Connects to `home` as generation `home.generation` and attaches.
+/// Connects to `home` as generation `home.generation` and attaches, from the node whose omd listens
+/// at `omd` (an unspecified address stands for the one this connection leaves from).
 ///
 /// # Errors
 /// Connection or authentication errors.
-pub fn connect(home: &Home, timeout: Duration) -> Result<Conn, TransportError> {
+pub fn connect(home: &Home, omd: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
     let s = TcpStream::connect_timeout(&home.addr, timeout).map_err(|source| TransportError::Connect {
         addr: home.addr,
         source,
     })?;
+    let node = if omd.ip().is_unspecified() {
+        s.local_addr().ok().map(|l| SocketAddr::new(l.ip(), omd.port()))
+    } else {
+        Some(omd)
+    };
     let mut c = Conn::new(s);
     c.set_read_timeout(Some(timeout))?;
     auth::client(&mut c, &home.key()?, &hello(auth::random_bytes()))?;
-    send(&mut c, &Msg::Attach(home.generation))?;
+    send(&mut c, &Msg::Attach(home.generation, node))?;
     c.set_read_timeout(None)?;
     Ok(c)
 }
 
-/// Accepts a relay connection on omrun's side: checks the token and returns the connection and the
-/// generation it attaches.
+/// Accepts a relay connection on omrun's side: checks the token and returns the connection, the
+/// generation it attaches and its node's omd address.
 ///
 /// # Errors
 /// A peer that does not hold the token, or does not attach.
-pub fn accept(stream: TcpStream, token: &[u8], timeout: Duration) -> Result<(Conn, u32), TransportError> {
+pub fn accept(
+    stream: TcpStream,
+    token: &[u8],
+    timeout: Duration,
+) -> Result<(Conn, u32, Option<SocketAddr>), TransportError> {
     let mut c = Conn::new(stream);
     c.set_read_timeout(Some(timeout))?;
     let key = ClusterKey::from_bytes(token.to_vec()).map_err(|_| TransportError::Misuse("home token"))?;
@@ -451,14 +481,14 @@ pub fn accept(stream: TcpStream, token: &[u8], timeout: Duration) -> Result<(Con
             ))
         }
     })?;
-    let g = match recv(&mut c)? {
-        Msg::Attach(g) => g,
+    let (g, node) = match recv(&mut c)? {
+        Msg::Attach(g, node) => (g, node),
         other => {
             return Err(c.wire(WireError::Invalid(format!("expected attach, got {other:?}"))));
         }
     };
     c.set_read_timeout(None)?;
-    Ok((c, g))
+    Ok((c, g, node))
 }
 
 #[cfg(test)]
@@ -483,7 +513,9 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         for m in [
-            Msg::Attach(2),
+            Msg::Attach(2, None),
+            Msg::Attach(7, Some("10.77.0.2:7070".parse().unwrap())),
+            Msg::Attach(7, Some("[fe80::1]:7070".parse().unwrap())),
             Msg::Output(1, b"hi".to_vec()),
             Msg::Output(2, Vec::new()),
             Msg::Input(b"x".to_vec()),
@@ -505,6 +537,8 @@ mod tests {
         }
         assert!(Msg::decode(Kind::Output, &[3, 1]).is_err());
         assert!(Msg::decode(Kind::Signal, &[1]).is_err());
+        assert!(Msg::decode(Kind::Attach, &[1, 0, 0]).is_err());
+        assert!(Msg::decode(Kind::Attach, b"\x01\0\0\0nowhere").is_err());
         assert!(Msg::decode(Kind::Batch, &[]).is_err());
         assert!(Msg::decode(Kind::Terminal, &[0]).is_err());
         assert!(Msg::decode(Kind::Terminal, &[8]).is_err());

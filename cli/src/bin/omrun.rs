@@ -26,8 +26,9 @@ struct Args {
 }
 
 const AFTER_HELP: &str = "The program runs as omrun's child with the om runtime (libomrt.so, found \
-next to omrun or named by OM_RUNTIME) preloaded; `omctl checkpoint PID` can then write its image. \
-Live migration and the stdio relay are not built yet (issue #6).";
+next to omrun or named by OM_RUNTIME) preloaded and registered with the omd of --control; `omctl \
+migrate PID --to IP:PORT` moves it to another node while omrun stays here, relaying its stdio (a \
+terminal too), signals and exit status wherever it runs. `omctl ps` here shows where it runs.";
 
 fn main() -> ExitCode {
     init_logging(tracing::Level::WARN);
@@ -35,7 +36,10 @@ fn main() -> ExitCode {
     let control = om::control::resolve_socket_path(args.control.as_deref());
     tracing::debug!(control = %control.display(), "control socket");
     let runtime = std::env::var_os("OM_RUNTIME").map_or_else(|| om_cli::sibling("libomrt.so"), PathBuf::from);
-    let mut env = vec![(OsString::from(om::control::CONTROL_ENV), control.into_os_string())];
+    let mut env = vec![(
+        OsString::from(om::control::CONTROL_ENV),
+        control.clone().into_os_string(),
+    )];
     if runtime.is_file() {
         let mut preload = runtime.into_os_string();
         if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
@@ -46,7 +50,7 @@ fn main() -> ExitCode {
     } else {
         tracing::warn!(runtime = %runtime.display(), "om runtime not found; the program runs without it");
     }
-    match anchor::run(&args.prog, &args.args, &env) {
+    match anchor::run(&args.prog, &args.args, &env, &control) {
         Ok(outcome) => outcome.reproduce(),
         Err(e @ anchor::AnchorError::Spawn { .. }) => report("omrun", &e, 127),
         Err(e) => report("omrun", &e, EXIT_FAILURE),

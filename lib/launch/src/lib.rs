@@ -265,7 +265,8 @@ pub struct ProcessEntry {
     pub pid: u32,
     /// Its own pid (in its pid namespace), when it was restored here.
     pub vpid: Option<u32>,
-    /// Where it went, when it migrated away from here.
+    /// Where it runs now, when it migrated away from here (for a process whose home is here; for
+    /// a copy that moved on from here, where it went).
     pub at: Option<String>,
 }
 

@@ -79,7 +79,8 @@ pub enum Kind {
     /// A placing transport that connects both ways (verbs): the sender's endpoint, sent after the
     /// first `Placement`; the receiver connects to it and answers `Connected`.
     Connect = 31,
-    /// Relay: opens the relay of one generation (hop) of a process.
+    /// Relay: opens the relay of one generation (hop) of a process; the address of the omd of the
+    /// node it runs on follows, as text.
     Attach = 32,
     /// Relay: bytes the process wrote to its stdout (1) or stderr (2).
     Output = 33,
@@ -136,13 +137,8 @@ impl Kind {
             Self::RoundAck => super::MAX_ACK_BODY,
             Self::Record => super::MAX_RECORD_BODY,
             Self::Abort | Self::Error => super::MAX_TEXT + 8,
-            Self::Attach
-            | Self::InputEnd
-            | Self::Signal
-            | Self::Exit
-            | Self::Stop
-            | Self::Terminal
-            | Self::Resize => 64,
+            Self::Attach => 128,
+            Self::InputEnd | Self::Signal | Self::Exit | Self::Stop | Self::Terminal | Self::Resize => 64,
             Self::Output | Self::Input => crate::relay::MAX_CHUNK + 8,
             Self::Moved => crate::relay::MAX_LEFTOVER + 8,
         }

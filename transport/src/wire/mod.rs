@@ -95,7 +95,8 @@ pub use msg::{
 
 /// The protocol version this build speaks. 2: every `Vmas` is answered with `Relaid` (a peer of
 /// version 1 would not wait for it, or not send it). 3: `Commit` carries the copy's token, and
-/// `Ask`/`Answer` confirm a `Go` whose `Running` was lost. 4: relays carry `Terminal` and `Resize`.
+/// `Ask`/`Answer` confirm a `Go` whose `Running` was lost. 4: relays carry `Terminal` and `Resize`,
+/// and `Attach` the node's omd address.
 /// The handshake refuses a mix.
 pub const VERSION: u16 = 4;
 

@@ -27,6 +27,8 @@ static void size(const char *what) {
 }
 
 int main(void) {
+    /* ^C must kill it even when started with SIGINT ignored (a background job of a script). */
+    signal(SIGINT, SIG_DFL);
     printf("tty %d%d%d\n", isatty(0), isatty(1), isatty(2));
     size("size");
     printf("name? ");
