@@ -9,6 +9,10 @@
 use std::fs;
 use std::path::Path;
 
+use om::image::records::{
+    FdKind, FdRecord, KIND_FD, KIND_HOME, KIND_MAPPED_FILE, KIND_PROCESS, KIND_TERMINAL, KIND_THREAD,
+    MappedFile, MmFields, ProcessRecord, RLIMITS, Rseq, SigAction, Special, ThreadRecord,
+};
 use om_page_server::checkpoint::{Checkpoint, Run};
 use om_transport::relay::{Home, Terminal, WinSize};
 use om_transport::wire::{
@@ -47,6 +51,108 @@ fn begin() -> Begin {
             vma(0x60_0000, 32, 3, 2, b"[heap]"),
             vma(0x7ffd_0000_0000, 8, 3, 4, b"[stack]"),
         ],
+    }
+}
+
+/// One record of each kind om-restore and omd's relay read, as a capture writes them.
+fn records() -> Vec<(&'static str, u32, Vec<u8>)> {
+    let process = ProcessRecord {
+        pid: 4242,
+        control_tid: 4243,
+        mm: MmFields {
+            start_brk: 0x60_0000,
+            brk: 0x62_0000,
+            ..MmFields::default()
+        },
+        auxv: vec![6, 4096, 0, 0],
+        exe: "/usr/bin/app".into(),
+        cwd: "/home/user".into(),
+        umask: 0o22,
+        personality: 0,
+        rlimits: vec![(8 << 20, u64::MAX); RLIMITS],
+        sigactions: vec![SigAction {
+            signo: 14,
+            handler: 0x40_1000,
+            flags: 0x0400_0004,
+            restorer: 0x7f00_0000,
+            mask: 0,
+        }],
+        shared_pending: 0,
+        xcr0: 0xe7,
+        xsave_size: 2696,
+        specials: vec![Special {
+            name: "[vdso]".into(),
+            start: 0x7fff_0000,
+            end: 0x7fff_2000,
+        }],
+        vdso_sum: 9,
+        restore_marker: 0x7f12_3400,
+        itimers: [(1000, 1000), (0, 0), (0, 0)],
+    };
+    let thread = ThreadRecord {
+        tid: 4243,
+        flags: ThreadRecord::CONTROL,
+        frame: 0x7ffd_0000_1000,
+        fs_base: 0x7f00_1000,
+        rseq: Rseq {
+            addr: 0x7f00_2000,
+            len: 32,
+            sig: 0x5305_3053,
+        },
+        name: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        ..ThreadRecord::default()
+    };
+    let fd = FdRecord {
+        fd: 3,
+        kind: FdKind::File,
+        flags: 2,
+        offset: 4096,
+        path: "/home/user/data".into(),
+        content: Vec::new(),
+    };
+    let file = MappedFile {
+        path: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+        dev: 0x801,
+        ino: 1234,
+        size: 2 << 20,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 5,
+    };
+    vec![
+        ("process", KIND_PROCESS, process.encode()),
+        ("thread", KIND_THREAD, thread.encode()),
+        ("fd", KIND_FD, fd.encode()),
+        ("mapped_file", KIND_MAPPED_FILE, file.encode()),
+        ("home", KIND_HOME, home().encode()),
+        ("terminal", KIND_TERMINAL, terminal().encode()),
+    ]
+}
+
+fn home() -> Home {
+    Home {
+        addr: "10.77.0.1:40000".parse().expect("an address"),
+        token: vec![9; 32],
+        generation: 2,
+    }
+}
+
+fn terminal() -> Terminal {
+    Terminal {
+        fds: 0b111,
+        iflag: 0x500,
+        oflag: 0x5,
+        cflag: 0xbf,
+        lflag: 0x8a3b,
+        line: 0,
+        cc: [3; om_transport::relay::NCCS],
+        ispeed: 15,
+        ospeed: 15,
+        size: WinSize {
+            rows: 24,
+            cols: 80,
+            xpixel: 0,
+            ypixel: 0,
+        },
     }
 }
 
@@ -142,7 +248,10 @@ fn main() {
         "error",
         &Text::encode(3, "image exceeds the memory limit"),
     );
-    put("record", "thread", &Record::encode(1, &[0xab; 48]));
+    put("record", "opaque", &Record::encode(1, &[0xab; 48]));
+    for (name, kind, body) in records() {
+        put("record", name, &Record::encode(kind, &body));
+    }
     put("fate", "running", &Fate::Running(4242).encode());
     put("fate", "discarded", &Fate::Discarded.encode());
     let manifest = Checkpoint {
@@ -171,30 +280,8 @@ fn main() {
     .encode_manifest()
     .expect("encode the manifest");
     put("checkpoint_manifest", "small", &manifest);
-    let home = Home {
-        addr: "10.77.0.1:40000".parse().expect("an address"),
-        token: vec![9; 32],
-        generation: 2,
-    };
-    put("relay", "home", &home.encode());
-    let terminal = Terminal {
-        fds: 0b111,
-        iflag: 0x500,
-        oflag: 0x5,
-        cflag: 0xbf,
-        lflag: 0x8a3b,
-        line: 0,
-        cc: [3; om_transport::relay::NCCS],
-        ispeed: 15,
-        ospeed: 15,
-        size: WinSize {
-            rows: 24,
-            cols: 80,
-            xpixel: 0,
-            ypixel: 0,
-        },
-    };
-    put("relay", "terminal", &terminal.encode());
+    put("relay", "home", &home().encode());
+    put("relay", "terminal", &terminal().encode());
     // The relay target reads a message as one kind byte, then the body.
     put("relay", "msg_terminal", &[Kind::Terminal as u8, 0b111]);
     put(

@@ -296,13 +296,8 @@ pub enum Captured {
 /// [`CaptureError`] (the work's own, or the freeze's); the threads are released and the process
 /// continues unharmed.
 pub fn freeze_and_run(work: Work) -> Result<Captured, CaptureError> {
-    let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
     arena::prepare().map_err(CaptureError::Arena)?;
-    let f = Freeze::get();
-    f.control_tid.store(task::gettid(), Ordering::Release);
-    f.on_control.store(run_job as fn(u64) as usize, Ordering::Release);
-    wait_unparked(f)?;
-    let old = task::install_checkpoint_handler(sig).map_err(CaptureError::Handler)?;
+    let (f, sig, old) = claim_the_freeze(run_job as fn(u64) as usize)?;
     // A child process would not exist in a restored copy: wait for the process to have none, and
     // freeze again if one was forked meanwhile.
     let deadline = Instant::now() + CHILD_WAIT;
@@ -379,16 +374,31 @@ pub fn freeze_and_run(work: Work) -> Result<Captured, CaptureError> {
 /// # Errors
 /// [`CaptureError`] of the freeze; `work` has not run and the threads run on.
 pub fn paused<T>(work: impl FnOnce() -> T) -> Result<T, CaptureError> {
+    let (f, sig, old) = claim_the_freeze(0)?;
+    // Releases the threads and puts the disposition back on every way out.
+    let _parked = Frozen {
+        sig,
+        old,
+        released: false,
+    };
+    freeze(f, sig)?;
+    Ok(work())
+}
+
+/// The start of every freeze: chooses the signal, makes the calling thread the control thread
+/// (whose handler runs `on_control`, a `fn(u64)` as an address, or nothing for 0), waits for
+/// threads of an earlier freeze to leave the handler, and installs it. Returns the freeze state,
+/// the signal and its old disposition (the caller puts it back).
+fn claim_the_freeze(
+    on_control: usize,
+) -> Result<(&'static Freeze, i32, task::KernelSigaction), CaptureError> {
     let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
     let f = Freeze::get();
     f.control_tid.store(task::gettid(), Ordering::Release);
-    f.on_control.store(0, Ordering::Release);
+    f.on_control.store(on_control, Ordering::Release);
     wait_unparked(f)?;
     let old = task::install_checkpoint_handler(sig).map_err(CaptureError::Handler)?;
-    let out = freeze(f, sig).map(|()| work());
-    release(f);
-    let _ = task::restore_disposition(sig, &old);
-    out
+    Ok((f, sig, old))
 }
 
 /// Lets threads released by an earlier freeze leave the handler (on their own time), then clears
