@@ -397,7 +397,7 @@ impl Home {
 
     /// Sends the active generation the home terminal's window size.
     fn resize(&mut self) {
-        let Some(size) = crate::sys::window_size(&std::io::stdin()) else {
+        let Some(size) = om::sys::tty::window_size(std::io::stdin().as_raw_fd()) else {
             return;
         };
         if let Some(w) = self.gens.get_mut(&self.active).and_then(|h| h.writer.as_mut()) {

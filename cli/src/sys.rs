@@ -24,14 +24,3 @@ pub(crate) fn clear_signal_mask_in_child(cmd: &mut Command) {
         });
     }
 }
-
-/// The window size of the terminal on `fd`, if it is one.
-pub(crate) fn window_size(fd: &impl std::os::fd::AsFd) -> Option<om_transport::relay::WinSize> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a zeroed winsize is a valid out-buffer.
-    let mut w: nix::libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ writes one `struct winsize` into `w`, which lives across the call; on a
-    // descriptor that is not a terminal it fails and writes nothing.
-    let r = unsafe { nix::libc::ioctl(fd.as_fd().as_raw_fd(), nix::libc::TIOCGWINSZ, &raw mut w) };
-    (r == 0).then(|| om_transport::relay::WinSize::from_libc(&w))
-}

@@ -13,6 +13,7 @@ pub mod control;
 pub mod dirty;
 pub mod image;
 pub mod precopy;
+pub mod procstat;
 pub mod sys;
 
 pub mod features;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use om::procstat;
 
 /// How long a runtime may take to answer (a checkpoint writes the whole image).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
@@ -65,19 +66,6 @@ fn connected(conn: &Mutex<UnixStream>) -> bool {
         Ok(_) => true,
         Err(e) => e == nix::errno::Errno::EAGAIN,
     }
-}
-
-/// The parent and the start time (clock ticks since boot) of process `pid`, from `/proc/PID/stat`.
-fn parent_and_start(pid: u32) -> Option<(u32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name (which may hold spaces and parentheses): state, ppid, ... starttime
-    // is the 20th field from there.
-    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some((rest.get(1)?.parse().ok()?, rest.get(19)?.parse().ok()?))
-}
-
-fn start_time(pid: u32) -> Option<u64> {
-    parent_and_start(pid).map(|(_, start)| start)
 }
 
 /// The pids of process `pid` in each pid namespace it belongs to, outermost first (`NSpid`).
@@ -176,7 +164,7 @@ impl Runtimes {
     #[must_use]
     pub fn moved(&self) -> Vec<(u32, String)> {
         let mut moved = self.moved.lock().unwrap_or_else(PoisonError::into_inner);
-        moved.retain(|_, a| a.anchor.is_none_or(|(pid, start)| start_time(pid) == Some(start)));
+        moved.retain(|_, a| a.anchor.is_none_or(procstat::still_runs));
         moved.iter().map(|(p, a)| (*p, a.at.clone())).collect()
     }
 
@@ -192,7 +180,7 @@ impl Runtimes {
         match moved.get_mut(&pid) {
             Some(a)
                 if a.anchor
-                    .is_some_and(|(anchor, start)| anchor == peer && start_time(peer) == Some(start)) =>
+                    .is_some_and(|anchor| anchor.0 == peer && procstat::still_runs(anchor)) =>
             {
                 a.at = at.to_owned();
                 Ok(())
@@ -239,9 +227,9 @@ impl Runtimes {
                     .get(&pid)
                     .is_some_and(|e| e.vpid == pid);
                 let anchor = home
-                    .then(|| parent_and_start(pid))
+                    .then(|| procstat::parent_and_start(pid))
                     .flatten()
-                    .and_then(|(parent, _)| Some((parent, start_time(parent)?)));
+                    .and_then(|(parent, _)| Some((parent, procstat::parent_and_start(parent)?.1)));
                 self.moved
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)

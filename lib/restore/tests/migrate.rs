@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Kill, Workload, bin_dir, build, program, ps_pid, random_ms, workload_source};
+use common::{Kill, Workload, bin_dir, build, eventually, program, ps_pid, random_ms, workload_source};
 use om_rig::{OmdHandle, Rig};
 
 struct Cluster {
@@ -158,6 +158,17 @@ impl Cluster {
         self.migrate_with(from, pid, to, &[])
     }
 
+    /// Moves the process `pid`, running on node `at`, to node `to` (panicking with every omd's log
+    /// if that fails), and updates both to where it runs now; returns the report.
+    fn hop(&self, at: &mut usize, pid: &mut u32, to: usize, extra: &[&str]) -> String {
+        let r = self
+            .migrate_with(*at, *pid, to, extra)
+            .unwrap_or_else(|e| panic!("migration {at} -> {to}: {e}\n{}", self.logs()));
+        *pid = pid_there(&r);
+        *at = to;
+        r
+    }
+
     fn migrate_with(&self, from: usize, pid: u32, to: usize, extra: &[&str]) -> Result<String, String> {
         let pid = pid.to_string();
         let to = self.addr(to);
@@ -233,12 +244,8 @@ fn migrate_along_with(
     let mut reports = Vec::new();
     for &to in hops {
         std::thread::sleep(Duration::from_millis(random_ms(window.0, window.1)));
-        let r = c
-            .migrate_with(at, pid, to, extra)
-            .unwrap_or_else(|e| panic!("{name}: migration {at} -> {to}: {e}\n{}", c.logs()));
-        pid = pid_there(&r);
-        reports.push(r);
-        at = to;
+        eprintln!("{name}: node {at} -> {to}");
+        reports.push(c.hop(&mut at, &mut pid, to, extra));
     }
     let (got, status) = finish(run);
     assert_eq!(
@@ -641,11 +648,7 @@ fn omrun_takes_a_relay_closing_after_a_move_in_its_stride() {
     let mut at = 0;
     for to in [1, 0] {
         std::thread::sleep(Duration::from_millis(400));
-        let r = c
-            .migrate(at, pid, to)
-            .unwrap_or_else(|e| panic!("migration {at} -> {to}: {e}\n{}", c.logs()));
-        pid = pid_there(&r);
-        at = to;
+        c.hop(&mut at, &mut pid, to, &[]);
     }
     finish_numbered(run, 2500, "two hops");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -667,22 +670,13 @@ fn omctl_ps_shows_where_a_process_runs_now() {
     let entry = |node: usize| format!("pid={home_pid},at={}", c.addr(node));
     let (mut pid, mut at) = (home_pid, 0);
     for to in [1, 2, 0] {
-        let r = c
-            .migrate(at, pid, to)
-            .unwrap_or_else(|e| panic!("migration {at} -> {to}: {e}\n{}", c.logs()));
-        pid = pid_there(&r);
-        at = to;
+        c.hop(&mut at, &mut pid, to, &[]);
         // omrun tells the home omd once the copy's relay has taken over.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut ps = c.ps(0);
-        while !ps.contains(&entry(to)) {
-            assert!(
-                Instant::now() < deadline,
-                "omctl ps on the home node, the process at node {to}: {ps}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-            ps = c.ps(0);
-        }
+        assert!(
+            eventually(Duration::from_secs(10), || c.ps(0).contains(&entry(to))),
+            "omctl ps on the home node, the process at node {to}: {}",
+            c.ps(0)
+        );
     }
     finish_numbered(run, 4000, "three hops");
     let ps = c.ps(0);
@@ -871,16 +865,15 @@ impl HomeTerminal {
 
     /// Waits until the screen shows `text` (after everything it showed before).
     fn shows(&self, text: &str, what: &str, c: &Cluster) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !String::from_utf8_lossy(&self.screen()).contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the terminal never showed {text:?}; it shows:\n{:?}\n{}",
-                String::from_utf8_lossy(&self.screen()),
-                c.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(
+            eventually(Duration::from_secs(20), || String::from_utf8_lossy(
+                &self.screen()
+            )
+            .contains(text)),
+            "{what}: the terminal never showed {text:?}; it shows:\n{:?}\n{}",
+            String::from_utf8_lossy(&self.screen()),
+            c.logs()
+        );
     }
 
     fn canonical(&self) -> bool {
@@ -929,46 +922,37 @@ fn tty_session(c: &Cluster, hops: bool) -> (Vec<u8>, std::process::ExitStatus, b
     let omrun = run.0.id();
     let what = if hops { "moved" } else { "at home" };
     let mut pid = c.wait_registered(0, |p| common::parent_of(p) == Some(omrun));
+    let mut at = 0;
     term.shows("name? ", what, c);
     if hops {
-        let r = c
-            .migrate(0, pid, 1)
-            .unwrap_or_else(|e| panic!("tty: migration 0 -> 1: {e}\n{}", c.logs()));
-        pid = pid_there(&r);
+        c.hop(&mut at, &mut pid, 1, &[]);
         // omrun hands the keys to the copy's terminal once it is in raw mode itself.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while term.canonical() {
-            assert!(
-                Instant::now() < deadline,
-                "omrun never made its terminal raw\n{}",
-                c.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(
+            eventually(Duration::from_secs(20), || !term.canonical()),
+            "omrun never made its terminal raw\n{}",
+            c.logs()
+        );
     }
     term.typed(b"om\r");
     term.shows("raw\r\n", what, c);
     if hops {
-        c.migrate(1, pid, 0)
-            .unwrap_or_else(|e| panic!("tty: migration 1 -> 0: {e}\n{}", c.logs()));
+        c.hop(&mut at, &mut pid, 0, &[]);
     }
     term.resize(50, 132);
     term.shows("resized 50x132\r\n", what, c);
     term.typed(b"x");
     term.shows("key x\r\n", what, c);
     term.typed(&[3]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = run.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: ^C did not end omrun\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let mut status = None;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            status = run.0.try_wait().unwrap();
+            status.is_some()
+        }),
+        "{what}: ^C did not end omrun\n{}",
+        c.logs()
+    );
+    let status = status.unwrap();
     let canonical = term.canonical();
     (term.screen(), status, canonical)
 }

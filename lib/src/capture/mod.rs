@@ -392,7 +392,16 @@ pub fn paused<T>(work: impl FnOnce() -> T) -> Result<T, CaptureError> {
 fn claim_the_freeze(
     on_control: usize,
 ) -> Result<(&'static Freeze, i32, task::KernelSigaction), CaptureError> {
-    let sig = preflight::choose_signal().ok_or(CaptureError::NoSignal)?;
+    // A runtime thread that has just ended (the throttle's, joined a moment ago) can still be
+    // listed, with its mask that blocks every signal, until the kernel has reaped it.
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let sig = loop {
+        match preflight::choose_signal() {
+            Some(s) => break s,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            None => return Err(CaptureError::NoSignal),
+        }
+    };
     let f = Freeze::get();
     f.control_tid.store(task::gettid(), Ordering::Release);
     f.on_control.store(on_control, Ordering::Release);

@@ -375,13 +375,7 @@ fn read_own(addr: u64, buf: &mut [u8]) -> Result<(), CaptureError> {
 
 fn mm_fields() -> Result<MmFields, CaptureError> {
     let stat = fs::read_to_string("/proc/self/stat").map_err(state_err("/proc/self/stat"))?;
-    // Fields after the command name, which may hold spaces and parentheses.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or(CaptureError::Stat)?;
-    let f: Vec<u64> = rest
-        .split_ascii_whitespace()
-        .map(|w| w.parse().unwrap_or(0))
-        .collect();
-    // `f[0]` is field 3 (state); field N is f[N - 3].
+    let f = crate::procstat::fields(&stat).ok_or(CaptureError::Stat)?;
     let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
     let brk = task::current_brk();
     Ok(MmFields {

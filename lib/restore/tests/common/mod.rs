@@ -271,3 +271,17 @@ pub fn program(path: PathBuf, args: &[&str]) -> Workload {
         cwd: None,
     }
 }
+
+/// Polls `done` every 10 ms until it holds or `timeout` passes; true if it held.
+pub fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
