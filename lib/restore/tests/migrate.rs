@@ -20,6 +20,21 @@ struct Cluster {
     omds: Vec<OmdHandle>,
     /// Environment of the programs started under omrun.
     env: Vec<(&'static str, String)>,
+    /// The logs of the omruns started without one of their own (their stderr: om's messages, from
+    /// wherever the program runs, and the program's), for a failure's message.
+    omrun_logs: OmrunLogs,
+}
+
+/// Paths of omrun logs, removed at the end of the test.
+#[derive(Default)]
+struct OmrunLogs(std::sync::Mutex<Vec<PathBuf>>);
+
+impl Drop for OmrunLogs {
+    fn drop(&mut self) {
+        for log in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = std::fs::remove_file(log);
+        }
+    }
 }
 
 /// The SISCI emulation, built with the workspace.
@@ -51,6 +66,7 @@ impl Cluster {
             rig,
             omds,
             env: vec![("OM_SISCI_LIB", lib)],
+            omrun_logs: OmrunLogs::default(),
         }
     }
 
@@ -71,6 +87,7 @@ impl Cluster {
             rig,
             omds,
             env: Vec::new(),
+            omrun_logs: OmrunLogs::default(),
         }
     }
 
@@ -93,9 +110,8 @@ impl Cluster {
         let mut cmd = self.clean_command(node, &bin_dir().join("omrun"));
         cmd.arg("--control").arg(self.control(node)).arg("--");
         w.setup(&mut cmd);
-        if let Some(log) = log {
-            cmd.stderr(std::fs::File::create(log).unwrap());
-        }
+        let log = log.map_or_else(|| self.new_omrun_log(), Path::to_path_buf);
+        cmd.stderr(std::fs::File::create(&log).unwrap());
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map(Kill).unwrap();
         let omrun = child.0.id();
@@ -111,19 +127,41 @@ impl Cluster {
         cmd
     }
 
-    /// The tail of every omd's log, for a failure's message.
+    /// A fresh path for the log of an omrun started without one.
+    fn new_omrun_log(&self) -> PathBuf {
+        let mut logs = self.omrun_logs.0.lock().unwrap_or_else(|e| e.into_inner());
+        let log = std::env::temp_dir().join(format!(
+            "om-mig-omrun-{}-{:p}-{}.log",
+            std::process::id(),
+            self,
+            logs.len()
+        ));
+        logs.push(log.clone());
+        log
+    }
+
+    /// The tail of every omd's log and of the latest omrun's, for a failure's message.
     fn logs(&self) -> String {
+        let tail = |what: String, path: &Path, lines: usize| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            format!(
+                "--- {what}:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        };
+        let omrun = self
+            .omrun_logs
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .map(|log| tail(format!("omrun ({})", log.display()), log, 30));
         self.omds
             .iter()
             .enumerate()
-            .map(|(i, o)| {
-                let text = std::fs::read_to_string(&o.log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                format!(
-                    "--- omd {i}:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
+            .map(|(i, o)| tail(format!("omd {i}"), &o.log, 15))
+            .chain(omrun)
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -406,6 +444,7 @@ fn sci_or_verbs_to_a_node_without_it_fails_cleanly_and_the_program_runs_on() {
         rig,
         omds,
         env: Vec::new(),
+        omrun_logs: OmrunLogs::default(),
     };
     let w = program(build("numbered.c"), &["1500"]);
     let (run, pid) = c.run(0, &w);

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use om_transport::error::chain;
 
+use crate::dirty;
 use crate::sys::arena;
 use crate::sys::task::{self, Freeze};
 
@@ -39,6 +40,12 @@ pub enum CaptureError {
     /// Threads released by the previous freeze have not left the checkpoint handler.
     #[error("{0} threads released by the previous checkpoint are still in its handler")]
     StillParked(u32),
+    /// Every freeze caught a thread inside the mprotect tracker's fault handler.
+    #[error("a thread was inside the dirty tracker's fault handler at every freeze for {ms} ms")]
+    FaultInFlight {
+        /// How long the freeze was tried.
+        ms: u64,
+    },
     /// This program's global allocator is not om's capture-aware one (only `libomrt.so` can
     /// checkpoint its process: capture allocates inside a signal handler).
     #[error("this program's allocator cannot run inside the checkpoint handler (not libomrt.so)")]
@@ -442,13 +449,37 @@ fn release(f: &Freeze) {
     task::futex_wake_all(&f.release);
 }
 
+/// Signals every other thread until all are parked, none of them inside the mprotect tracker's
+/// fault handler.
+///
+/// That handler runs with signals open, so the freeze signal can park a thread halfway through it,
+/// and every collect and stop of the tracker waits for the handler to finish: a collect under the
+/// freeze (the final round's) would wait forever. Such a freeze is let go and taken again, after
+/// the thread has finished its fault.
+fn freeze(f: &Freeze, sig: i32) -> Result<(), CaptureError> {
+    let deadline = Instant::now() + FREEZE_TIMEOUT;
+    loop {
+        park_all(f, sig, deadline)?;
+        if !dirty::fault_handler_running() {
+            return Ok(());
+        }
+        release(f);
+        wait_unparked(f)?;
+        if Instant::now() > deadline {
+            return Err(CaptureError::FaultInFlight {
+                ms: u64::try_from(FREEZE_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Signals every other thread until all are parked. Threads created meanwhile are caught by listing
 /// again until the set is stable.
-fn freeze(f: &Freeze, sig: i32) -> Result<(), CaptureError> {
+fn park_all(f: &Freeze, sig: i32, deadline: Instant) -> Result<(), CaptureError> {
     let me = task::gettid();
     let pid = std::process::id();
     let mut signalled = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + FREEZE_TIMEOUT;
     loop {
         let tasks = state::list_tasks().map_err(|source| CaptureError::Proc {
             what: "/proc/self/task".into(),

@@ -189,6 +189,12 @@ fn open_page(addr: u64, prot: i32) -> bool {
     set_tracked_protection(addr & !(page - 1), page, prot).is_ok()
 }
 
+/// True while a thread runs the fault handler's claim (or [`open_range`]). A freeze that parks a
+/// thread there must let it go again: the harvest and [`Tracker::stop`] wait for the claim to end.
+pub(crate) fn fault_handler_running() -> bool {
+    INFLIGHT.load(SeqCst) != 0
+}
+
 /// Opens the tracked memory in `[addr, addr+len)` (restores write access) and marks it dirty. A no-op
 /// when no mprotect tracker runs; cheap when none of the range is tracked.
 ///

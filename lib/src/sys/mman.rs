@@ -137,6 +137,25 @@ impl Region {
         }
     }
 
+    /// Sets the protection of `[offset, offset+len)` to `prot` (`PROT_READ` makes a fence that keeps
+    /// the kernel from merging the rest of the region with a writable neighbour). An access the new
+    /// protection forbids faults; it cannot corrupt anything.
+    ///
+    /// # Errors
+    /// The `mprotect` error.
+    pub fn protect(&mut self, offset: usize, len: usize, prot: i32) -> io::Result<()> {
+        self.check_part(offset, len)?;
+        let part = self.addr.as_ptr().wrapping_add(offset);
+        // SAFETY: the part lies inside our mapping and `&mut self` excludes other references to it;
+        // a protection change alters no contents.
+        let r = unsafe { libc::mprotect(part.cast(), len, prot) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Maps fresh zeroed memory over `[offset, offset+len)` (`MAP_FIXED`): a new VMA in place of the
     /// old part, as an allocator or a loader does.
     ///
