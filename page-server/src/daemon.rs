@@ -325,7 +325,8 @@ fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes, key: &
                         .map_err(|e| e.to_string())
                         .and_then(|p| runtimes.register(p, &writer))
                     {
-                        Ok(()) => writeln!(writer, "OK registered")?,
+                        // Answered by `register`, before any request can follow.
+                        Ok(()) => {}
                         Err(e) => writeln!(writer, "ERR {e}")?,
                     }
                     return Ok(());

@@ -328,17 +328,22 @@ impl Prepared {
         let _ = fs::remove_dir_all(&self.dir);
         // The relay thread exists before the copy may run: once `g` is written nothing can fail.
         let (start, started) = std::sync::mpsc::channel::<bool>();
+        let runtimes = self.runtimes.clone();
         thread::Builder::new()
             .name(format!("omd-relay-{pid}"))
             .spawn(move || {
+                let runtimes = self.runtimes.clone();
                 if started.recv() == Ok(true) {
                     self.relay();
                 } else {
                     let _ = self.child.wait();
                 }
+                runtimes.forget_expected(pid);
             })
             // Dropping `hold` on the way out discards the copy.
             .map_err(internal("starting the relay"))?;
+        // Before the copy can register: a request right after the migration waits for it.
+        runtimes.expect(pid);
         match hold.write_all(b"g") {
             Ok(()) => {
                 let _ = start.send(true);

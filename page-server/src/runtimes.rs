@@ -10,17 +10,21 @@
 //! omrun learns from each relay where the process runs next and says so (`at PID IP:PORT`, accepted
 //! from that omrun only), and the entry goes once omrun has ended.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use om::procstat;
 
 /// How long a runtime may take to answer (a checkpoint writes the whole image).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long a request for a copy restored here waits for its runtime to register: the copy runs
+/// (and its migration returns) a moment before its runtime has connected to this omd again.
+pub const REGISTER_WAIT: Duration = Duration::from_secs(10);
 
 /// One registered runtime.
 #[derive(Debug)]
@@ -48,6 +52,10 @@ pub struct Runtimes {
     moved: Arc<Mutex<BTreeMap<u32, Away>>>,
     /// Processes being migrated away, with the signals held for them meanwhile.
     migrating: Arc<Mutex<BTreeMap<u32, Vec<i32>>>>,
+    /// Copies started here whose runtime has not registered yet, by pid on this node.
+    expected: Arc<Mutex<BTreeSet<u32>>>,
+    /// Signalled (with `inner`'s lock) when a runtime registers.
+    arrived: Arc<Condvar>,
 }
 
 /// False once the runtime's end of `conn` is closed. A connection busy with a request is alive.
@@ -82,7 +90,12 @@ fn ns_pids(pid: u32) -> Vec<u32> {
 }
 
 impl Runtimes {
-    /// Registers the runtime of `pid` on `stream` after checking the peer's credentials.
+    /// Registers the runtime of `pid` on `stream` after checking the peer's credentials, and
+    /// answers it `OK registered`.
+    ///
+    /// The answer goes out before the runtime is listed: from then on a request for it (a
+    /// `migrate` waiting for this copy, say) may be written on the connection at any moment, and
+    /// must not come before the answer the runtime is waiting for.
     ///
     /// # Errors
     /// A text for the `ERR` reply.
@@ -93,6 +106,7 @@ impl Runtimes {
             return Err(format!("register {pid}: the peer is process {}", cred.pid()));
         }
         let s = stream.try_clone().map_err(|e| e.to_string())?;
+        writeln!(&s, "OK registered").map_err(|e| format!("answering the runtime: {e}"))?;
         self.inner.lock().unwrap_or_else(PoisonError::into_inner).insert(
             peer,
             Entry {
@@ -100,8 +114,63 @@ impl Runtimes {
                 conn: Arc::new(Mutex::new(s)),
             },
         );
+        self.expected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&peer);
+        self.arrived.notify_all();
         tracing::debug!(pid = peer, vpid = pid, "runtime registered");
         Ok(())
+    }
+
+    /// A copy of a process starts here as `pid`: requests for it wait for its runtime to register
+    /// (at most [`REGISTER_WAIT`]) instead of being refused.
+    pub fn expect(&self, pid: u32) {
+        self.expected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(pid);
+    }
+
+    /// The copy `pid` did not start, or has ended: no runtime of it will register.
+    pub fn forget_expected(&self, pid: u32) {
+        self.expected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&pid);
+        self.arrived.notify_all();
+    }
+
+    /// The connection of `pid`'s runtime, waiting for a copy started here to register.
+    fn connection(&self, pid: u32) -> Result<Arc<Mutex<UnixStream>>, String> {
+        let deadline = Instant::now() + REGISTER_WAIT;
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(e) = map.get(&pid) {
+                return Ok(Arc::clone(&e.conn));
+            }
+            let expected = self
+                .expected
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&pid);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !expected || left.is_zero() {
+                return Err(if expected {
+                    format!(
+                        "process {pid} was restored here but its runtime did not register within {} s",
+                        REGISTER_WAIT.as_secs()
+                    )
+                } else {
+                    format!("process {pid} is not an om process on this node (not started with omrun?)")
+                });
+            }
+            map = self
+                .arrived
+                .wait_timeout(map, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// The registered processes: `(pid on this node, pid as the program sees it)`. Runtimes whose
@@ -197,15 +266,7 @@ impl Runtimes {
     /// # Errors
     /// A text for the `ERR` reply: not registered, or the runtime went away.
     pub fn ask(&self, pid: u32, request: &str) -> Result<String, String> {
-        let conn = self
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&pid)
-            .map(|e| Arc::clone(&e.conn))
-            .ok_or_else(|| {
-                format!("process {pid} is not an om process on this node (not started with omrun?)")
-            })?;
+        let conn = self.connection(pid)?;
         let stream = conn.lock().unwrap_or_else(PoisonError::into_inner);
         let result = (|| {
             stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;

@@ -676,6 +676,22 @@ fn ten_hops_over_three_nodes_and_home_again() {
     c.rig.teardown().unwrap();
 }
 
+/// A copy can be sent on the moment its migration returns: its omd holds the request until the
+/// copy's runtime has registered (it used to refuse it: "not an om process on this node").
+#[test]
+fn a_process_moves_on_the_moment_it_arrived() {
+    let c = Cluster::new(2);
+    let w = program(build("numbered.c"), &["3000"]);
+    let (run, mut pid) = c.run(0, &w);
+    let mut at = 0;
+    std::thread::sleep(Duration::from_millis(200));
+    for to in [1, 0, 1, 0] {
+        c.hop(&mut at, &mut pid, to, &[]);
+    }
+    finish_numbered(run, 3000, "four hops back to back");
+    c.rig.teardown().unwrap();
+}
+
 /// A generation that moved on is settled by its `Moved`: its relay closing afterwards is no news
 /// (omrun used to log every hop's close as a node lost with the process).
 #[test]

@@ -86,15 +86,22 @@ extern "C" fn omrt_init() {
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = omrt_init;
 
-fn connect(path: &PathBuf) -> UnixStream {
+/// The control connection, read through one buffer for its whole life: omd may write a request
+/// right behind its answer to `register`, and a buffer dropped after a line would lose it.
+type Control = BufReader<UnixStream>;
+
+fn connect(path: &PathBuf) -> Control {
     let mut delay = Duration::from_millis(50);
     loop {
         if let Ok(mut s) = UnixStream::connect(path) {
             capture::own_fd(s.as_raw_fd(), true);
-            let ok = writeln!(s, "register {}", std::process::id()).is_ok();
-            let mut line = String::new();
-            if ok && BufReader::new(&s).read_line(&mut line).is_ok() && line.starts_with("OK") {
-                return s;
+            if writeln!(s, "register {}", std::process::id()).is_ok() {
+                let mut control = BufReader::new(s);
+                let mut line = String::new();
+                if control.read_line(&mut line).is_ok() && line.starts_with("OK") {
+                    return control;
+                }
+                s = control.into_inner();
             }
             capture::own_fd(s.as_raw_fd(), false);
         }
@@ -105,16 +112,17 @@ fn connect(path: &PathBuf) -> UnixStream {
 
 fn control_loop(path: &std::path::Path) {
     let mut path = path.to_path_buf();
-    let mut stream = connect(&path);
+    let mut control = connect(&path);
     loop {
         let mut line = String::new();
-        let read = BufReader::new(&stream).read_line(&mut line);
+        let read = control.read_line(&mut line);
         if !matches!(read, Ok(n) if n > 0) {
-            capture::own_fd(stream.as_raw_fd(), false);
-            drop(stream);
-            stream = connect(&path);
+            capture::own_fd(control.get_ref().as_raw_fd(), false);
+            drop(control);
+            control = connect(&path);
             continue;
         }
+        let stream = control.get_mut();
         let reply = match line.trim_end().split_once(' ') {
             Some(("checkpoint", rest)) => match rest.split_once(' ') {
                 Some((leave, dir)) => {
@@ -136,7 +144,7 @@ fn control_loop(path: &std::path::Path) {
                             }
                         }
                         Ok(Outcome::Restored) => {
-                            stream = restored(stream, &mut path);
+                            control = restored(control, &mut path);
                             continue;
                         }
                         Err(e) => format!("ERR {}", om_transport::error::chain(&e)),
@@ -152,12 +160,12 @@ fn control_loop(path: &std::path::Path) {
                         // end for the program's).
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                         let mut bye = String::new();
-                        let _ = BufReader::new(&stream).read_line(&mut bye);
+                        let _ = control.read_line(&mut bye);
                         om::precopy::migrate::tell_anchor("moved");
                         frozen.exit(0);
                     }
                     Ok(om::precopy::migrate::Outcome::Restored) => {
-                        stream = restored(stream, &mut path);
+                        control = restored(control, &mut path);
                         continue;
                     }
                     Err(e) => format!("ERR {}", om_transport::error::chain(&e)),
@@ -166,14 +174,14 @@ fn control_loop(path: &std::path::Path) {
             },
             _ => format!("ERR unknown command {:?}", line.trim_end()),
         };
-        let _ = writeln!(stream, "{reply}");
+        let _ = writeln!(control.get_mut(), "{reply}");
     }
 }
 
 /// In a restored copy: the old connection belongs to the source (its fd number may already be one
 /// of the restored descriptors, so it is forgotten, not closed); the restorer named this node's omd.
-fn restored(stream: UnixStream, path: &mut PathBuf) -> UnixStream {
-    capture::own_fd(stream.into_raw_fd(), false);
+fn restored(control: Control, path: &mut PathBuf) -> Control {
+    capture::own_fd(control.into_inner().into_raw_fd(), false);
     if let Some(p) = capture::MARKER.control_path() {
         *path = p;
     }
