@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use om_transport::api::{ImageSink, ImageStore, Refusal};
+use om_transport::api::{FilePiece, ImageSink, ImageStore, Refusal};
 use om_transport::sys::Landing;
 use om_transport::wire::{Begin, ErrorCode, Extent, ImageInfo, Record, Vma};
 use rayon::prelude::*;
@@ -494,7 +494,7 @@ impl Image {
         let mut done = 0;
         while done < buf.len() {
             let at = off + i64::try_from(done).map_err(std::io::Error::other)?;
-            let n = nix::sys::uio::pread(self.mem.fd(), &mut buf[done..], at)?;
+            let n = nix::sys::uio::pread(self.mem.file(), &mut buf[done..], at)?;
             if n == 0 {
                 buf[done..].fill(0);
                 break;
@@ -502,6 +502,14 @@ impl Image {
             done += n;
         }
         Ok(landed)
+    }
+
+    /// Marks the `len` bytes at image offset `off` as holding data and charges the pages that did
+    /// not before; returns the data pages before and after.
+    fn mark_landed(&self, off: u64, len: u64) -> Result<(u64, u64), Refusal> {
+        let (was, now) = lock(&self.pages).set(off / self.page_size, len / self.page_size, DATA);
+        self.charge(now - was)?;
+        Ok((was, now))
     }
 
     /// Where `run`, which must lie inside one VMA, lives in image memory: `(offset, len)` pieces.
@@ -569,12 +577,27 @@ impl ImageSink for Image {
         self.id
     }
 
+    fn lands_in_file(&self) -> bool {
+        true
+    }
+
+    fn file_landing(&self, run: &Range<u64>) -> Result<Vec<FilePiece<'_>>, Refusal> {
+        let mut pieces = Vec::new();
+        for (off, len) in self.locate(run)? {
+            self.mark_landed(off, len)?;
+            pieces.push(FilePiece {
+                file: self.mem.file(),
+                offset: off,
+                len: usize_of(len),
+            });
+        }
+        Ok(pieces)
+    }
+
     fn landing(&self, run: &Range<u64>) -> Result<Vec<Landing<'_>>, Refusal> {
         let mut zones = Vec::new();
         for (off, len) in self.locate(run)? {
-            let n = len / self.page_size;
-            let (was, now) = lock(&self.pages).set(off / self.page_size, n, DATA);
-            self.charge(now - was)?;
+            let (was, now) = self.mark_landed(off, len)?;
             let (o, l) = (usize_of(off), usize_of(len));
             if now > was {
                 // One call allocates the pages (huge ones where shmem THP allows) instead of one

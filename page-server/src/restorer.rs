@@ -240,7 +240,7 @@ impl Restorer {
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(err_w));
         let fds = [
-            image.memory().fd().as_raw_fd(),
+            image.memory().file().as_raw_fd(),
             ready_w.as_raw_fd(),
             hold_r.as_raw_fd(),
         ];

@@ -5,6 +5,7 @@
 //! exactly once. omd never forms a Rust reference over it: the kernel writes it (`readv` from the
 //! socket), checksums read it with atomic loads, and files are written from it with `write(2)`.
 
+use std::fs::File;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,7 +19,7 @@ use om_transport::sys::{Landing, page_sum};
 /// A sparse memfd of a fixed length, mapped shared and writable into this process.
 #[derive(Debug)]
 pub struct ImageMemory {
-    fd: OwnedFd,
+    file: File,
     base: NonNull<libc::c_void>,
     len: usize,
 }
@@ -62,7 +63,11 @@ impl ImageMemory {
                 0,
             )
         }?;
-        Ok(Self { fd, base, len })
+        Ok(Self {
+            file: File::from(fd),
+            base,
+            len,
+        })
     }
 
     /// The mapping's length in bytes.
@@ -77,10 +82,11 @@ impl ImageMemory {
         self.len == 0
     }
 
-    /// The memfd (for the restorer, which maps it at the process's addresses).
+    /// The memfd (for the restorer, which maps it at the process's addresses; for a TCP stream,
+    /// which writes pages into it).
     #[must_use]
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     fn check(&self, off: usize, len: usize) -> io::Result<()> {
@@ -119,7 +125,7 @@ impl ImageMemory {
         let o = i64::try_from(off).map_err(io::Error::other)?;
         let l = i64::try_from(len).map_err(io::Error::other)?;
         fallocate(
-            &self.fd,
+            &self.file,
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
             o,
             l,

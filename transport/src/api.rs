@@ -286,6 +286,17 @@ pub trait Export: Send + Sync + std::fmt::Debug {
 /// A refusal from the receiving side, sent to the peer as an `Error` frame.
 pub type Refusal = (ErrorCode, String);
 
+/// `len` bytes of an image's file at `offset` (see [`ImageSink::file_landing`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FilePiece<'a> {
+    /// The image's memory as a file.
+    pub file: &'a std::fs::File,
+    /// Where in the file.
+    pub offset: u64,
+    /// How many bytes.
+    pub len: usize,
+}
+
 /// Where a receiver keeps incoming images.
 pub trait ImageStore: Send + Sync + 'static {
     /// One image being received.
@@ -312,6 +323,24 @@ pub trait ImageSink: Send + Sync + 'static {
     /// # Errors
     /// A run outside the image's VMAs, or a limit.
     fn landing(&self, run: &Range<u64>) -> Result<Vec<Landing<'_>>, Refusal>;
+
+    /// True when the image's memory is a file that [`ImageSink::file_landing`] hands out.
+    fn lands_in_file(&self) -> bool {
+        false
+    }
+
+    /// Where the bytes of `run` land in the image's file, in run order, counted and charged as
+    /// [`ImageSink::landing`] does. A TCP stream reads its pages into a warm buffer, checks them
+    /// there and writes them with `pwrite`: no page of the image is mapped on the way, and on a
+    /// machine whose page faults are slow, populating fresh mapped memory cost more than the copy
+    /// itself (docs/transport.md).
+    ///
+    /// # Errors
+    /// As [`ImageSink::landing`]; the default refuses (no file, see [`ImageSink::lands_in_file`]).
+    fn file_landing(&self, run: &Range<u64>) -> Result<Vec<FilePiece<'_>>, Refusal> {
+        let _ = run;
+        Err((ErrorCode::Internal, "this image has no file to land in".into()))
+    }
 
     /// Marks `run` as zero (freed or zero-filled), releasing its memory.
     ///

@@ -295,6 +295,14 @@ impl Conn {
         }
     }
 
+    /// Reads exactly `buf.len()` bytes of a batch's pages into `buf`.
+    ///
+    /// # Errors
+    /// Socket errors; the end of the stream.
+    pub fn recv_bytes(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        self.read_exact(buf, "in the middle of a page batch")
+    }
+
     /// Reads and discards `len` bytes (the pages of a batch that is being refused).
     ///
     /// # Errors

@@ -19,7 +19,7 @@ pub mod sys;
 pub mod tcp;
 pub mod wire;
 
-pub use api::{ImageSink, ImageStore, PageSender, Refusal, RoundStats};
+pub use api::{FilePiece, ImageSink, ImageStore, PageSender, Refusal, RoundStats};
 pub use error::TransportError;
 pub use key::{ClusterKey, KeyError};
 pub use tcp::{Receiver, ReceiverConfig, SenderConfig, TcpSender};

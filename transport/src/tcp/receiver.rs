@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::api::{Export, Exportable, Exporter, ImageSink, ImageStore, Refusal};
+use crate::api::{Export, Exportable, Exporter, FilePiece, ImageSink, ImageStore, Refusal};
 use crate::auth;
 use crate::conn::Conn;
 use crate::error::TransportError;
@@ -603,7 +603,7 @@ impl<S: ImageStore> Receiver<S> {
                             &session2,
                             image2.as_ref(),
                             &body,
-                            |_| Ok(()),
+                            None,
                         ),
                         Err((code, reason)) => Err(TransportError::Refused {
                             peer: peer.clone(),
@@ -778,7 +778,7 @@ impl<S: ImageStore> Receiver<S> {
             session,
             image,
             body,
-            |zones| conn.recv_pages(zones),
+            Some(conn),
         )
     }
 
@@ -840,8 +840,8 @@ impl<S: ImageStore> Receiver<S> {
     }
 }
 
-/// Lands one batch: `fill` puts its pages into the image's zones (a TCP stream reads them; with a
-/// placing transport they are there already), then they are checked against the batch's checksums.
+/// Lands one batch: read from `stream` (with a placing transport, `None`: the pages are in the
+/// image already), then checked against the batch's checksums.
 fn land_batch<I: ImageSink>(
     peer: &str,
     page_size: u64,
@@ -849,7 +849,7 @@ fn land_batch<I: ImageSink>(
     session: &Session<I>,
     image: &I,
     body: &[u8],
-    fill: impl FnOnce(&[Landing<'_>]) -> Result<(), TransportError>,
+    stream: Option<&mut Conn>,
 ) -> Result<(), TransportError> {
     let refused = |code, reason| TransportError::Refused {
         peer: peer.to_owned(),
@@ -861,13 +861,27 @@ fn land_batch<I: ImageSink>(
         source,
     })?;
     check_round(peer, session, b.round, "batch")?;
-    let mut zones = Vec::with_capacity(b.runs.len());
-    for r in &b.runs {
-        zones.extend(image.landing(r).map_err(|(c, m)| refused(c, m))?);
-    }
-    fill(&zones)?;
     let ps = usize::try_from(page_size).unwrap_or(4096);
-    let bad = image.verify(&zones, &b.sums, ps);
+    let bad = match stream {
+        // From a stream into a file: through a warm buffer, checked there.
+        Some(conn) if image.lands_in_file() => {
+            let mut pieces = Vec::with_capacity(b.runs.len());
+            for r in &b.runs {
+                pieces.extend(image.file_landing(r).map_err(|(c, m)| refused(c, m))?);
+            }
+            recv_into_file(conn, &pieces, &b.sums, ps)?
+        }
+        stream => {
+            let mut zones = Vec::with_capacity(b.runs.len());
+            for r in &b.runs {
+                zones.extend(image.landing(r).map_err(|(c, m)| refused(c, m))?);
+            }
+            if let Some(conn) = stream {
+                conn.recv_pages(&zones)?;
+            }
+            image.verify(&zones, &b.sums, ps)
+        }
+    };
     image.landed(&b.runs, &b.sums, &bad);
     let mut p = lock(&session.progress);
     if !bad.is_empty() {
@@ -886,6 +900,61 @@ fn land_batch<I: ImageSink>(
     drop(p);
     session.cv.notify_all();
     Ok(())
+}
+
+/// Bytes a stream reads at a time into its buffer before writing them to the image's file: small
+/// enough to stay in the cache between the socket copy, the checksums and the write.
+const FILE_CHUNK: usize = 1 << 20;
+
+thread_local! {
+    /// Each stream's buffer (a stream is served by a thread of its own).
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Reads the pages of a batch from `conn` into `pieces` of the image's file, [`FILE_CHUNK`] at a
+/// time; returns the indices of the pages whose checksum does not match `sums`.
+fn recv_into_file(
+    conn: &mut Conn,
+    pieces: &[FilePiece<'_>],
+    sums: &[u32],
+    page: usize,
+) -> Result<Vec<usize>, TransportError> {
+    BOUNCE.with_borrow_mut(|bounce| {
+        let total: usize = pieces.iter().map(|p| p.len).sum();
+        let chunk = FILE_CHUNK.max(page) / page * page;
+        if bounce.len() < chunk.min(total) {
+            bounce.resize(chunk.min(total), 0);
+        }
+        let mut bad = Vec::new();
+        let (mut piece, mut within) = (0, 0);
+        let mut done = 0;
+        while done < total {
+            let n = chunk.min(total - done);
+            let buf = &mut bounce[..n];
+            conn.recv_bytes(buf)?;
+            for (i, p) in buf.chunks(page).enumerate() {
+                let k = done / page + i;
+                if sums.get(k) != Some(&crate::sys::checksum::page_sum_bytes(p)) {
+                    bad.push(k);
+                }
+            }
+            let mut at = 0;
+            while at < n {
+                let Some(p) = pieces.get(piece) else { break };
+                let k = (p.len - within).min(n - at);
+                std::os::unix::fs::FileExt::write_all_at(p.file, &buf[at..at + k], p.offset + within as u64)
+                    .map_err(|e| conn.io("write pages to the image", e))?;
+                at += k;
+                within += k;
+                if within == p.len {
+                    piece += 1;
+                    within = 0;
+                }
+            }
+            done += n;
+        }
+        Ok(bad)
+    })
 }
 
 fn refused(conn: &Conn, code: ErrorCode, reason: String) -> TransportError {
@@ -915,4 +984,79 @@ fn page_runs(pages: &[u64], page_size: u64) -> Vec<Range<u64>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// Pieces whose bounds fall inside the 1 MiB chunks, in a file out of order: every byte lands
+    /// where its piece says, and a page changed on the way is reported by its index in the batch.
+    #[test]
+    fn pages_land_in_their_pieces_across_chunks_and_a_bad_page_is_named() {
+        let page = 4096;
+        // Pages per piece, and where in the file each piece goes (in pages).
+        let layout = [(3usize, 700usize), (300, 0), (1, 650), (40, 310), (5, 400)];
+        let total: usize = layout.iter().map(|(n, _)| n).sum::<usize>() * page;
+        let data: Vec<u8> = (0..total)
+            .flat_map(|i| u8::try_from((i * 7 + i / page) % 251))
+            .collect();
+        let sums: Vec<u32> = data
+            .chunks(page)
+            .map(crate::sys::checksum::page_sum_bytes)
+            .collect();
+        let mut wire = data.clone();
+        let bad_page = 301;
+        wire[bad_page * page + 17] ^= 1;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sender = std::thread::spawn(move || TcpStream::connect(addr).unwrap().write_all(&wire));
+        let mut conn = Conn::new(listener.accept().unwrap().0);
+        let mut file = tempfile();
+        let pieces: Vec<FilePiece<'_>> = layout
+            .iter()
+            .map(|&(n, at)| FilePiece {
+                file: &file,
+                offset: (at * page) as u64,
+                len: n * page,
+            })
+            .collect();
+        let bad = recv_into_file(&mut conn, &pieces, &sums, page).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(bad, vec![bad_page]);
+        let mut landed = Vec::new();
+        file.rewind().unwrap();
+        file.read_to_end(&mut landed).unwrap();
+        let mut at_wire = 0;
+        for (n, at) in layout {
+            let (want, got) = (
+                &data[at_wire..at_wire + n * page],
+                &landed[at * page..(at + n) * page],
+            );
+            if at_wire / page <= bad_page && bad_page < at_wire / page + n {
+                let k = (bad_page - at_wire / page) * page + 17;
+                assert_eq!(got[k], want[k] ^ 1, "the changed byte lands as received");
+                assert_eq!(got[..k], want[..k]);
+                assert_eq!(got[k + 1..], want[k + 1..]);
+            } else {
+                assert!(got == want, "piece at page {at}");
+            }
+            at_wire += n * page;
+        }
+    }
+
+    fn tempfile() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("om-recv-into-file-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        f
+    }
 }
