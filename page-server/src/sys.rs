@@ -2,8 +2,9 @@
 //! in this module.
 //!
 //! The memfd is what the restorer maps (`MAP_PRIVATE`) at the process's addresses later, so pages land
-//! exactly once. omd never forms a Rust reference over it: the kernel writes it (`readv` from the
-//! socket), checksums read it with atomic loads, and files are written from it with `write(2)`.
+//! exactly once. omd never forms a Rust reference over it: the kernel writes it (`pwrite` into the
+//! memfd from a TCP stream's buffer, or remote writes of a placing transport), checksums read it with
+//! atomic loads, and files are written from it with `write(2)`.
 
 use std::fs::File;
 use std::io;

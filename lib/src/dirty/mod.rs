@@ -324,8 +324,8 @@ pub fn select_with(forced: &str, scope: Scope) -> Result<Box<dyn Tracker>, Dirty
 ///
 /// A read-only page on either side keeps the probe a VMA of its own. Without them the kernel may
 /// merge it with a writable neighbour, a thread stack say, that then decides how the tracker sees it
-/// (a stack is reported in full every round): the test failed that way about once in 50 runs on a
-/// loaded machine, and `auto` then passed over a tracker that works.
+/// (a stack is reported in full every round): a migration test failed that way once in a dozen runs
+/// on a loaded machine, and `auto` then passed over a tracker that works.
 ///
 /// # Errors
 /// [`DirtyError::SelfTest`] naming what the mechanism got wrong, or the error it failed with.
