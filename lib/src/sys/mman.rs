@@ -23,6 +23,15 @@ unsafe impl Send for Region {}
 // SAFETY: as above: `&Region` only hands out atomics.
 unsafe impl Sync for Region {}
 
+/// A system call's 0-or-error result.
+fn status(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn check(r: *mut libc::c_void) -> io::Result<NonNull<u8>> {
     if r == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
@@ -125,16 +134,10 @@ impl Region {
     /// `madvise` on a part of the region. Taking `&mut self` covers `MADV_DONTNEED`, which changes
     /// contents.
     fn advise(&mut self, offset: usize, len: usize, advice: i32) -> io::Result<()> {
-        self.check_part(offset, len)?;
-        let part = self.addr.as_ptr().wrapping_add(offset);
+        let part = self.part(offset, len)?;
         // SAFETY: the part lies inside our mapping and `&mut self` excludes other references to it,
         // so advice that drops its contents cannot surprise anyone.
-        let r = unsafe { libc::madvise(part.cast(), len, advice) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        status(unsafe { libc::madvise(part, len, advice) })
     }
 
     /// Sets the protection of `[offset, offset+len)` to `prot` (`PROT_READ` makes a fence that keeps
@@ -144,16 +147,10 @@ impl Region {
     /// # Errors
     /// The `mprotect` error.
     pub fn protect(&mut self, offset: usize, len: usize, prot: i32) -> io::Result<()> {
-        self.check_part(offset, len)?;
-        let part = self.addr.as_ptr().wrapping_add(offset);
+        let part = self.part(offset, len)?;
         // SAFETY: the part lies inside our mapping and `&mut self` excludes other references to it;
         // a protection change alters no contents.
-        let r = unsafe { libc::mprotect(part.cast(), len, prot) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        status(unsafe { libc::mprotect(part, len, prot) })
     }
 
     /// Maps fresh zeroed memory over `[offset, offset+len)` (`MAP_FIXED`): a new VMA in place of the
@@ -162,13 +159,12 @@ impl Region {
     /// # Errors
     /// The `mmap` error.
     pub fn replace(&mut self, offset: usize, len: usize) -> io::Result<()> {
-        self.check_part(offset, len)?;
-        let part = self.addr.as_ptr().wrapping_add(offset);
+        let part = self.part(offset, len)?;
         // SAFETY: the part lies inside our mapping and `&mut self` excludes other references to it, so
         // replacing it cannot invalidate memory anyone else uses.
         let r = unsafe {
             libc::mmap(
-                part.cast(),
+                part,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
@@ -179,11 +175,12 @@ impl Region {
         check(r).map(drop)
     }
 
-    fn check_part(&self, offset: usize, len: usize) -> io::Result<()> {
+    /// The address of `[offset, offset+len)`, checked to lie inside the region.
+    fn part(&self, offset: usize, len: usize) -> io::Result<*mut libc::c_void> {
         if offset.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        Ok(())
+        Ok(self.addr.as_ptr().wrapping_add(offset).cast())
     }
 }
 
@@ -208,12 +205,7 @@ pub(crate) fn set_tracked_protection(addr: u64, len: u64, prot: i32) -> io::Resu
     };
     // SAFETY: see above: the range is memory the tracker tracks and only write access is toggled,
     // with the handler that restores it installed. The call reads and writes no memory of ours.
-    let r = unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    status(unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) })
 }
 
 /// Moves the program break up by at least `bytes` (`sbrk`) and returns the new memory as atomics. It
