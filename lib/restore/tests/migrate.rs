@@ -25,7 +25,7 @@ struct Cluster {
     omrun_logs: OmrunLogs,
 }
 
-/// Paths of omrun logs, removed at the end of the test.
+/// Paths of omrun logs, removed at the end of the test (a test that named its own has read it).
 #[derive(Default)]
 struct OmrunLogs(std::sync::Mutex<Vec<PathBuf>>);
 
@@ -110,7 +110,7 @@ impl Cluster {
         let mut cmd = self.clean_command(node, &bin_dir().join("omrun"));
         cmd.arg("--control").arg(self.control(node)).arg("--");
         w.setup(&mut cmd);
-        let log = log.map_or_else(|| self.new_omrun_log(), Path::to_path_buf);
+        let log = self.omrun_log(log);
         cmd.stderr(std::fs::File::create(&log).unwrap());
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map(Kill).unwrap();
@@ -127,15 +127,20 @@ impl Cluster {
         cmd
     }
 
-    /// A fresh path for the log of an omrun started without one.
-    fn new_omrun_log(&self) -> PathBuf {
+    /// The log of the next omrun: `given`, or a fresh path; noted for [`Cluster::logs`].
+    fn omrun_log(&self, given: Option<&Path>) -> PathBuf {
         let mut logs = self.omrun_logs.0.lock().unwrap_or_else(|e| e.into_inner());
-        let log = std::env::temp_dir().join(format!(
-            "om-mig-omrun-{}-{:p}-{}.log",
-            std::process::id(),
-            self,
-            logs.len()
-        ));
+        let log = given.map_or_else(
+            || {
+                std::env::temp_dir().join(format!(
+                    "om-mig-omrun-{}-{:p}-{}.log",
+                    std::process::id(),
+                    self,
+                    logs.len()
+                ))
+            },
+            Path::to_path_buf,
+        );
         logs.push(log.clone());
         log
     }

@@ -912,7 +912,9 @@ thread_local! {
 }
 
 /// Reads the pages of a batch from `conn` into `pieces` of the image's file, [`FILE_CHUNK`] at a
-/// time; returns the indices of the pages whose checksum does not match `sums`.
+/// time; returns the indices of the pages whose checksum does not match `sums`. A chunk spans
+/// pieces: a later round's batch of scattered single pages is a few reads, not one per page.
+/// Writing fails as allocating image memory does: `Limit` when the memory ran out.
 fn recv_into_file(
     conn: &mut Conn,
     pieces: &[FilePiece<'_>],
@@ -943,7 +945,15 @@ fn recv_into_file(
                 let Some(p) = pieces.get(piece) else { break };
                 let k = (p.len - within).min(n - at);
                 std::os::unix::fs::FileExt::write_all_at(p.file, &buf[at..at + k], p.offset + within as u64)
-                    .map_err(|e| conn.io("write pages to the image", e))?;
+                    .map_err(|e| {
+                        let out_of_memory = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::ENOMEM));
+                        let code = if out_of_memory {
+                            ErrorCode::Limit
+                        } else {
+                            ErrorCode::Internal
+                        };
+                        refused(conn, code, format!("cannot write image memory: {e}"))
+                    })?;
                 at += k;
                 within += k;
                 if within == p.len {
