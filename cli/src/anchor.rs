@@ -34,6 +34,8 @@ use std::time::Duration;
 use om_transport::conn::Conn;
 use om_transport::relay::{self, Msg};
 
+use crate::claims::Claims;
+
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, raise, sigprocmask};
 use nix::sys::signalfd::SignalFd;
@@ -578,6 +580,7 @@ fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let busy = Arc::new(AtomicUsize::new(0));
+    let claims = Arc::new(Claims::default());
     let _ = std::thread::Builder::new().name("omrun-relay".into()).spawn(move || {
         for s in listener.incoming().flatten() {
             if busy.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
@@ -585,13 +588,11 @@ fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>
                 continue;
             }
             let (tx, token, busy) = (tx.clone(), token.clone(), Arc::clone(&busy));
+            let claims = Arc::clone(&claims);
             let spawned = std::thread::Builder::new().spawn(move || {
-                match relay::accept(s, &token, Duration::from_secs(10)) {
-                    Ok((conn, g, node)) => {
-                        tracing::debug!(generation = g, peer = conn.peer(), ?node, "relay attached");
-                        let _ = tx.send(Event::Attached(g, Box::new(conn), node));
-                    }
-                    Err(e) => tracing::warn!(error = %om_transport::error::chain(&e), "relay connection refused"),
+                if let Some((conn, g, node)) = answer_relay(s, &token, &claims) {
+                    tracing::debug!(generation = g, peer = conn.peer(), ?node, "relay attached");
+                    let _ = tx.send(Event::Attached(g, Box::new(conn), node));
                 }
                 busy.fetch_sub(1, Ordering::AcqRel);
             });
@@ -600,6 +601,42 @@ fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>
             }
         }
     });
+}
+
+/// Handles one relay connection up to its attach: answers the claims it opens with (a destination
+/// claims before its copy runs, then attaches; a source in doubt claims and hangs up). Returns the
+/// attached relay, its generation and its node's omd.
+fn answer_relay(
+    s: std::net::TcpStream,
+    token: &[u8],
+    claims: &Claims,
+) -> Option<(Conn, u32, Option<std::net::SocketAddr>)> {
+    let (mut conn, mut first) = match relay::accept(s, token, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %om_transport::error::chain(&e), "relay connection refused");
+            return None;
+        }
+    };
+    loop {
+        match first {
+            relay::First::Attach(g, node) => return Some((conn, g, node)),
+            relay::First::Claim { token, start } => {
+                let started = claims.claim(token, start);
+                tracing::info!(token = format_args!("{token:#x}"), start, started, "a migration's fate claimed");
+                relay::send(&mut conn, &Msg::Claimed { token, started }).ok()?;
+            }
+        }
+        first = match relay::next_first(&mut conn) {
+            Ok(f) => f,
+            // A source's claim ends its connection.
+            Err(om_transport::TransportError::Closed { .. }) => return None,
+            Err(e) => {
+                tracing::warn!(error = %om_transport::error::chain(&e), "relay connection failed after a claim");
+                return None;
+            }
+        };
+    }
 }
 
 fn spawn_relay_reader(g: u32, mut conn: Conn, tx: mpsc::Sender<Event>) {

@@ -2,6 +2,7 @@
 //! codes, the home anchor.
 
 pub mod anchor;
+pub mod claims;
 pub mod control;
 pub mod migration;
 mod sys;

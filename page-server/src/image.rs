@@ -669,10 +669,10 @@ impl ImageSink for Image {
         layout.set_vmas(&begin.vmas)
     }
 
-    fn go(&self) -> Result<u32, Refusal> {
+    fn go(&self, token: u64) -> Result<u32, Refusal> {
         let prepared = lock(&self.prepared).take();
         match prepared {
-            Some(p) => p.go(),
+            Some(p) => p.go(token),
             None => Err((ErrorCode::Session, "no prepared copy to start".into())),
         }
     }

@@ -38,6 +38,8 @@ use crate::runtimes::Runtimes;
 
 /// How long om-restore may take to prepare a copy (a poll timeout: at most 65 s).
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a copy's start waits for its home's grant.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the relay tries to reach the home.
 const HOME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -315,12 +317,21 @@ impl Restorer {
 }
 
 impl Prepared {
-    /// Starts the copy and its relay; returns its pid on this node.
+    /// Starts the copy of the migration with commit token `token`, and its relay; returns its pid on
+    /// this node. A copy with a home starts only if the home grants it (the first claim on the token
+    /// decides, [`om_transport::relay`]): a source that could not learn whether it started may have
+    /// resumed already.
     ///
     /// # Errors
-    /// The hold pipe could not be written (om-restore is gone).
-    pub fn go(mut self) -> Result<u32, Refusal> {
+    /// The home refused the copy or could not be reached (the copy is discarded), or the hold pipe
+    /// could not be written (om-restore is gone).
+    pub fn go(mut self, token: u64) -> Result<u32, Refusal> {
         let pid = self.pid;
+        // Dropping `self` before `hold` is taken discards the copy.
+        let claimed = match &self.home {
+            Some(home) => Some(claim_start(home, token, pid)?),
+            None => None,
+        };
         let mut hold = self
             .hold
             .take()
@@ -334,7 +345,7 @@ impl Prepared {
             .spawn(move || {
                 let runtimes = self.runtimes.clone();
                 if started.recv() == Ok(true) {
-                    self.relay();
+                    self.relay(claimed);
                 } else {
                     let _ = self.child.wait();
                 }
@@ -357,9 +368,20 @@ impl Prepared {
     }
 
     /// Carries stdio, signals and the end of the copy between it and its home.
-    fn relay(mut self) {
+    /// `claimed`: the connection on which the home granted the start, attached here.
+    fn relay(mut self, claimed: Option<Conn>) {
         let pid = self.pid;
-        let conn = self.home.as_ref().and_then(|h| connect_home(h, self.listen, pid));
+        let conn = self.home.as_ref().and_then(|h| {
+            claimed
+                .and_then(|mut c| match relay::attach(&mut c, h, self.listen) {
+                    Ok(()) => Some(c),
+                    Err(e) => {
+                        tracing::debug!(pid, error = %e, "attaching after the claim failed; connecting again");
+                        None
+                    }
+                })
+                .or_else(|| connect_home(h, self.listen, pid))
+        });
         let Some(conn) = conn else {
             // No home to report to: the output goes to omd's own.
             drop(self.streams.input.take());
@@ -485,6 +507,37 @@ impl Drop for Prepared {
             let _ = self.child.wait();
             let _ = fs::remove_dir_all(&self.dir);
             tracing::info!(pid = self.pid, "prepared copy discarded");
+        }
+    }
+}
+
+/// Asks `home` for the start of the copy of `token`, for up to [`CLAIM_TIMEOUT`]; returns the
+/// connection it granted it on.
+fn claim_start(home: &Home, token: u64, pid: u32) -> Result<Conn, Refusal> {
+    let deadline = Instant::now() + CLAIM_TIMEOUT;
+    loop {
+        match relay::open(home, CLAIM_TIMEOUT).and_then(|mut c| Ok((relay::claim(&mut c, token, true)?, c))) {
+            Ok((true, c)) => return Ok(c),
+            Ok((false, _)) => {
+                tracing::warn!(pid, "the process's home cancelled this migration: its source resumed");
+                return Err((
+                    ErrorCode::Session,
+                    "the process's home cancelled this migration (its source resumed)".into(),
+                ));
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(pid, error = %e, "home not reachable for the claim yet");
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                let reason = format!(
+                    "cannot reach the process's home at {} to start the copy: {}",
+                    home.addr,
+                    om_transport::error::chain(&e)
+                );
+                tracing::warn!(pid, %reason);
+                return Err((ErrorCode::Timeout, reason));
+            }
         }
     }
 }

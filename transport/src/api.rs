@@ -378,11 +378,12 @@ pub trait ImageSink: Send + Sync + 'static {
         None
     }
 
-    /// Starts the prepared copy of a committed migration; returns its pid on this node.
+    /// Starts the prepared copy of the committed migration with commit token `token`; returns its
+    /// pid on this node.
     ///
     /// # Errors
-    /// Not a migration, or the copy could not be started.
-    fn go(&self) -> Result<u32, Refusal> {
+    /// Not a migration, or the copy could not be started (or its home refused it).
+    fn go(&self, _token: u64) -> Result<u32, Refusal> {
         Err((
             ErrorCode::Session,
             "this receiver does not restore migrations".into(),

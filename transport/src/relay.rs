@@ -8,6 +8,8 @@
 //! ```text
 //!  node running generation g                       omrun (home)
 //!    |--- Hello{Relay} / Welcome / Proofs ----------->|  token-keyed handshake
+//!    |--- Claim{commit token, start} ---------------->|  before the copy may run (below)
+//!    |<-- Claimed{commit token, started} -------------|  started: it runs; else it is discarded
 //!    |--- Attach{g, node's omd address} ------------->|  omrun tells its omd where it runs
 //!    |--- Terminal{fds} ----------------------------->|  if its stdio is a pseudo-terminal here
 //!    |--- Output{1|2, bytes} ------------------------>|  stdout/stderr, in order per stream
@@ -23,6 +25,15 @@
 //! omrun writes a generation's output only after the previous generation ended (its relay sent
 //! `Moved` after the last byte it relayed), and gives stdin to one generation at a time, starting with
 //! the bytes the previous one left unread: nothing is lost, reordered or duplicated across a hop.
+//!
+//! **The home decides whether a copy may run.** A migration's two-phase commit has a moment of doubt:
+//! the source sent `Go` and heard nothing back, and cannot reach the destination to ask. The home
+//! settles it. The destination omd claims the migration's commit token (`Claim{start}`) before it
+//! lets its copy run, and starts it only if the home says `started`; a source in doubt claims the
+//! same token to cancel (`Claim{!start}`) and resumes only if the home says it is cancelled. The
+//! first claim for a token decides it for good, so exactly one of the two runs: the source ends if
+//! the copy won, the copy is discarded if the source won. A source's claim comes on a connection of
+//! its own that ends after the answer.
 //!
 //! A process whose stdio was a terminal carries that terminal's state ([`Terminal`], a record of
 //! the image): the node it moves to gives it a pseudo-terminal in that state as its controlling
@@ -327,6 +338,21 @@ pub enum Msg {
     Terminal(u8),
     /// The home terminal's window size changed.
     Resize(WinSize),
+    /// Decide the fate of the migration with this commit token: `start` from the destination about
+    /// to start its copy, `!start` from a source that could not learn whether it started.
+    Claim {
+        /// The commit token of the migration.
+        token: u64,
+        /// Start the copy (`true`) or cancel it (`false`).
+        start: bool,
+    },
+    /// The home's decision for `token` (made by the first claim): the copy starts (or started).
+    Claimed {
+        /// The commit token of the migration.
+        token: u64,
+        /// The copy may run; `false`: it never may.
+        started: bool,
+    },
 }
 
 impl Msg {
@@ -352,6 +378,8 @@ impl Msg {
             Self::Moved(b) => (Kind::Moved, b.clone()),
             Self::Terminal(fds) => (Kind::Terminal, vec![*fds]),
             Self::Resize(w) => (Kind::Resize, w.body().as_bytes().to_vec()),
+            Self::Claim { token, start } => (Kind::Claim, fate_body(*token, *start)),
+            Self::Claimed { token, started } => (Kind::Claimed, fate_body(*token, *started)),
         }
     }
 
@@ -395,6 +423,14 @@ impl Msg {
             Kind::Resize => Self::Resize(WinSize::of(
                 &WinSizeBody::read_from_bytes(body).map_err(|_| WireError::Truncated("resize"))?,
             )),
+            Kind::Claim => {
+                let (token, start) = decode_fate(body, "claim")?;
+                Self::Claim { token, start }
+            }
+            Kind::Claimed => {
+                let (token, started) = decode_fate(body, "claimed")?;
+                Self::Claimed { token, started }
+            }
             other => {
                 return Err(WireError::Unexpected {
                     got: other,
@@ -402,6 +438,24 @@ impl Msg {
                 });
             }
         })
+    }
+}
+
+/// `u64 token, u8 0|1`.
+fn fate_body(token: u64, yes: bool) -> Vec<u8> {
+    let mut v = token.to_le_bytes().to_vec();
+    v.push(u8::from(yes));
+    v
+}
+
+fn decode_fate(body: &[u8], what: &'static str) -> Result<(u64, bool), WireError> {
+    match body {
+        [t @ .., yes @ (0 | 1)] if t.len() == 8 => {
+            let token = u64::from_le_bytes(t.try_into().map_err(|_| WireError::Truncated(what))?);
+            Ok((token, *yes == 1))
+        }
+        _ if body.len() < 9 => Err(WireError::Truncated(what)),
+        _ => Err(WireError::Invalid(format!("{what}: body"))),
     }
 }
 
@@ -435,39 +489,84 @@ fn hello(nonce: [u8; 32]) -> Hello {
     }
 }
 
-/// Connects to `home` as generation `home.generation` and attaches, from the node whose omd listens
-/// at `omd` (an unspecified address stands for the one this connection leaves from).
+/// Connects to `home` and proves the home token; nothing is attached yet ([`attach`], [`claim`]).
 ///
 /// # Errors
 /// Connection or authentication errors.
-pub fn connect(home: &Home, omd: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
+pub fn open(home: &Home, timeout: Duration) -> Result<Conn, TransportError> {
     let s = TcpStream::connect_timeout(&home.addr, timeout).map_err(|source| TransportError::Connect {
         addr: home.addr,
         source,
     })?;
-    let node = if omd.ip().is_unspecified() {
-        s.local_addr().ok().map(|l| SocketAddr::new(l.ip(), omd.port()))
-    } else {
-        Some(omd)
-    };
     let mut c = Conn::new(s);
     c.set_read_timeout(Some(timeout))?;
     auth::client(&mut c, &home.key()?, &hello(auth::random_bytes()))?;
-    send(&mut c, &Msg::Attach(home.generation, node))?;
-    c.set_read_timeout(None)?;
     Ok(c)
 }
 
-/// Accepts a relay connection on omrun's side: checks the token and returns the connection, the
-/// generation it attaches and its node's omd address.
+/// Asks the home on `conn` (from [`open`]) to decide the migration of commit token `token`: start
+/// its copy (`start`) or cancel it. Returns the decision, which the first claim for a token made:
+/// `true` when the copy may run (or runs).
 ///
 /// # Errors
-/// A peer that does not hold the token, or does not attach.
-pub fn accept(
-    stream: TcpStream,
-    token: &[u8],
-    timeout: Duration,
-) -> Result<(Conn, u32, Option<SocketAddr>), TransportError> {
+/// Socket errors, or an answer that is not about `token`.
+pub fn claim(conn: &mut Conn, token: u64, start: bool) -> Result<bool, TransportError> {
+    send(conn, &Msg::Claim { token, start })?;
+    match recv(conn)? {
+        Msg::Claimed { token: t, started } if t == token => Ok(started),
+        other => Err(conn.wire(WireError::Invalid(format!(
+            "expected the home's decision on {token:#x}, got {other:?}"
+        )))),
+    }
+}
+
+/// Attaches `conn` (from [`open`], perhaps after a [`claim`]) as generation `home.generation` of
+/// the node whose omd listens at `omd` (an unspecified address stands for the one this connection
+/// leaves from); the relay flows from here on.
+///
+/// # Errors
+/// Socket errors.
+pub fn attach(conn: &mut Conn, home: &Home, omd: SocketAddr) -> Result<(), TransportError> {
+    let node = if omd.ip().is_unspecified() {
+        conn.local_addr().map(|l| SocketAddr::new(l.ip(), omd.port()))
+    } else {
+        Some(omd)
+    };
+    send(conn, &Msg::Attach(home.generation, node))?;
+    conn.set_read_timeout(None)
+}
+
+/// [`open`], then [`attach`].
+///
+/// # Errors
+/// Connection or authentication errors.
+pub fn connect(home: &Home, omd: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
+    let mut c = open(home, timeout)?;
+    attach(&mut c, home, omd)?;
+    Ok(c)
+}
+
+/// What a relay connection opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum First {
+    /// The relay of generation `.0`, on the node whose omd listens at `.1` (if known).
+    Attach(u32, Option<SocketAddr>),
+    /// A claim on the migration with this commit token ([`claim`]); the connection may attach
+    /// after the answer.
+    Claim {
+        /// The commit token.
+        token: u64,
+        /// Start (`true`) or cancel.
+        start: bool,
+    },
+}
+
+/// Accepts a relay connection on omrun's side: checks the token and returns the connection and
+/// what it opened with.
+///
+/// # Errors
+/// A peer that does not hold the token, or opens with anything but an attach or a claim.
+pub fn accept(stream: TcpStream, token: &[u8], timeout: Duration) -> Result<(Conn, First), TransportError> {
     let mut c = Conn::new(stream);
     c.set_read_timeout(Some(timeout))?;
     let key = ClusterKey::from_bytes(token.to_vec()).map_err(|_| TransportError::Misuse("home token"))?;
@@ -481,14 +580,29 @@ pub fn accept(
             ))
         }
     })?;
-    let (g, node) = match recv(&mut c)? {
-        Msg::Attach(g, node) => (g, node),
+    let first = next_first(&mut c)?;
+    Ok((c, first))
+}
+
+/// The next opening message on an accepted relay connection (after a claim was answered: an attach
+/// or the end of the connection, `Closed`).
+///
+/// # Errors
+/// Socket errors, or any other message.
+pub fn next_first(c: &mut Conn) -> Result<First, TransportError> {
+    let first = match recv(c)? {
+        Msg::Attach(g, node) => {
+            c.set_read_timeout(None)?;
+            First::Attach(g, node)
+        }
+        Msg::Claim { token, start } => First::Claim { token, start },
         other => {
-            return Err(c.wire(WireError::Invalid(format!("expected attach, got {other:?}"))));
+            return Err(c.wire(WireError::Invalid(format!(
+                "expected attach or claim, got {other:?}"
+            ))));
         }
     };
-    c.set_read_timeout(None)?;
-    Ok((c, g, node))
+    Ok(first)
 }
 
 #[cfg(test)]
@@ -531,6 +645,19 @@ mod tests {
                 xpixel: 1,
                 ypixel: 65535,
             }),
+            Msg::Claim {
+                token: u64::MAX - 3,
+                start: true,
+            },
+            Msg::Claim { token: 0, start: false },
+            Msg::Claimed {
+                token: 0x1234_5678_9abc_def0,
+                started: true,
+            },
+            Msg::Claimed {
+                token: 9,
+                started: false,
+            },
         ] {
             let (k, b) = m.frame();
             assert_eq!(Msg::decode(k, &b).unwrap(), m);
@@ -543,6 +670,9 @@ mod tests {
         assert!(Msg::decode(Kind::Terminal, &[0]).is_err());
         assert!(Msg::decode(Kind::Terminal, &[8]).is_err());
         assert!(Msg::decode(Kind::Resize, &[1; 7]).is_err());
+        assert!(Msg::decode(Kind::Claim, &[0; 8]).is_err());
+        assert!(Msg::decode(Kind::Claim, &[0; 10]).is_err());
+        assert!(Msg::decode(Kind::Claimed, &[0, 0, 0, 0, 0, 0, 0, 0, 2]).is_err());
     }
 
     #[test]

@@ -763,8 +763,14 @@ fn finish_numbered(run: Kill, lines: u32, what: &str) {
 /// The destination's omd dies at `fault`: the migration fails, and the process runs on at home,
 /// exactly once: its output is complete and in order.
 fn destination_dies(fault: &str) {
+    destination_fails(fault, 2500).rig.teardown().unwrap();
+}
+
+/// [`destination_dies`] with a program of `lines` milliseconds, leaving the cluster up for more
+/// checks.
+fn destination_fails(fault: &str, lines: u32) -> Cluster {
     let c = Cluster::with_fault(2, &[(1, fault)]);
-    let w = program(build("numbered.c"), &["2500"]);
+    let w = program(build("numbered.c"), &[&lines.to_string()]);
     let (run, pid) = c.run(0, &w);
     std::thread::sleep(Duration::from_millis(300));
     // No downtime is ever good enough: the rounds go on until they stop making progress, so every
@@ -773,7 +779,7 @@ fn destination_dies(fault: &str) {
         .migrate_with(0, pid, 1, &["--downtime", "0"])
         .expect_err("the migration must fail");
     assert!(e.contains("continues here"), "{fault}: {e}");
-    finish_numbered(run, 2500, fault);
+    finish_numbered(run, lines, fault);
     // Nothing of the copy is left on the destination: no restorer of node 1's still runs.
     let node1 = c.rig.state_dir().join("n1");
     let node1 = node1.to_string_lossy().into_owned();
@@ -794,7 +800,7 @@ fn destination_dies(fault: &str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    c.rig.teardown().unwrap();
+    c
 }
 
 #[test]
@@ -843,6 +849,54 @@ fn a_lost_running_is_confirmed_and_the_process_moves() {
         std::thread::sleep(Duration::from_millis(20));
     }
     finish_numbered(run, 2500, "lost-running");
+    c.rig.teardown().unwrap();
+}
+
+/// The copy starts, but the source hears nothing: its `Running` is lost and the destination answers
+/// no `Ask`. The home granted the copy's start, so it tells the source that the copy runs, and the
+/// source ends at once (without the home it would resume after 20 s, next to the copy): the
+/// program runs exactly once.
+#[test]
+fn a_copy_the_destination_cannot_confirm_is_confirmed_by_the_home() {
+    let c = Cluster::with_fault(2, &[(1, "deaf-after-go")]);
+    let w = program(build("numbered.c"), &["2500"]);
+    let (run, pid) = c.run(0, &w);
+    std::thread::sleep(Duration::from_millis(300));
+    let json = c
+        .migrate(0, pid, 1)
+        .unwrap_or_else(|e| panic!("the migration must go through: {e}\n{}", c.logs()));
+    // Only the home confirmed it: the pid there is not known here.
+    assert_eq!(pid_there(&json), 0, "{json}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the source {pid} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    finish_numbered(run, 2500, "deaf-after-go");
+    c.rig.teardown().unwrap();
+}
+
+/// The go is late: the destination drops the source's connection as the go arrives and answers no
+/// `Ask`, so the source cannot learn whether the copy runs. It cancels the migration at the home
+/// and runs on. When the go reaches the copy 3 s later, the home (omrun, still running the
+/// program) refuses it: the program runs exactly once, and the copy never starts.
+#[test]
+fn a_late_go_after_the_source_resumed_is_refused_by_the_home() {
+    let c = destination_fails("late-go", 8000);
+    let log = &c.omds[1].log;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let late = loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("the late go started the copy")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no late go in {}", c.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        late.contains("Discarded") && late.contains("cancelled"),
+        "the late go must find the migration cancelled: {late}"
+    );
     c.rig.teardown().unwrap();
 }
 

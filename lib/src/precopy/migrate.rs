@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use om_transport::api::PageSender;
 use om_transport::error::chain;
-use om_transport::relay::Home;
+use om_transport::relay::{self, Home};
 use om_transport::sys::Readable;
 use om_transport::wire::{Begin, Fate, ImageInfo, Vma as WireVma};
 use om_transport::{ClusterKey, KeyError, SenderConfig, TcpSender, TransportError};
@@ -245,11 +245,12 @@ pub enum MigrateError {
     /// The go was not acknowledged, and the destination says the copy does not run.
     #[error("starting the copy on the destination")]
     Go(#[source] TransportError),
-    /// The go went out, and neither `Running` nor an answer to `Ask` came back: the copy may run
-    /// on the destination too.
+    /// The go went out, and neither `Running`, nor an answer to `Ask`, nor the home's decision came
+    /// back: the copy may run on the destination too (if the home granted it before it became
+    /// unreachable).
     #[error(
-        "starting the copy on the destination: no confirmation within {secs} s; the process continues \
-         here, and a copy may run there too"
+        "starting the copy on the destination: neither the destination nor the process's home answered \
+         within {secs} s; the process continues here, and a copy may run there too"
     )]
     GoInDoubt {
         /// How long the destination was asked.
@@ -638,22 +639,40 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     ))
 }
 
-/// How long a source whose go went unanswered asks the destination what became of the copy.
+/// How long a source whose go went unanswered asks what became of the copy.
 const CONFIRM_GO: Duration = Duration::from_secs(20);
 
-/// After a go without `Running`: asks the destination, on new connections, until it answers or
-/// [`CONFIRM_GO`] passes (`None`). Asking starts the copy there if it is still prepared.
+/// After a go without `Running`: learns the copy's fate from the destination, on a new connection
+/// (`Ask`, which starts the copy if it is still prepared), or, failing that, from the home, which
+/// decides it for good: the source claims the migration to cancel it, and the home answers that the
+/// copy runs if the destination claimed it first (its omd starts a copy only on the home's grant).
+/// Asks both until one answers or [`CONFIRM_GO`] passes (`None`). A copy known to run only from the
+/// home has pid 0 here.
 fn confirm_go(to: SocketAddr, key: &ClusterKey, token: u64) -> Option<Fate> {
+    let home = HOME.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let deadline = Instant::now() + CONFIRM_GO;
     loop {
         match TcpSender::ask(to, key, SenderConfig::default(), token) {
             Ok(fate) => return Some(fate),
-            Err(e) if Instant::now() < deadline => {
-                tracing::warn!(error = %chain(&e), "asking the destination what became of the copy");
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            Err(_) => return None,
+            Err(e) => tracing::warn!(error = %chain(&e), "asking the destination what became of the copy"),
         }
+        if let Some(h) = &home {
+            match relay::open(h, Duration::from_secs(2)).and_then(|mut c| relay::claim(&mut c, token, false)) {
+                Ok(true) => {
+                    tracing::warn!("the home says the copy runs: it claimed the migration first");
+                    return Some(Fate::Running(0));
+                }
+                Ok(false) => {
+                    tracing::warn!("the home cancelled the copy: it will not run");
+                    return Some(Fate::Discarded);
+                }
+                Err(e) => tracing::warn!(error = %chain(&e), "asking the home what became of the copy"),
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

@@ -37,7 +37,7 @@ pub struct ReceiverConfig {
 }
 
 /// Where a fault test breaks the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`,
-/// `lost-go`, `lost-running`).
+/// `lost-go`, `lost-running`, `deaf-after-go`, `late-go`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     /// The receiver dies when round N ends (before its acknowledgement).
@@ -53,10 +53,17 @@ pub enum CrashPoint {
     /// The connection drops after the copy started, before `Running` is sent; the receiver lives
     /// on.
     LostRunning,
+    /// As `LostRunning`, and every `Ask` goes unanswered: the source cannot learn from here that
+    /// the copy runs (only its home can tell it).
+    DeafAfterGo,
+    /// The connection drops as the go arrives, every `Ask` goes unanswered, and the copy is
+    /// started 3 s later, as a go delayed on the way would start it.
+    LateGo,
 }
 
 impl CrashPoint {
-    /// Parses `round:N`, `final`, `prepared`, `lost-go` or `lost-running`.
+    /// Parses `round:N`, `final`, `prepared`, `lost-go`, `lost-running`, `deaf-after-go` or
+    /// `late-go`.
     #[must_use]
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -64,6 +71,8 @@ impl CrashPoint {
             "prepared" => Some(Self::Prepared),
             "lost-go" => Some(Self::LostGo),
             "lost-running" => Some(Self::LostRunning),
+            "deaf-after-go" => Some(Self::DeafAfterGo),
+            "late-go" => Some(Self::LateGo),
             _ => s.strip_prefix("round:")?.parse().ok().map(Self::Round),
         }
     }
@@ -250,7 +259,7 @@ impl<S: ImageStore> Receiver<S> {
             return (Fate::Unknown, None);
         };
         let (fate, why) = match std::mem::replace(copy, CopyState::Decided(Fate::Unknown)) {
-            CopyState::Prepared(image) => match image.go() {
+            CopyState::Prepared(image) => match image.go(token) {
                 Ok(pid) => (Fate::Running(pid), None),
                 Err(why) => (Fate::Discarded, Some(why)),
             },
@@ -391,6 +400,14 @@ impl<S: ImageStore> Receiver<S> {
             Kind::Begin => first.body,
             Kind::Ask => {
                 let token = wire::msg::decode_u64(&first.body, "ask").map_err(|e| conn.wire(e))?;
+                if matches!(
+                    self.config.crash_at,
+                    Some(CrashPoint::DeafAfterGo | CrashPoint::LateGo)
+                ) {
+                    tracing::error!("OM_FAULT: the ask goes unanswered");
+                    conn.reset_on_close();
+                    return Err(TransportError::Misuse("OM_FAULT: ask unanswered"));
+                }
                 let (fate, why) = self.start(token);
                 if let Some((_, reason)) = why {
                     tracing::warn!(peer = %session.peer, %reason, "an asked-for copy could not start");
@@ -516,6 +533,14 @@ impl<S: ImageStore> Receiver<S> {
                             }
                             Ok(())
                         });
+                        if go.is_ok() && self.config.crash_at == Some(CrashPoint::LateGo) {
+                            tracing::error!("OM_FAULT: the go arrives late");
+                            conn.shutdown();
+                            std::thread::sleep(Duration::from_secs(3));
+                            let (fate, why) = self.start(token);
+                            tracing::error!(?fate, ?why, "OM_FAULT: the late go started the copy, or not");
+                            return Err(TransportError::Misuse("OM_FAULT late-go"));
+                        }
                         if let Err(e) = go {
                             self.discard(token);
                             return Err(e);
@@ -529,7 +554,10 @@ impl<S: ImageStore> Receiver<S> {
                             }
                         };
                         tracing::info!(peer = %session.peer, image = id, pid, "migrated process running");
-                        if self.config.crash_at == Some(CrashPoint::LostRunning) {
+                        if matches!(
+                            self.config.crash_at,
+                            Some(CrashPoint::LostRunning | CrashPoint::DeafAfterGo)
+                        ) {
                             tracing::error!("OM_FAULT: running is lost");
                             conn.reset_on_close();
                             return Err(TransportError::Misuse("OM_FAULT lost-running"));

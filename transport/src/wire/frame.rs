@@ -112,6 +112,12 @@ pub enum Kind {
     Terminal = 44,
     /// Relay: the home terminal's new window size, for the copy's pseudo-terminal.
     Resize = 45,
+    /// Relay, first on a connection: decide the fate of the migration with this commit token, as
+    /// the destination about to start its copy (start) or as a source that could not learn whether
+    /// the copy started (cancel). The home decides once; the first claim wins.
+    Claim = 46,
+    /// Relay: the home's decision for a token: the copy starts (or started), or it never may.
+    Claimed = 47,
 }
 
 impl Kind {
@@ -138,7 +144,14 @@ impl Kind {
             Self::Record => super::MAX_RECORD_BODY,
             Self::Abort | Self::Error => super::MAX_TEXT + 8,
             Self::Attach => 128,
-            Self::InputEnd | Self::Signal | Self::Exit | Self::Stop | Self::Terminal | Self::Resize => 64,
+            Self::InputEnd
+            | Self::Signal
+            | Self::Exit
+            | Self::Stop
+            | Self::Terminal
+            | Self::Resize
+            | Self::Claim
+            | Self::Claimed => 64,
             Self::Output | Self::Input => crate::relay::MAX_CHUNK + 8,
             Self::Moved => crate::relay::MAX_LEFTOVER + 8,
         }
@@ -175,6 +188,8 @@ impl TryFrom<u16> for Kind {
             43 => Self::Answer,
             44 => Self::Terminal,
             45 => Self::Resize,
+            46 => Self::Claim,
+            47 => Self::Claimed,
             28 => Self::Go,
             29 => Self::Running,
             30 => Self::Placement,

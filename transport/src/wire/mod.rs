@@ -96,9 +96,10 @@ pub use msg::{
 /// The protocol version this build speaks. 2: every `Vmas` is answered with `Relaid` (a peer of
 /// version 1 would not wait for it, or not send it). 3: `Commit` carries the copy's token, and
 /// `Ask`/`Answer` confirm a `Go` whose `Running` was lost. 4: relays carry `Terminal` and `Resize`,
-/// and `Attach` the node's omd address.
+/// and `Attach` the node's omd address. 5: the home decides whether a migration's copy may start
+/// (`Claim`/`Claimed`).
 /// The handshake refuses a mix.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 
 /// Commits whose fate a receiver remembers for `Ask`.
 pub const MAX_FATES: usize = 1024;
