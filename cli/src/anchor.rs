@@ -581,26 +581,28 @@ fn spawn_listener(listener: TcpListener, token: Vec<u8>, tx: mpsc::Sender<Event>
     use std::sync::atomic::{AtomicUsize, Ordering};
     let busy = Arc::new(AtomicUsize::new(0));
     let claims = Arc::new(Claims::default());
-    let _ = std::thread::Builder::new().name("omrun-relay".into()).spawn(move || {
-        for s in listener.incoming().flatten() {
-            if busy.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-                busy.fetch_sub(1, Ordering::AcqRel);
-                continue;
-            }
-            let (tx, token, busy) = (tx.clone(), token.clone(), Arc::clone(&busy));
-            let claims = Arc::clone(&claims);
-            let spawned = std::thread::Builder::new().spawn(move || {
-                if let Some((conn, g, node)) = answer_relay(s, &token, &claims) {
-                    tracing::debug!(generation = g, peer = conn.peer(), ?node, "relay attached");
-                    let _ = tx.send(Event::Attached(g, Box::new(conn), node));
+    let _ = std::thread::Builder::new()
+        .name("omrun-relay".into())
+        .spawn(move || {
+            for s in listener.incoming().flatten() {
+                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    continue;
                 }
-                busy.fetch_sub(1, Ordering::AcqRel);
-            });
-            if spawned.is_err() {
-                tracing::warn!("cannot start a thread for a relay connection");
+                let (tx, token, busy) = (tx.clone(), token.clone(), Arc::clone(&busy));
+                let claims = Arc::clone(&claims);
+                let spawned = std::thread::Builder::new().spawn(move || {
+                    if let Some((conn, g, node)) = answer_relay(s, &token, &claims) {
+                        tracing::debug!(generation = g, peer = conn.peer(), ?node, "relay attached");
+                        let _ = tx.send(Event::Attached(g, Box::new(conn), node));
+                    }
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                });
+                if spawned.is_err() {
+                    tracing::warn!("cannot start a thread for a relay connection");
+                }
             }
-        }
-    });
+        });
 }
 
 /// Handles one relay connection up to its attach: answers the claims it opens with (a destination
@@ -623,7 +625,12 @@ fn answer_relay(
             relay::First::Attach(g, node) => return Some((conn, g, node)),
             relay::First::Claim { token, start } => {
                 let started = claims.claim(token, start);
-                tracing::info!(token = format_args!("{token:#x}"), start, started, "a migration's fate claimed");
+                tracing::info!(
+                    token = format_args!("{token:#x}"),
+                    start,
+                    started,
+                    "a migration's fate claimed"
+                );
                 relay::send(&mut conn, &Msg::Claimed { token, started }).ok()?;
             }
         }

@@ -290,6 +290,10 @@ fn main() {
         &[Kind::Resize as u8, 50, 0, 132, 0, 0, 0, 0, 0],
     );
     put("relay", "msg_output", &[Kind::Output as u8, 1, b'h', b'i']);
+    let mut claim = vec![Kind::Claim as u8];
+    claim.extend_from_slice(&0x1234_5678_9abc_def0u64.to_le_bytes());
+    claim.push(1);
+    put("relay", "msg_claim", &claim);
     put(
         "maps",
         "self",

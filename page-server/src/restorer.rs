@@ -519,7 +519,10 @@ fn claim_start(home: &Home, token: u64, pid: u32) -> Result<Conn, Refusal> {
         match relay::open(home, CLAIM_TIMEOUT).and_then(|mut c| Ok((relay::claim(&mut c, token, true)?, c))) {
             Ok((true, c)) => return Ok(c),
             Ok((false, _)) => {
-                tracing::warn!(pid, "the process's home cancelled this migration: its source resumed");
+                tracing::warn!(
+                    pid,
+                    "the process's home cancelled this migration: its source resumed"
+                );
                 return Err((
                     ErrorCode::Session,
                     "the process's home cancelled this migration (its source resumed)".into(),

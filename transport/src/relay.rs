@@ -649,7 +649,10 @@ mod tests {
                 token: u64::MAX - 3,
                 start: true,
             },
-            Msg::Claim { token: 0, start: false },
+            Msg::Claim {
+                token: 0,
+                start: false,
+            },
             Msg::Claimed {
                 token: 0x1234_5678_9abc_def0,
                 started: true,

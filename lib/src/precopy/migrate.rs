@@ -657,7 +657,8 @@ fn confirm_go(to: SocketAddr, key: &ClusterKey, token: u64) -> Option<Fate> {
             Err(e) => tracing::warn!(error = %chain(&e), "asking the destination what became of the copy"),
         }
         if let Some(h) = &home {
-            match relay::open(h, Duration::from_secs(2)).and_then(|mut c| relay::claim(&mut c, token, false)) {
+            match relay::open(h, Duration::from_secs(2)).and_then(|mut c| relay::claim(&mut c, token, false))
+            {
                 Ok(true) => {
                     tracing::warn!("the home says the copy runs: it claimed the migration first");
                     return Some(Fate::Running(0));
