@@ -679,6 +679,80 @@ mod tests {
     }
 
     #[test]
+    fn claims_are_answered_and_a_claimed_connection_attaches() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let token = vec![5u8; 32];
+        let home = Home {
+            addr: l.local_addr().unwrap(),
+            token: token.clone(),
+            generation: 2,
+        };
+        let t = Duration::from_secs(5);
+        let server = std::thread::spawn(move || {
+            // A destination: claims to start, then attaches on the same connection.
+            let (mut c, first) = accept(l.accept().unwrap().0, &token, t).unwrap();
+            assert_eq!(
+                first,
+                First::Claim {
+                    token: 77,
+                    start: true
+                }
+            );
+            send(
+                &mut c,
+                &Msg::Claimed {
+                    token: 77,
+                    started: true,
+                },
+            )
+            .unwrap();
+            let attached = next_first(&mut c).unwrap();
+            // A source: claims to cancel, learns the copy runs, hangs up.
+            let (mut c, first) = accept(l.accept().unwrap().0, &token, t).unwrap();
+            assert_eq!(
+                first,
+                First::Claim {
+                    token: 77,
+                    start: false
+                }
+            );
+            send(
+                &mut c,
+                &Msg::Claimed {
+                    token: 77,
+                    started: true,
+                },
+            )
+            .unwrap();
+            assert!(matches!(next_first(&mut c), Err(TransportError::Closed { .. })));
+            // An answer about another migration.
+            let (mut c, _) = accept(l.accept().unwrap().0, &token, t).unwrap();
+            send(
+                &mut c,
+                &Msg::Claimed {
+                    token: 78,
+                    started: false,
+                },
+            )
+            .unwrap();
+            attached
+        });
+        let mut c = open(&home, t).unwrap();
+        assert!(claim(&mut c, 77, true).unwrap());
+        attach(&mut c, &home, "0.0.0.0:7070".parse().unwrap()).unwrap();
+        let mut source = open(&home, t).unwrap();
+        assert!(claim(&mut source, 77, false).unwrap());
+        drop(source);
+        let mut other = open(&home, t).unwrap();
+        assert!(claim(&mut other, 77, false).is_err());
+        assert_eq!(
+            server.join().unwrap(),
+            First::Attach(2, Some("127.0.0.1:7070".parse().unwrap()))
+        );
+    }
+
+    #[test]
     fn terminal_record_round_trips_through_the_kernel_struct() {
         let mut cc = [0u8; NCCS];
         for (i, c) in cc.iter_mut().enumerate() {

@@ -92,7 +92,8 @@ typedef struct om_migration {
    */
   uint32_t rounds;
   /**
-   * The copy's pid on the destination node.
+   * The copy's pid on the destination node (0 when only the process's home confirmed that the
+   * copy runs: the destination's answer was lost).
    */
   uint32_t pid_there;
   /**

@@ -10,7 +10,8 @@ pub struct Migration {
     pub total_ms: f64,
     /// Pre-copy rounds.
     pub rounds: u32,
-    /// The copy's pid on the destination node.
+    /// The copy's pid on the destination node (0 when only the process's home confirmed that the
+    /// copy runs: the destination's answer was lost).
     pub pid_there: u32,
     /// Bytes of pages sent.
     pub bytes_sent: u64,

@@ -147,7 +147,8 @@ pub struct Report {
     pub stop: String,
     /// The dirty tracker used.
     pub tracker: &'static str,
-    /// The copy's pid on the destination node.
+    /// The copy's pid on the destination node (0 when only the process's home confirmed that the
+    /// copy runs: the destination's answer was lost).
     pub pid_there: u32,
 }
 
