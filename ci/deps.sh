@@ -11,6 +11,12 @@ declare -A NEED=(
   [setpriv]=util-linux # dirty-tracking tests run a process unprivileged
   [sqlite3]=sqlite3  # a restart test runs the sqlite3 CLI
   [mpirun]=openmpi-bin # omrun under mpirun (lib/restore/tests/launchers.rs)
+  # omrun under srun: a one-node Slurm cluster in a rig node (ci/src/slurm.rs)
+  [srun]=slurm-client
+  [slurmd]=slurmd
+  [slurmctld]=slurmctld
+  [munged]=munge
+  [nsenter]=util-linux
   # the soft-RoCE rig (ci/rxe): a QEMU guest built from this machine's packages
   [qemu-system-x86_64]=qemu-system-x86
   [busybox]=busybox-static

@@ -17,9 +17,11 @@
 //! namespaces and deletes them, which removes the veths and the bridge with them. A rig whose reaper
 //! was killed too is swept by the next rig that starts on the machine.
 //!
-//! Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and `ip` from iproute2.
+//! Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and `ip` from iproute2. [`slurm`] runs a one-node
+//! Slurm cluster inside a node, for jobs under `srun`.
 
 mod rig;
+pub mod slurm;
 
 pub use rig::{
     Leftovers, MAX_NODES, NODE_SUBNET, Node, OMD_PORT, OmdHandle, Rig, RigError, leftovers, sweep_stale,

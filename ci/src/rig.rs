@@ -93,6 +93,16 @@ pub enum RigError {
         /// The daemon's log.
         log: String,
     },
+    /// The test cluster's Slurm daemons did not come up ([`crate::slurm::Slurm::start`]).
+    #[error("Slurm on node {node} did not take jobs within {secs} s: {log}")]
+    SlurmNotReady {
+        /// The node.
+        node: usize,
+        /// How long we waited.
+        secs: u64,
+        /// What was wrong, and the daemons' logs.
+        log: String,
+    },
     /// omd was asked to stop but does not run.
     #[error("omd is not running on node {0}")]
     OmdNotRunning(usize),
