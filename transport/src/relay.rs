@@ -690,42 +690,22 @@ mod tests {
         };
         let t = Duration::from_secs(5);
         let server = std::thread::spawn(move || {
+            // Accepts a claim on token 77, checks it, and answers that the copy runs.
+            let answer = |start: bool| {
+                let (mut c, first) = accept(l.accept().unwrap().0, &token, t).unwrap();
+                assert_eq!(first, First::Claim { token: 77, start });
+                let started = Msg::Claimed {
+                    token: 77,
+                    started: true,
+                };
+                send(&mut c, &started).unwrap();
+                c
+            };
             // A destination: claims to start, then attaches on the same connection.
-            let (mut c, first) = accept(l.accept().unwrap().0, &token, t).unwrap();
-            assert_eq!(
-                first,
-                First::Claim {
-                    token: 77,
-                    start: true
-                }
-            );
-            send(
-                &mut c,
-                &Msg::Claimed {
-                    token: 77,
-                    started: true,
-                },
-            )
-            .unwrap();
-            let attached = next_first(&mut c).unwrap();
+            let attached = next_first(&mut answer(true)).unwrap();
             // A source: claims to cancel, learns the copy runs, hangs up.
-            let (mut c, first) = accept(l.accept().unwrap().0, &token, t).unwrap();
-            assert_eq!(
-                first,
-                First::Claim {
-                    token: 77,
-                    start: false
-                }
-            );
-            send(
-                &mut c,
-                &Msg::Claimed {
-                    token: 77,
-                    started: true,
-                },
-            )
-            .unwrap();
-            assert!(matches!(next_first(&mut c), Err(TransportError::Closed { .. })));
+            let closed = next_first(&mut answer(false));
+            assert!(matches!(closed, Err(TransportError::Closed { .. })));
             // An answer about another migration.
             let (mut c, _) = accept(l.accept().unwrap().0, &token, t).unwrap();
             send(

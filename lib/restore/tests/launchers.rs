@@ -101,19 +101,25 @@ fn four_ranks_under_mpirun_run_like_a_plain_job() {
     );
 
     // The job's exit code is the ranks', as without omrun.
-    let plain7 = run(&mut mpirun_command(4, &args("7")));
-    let with7 = run(&mut mpirun_command(4, &omrun_args("7")));
+    exits_7_both_ways(
+        &run(&mut mpirun_command(4, &args("7"))),
+        &run(&mut mpirun_command(4, &omrun_args("7"))),
+    );
+}
+
+/// A job whose ranks exit with 7 exits with 7, without omrun (`plain`) and with it.
+fn exits_7_both_ways(plain: &Output, with_omrun: &Output) {
     assert_eq!(
-        plain7.status.code(),
+        plain.status.code(),
         Some(7),
         "{}",
-        String::from_utf8_lossy(&plain7.stderr)
+        String::from_utf8_lossy(&plain.stderr)
     );
     assert_eq!(
-        with7.status.code(),
-        plain7.status.code(),
+        with_omrun.status.code(),
+        plain.status.code(),
         "{}",
-        String::from_utf8_lossy(&with7.stderr)
+        String::from_utf8_lossy(&with_omrun.stderr)
     );
 }
 
@@ -245,20 +251,7 @@ fn four_ranks_under_srun_run_like_a_plain_job_and_one_moves_away_and_back() {
     );
 
     // srun's exit code is the ranks', as without omrun.
-    let plain7 = run(&mut srun(false, "5", "7"));
-    let with7 = run(&mut srun(true, "5", "7"));
-    assert_eq!(
-        plain7.status.code(),
-        Some(7),
-        "{}",
-        String::from_utf8_lossy(&plain7.stderr)
-    );
-    assert_eq!(
-        with7.status.code(),
-        plain7.status.code(),
-        "{}",
-        String::from_utf8_lossy(&with7.stderr)
-    );
+    exits_7_both_ways(&run(&mut srun(false, "5", "7")), &run(&mut srun(true, "5", "7")));
     drop(omds);
     rig.teardown().unwrap();
 }
