@@ -515,6 +515,12 @@ impl Drop for Prepared {
 /// connection it granted it on.
 fn claim_start(home: &Home, token: u64, pid: u32) -> Result<Conn, Refusal> {
     let deadline = Instant::now() + CLAIM_TIMEOUT;
+    let mut home = home.clone();
+    if std::env::var_os("OM_FAULT").is_some_and(|f| f == "home-unreachable") {
+        tracing::error!("OM_FAULT: the home is unreachable");
+        home.addr.set_port(1);
+    }
+    let home = &home;
     loop {
         match relay::open(home, CLAIM_TIMEOUT).and_then(|mut c| Ok((relay::claim(&mut c, token, true)?, c))) {
             Ok((true, c)) => return Ok(c),

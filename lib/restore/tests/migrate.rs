@@ -830,6 +830,13 @@ fn a_go_lost_before_the_copy_started_leaves_the_process_here() {
     destination_dies("lost-go");
 }
 
+/// The destination cannot reach the process's home to claim the copy's start: it discards the copy
+/// after 5 s, and the source, told so, runs on.
+#[test]
+fn a_destination_that_cannot_reach_the_home_does_not_start_the_copy() {
+    destination_dies("home-unreachable");
+}
+
 /// The copy starts but its `Running` never reaches the source: the source asks on a new
 /// connection, hears that the copy runs, and ends; the program runs exactly once.
 #[test]
@@ -876,10 +883,11 @@ fn moves_though_running_is_lost(fault: &str) {
 /// The go is late: the destination drops the source's connection as the go arrives and answers no
 /// `Ask`, so the source cannot learn whether the copy runs. It cancels the migration at the home
 /// and runs on. When the go reaches the copy 3 s later, the home (omrun, still running the
-/// program) refuses it: the program runs exactly once, and the copy never starts.
+/// program: it runs 15 s, long enough for a slow migration plus the late go) refuses it: the
+/// program runs exactly once, and the copy never starts.
 #[test]
 fn a_late_go_after_the_source_resumed_is_refused_by_the_home() {
-    let c = destination_fails("late-go", 8000);
+    let c = destination_fails("late-go", 15000);
     let log = &c.omds[1].log;
     let deadline = Instant::now() + Duration::from_secs(10);
     let late = loop {

@@ -37,7 +37,8 @@ pub struct ReceiverConfig {
 }
 
 /// Where a fault test breaks the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`,
-/// `lost-go`, `lost-running`, `deaf-after-go`, `late-go`).
+/// `lost-go`, `lost-running`, `deaf-after-go`, `late-go`; and, read by omd's restorer,
+/// `home-unreachable`: a copy's claim goes to a closed port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     /// The receiver dies when round N ends (before its acknowledgement).
