@@ -291,16 +291,15 @@ fn migrate_along_with(
         reports.push(c.hop(&mut at, &mut pid, to, extra));
     }
     let (got, status) = finish(run);
-    assert_eq!(
-        status.code(),
-        want_status.code(),
-        "{name}: exit status after migration ({reports:?})"
-    );
-    if got != want {
+    if status.code() != want_status.code() || got != want {
         panic!(
-            "{name}: output differs after migration ({reports:?})\n--- migrated:\n{}\n--- uninterrupted:\n{}",
+            "{name}: exit status {:?} (uninterrupted: {:?}) or output differs after migration ({reports:?})\n\
+             --- migrated:\n{}\n--- uninterrupted:\n{}\n{}",
+            status.code(),
+            want_status.code(),
             String::from_utf8_lossy(&got),
-            String::from_utf8_lossy(&want)
+            String::from_utf8_lossy(&want),
+            c.logs()
         );
     }
 }
@@ -311,6 +310,32 @@ fn python() -> PathBuf {
         .map(PathBuf::from)
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+/// single.c (allocator churn: big blocks in mappings of their own, `malloc_trim`, `MADV_DONTNEED`)
+/// migrated `OM_STRESS_RUNS` times (default 40), with the tracker `OM_DIRTY_TRACKER` names.
+/// Ignored by default (about 7 s a run): it chases a rare failure seen in CI, where a big block
+/// read back changed at its first word after the move (docs/migration.md, Limitations). Run it
+/// with `cargo test -p om-restore --test migrate -- --ignored single_migrates_again_and_again`;
+/// single.c then says on stderr (in the omrun log of the failure message) which words differ and
+/// how.
+#[test]
+#[ignore = "a long stress run; see its comment"]
+fn single_migrates_again_and_again() {
+    let mut c = Cluster::new(2);
+    if let Ok(t) = std::env::var("OM_DIRTY_TRACKER") {
+        c.env.push(("OM_DIRTY_TRACKER", t));
+    }
+    let n: usize = std::env::var("OM_STRESS_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let w = program(build("single.c"), &["150000"]);
+    for i in 0..n {
+        eprintln!("run {i} of {n}");
+        migrate_along(&c, "single", &w, (200, 800), &[1]);
+    }
+    c.rig.teardown().unwrap();
 }
 
 #[test]

@@ -52,7 +52,17 @@ static void release(struct block *b)
     uint64_t sum = 0;
     for (size_t k = 0; k < b->words; k++) {
         if (b->p[k] != (b->seed ^ (k * 0x9e3779b97f4a7c15ULL))) {
+            size_t bad = 0, zero = 0, last = k;
+            for (size_t j = k; j < b->words; j++)
+                if (b->p[j] != (b->seed ^ (j * 0x9e3779b97f4a7c15ULL))) {
+                    bad++;
+                    zero += b->p[j] == 0;
+                    last = j;
+                }
             printf("error: block of %zu bytes changed at word %zu\n", b->words * 8, k);
+            fprintf(stderr, "single: block %p: words %zu-%zu differ (%zu of them, %zu zero); word %zu is %#llx, not %#llx\n",
+                    (void *)b->p, k, last, bad, zero, k, (unsigned long long)b->p[k],
+                    (unsigned long long)(b->seed ^ (k * 0x9e3779b97f4a7c15ULL)));
             exit(5);
         }
         sum += b->p[k];
