@@ -170,6 +170,47 @@ fn kernel_writes_are_caught() {
     }
 }
 
+/// A tracked range that the program unmaps keeps its slot while any piece of it remains (a gap in the
+/// maps is no evidence). A thread stack mapped into the gap (a guard page below, writable memory
+/// reaching into the old range) must stay writable: a new thread's first push onto a read-only
+/// stack cannot be delivered as a signal, and the kernel kills the process. This was a SIGSEGV in
+/// the source during round 0 (glibc reused the cached stack of a sender thread).
+#[test]
+fn mprotect_never_protects_a_stack_mapped_into_a_tracked_range() {
+    let _s = serial();
+    let page = page_size();
+    let mut r = Region::map_anon(33 * page, None).unwrap();
+    r.bytes_mut()[page..].fill(7);
+    // Page 0 is not writable, so not tracked and not (yet) a guard.
+    r.protect(0, page, libc::PROT_READ).unwrap();
+    let w = (r.addr() + page) as u64..(r.addr() + r.len()) as u64;
+    let mut t = dirty::open(Mechanism::Mprotect, Scope::Window(w)).unwrap();
+    t.start().unwrap();
+    t.collect().unwrap();
+    // Pages 1..17 become a stack as glibc lays one out: a guard below, fresh writable memory above.
+    // Pages 17..33 are left as they are (made read-only by the tracker), so the range continues.
+    r.protect(0, page, libc::PROT_NONE).unwrap();
+    r.replace(page, 16 * page).unwrap();
+    r.bytes_mut()[page..17 * page].fill(9);
+    let stack = (r.addr() + page) as u64..(r.addr() + 17 * page) as u64;
+    let round = t.collect().unwrap();
+    let maps = dirty::maps::read_self().unwrap();
+    let read_only: Vec<_> = maps
+        .iter()
+        .filter(|v| v.start < stack.end && stack.start < v.end && !v.perms.write)
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        read_only.is_empty(),
+        "the stack was made read-only: {read_only:?}"
+    );
+    assert!(
+        stack.clone().step_by(page).all(|p| round.dirty.contains(p)),
+        "the stack's pages were not all reported"
+    );
+    t.stop().unwrap();
+}
+
 #[test]
 fn mprotect_without_the_wrapper_fails_the_kernel_write_visibly() {
     let _s = serial();

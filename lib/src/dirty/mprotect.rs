@@ -353,12 +353,23 @@ impl MprotectTracker {
     }
 
     /// Plans the next table from the maps: continuing ranges keep going, the rest is fresh. Pieces
-    /// that must never be protected go to `pinned`.
+    /// that must never be protected go to `pinned`; the pieces of continuing ranges seen in the maps go
+    /// to `ours`.
+    ///
+    /// A continuing range keeps its whole extent in the table, gaps included (a gap may be a misread),
+    /// so the table is no map of what may be protected: a gap can hold memory mapped since, a thread
+    /// stack among it. Only `ours` is.
     ///
     /// New writable memory serves one round of probation, reported in full but not protected: memory
     /// being set up (a thread's signal stack is mapped writable first and gets its guard page a moment
     /// later) must not become read-only before it shows what it is.
-    fn plan(&mut self, maps: &[Vma], active: Option<usize>, pinned: &mut Vec<Range<u64>>) -> Vec<Planned> {
+    fn plan(
+        &mut self,
+        maps: &[Vma],
+        active: Option<usize>,
+        pinned: &mut Vec<Range<u64>>,
+        ours: &mut RangeTable,
+    ) -> Vec<Planned> {
         let mut probation: Vec<(u64, u64)> = Vec::new();
         let mut planned: Vec<Planned> = Vec::new();
         let mut continuing: Vec<bool> = vec![true; self.identity.len()];
@@ -401,6 +412,7 @@ impl MprotectTracker {
         for (r, s, v) in &pieces {
             match s {
                 Some(i) if continuing[*i] => {
+                    ours.push(r.clone());
                     let id = &self.identity[*i];
                     if planned.last().is_none_or(|p| p.start != id.start) {
                         planned.push(Planned {
@@ -547,7 +559,8 @@ impl MprotectTracker {
             Some(ACTIVE.load(SeqCst)).filter(|t| *t <= 1)
         };
         let mut pinned = Vec::new();
-        let planned = self.plan(&maps, active, &mut pinned);
+        let mut ours = RangeTable::new();
+        let planned = self.plan(&maps, active, &mut pinned, &mut ours);
         if active.is_some() {
             self.restore_dropped(&maps, &planned)?;
         }
@@ -556,22 +569,22 @@ impl MprotectTracker {
         let mut dirty = RangeTable::new();
         if let Some(old) = old {
             dirty = Self::harvest(old);
-            // Writable memory inside continuing ranges that no bit explains: replaced or opened by the
-            // application. Dirty, like the marked chunks. An intersection, not containment: the kernel
-            // may merge such memory with a writable neighbour outside the range.
-            let continuing =
-                RangeTable::from_runs(planned.iter().filter(|p| !p.fresh).map(|p| p.start..p.end));
+            // Writable memory in the pieces of continuing ranges that no bit explains: replaced or
+            // opened by the application. Dirty, like the marked chunks. An intersection, not
+            // containment: the kernel may merge such memory with a writable neighbour outside the
+            // range.
             let writable = RangeTable::from_runs(
                 maps.iter()
                     .filter(|v| v.perms.write)
                     .filter_map(|v| self.scope.clip(v)),
             );
-            let writable = writable.intersection(&continuing);
-            dirty = dirty.union(&writable);
+            dirty = dirty.union(&writable.intersection(&ours));
             // Cleared above, now read-only again, range by range (a merged run may span two ranges of
-            // different protections).
+            // different protections), and only in the pieces the maps showed as the range's own: a
+            // marked chunk may reach into memory that is no longer the range's.
+            let reprotect = dirty.intersection(&ours);
             for p in planned.iter().filter(|p| !p.fresh) {
-                for r in dirty.intersect(&(p.start..p.end)).runs() {
+                for r in reprotect.intersect(&(p.start..p.end)).runs() {
                     Self::protect_if_mapped(r.start, r.end, p.prot & !libc::PROT_WRITE)?;
                 }
             }
