@@ -163,6 +163,9 @@ impl Daemon {
             .unwrap_or_else(|| std::env::temp_dir().join(format!("omd-{}", std::process::id())))
             .join("incoming");
         create_private_dir(&incoming).map_err(io::Error::other)?;
+        let fault = std::env::var("OM_FAULT")
+            .ok()
+            .and_then(|v| om_transport::tcp::receiver::CrashPoint::parse(&v));
         let restorer = Restorer {
             program: std::env::var_os("OM_RESTORE")
                 .map_or_else(|| om_cli::sibling("om-restore"), PathBuf::from),
@@ -170,6 +173,7 @@ impl Daemon {
             runtimes: runtimes.clone(),
             control: fs::canonicalize(&config.control).unwrap_or_else(|_| config.control.clone()),
             listen: listener.local_addr().unwrap_or(config.listen),
+            fault,
         };
         let store = Store::with_restorer(config.limits, Some(Arc::new(restorer)));
         let key_path = fs::canonicalize(&config.key).unwrap_or_else(|_| config.key.clone());
@@ -178,9 +182,7 @@ impl Daemon {
             Arc::new(store.clone()),
             ReceiverConfig {
                 idle_timeout: config.idle_timeout,
-                crash_at: std::env::var("OM_FAULT")
-                    .ok()
-                    .and_then(|v| om_transport::tcp::receiver::CrashPoint::parse(&v)),
+                crash_at: fault,
                 exporters: sci_exporter()
                     .into_iter()
                     .chain(verbs_exporter(config.limits.per_image))

@@ -31,6 +31,7 @@ use om::image::records::{KIND_HOME, KIND_TERMINAL};
 use om_transport::api::{ImageSink, Refusal};
 use om_transport::conn::Conn;
 use om_transport::relay::{self, Home, Msg, Terminal};
+use om_transport::tcp::receiver::CrashPoint;
 use om_transport::wire::{Begin, ErrorCode};
 
 use crate::image::Image;
@@ -56,6 +57,9 @@ pub struct Restorer {
     pub control: PathBuf,
     /// This omd's listen address (the relay tells the process's home where it runs).
     pub listen: std::net::SocketAddr,
+    /// For fault tests (`OM_FAULT`): [`CrashPoint::HomeUnreachable`] sends every claim to a closed
+    /// port.
+    pub fault: Option<CrashPoint>,
 }
 
 /// A restored copy held before its first instruction.
@@ -185,10 +189,17 @@ impl Restorer {
         // the process is frozen.
         let runs = image.state_runs();
         let records = image.records();
-        let home = records
+        let mut home = records
             .iter()
             .find(|r| r.kind == KIND_HOME)
             .and_then(|r| Home::decode(&r.bytes).ok());
+        if let Some(h) = home
+            .as_mut()
+            .filter(|_| self.fault == Some(CrashPoint::HomeUnreachable))
+        {
+            tracing::error!("OM_FAULT: the home is unreachable");
+            h.addr.set_port(1);
+        }
         let ckpt = Checkpoint {
             dir: dir.clone(),
             page_size: image.page_size(),
@@ -514,58 +525,44 @@ impl Drop for Prepared {
 /// Asks `home` for the start of the copy of `token`, for up to [`CLAIM_TIMEOUT`]; returns the
 /// connection it granted it on.
 fn claim_start(home: &Home, token: u64, pid: u32) -> Result<Conn, Refusal> {
-    let deadline = Instant::now() + CLAIM_TIMEOUT;
-    let mut home = home.clone();
-    if std::env::var_os("OM_FAULT").is_some_and(|f| f == "home-unreachable") {
-        tracing::error!("OM_FAULT: the home is unreachable");
-        home.addr.set_port(1);
-    }
-    let home = &home;
-    loop {
-        match relay::open(home, CLAIM_TIMEOUT).and_then(|mut c| Ok((relay::claim(&mut c, token, true)?, c))) {
-            Ok((true, c)) => return Ok(c),
-            Ok((false, _)) => {
-                tracing::warn!(
-                    pid,
-                    "the process's home cancelled this migration: its source resumed"
-                );
-                return Err((
-                    ErrorCode::Session,
-                    "the process's home cancelled this migration (its source resumed)".into(),
-                ));
-            }
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(pid, error = %e, "home not reachable for the claim yet");
-                thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => {
-                let reason = format!(
-                    "cannot reach the process's home at {} to start the copy: {}",
-                    home.addr,
-                    om_transport::error::chain(&e)
-                );
-                tracing::warn!(pid, %reason);
-                return Err((ErrorCode::Timeout, reason));
-            }
+    let claimed = relay::retry(CLAIM_TIMEOUT, Duration::from_millis(100), || {
+        relay::open(home, CLAIM_TIMEOUT)
+            .and_then(|mut c| Ok((relay::claim(&mut c, token, true)?, c)))
+            .inspect_err(|e| tracing::debug!(pid, error = %e, "home not reachable for the claim yet"))
+    });
+    match claimed {
+        Ok((true, c)) => Ok(c),
+        Ok((false, _)) => {
+            tracing::warn!(
+                pid,
+                "the process's home cancelled this migration: its source resumed"
+            );
+            Err((
+                ErrorCode::Session,
+                "the process's home cancelled this migration (its source resumed)".into(),
+            ))
+        }
+        Err(e) => {
+            let reason = format!(
+                "cannot reach the process's home at {} to start the copy: {}",
+                home.addr,
+                om_transport::error::chain(&e)
+            );
+            tracing::warn!(pid, %reason);
+            Err((ErrorCode::Timeout, reason))
         }
     }
 }
 
 fn connect_home(home: &Home, listen: std::net::SocketAddr, pid: u32) -> Option<Conn> {
-    let deadline = Instant::now() + HOME_TIMEOUT;
-    loop {
-        match relay::connect(home, listen, Duration::from_secs(5)) {
-            Ok(c) => return Some(c),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(pid, error = %e, "home not reachable yet");
-                thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => {
-                tracing::warn!(pid, home = %home.addr, error = %om_transport::error::chain(&e), "cannot reach the process's home; its output goes to omd's");
-                return None;
-            }
-        }
-    }
+    relay::retry(HOME_TIMEOUT, Duration::from_millis(200), || {
+        relay::connect(home, listen, Duration::from_secs(5))
+            .inspect_err(|e| tracing::debug!(pid, error = %e, "home not reachable yet"))
+    })
+    .inspect_err(|e| {
+        tracing::warn!(pid, home = %home.addr, error = %om_transport::error::chain(e), "cannot reach the process's home; its output goes to omd's");
+    })
+    .ok()
 }
 
 fn pump_local(from: File, stream: u8) -> thread::JoinHandle<()> {

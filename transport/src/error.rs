@@ -99,6 +99,15 @@ pub enum TransportError {
     /// A data stream thread failed to start.
     #[error("cannot start a stream thread")]
     Thread(#[source] io::Error),
+    /// Pages from this peer could not be written into the image's memory.
+    #[error("cannot write pages from {peer} into image memory")]
+    ImageWrite {
+        /// The peer.
+        peer: String,
+        /// The write's error (`ENOSPC` or `ENOMEM`: out of memory).
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl TransportError {
@@ -112,6 +121,11 @@ impl TransportError {
             Self::Corrupted { .. } => ErrorCode::Checksum,
             Self::Aborted { .. } => ErrorCode::Aborted,
             Self::Io { source, .. } if source.kind() == io::ErrorKind::WouldBlock => ErrorCode::Timeout,
+            Self::ImageWrite { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::ENOMEM)) =>
+            {
+                ErrorCode::Limit
+            }
             _ => ErrorCode::Internal,
         }
     }

@@ -546,6 +546,27 @@ pub fn connect(home: &Home, omd: SocketAddr, timeout: Duration) -> Result<Conn, 
     Ok(c)
 }
 
+/// Calls `attempt` until it succeeds, pausing `pause` after each failure, for as long as `within`
+/// has not passed since the first call; then returns the last failure. The home (or a destination)
+/// may be briefly unreachable while a node's network settles: each caller that must reach one
+/// retries this way.
+///
+/// # Errors
+/// The last error of `attempt`.
+pub fn retry<T, E>(
+    within: Duration,
+    pause: Duration,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match attempt() {
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(pause),
+            r => return r,
+        }
+    }
+}
+
 /// What a relay connection opened with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum First {

@@ -139,15 +139,27 @@ impl fmt::Display for Vma {
 /// # Errors
 /// [`MapsError`].
 pub fn read_self() -> Result<Vec<Vma>, MapsError> {
-    let f = std::fs::File::open("/proc/self/maps").map_err(MapsError::Read)?;
-    let mut buf = Vec::with_capacity(64 << 10);
-    f.take(u64::try_from(MAX_MAPS_BYTES + 1).unwrap_or(u64::MAX))
-        .read_to_end(&mut buf)
-        .map_err(MapsError::Read)?;
-    if buf.len() > MAX_MAPS_BYTES {
-        return Err(MapsError::TooLarge);
+    let mut f = std::fs::File::open("/proc/self/maps").map_err(MapsError::Read)?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            if len > MAX_MAPS_BYTES {
+                return Err(MapsError::TooLarge);
+            }
+            buf.resize(len * 2, 0);
+        }
+        // The kernel writes the text: a buffer the mprotect tracker made read-only would fail the
+        // read with EFAULT (the heap is tracked memory too).
+        super::open_range(buf[len..].as_ptr() as usize, buf.len() - len);
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(MapsError::Read(e)),
+        }
     }
-    parse(&buf)
+    parse(&buf[..len])
 }
 
 /// Parses the text of a maps file.

@@ -131,6 +131,8 @@ fn entries(
     while page < last {
         let n = (last - page).min(BATCH);
         bytes.resize(usize::try_from(n * 8).unwrap_or(0), 0);
+        // Written by the kernel: opened first, as the mprotect tracker may have protected it.
+        super::open_range(bytes.as_ptr() as usize, bytes.len());
         pagemap
             .read_exact_at(bytes, page * 8)
             .map_err(|source| DirtyError::PagemapRead {

@@ -651,31 +651,28 @@ const CONFIRM_GO: Duration = Duration::from_secs(20);
 /// home has pid 0 here.
 fn confirm_go(to: SocketAddr, key: &ClusterKey, token: u64) -> Option<Fate> {
     let home = HOME.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let deadline = Instant::now() + CONFIRM_GO;
-    loop {
+    relay::retry(CONFIRM_GO, Duration::from_millis(250), || {
         match TcpSender::ask(to, key, SenderConfig::default(), token) {
-            Ok(fate) => return Some(fate),
+            Ok(fate) => return Ok(fate),
             Err(e) => tracing::warn!(error = %chain(&e), "asking the destination what became of the copy"),
         }
-        if let Some(h) = &home {
-            match relay::open(h, Duration::from_secs(2)).and_then(|mut c| relay::claim(&mut c, token, false))
-            {
-                Ok(true) => {
-                    tracing::warn!("the home says the copy runs: it claimed the migration first");
-                    return Some(Fate::Running(0));
-                }
-                Ok(false) => {
-                    tracing::warn!("the home cancelled the copy: it will not run");
-                    return Some(Fate::Discarded);
-                }
-                Err(e) => tracing::warn!(error = %chain(&e), "asking the home what became of the copy"),
+        let Some(h) = &home else { return Err(()) };
+        match relay::open(h, Duration::from_secs(2)).and_then(|mut c| relay::claim(&mut c, token, false)) {
+            Ok(true) => {
+                tracing::warn!("the home says the copy runs: it claimed the migration first");
+                Ok(Fate::Running(0))
+            }
+            Ok(false) => {
+                tracing::warn!("the home cancelled the copy: it will not run");
+                Ok(Fate::Discarded)
+            }
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "asking the home what became of the copy");
+                Err(())
             }
         }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    })
+    .ok()
 }
 
 /// The final round, in the control thread's handler with every other thread parked.

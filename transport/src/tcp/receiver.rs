@@ -36,9 +36,9 @@ pub struct ReceiverConfig {
     pub exporters: Vec<Arc<dyn Exporter>>,
 }
 
-/// Where a fault test breaks the receiver (omd reads `OM_FAULT`: `round:N`, `final`, `prepared`,
-/// `lost-go`, `lost-running`, `deaf-after-go`, `late-go`; and, read by omd's restorer,
-/// `home-unreachable`: a copy's claim goes to a closed port).
+/// Where a fault test breaks the receiver, or omd's restorer (omd reads `OM_FAULT`: `round:N`,
+/// `final`, `prepared`, `lost-go`, `lost-running`, `deaf-after-go`, `late-go`,
+/// `home-unreachable`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     /// The receiver dies when round N ends (before its acknowledgement).
@@ -60,11 +60,14 @@ pub enum CrashPoint {
     /// The connection drops as the go arrives, every `Ask` goes unanswered, and the copy is
     /// started 3 s later, as a go delayed on the way would start it.
     LateGo,
+    /// The copy's claim goes to a closed port instead of its home (omd's restorer): the home is
+    /// unreachable and the copy is discarded.
+    HomeUnreachable,
 }
 
 impl CrashPoint {
-    /// Parses `round:N`, `final`, `prepared`, `lost-go`, `lost-running`, `deaf-after-go` or
-    /// `late-go`.
+    /// Parses `round:N`, `final`, `prepared`, `lost-go`, `lost-running`, `deaf-after-go`, `late-go`
+    /// or `home-unreachable`.
     #[must_use]
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -74,6 +77,7 @@ impl CrashPoint {
             "lost-running" => Some(Self::LostRunning),
             "deaf-after-go" => Some(Self::DeafAfterGo),
             "late-go" => Some(Self::LateGo),
+            "home-unreachable" => Some(Self::HomeUnreachable),
             _ => s.strip_prefix("round:")?.parse().ok().map(Self::Round),
         }
     }
@@ -116,6 +120,8 @@ pub enum Outcome {
 enum CopyState<I> {
     /// Restored and held: the first `Go` or `Ask` starts it.
     Prepared(Arc<I>),
+    /// Being started (the claim at the home may take seconds): others wait for the outcome.
+    Starting,
     /// Started or discarded.
     Decided(Fate),
 }
@@ -213,6 +219,8 @@ pub struct Receiver<S: ImageStore> {
     sessions: Mutex<HashMap<u64, Arc<Session<S::Image>>>>,
     /// The last [`MAX_FATES`] migration copies, by commit token.
     copies: Mutex<VecDeque<(u64, CopyState<S::Image>)>>,
+    /// Signalled when a starting copy's fate is decided.
+    decided: Condvar,
 }
 
 impl<S: ImageStore> std::fmt::Debug for Receiver<S> {
@@ -239,6 +247,7 @@ impl<S: ImageStore> Receiver<S> {
             page_size: crate::sys::page_size() as u64,
             sessions: Mutex::new(HashMap::new()),
             copies: Mutex::new(VecDeque::new()),
+            decided: Condvar::new(),
         })
     }
 
@@ -253,21 +262,37 @@ impl<S: ImageStore> Receiver<S> {
 
     /// Starts the copy of `token` if it is still prepared (once, whoever asks first: the `Go` on its
     /// control connection, or an `Ask`), and returns its fate, with the reason when it could not
-    /// start.
+    /// start. The start runs without the lock (the home's claim may take seconds): a second caller
+    /// for the same token waits for its outcome, other tokens are not held up.
     fn start(&self, token: u64) -> (Fate, Option<Refusal>) {
         let mut c = lock(&self.copies);
-        let Some((_, copy)) = c.iter_mut().find(|(t, _)| *t == token) else {
-            return (Fate::Unknown, None);
-        };
-        let (fate, why) = match std::mem::replace(copy, CopyState::Decided(Fate::Unknown)) {
-            CopyState::Prepared(image) => match image.go(token) {
-                Ok(pid) => (Fate::Running(pid), None),
-                Err(why) => (Fate::Discarded, Some(why)),
-            },
-            CopyState::Decided(f) => (f, None),
-        };
-        *copy = CopyState::Decided(fate);
-        (fate, why)
+        loop {
+            let Some(i) = c.iter().position(|(t, _)| *t == token) else {
+                return (Fate::Unknown, None);
+            };
+            match std::mem::replace(&mut c[i].1, CopyState::Starting) {
+                CopyState::Prepared(image) => {
+                    drop(c);
+                    let (fate, why) = match image.go(token) {
+                        Ok(pid) => (Fate::Running(pid), None),
+                        Err(why) => (Fate::Discarded, Some(why)),
+                    };
+                    let mut c = lock(&self.copies);
+                    if let Some((_, copy)) = c.iter_mut().find(|(t, _)| *t == token) {
+                        *copy = CopyState::Decided(fate);
+                    }
+                    self.decided.notify_all();
+                    return (fate, why);
+                }
+                CopyState::Starting => {
+                    c = self.decided.wait(c).unwrap_or_else(PoisonError::into_inner);
+                }
+                CopyState::Decided(f) => {
+                    c[i].1 = CopyState::Decided(f);
+                    return (f, None);
+                }
+            }
+        }
     }
 
     /// Discards the copy of `token` unless it started (its image goes when the last holder drops
@@ -974,14 +999,9 @@ fn recv_into_file(
                 let Some(p) = pieces.get(piece) else { break };
                 let k = (p.len - within).min(n - at);
                 std::os::unix::fs::FileExt::write_all_at(p.file, &buf[at..at + k], p.offset + within as u64)
-                    .map_err(|e| {
-                        let out_of_memory = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::ENOMEM));
-                        let code = if out_of_memory {
-                            ErrorCode::Limit
-                        } else {
-                            ErrorCode::Internal
-                        };
-                        refused(conn, code, format!("cannot write image memory: {e}"))
+                    .map_err(|source| TransportError::ImageWrite {
+                        peer: conn.peer().to_owned(),
+                        source,
                     })?;
                 at += k;
                 within += k;
