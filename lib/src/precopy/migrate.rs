@@ -319,6 +319,17 @@ fn home_for_copy(local: Option<SocketAddr>) -> Option<Home> {
     })
 }
 
+/// `OM_TEST_START_PAUSE_MS` (tests only): a pause between the tracker's start and the first reading of
+/// the memory map, long enough for a busy program to map new memory in between.
+fn pause_for_tests() {
+    if let Some(ms) = std::env::var("OM_TEST_START_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms.min(1000)));
+    }
+}
+
 /// The pages of `table` that travel: inside a private VMA of `vmas` (a shared mapping's file holds
 /// its data), cut at VMA boundaries (a receiver lands each run inside one VMA).
 fn private_runs(table: &RangeTable, vmas: &[WireVma]) -> Vec<std::ops::Range<u64>> {
@@ -408,8 +419,13 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
     }
     .map_err(MigrateError::Dirty)?;
     let tracker_name = tracker.mechanism().name();
-    let (_, table) = capture::memory_map().map_err(MigrateError::Capture)?;
     let populated = tracker.start().map_err(MigrateError::Dirty)?;
+    // The map that cuts a round's pages into VMAs is read after the tracker's own reading, never
+    // before: memory mapped between the two readings would be in the tracker's round 0 and missing
+    // from an older map, so cut from the round, and never sent again (it is tracked, and clean). Read
+    // after, such memory is in the map but new to the tracker, which reports it in full next round.
+    pause_for_tests();
+    let (_, table) = capture::memory_map().map_err(MigrateError::Capture)?;
     let info = capture::image_info(ImageInfo::MIGRATE, bytes_of(&private_runs(&populated, &table)));
     let mut session = Session {
         sender,
