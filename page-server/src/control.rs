@@ -7,6 +7,7 @@ use std::path::Path;
 
 use om_transport::ImageSink;
 use om_transport::error::chain;
+use om_transport::tcp::CopyFate;
 
 use crate::checkpoint;
 use crate::image::Store;
@@ -14,6 +15,28 @@ use crate::runtimes::Runtimes;
 
 /// The longest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
+
+/// What a control request is answered from: this omd's state.
+pub struct Node<'a> {
+    /// The images.
+    pub store: &'a Store,
+    /// The om processes registered here.
+    pub runtimes: &'a Runtimes,
+    /// The cluster key file (migrations use it).
+    pub key: &'a Path,
+    /// The copies of migrations committed here, by commit token (`incoming`).
+    pub incoming: &'a dyn Fn() -> Vec<(u64, CopyFate)>,
+}
+
+impl std::fmt::Debug for Node<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("store", self.store)
+            .field("runtimes", self.runtimes)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The reply to one request line.
 ///
@@ -26,6 +49,9 @@ pub const MAX_REQUEST: usize = 4096;
 /// - `ps`: `OK N` then ` pid=PID` per om process registered here (` pid=PID,vpid=V` for a restored
 ///   process whose own pid, in its namespace, is V), and ` pid=PID,at=IP:PORT` per process that
 ///   migrated away from here: where it runs now, for one whose home is here (until its omrun ends)
+/// - `incoming`: `OK N` then ` token=HEX state=STATE` per migration committed here (the last 1024,
+///   oldest first): STATE is `prepared` (held before its first instruction), `starting` (its home's
+///   claim under way), `running,pid=PID`, `discarded` or `unknown`
 /// - `at PID IP:PORT` (handled by the daemon: it needs the peer's credentials): omrun, anchor of
 ///   the process PID of this node that moved away, says where it runs now
 /// - `migrate PID IP:PORT DOWNTIME_MS MAX_ROUNDS MODE [TRANSPORT]`: asks the runtime of PID to
@@ -33,7 +59,10 @@ pub const MAX_REQUEST: usize = 4096;
 ///   default, `sci` or `verbs`) with this omd's cluster key; the answer is the runtime's (`OK moved ...`
 ///   with a JSON report, or `ERR ...`)
 #[must_use]
-pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> String {
+pub fn answer(request: &str, node: &Node<'_>) -> String {
+    let Node {
+        store, runtimes, key, ..
+    } = *node;
     let mut words = request.split_ascii_whitespace();
     match words.next() {
         Some("ping") => format!("OK omd {}", env!("CARGO_PKG_VERSION")),
@@ -88,6 +117,14 @@ pub fn answer(request: &str, store: &Store, runtimes: &Runtimes, key: &Path) -> 
             }
             for (p, at) in moved {
                 out.push_str(&format!(" pid={p},at={at}"));
+            }
+            out
+        }
+        Some("incoming") => {
+            let copies = (node.incoming)();
+            let mut out = format!("OK {}", copies.len());
+            for (token, fate) in copies {
+                out.push_str(&format!(" token={token:016x} state={fate}"));
             }
             out
         }
@@ -194,9 +231,25 @@ mod tests {
             total: 1 << 20,
         });
         let runtimes = Runtimes::default();
-        let answer = |r: &str| answer(r, &store, &runtimes, Path::new("/k"));
+        let incoming = || {
+            vec![
+                (0xab, CopyFate::Prepared),
+                (7, CopyFate::Decided(om_transport::wire::Fate::Running(42))),
+            ]
+        };
+        let node = Node {
+            store: &store,
+            runtimes: &runtimes,
+            key: Path::new("/k"),
+            incoming: &incoming,
+        };
+        let answer = |r: &str| answer(r, &node);
         assert!(answer("ping").starts_with("OK omd "));
         assert_eq!(answer("ps"), "OK 0");
+        assert_eq!(
+            answer("incoming"),
+            "OK 2 token=00000000000000ab state=prepared token=0000000000000007 state=running,pid=42"
+        );
         assert_eq!(
             answer("checkpoint 12 1 rel/dir"),
             "ERR usage: checkpoint PID 0|1 /ABSOLUTE/DIR"

@@ -190,12 +190,13 @@ impl Daemon {
                 ..ReceiverConfig::default()
             },
         );
+        let peers = Arc::clone(&receiver);
         thread::Builder::new()
             .name("omd-peers".into())
-            .spawn(move || serve_peers(&listener, &receiver))?;
+            .spawn(move || serve_peers(&listener, &peers))?;
         thread::Builder::new()
             .name("omd-control".into())
-            .spawn(move || serve_control(&control, &store, &runtimes, &key_path))?;
+            .spawn(move || serve_control(&control, &store, &runtimes, &key_path, &receiver))?;
         Ok(ServeHandle {
             control_path: config.control,
         })
@@ -281,13 +282,27 @@ fn serve_peer(receiver: &Arc<Receiver<Store>>, stream: TcpStream) {
     }
 }
 
-fn serve_control(listener: &UnixListener, store: &Store, runtimes: &Runtimes, key: &Path) {
+fn serve_control(
+    listener: &UnixListener,
+    store: &Store,
+    runtimes: &Runtimes,
+    key: &Path,
+    receiver: &Arc<Receiver<Store>>,
+) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
                 let (store, runtimes, key) = (store.clone(), runtimes.clone(), key.to_path_buf());
+                let receiver = Arc::clone(receiver);
                 let spawned = thread::Builder::new().name("omd-ctl".into()).spawn(move || {
-                    if let Err(e) = handle_control(stream, &store, &runtimes, &key) {
+                    let incoming = || receiver.incoming();
+                    let node = control::Node {
+                        store: &store,
+                        runtimes: &runtimes,
+                        key: &key,
+                        incoming: &incoming,
+                    };
+                    if let Err(e) = handle_control(stream, &node) {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -300,7 +315,8 @@ fn serve_control(listener: &UnixListener, store: &Store, runtimes: &Runtimes, ke
     }
 }
 
-fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes, key: &Path) -> io::Result<()> {
+fn handle_control(stream: UnixStream, node: &control::Node<'_>) -> io::Result<()> {
+    let runtimes = node.runtimes;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(
         stream
@@ -348,7 +364,7 @@ fn handle_control(stream: UnixStream, store: &Store, runtimes: &Runtimes, key: &
                     }
                     continue;
                 }
-                writeln!(writer, "{}", control::answer(request, store, runtimes, key))?;
+                writeln!(writer, "{}", control::answer(request, node))?;
             }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 writeln!(writer, "ERR request is not UTF-8")?;

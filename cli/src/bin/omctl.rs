@@ -89,6 +89,9 @@ enum Cmd {
     },
     /// List the om processes started on this node and where they run now.
     Ps,
+    /// List the migrations this node received lately, by commit token, and what became of each
+    /// copy (prepared, starting, running with its pid here, or discarded).
+    Incoming,
 }
 
 fn main() -> ExitCode {
@@ -159,6 +162,7 @@ fn main() -> ExitCode {
         }
         Cmd::Restart { dir, detach } => restart(&dir, detach, &control),
         Cmd::Ps => answer(&control, "ps"),
+        Cmd::Incoming => answer(&control, "incoming"),
     }
 }
 

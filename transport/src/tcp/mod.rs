@@ -4,5 +4,5 @@
 pub mod receiver;
 pub mod sender;
 
-pub use receiver::{Outcome, Receiver, ReceiverConfig};
+pub use receiver::{CopyFate, Outcome, Receiver, ReceiverConfig};
 pub use sender::{SenderConfig, TcpSender};

@@ -116,6 +116,29 @@ pub enum Outcome {
     Answered(Fate),
 }
 
+/// Where a migration's copy on this node stands, as [`Receiver::incoming`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFate {
+    /// Restored and held before its first instruction, waiting for its go.
+    Prepared,
+    /// Being started: its home's claim is under way.
+    Starting,
+    /// Started (with its pid here) or discarded.
+    Decided(Fate),
+}
+
+impl std::fmt::Display for CopyFate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Prepared => f.write_str("prepared"),
+            Self::Starting => f.write_str("starting"),
+            Self::Decided(Fate::Running(pid)) => write!(f, "running,pid={pid}"),
+            Self::Decided(Fate::Discarded) => f.write_str("discarded"),
+            Self::Decided(Fate::Unknown) => f.write_str("unknown"),
+        }
+    }
+}
+
 /// A migration's copy, by its commit token, as `Go` and `Ask` find it.
 enum CopyState<I> {
     /// Restored and held: the first `Go` or `Ask` starts it.
@@ -304,6 +327,23 @@ impl<S: ImageStore> Receiver<S> {
         {
             *copy = CopyState::Decided(Fate::Discarded);
         }
+    }
+
+    /// The copies of the last [`MAX_FATES`] migrations committed here, oldest first, by commit
+    /// token.
+    #[must_use]
+    pub fn incoming(&self) -> Vec<(u64, CopyFate)> {
+        lock(&self.copies)
+            .iter()
+            .map(|(token, c)| {
+                let fate = match c {
+                    CopyState::Prepared(_) => CopyFate::Prepared,
+                    CopyState::Starting => CopyFate::Starting,
+                    CopyState::Decided(f) => CopyFate::Decided(*f),
+                };
+                (*token, fate)
+            })
+            .collect()
     }
 
     /// Sessions in progress.
