@@ -296,9 +296,15 @@ impl<S: ImageStore> Receiver<S> {
             match std::mem::replace(&mut c[i].1, CopyState::Starting) {
                 CopyState::Prepared(image) => {
                     drop(c);
-                    let (fate, why) = match image.go(token) {
-                        Ok(pid) => (Fate::Running(pid), None),
-                        Err(why) => (Fate::Discarded, Some(why)),
+                    // A panic must still decide the copy, or a second caller would wait forever.
+                    let go = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| image.go(token)));
+                    let (fate, why) = match go {
+                        Ok(Ok(pid)) => (Fate::Running(pid), None),
+                        Ok(Err(why)) => (Fate::Discarded, Some(why)),
+                        Err(_) => (
+                            Fate::Discarded,
+                            Some((ErrorCode::Internal, "starting the copy panicked".to_owned())),
+                        ),
                     };
                     let mut c = lock(&self.copies);
                     if let Some((_, copy)) = c.iter_mut().find(|(t, _)| *t == token) {
