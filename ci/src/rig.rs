@@ -103,6 +103,9 @@ pub enum RigError {
         /// What was wrong, and the daemons' logs.
         log: String,
     },
+    /// This machine's host name could not be read (a Slurm node is named after it).
+    #[error("cannot read the host name")]
+    Hostname(#[source] nix::Error),
     /// omd was asked to stop but does not run.
     #[error("omd is not running on node {0}")]
     OmdNotRunning(usize),
@@ -719,11 +722,17 @@ fn ip(args: &[&str]) -> Result<(), RigError> {
 }
 
 fn write_key(path: &Path) -> Result<(), RigError> {
+    write_random_key(path, 32)
+}
+
+/// Writes `len` fresh random bytes to a new file `path`, readable by its owner only: a key of the
+/// rig's own (the cluster key; [`crate::slurm`]'s munge key).
+pub(crate) fn write_random_key(path: &Path, len: usize) -> Result<(), RigError> {
     let err = |source| RigError::State {
         path: path.to_path_buf(),
         source,
     };
-    let mut key = [0u8; 32];
+    let mut key = vec![0u8; len];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .map_err(err)?;

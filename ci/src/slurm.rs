@@ -6,13 +6,12 @@
 //! Tests run jobs with [`Slurm::srun`], exactly as a user of a cluster would: `srun -n 4 omrun ...`.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::rig::{Rig, RigError};
+use crate::rig::{Rig, RigError, write_random_key};
 
 /// The Debian packages that hold the daemons and the client commands (`ci/deps.sh` installs them).
 pub const PACKAGES: &str = "slurmd slurmctld slurm-client munge";
@@ -51,8 +50,9 @@ impl Slurm {
             netns: n.netns().to_owned(),
             dir,
         };
-        s.write(&s.dir.join("munge.key"), &munge_key()?, 0o600)?;
-        s.write(&s.conf(), s.config()?.as_bytes(), 0o644)?;
+        write_random_key(&s.dir.join("munge.key"), 1024)?;
+        let conf = s.conf();
+        fs::write(&conf, s.config()?).map_err(|source| RigError::State { path: conf, source })?;
         let path = |name: &str| s.dir.join(name).to_string_lossy().into_owned();
         let munged = [
             "munged",
@@ -154,21 +154,6 @@ PartitionName=om Nodes=omnode Default=YES MaxTime=INFINITE State=UP OverSubscrib
         ))
     }
 
-    fn write(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<(), RigError> {
-        let state = |source| RigError::State {
-            path: path.to_owned(),
-            source,
-        };
-        fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(path)
-            .and_then(|mut f| f.write_all(bytes))
-            .map_err(state)
-    }
-
     fn spawn(&self, rig: &Rig, argv: &[&str]) -> Result<(), RigError> {
         let mut c = self.command(argv[0]);
         c.args(&argv[1..])
@@ -225,22 +210,7 @@ PartitionName=om Nodes=omnode Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
 /// This machine's short host name (slurmd checks its node's `NodeHostname` against it).
 fn hostname() -> Result<String, RigError> {
-    let h = fs::read_to_string("/proc/sys/kernel/hostname").map_err(|e| RigError::Command {
-        cmd: "read /proc/sys/kernel/hostname".into(),
-        stderr: e.to_string(),
-    })?;
-    let h = h.trim();
-    Ok(h.split('.').next().unwrap_or(h).to_owned())
-}
-
-/// 1 KiB of fresh randomness: a cluster key of this test's own.
-fn munge_key() -> Result<Vec<u8>, RigError> {
-    let mut key = vec![0u8; 1024];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
-        .map_err(|e| RigError::Command {
-            cmd: "read /dev/urandom".into(),
-            stderr: e.to_string(),
-        })?;
-    Ok(key)
+    let h = nix::unistd::gethostname().map_err(RigError::Hostname)?;
+    let h = h.to_string_lossy();
+    Ok(h.split('.').next().unwrap_or(&h).to_owned())
 }

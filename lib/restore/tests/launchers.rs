@@ -123,6 +123,17 @@ fn exits_7_both_ways(plain: &Output, with_omrun: &Output) {
     );
 }
 
+/// A rig of two nodes, each with its omd.
+fn two_nodes() -> (om_rig::Rig, [om_rig::OmdHandle; 2]) {
+    let rig = om_rig::Rig::new(2).expect("rig");
+    let omd = bin_dir().join("omd");
+    let omds = [
+        rig.start_omd(0, &omd, &[]).expect("omd 0"),
+        rig.start_omd(1, &omd, &[]).expect("omd 1"),
+    ];
+    (rig, omds)
+}
+
 /// Waits for the four ranks of a job on node 0 to register with its omd, then moves one to node 1
 /// and back, at random moments.
 fn move_a_rank_there_and_back(omds: &[om_rig::OmdHandle; 2]) {
@@ -162,12 +173,7 @@ fn move_a_rank_there_and_back(omds: &[om_rig::OmdHandle; 2]) {
 /// (omrun, the rank's home anchor, relays it) and its exit code unchanged.
 #[test]
 fn a_rank_moves_to_another_node_and_back_under_mpirun() {
-    let rig = om_rig::Rig::new(2).expect("rig");
-    let omd = bin_dir().join("omd");
-    let omds = [
-        rig.start_omd(0, &omd, &[]).expect("omd 0"),
-        rig.start_omd(1, &omd, &[]).expect("omd 1"),
-    ];
+    let (rig, omds) = two_nodes();
     let prog = build("ranks.c");
     let lines = "300";
     let plain = run(&mut mpirun_command(
@@ -205,12 +211,7 @@ fn a_rank_moves_to_another_node_and_back_under_mpirun() {
 /// and a rank moves to node 1 and back while srun waits for it.
 #[test]
 fn four_ranks_under_srun_run_like_a_plain_job_and_one_moves_away_and_back() {
-    let rig = om_rig::Rig::new(2).expect("rig");
-    let omd = bin_dir().join("omd");
-    let omds = [
-        rig.start_omd(0, &omd, &[]).expect("omd 0"),
-        rig.start_omd(1, &omd, &[]).expect("omd 1"),
-    ];
+    let (rig, omds) = two_nodes();
     let slurm = om_rig::slurm::Slurm::start(&rig, 0).unwrap_or_else(|e| panic!("{e}"));
     let prog = build("ranks.c");
     let omrun = bin_dir().join("omrun");
