@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The soft-RoCE rig: a QEMU guest (TCG) running Debian's 6.1 kernel with rdma_rxe, two rxe devices on a
+# The soft-RoCE rig: a QEMU guest (TCG) running Debian's 6.1 kernel (or, with OM_RXE_KERNEL=odp, the
+# newest of Debian 13's backports) with rdma_rxe, two rxe devices on a
 # veth pair, and a script of ours as its job.
 #
 #   ci/rxe/guest.sh SCRIPT [FILE...]
@@ -26,18 +27,48 @@ job=$1
 shift
 
 mkdir -p "$cache"
-# The kernel: Debian's current 6.1 image, downloaded once.
-if [ ! -f "$cache/vmlinuz" ]; then
-  latest() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6\.1/ {print $2; exit}'; }
+# The kernel, downloaded once per kind into $cache/linux-KIND (vmlinuz and the module tree):
+# - 6.1 (the default): Debian 12's current 6.1 image, from this machine's apt sources;
+# - odp ($OM_RXE_KERNEL=odp): the newest image of Debian 13's backports, whose rxe has on-demand
+#   paging (Linux 6.14 and later). apt fetches it with a configuration of its own, checking the
+#   archive's signature against Debian's keyring, and leaves this machine's sources alone.
+kind=${OM_RXE_KERNEL:-6.1}
+kdir=$cache/linux-$kind
+if [ ! -f "$kdir/vmlinuz" ]; then
+  apt=()
+  case $kind in
+    6.1) pattern='linux-image-6\.1\.' ;;
+    odp)
+      pattern='linux-image-[0-9]'
+      a=$cache/apt-odp
+      mkdir -p "$a/lists/partial" "$a/cache/archives/partial"
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main" \
+        >"$a/sources.list"
+      apt=(-o "Dir::Etc::SourceList=$a/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$a/lists" -o "Dir::Cache=$a/cache" -o Dir::State::Status=/dev/null
+        -o Debug::NoLocking=1)
+      apt-get "${apt[@]}" update -qq >/dev/null || { echo "guest.sh: cannot read Debian's trixie-backports" >&2; exit 1; }
+      ;;
+    *) echo "guest.sh: OM_RXE_KERNEL is 6.1 or odp, not $kind" >&2; exit 2 ;;
+  esac
+  latest() { apt-cache "${apt[@]}" depends linux-image-amd64 2>/dev/null | awk -v p="Depends: $pattern" '$0 ~ p {print $2; exit}'; }
   pkg=$(latest)
   [ -n "$pkg" ] || { apt-get update -qq >/dev/null 2>&1 || true; pkg=$(latest); }
-  [ -n "$pkg" ] || { echo "guest.sh: no linux-image-6.1 package known to apt" >&2; exit 1; }
-  rm -rf "$cache/kernel" && mkdir -p "$cache/kernel"
-  (cd "$cache/kernel" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb .)
-  cp "$cache"/kernel/boot/vmlinuz-* "$cache/vmlinuz.new"
-  mv "$cache/vmlinuz.new" "$cache/vmlinuz"
+  [ -n "$pkg" ] || { echo "guest.sh: no $pattern package known to apt" >&2; exit 1; }
+  # Newer Debian kernels put the image and the modules in packages of their own.
+  pkgs=("$pkg")
+  for part in binary modules; do
+    extra=linux-$part-${pkg#linux-image-}
+    apt-cache "${apt[@]}" show "$extra" >/dev/null 2>&1 && pkgs+=("$extra")
+  done
+  rm -rf "$kdir.new" && mkdir -p "$kdir.new/deb"
+  (cd "$kdir.new/deb" && apt-get "${apt[@]}" download "${pkgs[@]}" >/dev/null 2>&1 &&
+    for d in ./*.deb; do dpkg-deb -x "$d" ..; done) || { echo "guest.sh: cannot download ${pkgs[*]}" >&2; exit 1; }
+  rm -rf "$kdir.new/deb"
+  cp "$(find "$kdir.new" -name 'vmlinuz*' -type f | head -1)" "$kdir.new/vmlinuz"
+  rm -rf "$kdir" && mv "$kdir.new" "$kdir"
 fi
-modules=$(echo "$cache"/kernel/lib/modules/*/kernel)
+modules=$(find "$kdir" -path '*/modules/*/kernel' -type d | head -1)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/om-rxe.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -72,10 +103,22 @@ add_elf /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so /usr/lib/x86_64-l
 cp /etc/libibverbs.d/rxe.driver "$fs/etc/libibverbs.d/"
 for lib in /lib/x86_64-linux-gnu/libgcc_s.so.1; do install -D "$lib" "$fs$lib"; done
 
-order="udp_tunnel ip6_udp_tunnel crc32_generic crc32-pclmul ib_core ib_uverbs rdma_rxe veth"
-for m in $order; do
-  cp "$(find "$modules" -name "$m.ko" | head -1)" "$fs/lib/modules/"
-done
+# The modules rxe needs, each after what it depends on (from its .modinfo), uncompressed for
+# busybox's insmod. 6.1's rxe asks the crypto API for crc32 at run time, which has no modprobe here.
+modfile() { find "$modules" -name "$1.ko" -o -name "$1.ko.xz" | head -1; }
+modcat() { case $1 in *.xz) xz -dc "$1" ;; *) cat "$1" ;; esac; }
+order=
+want() {
+  local m=$1 f d
+  case " $order " in *" $m "*) return ;; esac
+  f=$(modfile "$m")
+  [ -n "$f" ] || { echo "guest.sh: no module $m in $modules" >&2; exit 1; }
+  for d in $(modcat "$f" | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '); do want "$d"; done
+  modcat "$f" >"$fs/lib/modules/$m.ko"
+  order="$order $m"
+}
+for m in crc32_generic crc32-pclmul; do [ -z "$(modfile "$m")" ] || want "$m"; done
+for m in rdma_rxe ib_uverbs veth; do want "$m"; done
 
 for f in "$@"; do
   if file -L "$f" | grep -q ELF; then add_elf "$f" "/om/$(basename "$f")"; else install -D -m 755 "$f" "$fs/om/$(basename "$f")"; fi
@@ -135,7 +178,7 @@ log=$work/console
 set +e
 timeout "${OM_RXE_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m "${OM_RXE_MEMORY:-2048}" \
   -nographic -no-reboot -nic none \
-  -kernel "$cache/vmlinuz" -initrd "$work/initrd" \
+  -kernel "$kdir/vmlinuz" -initrd "$work/initrd" \
   -append "console=ttyS0 quiet panic=-1 oops=panic rdinit=/init" </dev/null | tee "$log"
 qemu=${PIPESTATUS[0]}
 set -e
