@@ -276,6 +276,13 @@ pub trait Export: Send + Sync + std::fmt::Debug {
     /// instead of waiting out its timeout (also done when the export is dropped).
     fn abandon(&self) {}
 
+    /// True when the fabric pins the exported memory (its registrations keep the pages they
+    /// hold, so a page the image releases would no longer be the one the fabric writes): the
+    /// image then overwrites zero and dropped pages instead of releasing them ([`ImageSink::pin`]).
+    fn pins(&self) -> bool {
+        true
+    }
+
     /// Waits up to `timeout` for the next batch descriptor; `None` when none came.
     ///
     /// # Errors

@@ -55,6 +55,8 @@ pub enum VerbsError {
     Completion {
         /// The library's name for the status.
         status: String,
+        /// The status (`enum ibv_wc_status`).
+        code: u32,
         /// The device's own code.
         vendor: u32,
     },
@@ -99,6 +101,33 @@ pub enum VerbsError {
     /// Used before the receiver's placement arrived.
     #[error("not attached to a receiver")]
     NotAttached,
+    /// A setting in the environment with a value om does not know.
+    #[error("{name} is {allowed}, not {value:?}")]
+    Setting {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        allowed: &'static str,
+    },
+    /// On-demand paging was asked for (`OM_VERBS_ODP=on`) and the device does not offer it.
+    #[error("OM_VERBS_ODP=on, but device {device} offers no on-demand paging for {what}")]
+    NoOdp {
+        /// The device.
+        device: String,
+        /// What it would be needed for.
+        what: &'static str,
+    },
+    /// A request failed reading on-demand memory of the application (most likely unmapped by it
+    /// while the adapter read it).
+    #[error(
+        "the adapter could not read the application's memory through an on-demand registration ({status}): the application probably unmapped it mid-round (OM_VERBS_ODP=off pins instead)"
+    )]
+    OdpFault {
+        /// The library's name for the completion's status.
+        status: String,
+    },
     /// Reading this process's memory failed.
     #[error("reading the pages to place: {0}")]
     Read(#[source] std::io::Error),
@@ -122,7 +151,9 @@ impl VerbsError {
             Self::Endpoint(_) | Self::NoWindow { .. } => ErrorCode::Protocol,
             Self::Memlock { .. } | Self::Register { .. } => ErrorCode::Limit,
             Self::Timeout(_) => ErrorCode::Timeout,
-            Self::Load(_) | Self::NoDevice(_) | Self::ForkUnsafe => ErrorCode::Capability,
+            Self::Load(_) | Self::NoDevice(_) | Self::ForkUnsafe | Self::NoOdp { .. } => {
+                ErrorCode::Capability
+            }
             _ => ErrorCode::Internal,
         };
         (code, format!("verbs: {self}"))

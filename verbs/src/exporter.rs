@@ -11,6 +11,7 @@ use om_transport::wire::{ErrorCode, Extent, Placement, caps};
 
 use crate::endpoint::Endpoint;
 use crate::error::VerbsError;
+use crate::odp::{self, Offer, OdpSetting};
 use crate::placer::MESSAGE_BYTES;
 use crate::sys::abi::QpCap;
 use crate::sys::{Device, Library, Mr, Qp, RecvRing};
@@ -28,19 +29,24 @@ pub struct VerbsExporter {
     lib: Arc<Library>,
     /// Most bytes of image memory registered (pinned) for one image.
     budget: u64,
+    /// `OM_VERBS_ODP`, read once.
+    odp: OdpSetting,
 }
 
 impl VerbsExporter {
-    /// Loads libibverbs and checks that a device with an active port is there.
+    /// Loads libibverbs and checks that a device with an active port is there (and, with
+    /// `OM_VERBS_ODP=on`, that it offers on-demand paging for remote writes).
     ///
     /// # Errors
-    /// No libibverbs or no usable device.
+    /// No libibverbs, no usable device, or a bad or unmet `OM_VERBS_ODP`.
     pub fn open(budget: u64) -> Result<Self, VerbsError> {
         let lib = Arc::new(Library::load()?);
+        let odp = OdpSetting::from_env()?;
         let dev = Device::open(Arc::clone(&lib), None)?;
-        tracing::info!(device = %dev.name, port = dev.port, "verbs transport offered");
+        let on_demand = odp::for_export(odp, Offer::of(&dev.odp), &dev.name)?;
+        tracing::info!(device = %dev.name, port = dev.port, on_demand, "verbs transport offered");
         drop(dev);
-        Ok(Self { lib, budget })
+        Ok(Self { lib, budget, odp })
     }
 }
 
@@ -50,7 +56,7 @@ impl Exporter for VerbsExporter {
     }
 
     fn export(&self, image: Arc<dyn Exportable>, local: IpAddr) -> Result<Box<dyn Export>, Refusal> {
-        VerbsExport::new(&self.lib, image, local, self.budget)
+        VerbsExport::new(&self.lib, image, local, self.budget, self.odp)
             .map(|e| Box::new(e) as Box<dyn Export>)
             .map_err(|e| e.refusal())
     }
@@ -68,6 +74,8 @@ pub struct VerbsExport {
     dev: Arc<Device>,
     psn: u32,
     budget: u64,
+    /// Windows are registered on demand (ODP): whole, once, pinning nothing.
+    on_demand: bool,
     connected: AtomicBool,
 }
 
@@ -77,8 +85,10 @@ impl VerbsExport {
         image: Arc<dyn Exportable>,
         local: IpAddr,
         budget: u64,
+        odp: OdpSetting,
     ) -> Result<Self, VerbsError> {
         let dev = Arc::new(Device::open(Arc::clone(lib), Some(local))?);
+        let on_demand = odp::for_export(odp, Offer::of(&dev.odp), &dev.name)?;
         let depth = u32::try_from(RECV_DEPTH).unwrap_or(16);
         let cq = Arc::new(dev.completion_queue(depth * 2)?);
         let qp = dev.queue_pair(
@@ -93,7 +103,7 @@ impl VerbsExport {
         )?;
         let ring = RecvRing::new(&qp, RECV_DEPTH, MESSAGE_BYTES)?;
         let psn = crate::endpoint::random_psn();
-        tracing::debug!(device = %dev.name, qpn = qp.number(), "verbs export opened");
+        tracing::debug!(device = %dev.name, qpn = qp.number(), on_demand, "verbs export opened");
         Ok(Self {
             qp,
             ring,
@@ -102,12 +112,14 @@ impl VerbsExport {
             dev,
             psn,
             budget,
+            on_demand,
             connected: AtomicBool::new(false),
         })
     }
 
-    /// Registers what `extents` cover of the image memory, window by window (each registration
-    /// from its window's start to the highest byte an extent needs in it); returns the remote keys.
+    /// Registers what `extents` cover of the image memory, window by window; returns the remote
+    /// keys. Pinned, each registration reaches from its window's start to the highest byte an
+    /// extent needs in it, within the budget; on demand, each window is registered whole.
     fn register(&self, extents: &[Extent]) -> Result<Vec<u32>, VerbsError> {
         let memory = self.image.memory();
         let total = memory.len() as u64;
@@ -140,10 +152,10 @@ impl VerbsExport {
                 continue;
             }
             let start = w as u64 * window;
-            let len = n.div_ceil(GROW) * GROW;
+            let len = if self.on_demand { window } else { n.div_ceil(GROW) * GROW };
             let len = len.min(window).min(total - start);
             total_after = total_after - have + len;
-            if total_after > self.budget {
+            if !self.on_demand && total_after > self.budget {
                 return Err(VerbsError::Memlock {
                     limit: self.budget,
                     need: total_after,
@@ -156,6 +168,7 @@ impl VerbsExport {
                 &self.image,
                 usize::try_from(start).unwrap_or(usize::MAX),
                 usize::try_from(len).unwrap_or(usize::MAX),
+                self.on_demand,
             )?);
         }
         Ok(windows.iter().map(|m| m.as_ref().map_or(0, Mr::rkey)).collect())
@@ -200,6 +213,10 @@ impl Export for VerbsExport {
 
     fn abandon(&self) {
         self.qp.break_off();
+    }
+
+    fn pins(&self) -> bool {
+        !self.on_demand
     }
 
     fn next(&self, timeout: Duration) -> Result<Option<Vec<u8>>, Refusal> {

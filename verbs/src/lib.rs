@@ -21,6 +21,7 @@
 pub mod endpoint;
 pub mod error;
 pub mod exporter;
+pub mod odp;
 pub mod placer;
 pub mod regcache;
 pub mod sys;

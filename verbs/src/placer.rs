@@ -13,6 +13,7 @@ use om_transport::wire::{MAX_BATCH_BODY, Placement, caps};
 
 use crate::endpoint::Endpoint;
 use crate::error::VerbsError;
+use crate::odp::{self, Offer, OdpSetting};
 use crate::regcache::{RegCache, memlock_budget};
 use crate::sys::abi::QpCap;
 use crate::sys::queue::SEND_DEPTH;
@@ -56,6 +57,8 @@ struct Link {
     psn: u32,
     windows: Vec<u32>,
     shift: u32,
+    /// Registrations are on demand (ODP), pinning nothing ([`crate::odp`]).
+    on_demand: bool,
     dev: Arc<Device>,
 }
 
@@ -71,6 +74,8 @@ pub struct VerbsPlacer {
     page_size: usize,
     timeout: Duration,
     budget: u64,
+    /// `OM_VERBS_ODP`, read once.
+    odp: OdpSetting,
     /// Checksums of staged reads nobody asked for (the sender checksummed those pages itself).
     scratch: Vec<u32>,
 }
@@ -80,9 +85,10 @@ impl VerbsPlacer {
     /// the control connection uses).
     ///
     /// # Errors
-    /// No libibverbs.
+    /// No libibverbs, or a bad `OM_VERBS_ODP`.
     pub fn open() -> Result<Self, VerbsError> {
         Ok(Self {
+            odp: OdpSetting::from_env()?,
             lib: Arc::new(Library::load()?),
             link: None,
             fresh: None,
@@ -110,13 +116,8 @@ impl VerbsPlacer {
     ) -> Result<Link, VerbsError> {
         let staging_bytes = STAGING_SLOT * STAGING_SLOTS;
         let need = staging_bytes as u64 + HEADROOM + ZERO_COPY_MIN;
-        if self.budget < need {
-            return Err(VerbsError::Memlock {
-                limit: self.budget,
-                need,
-            });
-        }
         let dev = Arc::new(Device::open(Arc::clone(&self.lib), Some(local))?);
+        let on_demand = odp::for_sender(self.odp, Offer::of(&dev.odp), self.budget, need, &dev.name)?;
         let cq = Arc::new(dev.completion_queue(SEND_DEPTH * 2)?);
         let qp = dev.queue_pair(
             cq,
@@ -131,14 +132,18 @@ impl VerbsPlacer {
         let psn = crate::endpoint::random_psn();
         qp.connect(&remote, psn)?;
         let buf = Anon::new(staging_bytes).map_err(|e| VerbsError::Call("mmap", e))?;
-        let mr = Arc::new(dev.register_for_reading(&buf.range())?);
+        let mr = Arc::new(dev.register_for_reading(&buf.range(), on_demand)?);
         let mut sq = SendQueue::new(qp, self.timeout);
         if let Some(fd) = self.control {
             sq.watch(fd);
         }
         Ok(Link {
             sq,
-            cache: RegCache::new(self.budget - staging_bytes as u64 - HEADROOM),
+            cache: RegCache::new(if on_demand {
+                u64::MAX
+            } else {
+                self.budget - staging_bytes as u64 - HEADROOM
+            }),
             staging: Staging {
                 mr,
                 buf,
@@ -149,12 +154,26 @@ impl VerbsPlacer {
             psn,
             windows: placement.windows.clone(),
             shift: placement.window_shift,
+            on_demand,
             dev,
         })
     }
 
     fn link(&mut self) -> Result<&mut Link, VerbsError> {
         self.link.as_mut().ok_or(VerbsError::NotAttached)
+    }
+
+    /// A failure, explained: under ODP a local protection error means the adapter could not read
+    /// the application's memory.
+    fn explain(&self, e: VerbsError) -> VerbsError {
+        match e {
+            VerbsError::Completion { status, code, .. }
+                if code == crate::sys::abi::WC_LOC_PROT_ERR && self.link.as_ref().is_some_and(|l| l.on_demand) =>
+            {
+                VerbsError::OdpFault { status }
+            }
+            e => e,
+        }
     }
 
     fn place(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), VerbsError> {
@@ -216,7 +235,7 @@ impl VerbsPlacer {
                     if !link.cache.fits(plan.end - plan.start) {
                         link.drop_registrations()?;
                     }
-                    let mut attempt = link.dev.register_for_reading(&plan);
+                    let mut attempt = link.dev.register_for_reading(&plan, link.on_demand);
                     if let Err(VerbsError::Register { source, .. }) = &attempt
                         && matches!(source.raw_os_error(), Some(libc::ENOMEM | libc::EAGAIN))
                         && link.cache.bytes() > 0
@@ -224,7 +243,7 @@ impl VerbsPlacer {
                         // Locked memory ran short (the provider's own queues count too): let go of
                         // this round's registrations and try once more.
                         link.drop_registrations()?;
-                        attempt = link.dev.register_for_reading(&plan);
+                        attempt = link.dev.register_for_reading(&plan, link.on_demand);
                     }
                     match attempt {
                         Ok(mr) => {
@@ -439,7 +458,13 @@ impl Placer for VerbsPlacer {
             gid: link.dev.gid,
             base: 0,
         };
-        tracing::debug!(device = %link.dev.name, qpn = mine.qpn, peer_qpn = remote.qpn, "verbs connected");
+        tracing::debug!(
+            device = %link.dev.name,
+            qpn = mine.qpn,
+            peer_qpn = remote.qpn,
+            on_demand = link.on_demand,
+            "verbs connected"
+        );
         self.fresh = Some(mine.encode());
         self.link = Some(link);
         Ok(())
@@ -455,7 +480,7 @@ impl Placer for VerbsPlacer {
 
     fn write(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), TransportError> {
         self.place(src, window, offset)
-            .map_err(|e| e.during("write pages"))
+            .map_err(|e| self.explain(e).during("write pages"))
     }
 
     fn write_summed(
@@ -473,13 +498,13 @@ impl Placer for VerbsPlacer {
                 let (remote, rkey) = l.target(window, offset, len)?;
                 l.stage_read(batch, addr, len, remote, rkey, page_size, sums)
             })
-            .map_err(|e| e.during("write pages"))
+            .map_err(|e| self.explain(e).during("write pages"))
     }
 
     fn post(&mut self, descriptor: &[u8]) -> Result<(), TransportError> {
         self.link()
             .and_then(|l| l.post(descriptor))
-            .map_err(|e| e.during("send a batch descriptor"))
+            .map_err(|e| self.explain(e).during("send a batch descriptor"))
     }
 
     fn round_done(&mut self) -> Result<(), TransportError> {
@@ -487,7 +512,7 @@ impl Placer for VerbsPlacer {
             return Ok(());
         };
         link.drop_registrations()
-            .map_err(|e| e.during("complete the round's writes"))
+            .map_err(|e| self.explain(e).during("complete the round's writes"))
     }
 
     fn fds(&self) -> Vec<std::os::fd::RawFd> {

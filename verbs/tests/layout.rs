@@ -7,7 +7,8 @@ use std::mem::{offset_of, size_of};
 use std::process::Command;
 
 use om_verbs::sys::abi::{
-    self, AhAttr, Context, ContextOps, Mr, PortAttr, Qp, QpAttr, QpInitAttr, RecvWr, SendWr, Sge, Wc,
+    self, AhAttr, Context, ContextOps, DeviceAttrEx, Mr, OdpCaps, PortAttr, Qp, QpAttr, QpInitAttr,
+    RecvWr, SendWr, Sge, VerbsContextTail, Wc,
 };
 
 const HEADER: &str = "/usr/include/infiniband/verbs.h";
@@ -40,6 +41,31 @@ fn expected() -> Vec<(&'static str, usize)> {
         (
             "offsetof(struct ibv_context, async_fd)",
             offset_of!(Context, async_fd),
+        ),
+        ("sizeof(struct ibv_context)", size_of::<Context>()),
+        (
+            "offsetof(struct ibv_context, abi_compat)",
+            offset_of!(Context, abi_compat),
+        ),
+        (
+            "offsetof(struct verbs_context, context) - offsetof(struct verbs_context, query_device_ex)",
+            size_of::<VerbsContextTail>() - offset_of!(VerbsContextTail, query_device_ex),
+        ),
+        (
+            "offsetof(struct verbs_context, context) - offsetof(struct verbs_context, sz)",
+            size_of::<VerbsContextTail>() - offset_of!(VerbsContextTail, sz),
+        ),
+        ("(size_t)__VERBS_ABI_IS_EXTENDED", abi::VERBS_ABI_IS_EXTENDED),
+        ("sizeof(struct ibv_device_attr_ex)", size_of::<DeviceAttrEx>()),
+        ("sizeof(struct ibv_device_attr)", offset_of!(DeviceAttrEx, comp_mask)),
+        (
+            "offsetof(struct ibv_device_attr_ex, odp_caps)",
+            offset_of!(DeviceAttrEx, odp_caps),
+        ),
+        ("sizeof(struct ibv_odp_caps)", size_of::<OdpCaps>()),
+        (
+            "offsetof(struct ibv_odp_caps, per_transport_caps.rc_odp_caps)",
+            offset_of!(OdpCaps, rc_odp_caps),
         ),
         ("offsetof(struct ibv_qp, context)", offset_of!(Qp, context)),
         ("offsetof(struct ibv_qp, qp_num)", offset_of!(Qp, qp_num)),
@@ -165,6 +191,11 @@ fn expected() -> Vec<(&'static str, usize)> {
         ("IBV_QP_DEST_QPN", n(abi::QP_DEST_QPN)),
         ("IBV_ACCESS_LOCAL_WRITE", n(abi::ACCESS_LOCAL_WRITE)),
         ("IBV_ACCESS_REMOTE_WRITE", n(abi::ACCESS_REMOTE_WRITE)),
+        ("IBV_ACCESS_ON_DEMAND", n(abi::ACCESS_ON_DEMAND)),
+        ("IBV_ODP_SUPPORT", n(abi::ODP_SUPPORT)),
+        ("IBV_ODP_SUPPORT_SEND", n(abi::ODP_SUPPORT_SEND)),
+        ("IBV_ODP_SUPPORT_WRITE", n(abi::ODP_SUPPORT_WRITE)),
+        ("IBV_WC_LOC_PROT_ERR", n(abi::WC_LOC_PROT_ERR)),
         ("IBV_WR_RDMA_WRITE", n(abi::WR_RDMA_WRITE)),
         ("IBV_WR_SEND", n(abi::WR_SEND)),
         ("IBV_SEND_SIGNALED", n(abi::SEND_SIGNALED)),

@@ -677,12 +677,15 @@ impl<S: ImageStore> Receiver<S> {
                 "this image's memory cannot be exported".into(),
             ));
         }
-        image.pin();
         let export: Arc<dyn Export> = Arc::from(
             exporter
                 .export(Arc::new(Held(Arc::clone(image))), conn.local_ip())
                 .map_err(|(c, m)| refused(conn, c, m))?,
         );
+        // Before any page lands.
+        if export.pins() {
+            image.pin();
+        }
         send_placement(conn, export.as_ref(), image.as_ref())?;
         let (peer, page_size, max_suspects) = (
             session.peer.clone(),

@@ -2,7 +2,9 @@
 //! and reads from the library, and the constants it uses.
 //!
 //! `ibv_post_send`, `ibv_post_recv` and `ibv_poll_cq` are inline functions in the header: they call
-//! through `ibv_context::ops`, whose layout is therefore part of the library's stable ABI. Every
+//! through `ibv_context::ops`, whose layout is therefore part of the library's stable ABI. So is
+//! `ibv_query_device_ex`, which calls through the end of `struct verbs_context`, the structure the
+//! library places right before every context it hands out ([`VerbsContextTail`]). Every
 //! layout here is checked at compile time (sizes) and, where rdma-core's headers are installed,
 //! against the C compiler's `offsetof` (`tests/layout.rs`).
 
@@ -10,7 +12,7 @@
 
 use std::ffi::{c_int, c_uint, c_void};
 
-/// `struct ibv_context`, up to the operations om calls (the rest is the library's).
+/// `struct ibv_context`.
 #[repr(C)]
 #[derive(Debug)]
 pub struct Context {
@@ -19,6 +21,61 @@ pub struct Context {
     pub cmd_fd: c_int,
     pub async_fd: c_int,
     pub num_comp_vectors: c_int,
+    /// `pthread_mutex_t` (glibc, LP64).
+    pub mutex: [u64; 5],
+    /// [`VERBS_ABI_IS_EXTENDED`] when a [`VerbsContextTail`] precedes the context.
+    pub abi_compat: *mut c_void,
+}
+
+/// `__VERBS_ABI_IS_EXTENDED`: the value of `abi_compat` in a context of rdma-core's providers.
+pub const VERBS_ABI_IS_EXTENDED: usize = usize::MAX;
+
+/// `ibv_query_device_ex`'s entry in `struct verbs_context`.
+pub type QueryDeviceEx =
+    unsafe extern "C" fn(*mut Context, *const c_void, *mut DeviceAttrEx, usize) -> c_int;
+
+/// The last fields of `struct verbs_context`, which ends with the `ibv_context` the library hands
+/// out ("grows up": new entries go before these, so their distance from the context is fixed).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct VerbsContextTail {
+    pub query_device_ex: Option<QueryDeviceEx>,
+    /// From `ibv_destroy_flow` to `_ABI_placeholder3`.
+    pub _later: [usize; 11],
+    /// The size of the provider's `verbs_context`: an entry exists only if it reaches that far.
+    pub sz: usize,
+}
+
+/// `struct ibv_odp_caps`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OdpCaps {
+    pub general_caps: u64,
+    pub rc_odp_caps: u32,
+    pub uc_odp_caps: u32,
+    pub ud_odp_caps: u32,
+}
+
+/// `struct ibv_device_attr_ex`, up to the on-demand paging capabilities (the rest is opaque).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceAttrEx {
+    /// `struct ibv_device_attr`.
+    pub orig_attr: [u64; 29],
+    pub comp_mask: u32,
+    pub odp_caps: OdpCaps,
+    pub _rest: [u64; 17],
+}
+
+impl Default for DeviceAttrEx {
+    fn default() -> Self {
+        Self {
+            orig_attr: [0; 29],
+            comp_mask: 0,
+            odp_caps: OdpCaps::default(),
+            _rest: [0; 17],
+        }
+    }
 }
 
 /// An entry of `ops` that om does not call.
@@ -293,6 +350,12 @@ const _: () = assert!(size_of::<PortAttr>() == 52);
 const _: () = assert!(std::mem::offset_of!(PortAttr, link_layer) == 46);
 const _: () = assert!(std::mem::offset_of!(QpAttr, timeout) == 130);
 const _: () = assert!(std::mem::offset_of!(Context, num_comp_vectors) == 272);
+const _: () = assert!(std::mem::offset_of!(Context, abi_compat) == 320);
+const _: () = assert!(size_of::<Context>() == 328);
+const _: () = assert!(size_of::<VerbsContextTail>() == 104);
+const _: () = assert!(size_of::<OdpCaps>() == 24);
+const _: () = assert!(std::mem::offset_of!(DeviceAttrEx, odp_caps) == 240);
+const _: () = assert!(size_of::<DeviceAttrEx>() == 400);
 
 // enum ibv_qp_type
 pub const QPT_RC: c_uint = 2;
@@ -320,6 +383,12 @@ pub const QP_DEST_QPN: c_int = 1 << 20;
 // enum ibv_access_flags
 pub const ACCESS_LOCAL_WRITE: c_int = 1;
 pub const ACCESS_REMOTE_WRITE: c_int = 1 << 1;
+pub const ACCESS_ON_DEMAND: c_int = 1 << 6;
+// enum ibv_odp_general_caps
+pub const ODP_SUPPORT: u64 = 1;
+// enum ibv_odp_transport_cap_bits
+pub const ODP_SUPPORT_SEND: u32 = 1;
+pub const ODP_SUPPORT_WRITE: u32 = 1 << 2;
 // enum ibv_wr_opcode
 pub const WR_RDMA_WRITE: c_uint = 0;
 pub const WR_SEND: c_uint = 2;
@@ -327,6 +396,7 @@ pub const WR_SEND: c_uint = 2;
 pub const SEND_SIGNALED: c_uint = 1 << 1;
 // enum ibv_wc_status
 pub const WC_SUCCESS: c_uint = 0;
+pub const WC_LOC_PROT_ERR: c_uint = 4;
 // enum ibv_wc_opcode
 pub const WC_RECV: c_uint = 1 << 7;
 // enum ibv_port_state

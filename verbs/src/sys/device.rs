@@ -32,6 +32,8 @@ pub struct Device {
     pub gid_index: u8,
     /// The source GID.
     pub gid: Gid,
+    /// What the device offers of on-demand paging (all zero where the library cannot say).
+    pub odp: abi::OdpCaps,
 }
 
 // SAFETY: libibverbs' device contexts and protection domains may be used from any thread (rdma-core
@@ -46,6 +48,48 @@ fn gid_of(ip: IpAddr) -> Gid {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     })
+}
+
+/// The device's on-demand paging capabilities, by `ibv_query_device_ex` (an inline function of the
+/// header, called here through the provider's `verbs_context` as the header does); zero where the
+/// provider has no extended query or it fails.
+fn query_odp(ctx: NonNull<abi::Context>) -> abi::OdpCaps {
+    // SAFETY: an open context: the library's ibv_context, alive for this call.
+    let compat = unsafe { ctx.as_ref() }.abi_compat as usize;
+    if compat != abi::VERBS_ABI_IS_EXTENDED {
+        return abi::OdpCaps::default();
+    }
+    let at = ctx
+        .as_ptr()
+        .cast::<u8>()
+        .wrapping_sub(size_of::<abi::VerbsContextTail>())
+        .cast::<abi::VerbsContextTail>();
+    // SAFETY: an extended context is the last field of the provider's struct verbs_context, whose
+    // fields right before it are VerbsContextTail's (layout checked in tests/layout.rs), plain
+    // pointers and sizes that the provider wrote once; read by value, unaligned to be safe.
+    let tail = unsafe { at.read_unaligned() };
+    let Some(query) = tail
+        .query_device_ex
+        .filter(|_| tail.sz >= size_of::<abi::VerbsContextTail>() + size_of::<abi::Context>())
+    else {
+        return abi::OdpCaps::default();
+    };
+    let mut attr = abi::DeviceAttrEx::default();
+    // SAFETY: the provider's own entry for this context; no input (NULL is allowed), and `attr`
+    // is a zeroed ibv_device_attr_ex of the size passed, which the provider fills up to that size.
+    let r = unsafe {
+        query(
+            ctx.as_ptr(),
+            std::ptr::null(),
+            &raw mut attr,
+            size_of::<abi::DeviceAttrEx>(),
+        )
+    };
+    if r == 0 {
+        attr.odp_caps
+    } else {
+        abi::OdpCaps::default()
+    }
 }
 
 /// How a port is chosen in one pass over the devices.
@@ -209,6 +253,7 @@ impl Device {
             attr,
             gid_index,
             gid,
+            odp: query_odp(ctx),
         }))
     }
 
@@ -265,16 +310,23 @@ impl Device {
         })
     }
 
-    /// Registers memory of this process for the device to read (the sources of writes and sends):
-    /// the pages stay pinned, and so readable by the device, whatever the process does with the
-    /// mapping meanwhile.
+    /// Registers memory of this process for the device to read (the sources of writes and sends).
+    /// Pinned, the pages stay readable by the device whatever the process does with the mapping
+    /// meanwhile; `on_demand` (ODP), nothing is pinned and a page unmapped by then fails the
+    /// request that reads it.
     ///
     /// # Errors
     /// [`VerbsError::Register`]: unmapped memory, `RLIMIT_MEMLOCK`, the device's limits.
-    pub fn register_for_reading(self: &Arc<Self>, range: &std::ops::Range<u64>) -> Result<Mr, VerbsError> {
+    pub fn register_for_reading(
+        self: &Arc<Self>,
+        range: &std::ops::Range<u64>,
+        on_demand: bool,
+    ) -> Result<Mr, VerbsError> {
         let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
-        // SAFETY: read-only access: the device never writes these pages.
-        unsafe { self.register_raw(range.start as *mut u8, len, 0, None) }
+        let access = if on_demand { abi::ACCESS_ON_DEMAND } else { 0 };
+        // SAFETY: read-only access: the device never writes these pages (an on-demand region
+        // without write access faults pages in for reading only, so they do not turn dirty).
+        unsafe { self.register_raw(range.start as *mut u8, len, access, None) }
     }
 
     /// Registers `buf` for the device to write locally (receive buffers); the region keeps it.
@@ -294,8 +346,8 @@ impl Device {
         }
     }
 
-    /// Registers `len` bytes at `offset` of an exported image's memory for remote writes; the
-    /// region keeps the image alive.
+    /// Registers `len` bytes at `offset` of an exported image's memory for remote writes, pinned
+    /// or `on_demand`; the region keeps the image alive.
     ///
     /// # Errors
     /// A range outside the image's memory, or as [`Device::register_for_reading`].
@@ -304,6 +356,7 @@ impl Device {
         image: &Arc<dyn om_transport::api::Exportable>,
         offset: usize,
         len: usize,
+        on_demand: bool,
     ) -> Result<Mr, VerbsError> {
         let memory = image.memory();
         let zone = memory.part(offset, len).ok_or(VerbsError::OutsideRegion {
@@ -317,7 +370,9 @@ impl Device {
             self.register_raw(
                 zone.as_ptr(),
                 zone.len(),
-                abi::ACCESS_LOCAL_WRITE | abi::ACCESS_REMOTE_WRITE,
+                abi::ACCESS_LOCAL_WRITE
+                    | abi::ACCESS_REMOTE_WRITE
+                    | if on_demand { abi::ACCESS_ON_DEMAND } else { 0 },
                 Some(Arc::new(Arc::clone(image)) as Arc<dyn std::any::Any + Send + Sync>),
             )
         }

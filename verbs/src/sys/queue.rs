@@ -28,6 +28,7 @@ fn succeeded(qp: &Qp, c: &Wc) -> Result<(), VerbsError> {
     } else {
         Err(VerbsError::Completion {
             status: qp.device().library().status_name(c.status),
+            code: c.status,
             vendor: c.vendor_err,
         })
     }
