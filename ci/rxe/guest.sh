@@ -124,8 +124,9 @@ for f in "$@"; do
   if file -L "$f" | grep -q ELF; then add_elf "$f" "/om/$(basename "$f")"; else install -D -m 755 "$f" "$fs/om/$(basename "$f")"; fi
 done
 install -m 755 "$job" "$fs/job"
-# The job's settings from this environment (OM_RXE_BENCH_*: the benchmark's size and runs).
-for v in $(compgen -e | grep '^OM_RXE_BENCH_' || true); do
+# The job's settings from this environment (OM_RXE_BENCH_*: the benchmark's size and runs;
+# OM_RXE_ODP_*: what the ODP job runs).
+for v in $(compgen -e | grep -E '^OM_RXE_(BENCH|ODP)_' || true); do
   printf "export %s='%s'\n" "$v" "${!v}"
 done >"$fs/env"
 

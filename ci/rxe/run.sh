@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The verbs transport on soft-RoCE: builds om, the verbs tests and the verbs benchmark, boots the rxe
 # guest (ci/rxe/guest.sh) and runs ci/rxe/job.sh inside it: the verbs transport tests, a live
-# migration of a real program between rxe0 and rxe1 and back, and the benchmark against ib_write_bw.
+# migration of a real program between rxe0 and rxe1 and back, and the benchmark against ib_write_bw;
+# then the same with on-demand paging in a guest whose kernel offers it (ci/rxe/job-odp.sh).
 #
 #   bash ci/rxe/run.sh            # debug build (what CI runs)
 #   OM_RXE_PROFILE=release bash ci/rxe/run.sh   # the benchmark's recorded figures
-#   OM_RXE_JOB=my-job.sh bash ci/rxe/run.sh      # another job script in the same guest
+#   OM_RXE_JOB=my-job.sh bash ci/rxe/run.sh      # another job script, one guest (OM_RXE_KERNEL picks it)
+#
+# Two guests run in turn: Debian 12's 6.1 kernel with ci/rxe/job.sh, then the newest kernel of
+# Debian 13's backports, whose rxe offers on-demand paging, with ci/rxe/job-odp.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 profile=${OM_RXE_PROFILE:-debug}
@@ -34,6 +38,12 @@ cargo build --locked "${flag[@]}" -p om-launch --lib
 gcc -Wall -Werror -O2 -I lib/launch/include -o "$work/launcher" examples/c/launcher.c \
   -L"target/$profile" -lom_launch -Wl,-rpath,/om
 bin=target/$profile
-exec bash ci/rxe/guest.sh "${OM_RXE_JOB:-ci/rxe/job.sh}" \
-  "$bin/omd" "$bin/omrun" "$bin/omctl" "$bin/om-restore" "$bin/libomrt.so" "$bin/verbs" \
-  "$bin/libom_launch.so" "$work/verbs-tests" "$work/threads" "$work/numbered" "$work/laps" "$work/filecow" "$work/launcher"
+files=("$bin/omd" "$bin/omrun" "$bin/omctl" "$bin/om-restore" "$bin/libomrt.so" "$bin/verbs"
+  "$bin/libom_launch.so" "$work/verbs-tests" "$work/threads" "$work/numbered" "$work/laps" "$work/filecow" "$work/launcher")
+if [ -n "${OM_RXE_JOB:-}" ]; then
+  exec bash ci/rxe/guest.sh "$OM_RXE_JOB" "${files[@]}"
+fi
+# Debian 12's 6.1 kernel: rxe without on-demand paging, soft-dirty rounds.
+bash ci/rxe/guest.sh ci/rxe/job.sh "${files[@]}"
+# The newest kernel of Debian 13's backports: rxe with on-demand paging, userfaultfd rounds.
+OM_RXE_KERNEL=odp bash ci/rxe/guest.sh ci/rxe/job-odp.sh "${files[@]}"

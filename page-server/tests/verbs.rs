@@ -1,6 +1,11 @@
 //! The verbs transport on a real RDMA device: pages by RDMA WRITE from a live process's memory into
-//! omd's registered image memory, byte for byte; bounded registration windows; a memlock budget too
-//! small for the transport's own buffers; a receiver that dies mid-round.
+//! omd's registered image memory, byte for byte, pinned and on demand (ODP); bounded registration
+//! windows; a memlock budget too small for the transport's own buffers; memory moved away under
+//! the adapter; a receiver that dies mid-round.
+//!
+//! The on-demand tests need a device that offers ODP (rxe from Linux 6.14 on, mlx5). Where it does
+//! not, they say so and pass, unless `OM_VERBS_EXPECT_ODP` is set (the guest with the newer kernel
+//! sets it), which makes them fail instead.
 //!
 //! These tests need an RDMA device, so they are ignored by default. CI runs them inside the
 //! soft-RoCE guest (`ci/rxe/run.sh`), where the receiver listens on rxe1's address and the sender
@@ -26,6 +31,7 @@ use std::time::Duration;
 use om_page_server::Limits;
 use om_transport::sys::Readable;
 use om_transport::{PageSender, SenderConfig, TcpSender, TransportError};
+use om_verbs::odp::OdpSetting;
 
 /// The address the receiver listens on: one the device serves.
 fn addr() -> String {
@@ -51,20 +57,82 @@ fn limits() -> Limits {
     }
 }
 
+/// True when the device offers ODP both ways; false (after saying so) when it does not and the
+/// test may pass without it.
+fn odp_offered() -> bool {
+    let local = addr().parse().ok();
+    let offer = om_verbs::odp::offered(local).expect("an RDMA device");
+    if offer.source && offer.target {
+        return true;
+    }
+    assert!(
+        std::env::var_os("OM_VERBS_EXPECT_ODP").is_none(),
+        "OM_VERBS_EXPECT_ODP is set, but the device offers {offer:?}"
+    );
+    eprintln!("skipped: the device offers no on-demand paging ({offer:?})");
+    false
+}
+
+/// Memory this process has pinned (`VmPin` of /proc/self/status, which counts verbs
+/// registrations that pin), in bytes.
+fn pinned_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmPin in /proc/self/status");
+    kib * 1024
+}
+
 /// Rounds from stable and racy memory, a new VMA table, dirty pages and a freed range, and the
 /// final round from a copy land byte for byte; no TCP data stream is opened.
 #[test]
 #[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
 fn ships_pages_over_verbs_byte_for_byte() {
-    let srv = verbs_server(limits());
+    ship_byte_for_byte(OdpSetting::Off, OdpSetting::Off);
+}
+
+/// The same with registrations on demand, where the device offers it: omd's windows, the sender's
+/// memory, then both, registered without pinning a page.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn ships_pages_on_demand_byte_for_byte() {
+    if odp_offered() {
+        for (export, send) in [
+            (OdpSetting::On, OdpSetting::Off),
+            (OdpSetting::Off, OdpSetting::On),
+            (OdpSetting::On, OdpSetting::On),
+        ] {
+            eprintln!("export {export:?}, send {send:?}");
+            ship_byte_for_byte(export, send);
+        }
+    }
+}
+
+fn ship_byte_for_byte(export: OdpSetting, send: OdpSetting) {
+    let exporter = om_verbs::VerbsExporter::open_with(limits().per_image, export).expect("an RDMA device");
+    let srv = server_at(&addr(), limits(), Some(std::sync::Arc::new(exporter)));
     let len = 24 * MIB;
     let mut r = random_region(len, 11);
-    let mut tx = verbs_sender(srv.addr, om_verbs::VerbsPlacer::open().unwrap()).unwrap();
+    let placer = om_verbs::VerbsPlacer::open().unwrap().with_odp(send);
+    let mut tx = verbs_sender(srv.addr, placer).unwrap();
+    let pinned_before = pinned_bytes();
     tx.begin(&begin_for(&r)).unwrap();
     assert_eq!(tx.streams(), 0, "no TCP data streams: pages go by RDMA WRITE");
     let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
     assert_eq!(s0.bytes, len as u64);
     assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
+    // omd's windows stay registered until the commit: pinned, they hold at least the image; the
+    // sender keeps its staging buffer (8 MiB) registered, and omd its receive buffers.
+    let pinned = pinned_bytes().saturating_sub(pinned_before);
+    match (export, send) {
+        (OdpSetting::On, OdpSetting::On) => {
+            assert!(pinned < 4 * MIB as u64, "{pinned} bytes pinned on demand");
+        }
+        (OdpSetting::On, _) => assert!(pinned < len as u64, "{pinned} bytes pinned"),
+        _ => assert!(pinned >= len as u64, "only {pinned} bytes pinned"),
+    }
     let s0 = tx.send_round(Readable::racy(&[whole(&r)]), &[], false).unwrap();
     assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
     tx.update_vmas(&begin_for(&r)).unwrap();
@@ -121,13 +189,17 @@ fn bounded_registration_windows_ship_everything() {
     assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
 }
 
-/// A budget that cannot even hold the staging buffer is a clear error before any page moves.
+/// A budget that cannot even hold the staging buffer, with on-demand paging off, is a clear error
+/// before any page moves.
 #[test]
 #[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
 fn a_memlock_budget_below_the_staging_buffer_is_a_clear_error() {
     let srv = verbs_server(limits());
     let r = random_region(MIB, 13);
-    let placer = om_verbs::VerbsPlacer::open().unwrap().with_budget(MIB as u64);
+    let placer = om_verbs::VerbsPlacer::open()
+        .unwrap()
+        .with_budget(MIB as u64)
+        .with_odp(OdpSetting::Off);
     let e = verbs_sender(srv.addr, placer)
         .and_then(|mut tx| tx.begin(&begin_for(&r)).map(|_| ()))
         .expect_err("budget too small");
@@ -137,6 +209,91 @@ fn a_memlock_budget_below_the_staging_buffer_is_a_clear_error() {
         "{msg}"
     );
     assert!(region_matches_seed(&r, 13));
+}
+
+/// The same budget where the device offers ODP (and `OM_VERBS_ODP` is left at `auto`): the sender
+/// registers on demand instead, and every byte lands.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn a_memlock_budget_below_the_staging_buffer_goes_on_demand_where_offered() {
+    if !odp_offered() {
+        return;
+    }
+    let srv = verbs_server(limits());
+    let len = 8 * MIB;
+    let r = random_region(len, 16);
+    let placer = om_verbs::VerbsPlacer::open()
+        .unwrap()
+        .with_budget(MIB as u64)
+        .with_odp(OdpSetting::Auto);
+    let mut tx = verbs_sender(srv.addr, placer).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    let s0 = tx.send_round(readable(&[whole(&r)]), &[], false).unwrap();
+    assert!(s0.suspects.is_empty(), "{:?}", s0.suspects);
+    tx.send_round(Readable::copied(&[]), &[], true).unwrap();
+    let id = tx.commit().unwrap();
+    srv.settle(1);
+    assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
+}
+
+/// The application moves its memory away (`mremap`) after the round's runs were taken and before
+/// the adapter reads them. Pinned, the registration of the vanished run fails, the kernel read
+/// gives zeros, and the pages come back as suspects: the round goes through. On demand, the
+/// registration succeeds (nothing is faulted in) and the adapter's read fails: a clear error, and
+/// the moved memory is untouched.
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn memory_moved_away_under_the_adapter() {
+    let len = 4 * MIB;
+    for odp in [OdpSetting::Off, OdpSetting::On] {
+        if odp == OdpSetting::On && !odp_offered() {
+            continue;
+        }
+        let exporter = om_verbs::VerbsExporter::open_with(limits().per_image, odp).unwrap();
+        let srv = server_at(&addr(), limits(), Some(std::sync::Arc::new(exporter)));
+        let mut r = random_region(len, 17);
+        let mut tx = verbs_sender(srv.addr, om_verbs::VerbsPlacer::open().unwrap().with_odp(odp)).unwrap();
+        tx.begin(&begin_for(&r)).unwrap();
+        let run = whole(&r);
+        // A page mapped right after the region: it cannot grow in place, so the remap moves it.
+        let guard = om::sys::mman::Region::map_anon(PAGE as usize, Some(r.addr() + len));
+        r.remap(len + PAGE as usize, None).unwrap();
+        drop(guard);
+        assert_ne!(r.addr() as u64, run.start, "the region moved");
+        // Racy: the sender promises nothing about the memory staying mapped.
+        let result = tx.send_round(Readable::racy(std::slice::from_ref(&run)), &[], false);
+        match odp {
+            OdpSetting::Off => {
+                let s = result.expect("pinned: the round goes through");
+                // Memory the process maps meanwhile may land in the hole (a buffer of the
+                // sender's, read consistently and not suspect), so not every page need be one.
+                assert!(
+                    !s.suspects.is_empty()
+                        && s.suspects
+                            .iter()
+                            .all(|x| run.start <= x.start && x.end <= run.end),
+                    "the vanished pages are suspects: {:?}",
+                    s.suspects
+                );
+            }
+            _ => {
+                let msg =
+                    om_transport::error::chain(&result.expect_err("on demand: the adapter's read fails"));
+                assert!(
+                    msg.contains("unmapped") && msg.contains("OM_VERBS_ODP=off"),
+                    "{msg}"
+                );
+            }
+        }
+        let moved = &r.words()[..len / 8];
+        assert!(
+            moved
+                .iter()
+                .enumerate()
+                .all(|(i, w)| w.load(Ordering::Relaxed) == word(17, i)),
+            "the moved memory is untouched"
+        );
+    }
 }
 
 /// The application writes while its pages go by RDMA straight from its memory: pages torn by a

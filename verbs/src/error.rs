@@ -112,17 +112,19 @@ pub enum VerbsError {
         allowed: &'static str,
     },
     /// On-demand paging was asked for (`OM_VERBS_ODP=on`) and the device does not offer it.
-    #[error("OM_VERBS_ODP=on, but device {device} offers no on-demand paging for {what}")]
+    #[error("OM_VERBS_ODP=on, but device {device} offers no on-demand paging for {what}{why}")]
     NoOdp {
         /// The device.
         device: String,
         /// What it would be needed for.
         what: &'static str,
+        /// Why om does not take what the device says it offers (empty, or `: ...`).
+        why: String,
     },
     /// A request failed reading on-demand memory of the application (most likely unmapped by it
     /// while the adapter read it).
     #[error(
-        "the adapter could not read the application's memory through an on-demand registration ({status}): the application probably unmapped it mid-round (OM_VERBS_ODP=off pins instead)"
+        "a request failed ({status}) while the application's memory is registered on demand: most likely the application unmapped memory before the adapter read it (OM_VERBS_ODP=off pins instead)"
     )]
     OdpFault {
         /// The library's name for the completion's status.

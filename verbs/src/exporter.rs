@@ -11,7 +11,7 @@ use om_transport::wire::{ErrorCode, Extent, Placement, caps};
 
 use crate::endpoint::Endpoint;
 use crate::error::VerbsError;
-use crate::odp::{self, Offer, OdpSetting};
+use crate::odp::{self, OdpSetting, Offer};
 use crate::placer::MESSAGE_BYTES;
 use crate::sys::abi::QpCap;
 use crate::sys::{Device, Library, Mr, Qp, RecvRing};
@@ -40,10 +40,17 @@ impl VerbsExporter {
     /// # Errors
     /// No libibverbs, no usable device, or a bad or unmet `OM_VERBS_ODP`.
     pub fn open(budget: u64) -> Result<Self, VerbsError> {
+        Self::open_with(budget, OdpSetting::from_env()?)
+    }
+
+    /// As [`VerbsExporter::open`], with `odp` instead of `OM_VERBS_ODP`.
+    ///
+    /// # Errors
+    /// As [`VerbsExporter::open`].
+    pub fn open_with(budget: u64, odp: OdpSetting) -> Result<Self, VerbsError> {
         let lib = Arc::new(Library::load()?);
-        let odp = OdpSetting::from_env()?;
         let dev = Device::open(Arc::clone(&lib), None)?;
-        let on_demand = odp::for_export(odp, Offer::of(&dev.odp), &dev.name)?;
+        let on_demand = odp::for_export(odp, Offer::of_device(&dev), &dev.name)?;
         tracing::info!(device = %dev.name, port = dev.port, on_demand, "verbs transport offered");
         drop(dev);
         Ok(Self { lib, budget, odp })
@@ -88,7 +95,7 @@ impl VerbsExport {
         odp: OdpSetting,
     ) -> Result<Self, VerbsError> {
         let dev = Arc::new(Device::open(Arc::clone(lib), Some(local))?);
-        let on_demand = odp::for_export(odp, Offer::of(&dev.odp), &dev.name)?;
+        let on_demand = odp::for_export(odp, Offer::of_device(&dev), &dev.name)?;
         let depth = u32::try_from(RECV_DEPTH).unwrap_or(16);
         let cq = Arc::new(dev.completion_queue(depth * 2)?);
         let qp = dev.queue_pair(
@@ -152,7 +159,11 @@ impl VerbsExport {
                 continue;
             }
             let start = w as u64 * window;
-            let len = if self.on_demand { window } else { n.div_ceil(GROW) * GROW };
+            let len = if self.on_demand {
+                window
+            } else {
+                n.div_ceil(GROW) * GROW
+            };
             let len = len.min(window).min(total - start);
             total_after = total_after - have + len;
             if !self.on_demand && total_after > self.budget {

@@ -13,7 +13,7 @@ use om_transport::wire::{MAX_BATCH_BODY, Placement, caps};
 
 use crate::endpoint::Endpoint;
 use crate::error::VerbsError;
-use crate::odp::{self, Offer, OdpSetting};
+use crate::odp::{self, OdpSetting, Offer};
 use crate::regcache::{RegCache, memlock_budget};
 use crate::sys::abi::QpCap;
 use crate::sys::queue::SEND_DEPTH;
@@ -108,6 +108,13 @@ impl VerbsPlacer {
         self
     }
 
+    /// Uses `setting` instead of `OM_VERBS_ODP`.
+    #[must_use]
+    pub fn with_odp(mut self, setting: OdpSetting) -> Self {
+        self.odp = setting;
+        self
+    }
+
     fn connect(
         &self,
         remote: Endpoint,
@@ -117,7 +124,7 @@ impl VerbsPlacer {
         let staging_bytes = STAGING_SLOT * STAGING_SLOTS;
         let need = staging_bytes as u64 + HEADROOM + ZERO_COPY_MIN;
         let dev = Arc::new(Device::open(Arc::clone(&self.lib), Some(local))?);
-        let on_demand = odp::for_sender(self.odp, Offer::of(&dev.odp), self.budget, need, &dev.name)?;
+        let on_demand = odp::for_sender(self.odp, Offer::of_device(&dev), self.budget, need, &dev.name)?;
         let cq = Arc::new(dev.completion_queue(SEND_DEPTH * 2)?);
         let qp = dev.queue_pair(
             cq,
@@ -163,12 +170,15 @@ impl VerbsPlacer {
         self.link.as_mut().ok_or(VerbsError::NotAttached)
     }
 
-    /// A failure, explained: under ODP a local protection error means the adapter could not read
-    /// the application's memory.
+    /// A failure, explained: under ODP, a local protection error, or a flush with no error before
+    /// it (soft-RoCE breaks the queue pair without one), means the adapter could not read the
+    /// application's memory.
     fn explain(&self, e: VerbsError) -> VerbsError {
+        use crate::sys::abi::{WC_LOC_PROT_ERR, WC_WR_FLUSH_ERR};
         match e {
             VerbsError::Completion { status, code, .. }
-                if code == crate::sys::abi::WC_LOC_PROT_ERR && self.link.as_ref().is_some_and(|l| l.on_demand) =>
+                if matches!(code, WC_LOC_PROT_ERR | WC_WR_FLUSH_ERR)
+                    && self.link.as_ref().is_some_and(|l| l.on_demand) =>
             {
                 VerbsError::OdpFault { status }
             }

@@ -7,8 +7,8 @@ use std::mem::{offset_of, size_of};
 use std::process::Command;
 
 use om_verbs::sys::abi::{
-    self, AhAttr, Context, ContextOps, DeviceAttrEx, Mr, OdpCaps, PortAttr, Qp, QpAttr, QpInitAttr,
-    RecvWr, SendWr, Sge, VerbsContextTail, Wc,
+    self, AhAttr, Context, ContextOps, DeviceAttrEx, Mr, OdpCaps, PortAttr, Qp, QpAttr, QpInitAttr, RecvWr,
+    SendWr, Sge, VerbsContextTail, Wc,
 };
 
 const HEADER: &str = "/usr/include/infiniband/verbs.h";
@@ -57,7 +57,14 @@ fn expected() -> Vec<(&'static str, usize)> {
         ),
         ("(size_t)__VERBS_ABI_IS_EXTENDED", abi::VERBS_ABI_IS_EXTENDED),
         ("sizeof(struct ibv_device_attr_ex)", size_of::<DeviceAttrEx>()),
-        ("sizeof(struct ibv_device_attr)", offset_of!(DeviceAttrEx, comp_mask)),
+        (
+            "sizeof(struct ibv_device_attr)",
+            offset_of!(DeviceAttrEx, comp_mask),
+        ),
+        (
+            "offsetof(struct ibv_device_attr, vendor_id)",
+            offset_of!(DeviceAttrEx, vendor_id),
+        ),
         (
             "offsetof(struct ibv_device_attr_ex, odp_caps)",
             offset_of!(DeviceAttrEx, odp_caps),
@@ -196,6 +203,7 @@ fn expected() -> Vec<(&'static str, usize)> {
         ("IBV_ODP_SUPPORT_SEND", n(abi::ODP_SUPPORT_SEND)),
         ("IBV_ODP_SUPPORT_WRITE", n(abi::ODP_SUPPORT_WRITE)),
         ("IBV_WC_LOC_PROT_ERR", n(abi::WC_LOC_PROT_ERR)),
+        ("IBV_WC_WR_FLUSH_ERR", n(abi::WC_WR_FLUSH_ERR)),
         ("IBV_WR_RDMA_WRITE", n(abi::WR_RDMA_WRITE)),
         ("IBV_WR_SEND", n(abi::WR_SEND)),
         ("IBV_SEND_SIGNALED", n(abi::SEND_SIGNALED)),

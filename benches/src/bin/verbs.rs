@@ -2,7 +2,7 @@
 //! It needs two RDMA ports that reach each other; CI runs it inside the soft-RoCE guest
 //! (`ci/rxe/run.sh`), where rxe0 (10.0.0.1) and rxe1 (10.0.0.2) are joined by a veth pair:
 //!
-//! `verbs [--mib 64] [--runs 3] [--server-dev rxe1] [--client-dev rxe0] [--addr 10.0.0.2]`
+//! `verbs [--mib 64] [--runs 3] [--server-dev rxe1] [--client-dev rxe0] [--addr 10.0.0.2] [--odp]`
 //!
 //! In one run, for the same bytes:
 //! - **ib_write_bw**: perftest's RDMA WRITE bandwidth with messages of [`om_verbs::placer::MAX_WRITE`]
@@ -12,7 +12,9 @@
 //!   RDMA WRITE straight from it (registered per round), descriptors by SEND, every page's checksum
 //!   checked in place by omd, until the round is acknowledged.
 //!
-//! It prints both rates and `om / ib_write_bw` (the figure).
+//! With `--odp`, both sides register on demand: `ib_write_bw --odp`, and om with `OM_VERBS_ODP=on`
+//! (omd's windows and the sender's memory). It prints both rates and `om / ib_write_bw` (the issue's
+//! figure).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -23,6 +25,7 @@ use om_benches::{median, populated_region};
 use om_page_server::Store;
 use om_transport::sys::Readable;
 use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
+use om_verbs::odp::OdpSetting;
 
 const MIB: usize = 1 << 20;
 
@@ -31,17 +34,17 @@ fn key() -> ClusterKey {
 }
 
 /// An in-process omd page server on `ip` that offers verbs.
-fn server(ip: &str) -> (SocketAddr, Store) {
+fn server(ip: &str, odp: OdpSetting) -> (SocketAddr, Store) {
     let limit = 8 << 30;
-    let exporter = om_verbs::VerbsExporter::open(limit).expect("an RDMA device");
+    let exporter = om_verbs::VerbsExporter::open_with(limit, odp).expect("an RDMA device");
     om_benches::page_server(ip, key(), limit, vec![Arc::new(exporter)])
 }
 
 /// One full round of `src` into a new image.
-fn om(addr: SocketAddr, src: &om::sys::mman::Region) -> Duration {
+fn om(addr: SocketAddr, src: &om::sys::mman::Region, odp: OdpSetting) -> Duration {
     let start = src.addr() as u64;
     let run = std::slice::from_ref(&(start..start + src.len() as u64)).to_vec();
-    let placer = om_verbs::VerbsPlacer::open().expect("libibverbs");
+    let placer = om_verbs::VerbsPlacer::open().expect("libibverbs").with_odp(odp);
     let mut tx =
         TcpSender::connect_placed(addr, &key(), SenderConfig::default(), Box::new(placer)).expect("connect");
     tx.begin(&om_benches::begin_for_region(start, src.len() as u64))
@@ -55,9 +58,9 @@ fn om(addr: SocketAddr, src: &om::sys::mman::Region) -> Duration {
 }
 
 /// perftest's RDMA WRITE bandwidth in MB/s (10^6 bytes) for `iters` messages of `size` bytes.
-fn ib_write_bw(server_dev: &str, client_dev: &str, addr: &str, size: usize, iters: usize) -> f64 {
+fn ib_write_bw(server_dev: &str, client_dev: &str, addr: &str, size: usize, iters: usize, odp: bool) -> f64 {
     let args = |dev: &str| {
-        vec![
+        let mut v = vec![
             "-d".to_owned(),
             dev.to_owned(),
             "-s".to_owned(),
@@ -67,7 +70,11 @@ fn ib_write_bw(server_dev: &str, client_dev: &str, addr: &str, size: usize, iter
             "-F".to_owned(),
             "-p".to_owned(),
             "18515".to_owned(),
-        ]
+        ];
+        if odp {
+            v.push("--odp".to_owned());
+        }
+        v
     };
     let mut srv = Command::new("ib_write_bw")
         .args(args(server_dev))
@@ -110,15 +117,17 @@ fn main() {
         opt("--client-dev", "rxe0"),
         opt("--addr", "10.0.0.2"),
     );
+    let odp = args.iter().any(|a| a == "--odp");
+    let setting = if odp { OdpSetting::On } else { OdpSetting::Off };
     let size = usize::try_from(om_verbs::placer::MAX_WRITE).unwrap_or(MIB);
     let len = mib * MIB;
-    let (addr, store) = server(&ip);
+    let (addr, store) = server(&ip, setting);
     let src = populated_region(len, 0x7e4b);
     let (mut perf, mut ours) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let mbs = ib_write_bw(&server_dev, &client_dev, &ip, size, len / size);
+        let mbs = ib_write_bw(&server_dev, &client_dev, &ip, size, len / size, odp);
         perf.push(Duration::from_secs_f64(len as f64 / (mbs * 1e6)));
-        ours.push(om(addr, &src));
+        ours.push(om(addr, &src, setting));
         let deadline = Instant::now() + Duration::from_secs(10);
         while store.used() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -129,7 +138,10 @@ fn main() {
         rate(median(&perf).expect("runs")),
         rate(median(&ours).expect("runs")),
     );
-    println!("verbs: {client_dev} -> {server_dev}, {mib} MiB, {size}-byte messages; MB/s, medians of {runs}");
+    let how = if odp { "on demand (ODP)" } else { "pinned" };
+    println!(
+        "verbs: {client_dev} -> {server_dev}, {mib} MiB, {size}-byte messages, registrations {how}; MB/s, medians of {runs}"
+    );
     println!("| size | ib_write_bw | om | om / ib_write_bw |");
     println!("|---|---|---|---|");
     println!("| {mib} MiB | {p:.1} | {o:.1} | {:.2} |", o / p);

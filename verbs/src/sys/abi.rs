@@ -31,8 +31,7 @@ pub struct Context {
 pub const VERBS_ABI_IS_EXTENDED: usize = usize::MAX;
 
 /// `ibv_query_device_ex`'s entry in `struct verbs_context`.
-pub type QueryDeviceEx =
-    unsafe extern "C" fn(*mut Context, *const c_void, *mut DeviceAttrEx, usize) -> c_int;
+pub type QueryDeviceEx = unsafe extern "C" fn(*mut Context, *const c_void, *mut DeviceAttrEx, usize) -> c_int;
 
 /// The last fields of `struct verbs_context`, which ends with the `ibv_context` the library hands
 /// out ("grows up": new entries go before these, so their distance from the context is fixed).
@@ -58,25 +57,21 @@ pub struct OdpCaps {
 
 /// `struct ibv_device_attr_ex`, up to the on-demand paging capabilities (the rest is opaque).
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct DeviceAttrEx {
-    /// `struct ibv_device_attr`.
-    pub orig_attr: [u64; 29],
+    /// `struct ibv_device_attr` from `fw_ver` to `page_size_cap`.
+    pub _orig_head: [u64; 12],
+    pub vendor_id: u32,
+    pub vendor_part_id: u32,
+    /// The rest of `struct ibv_device_attr`.
+    pub _orig_tail: [u64; 16],
     pub comp_mask: u32,
     pub odp_caps: OdpCaps,
     pub _rest: [u64; 17],
 }
 
-impl Default for DeviceAttrEx {
-    fn default() -> Self {
-        Self {
-            orig_attr: [0; 29],
-            comp_mask: 0,
-            odp_caps: OdpCaps::default(),
-            _rest: [0; 17],
-        }
-    }
-}
+/// The vendor id soft-RoCE (rdma_rxe) reports.
+pub const RXE_VENDOR_ID: u32 = 0x00ff_ffff;
 
 /// An entry of `ops` that om does not call.
 pub type Unused = Option<unsafe extern "C" fn()>;
@@ -355,6 +350,8 @@ const _: () = assert!(size_of::<Context>() == 328);
 const _: () = assert!(size_of::<VerbsContextTail>() == 104);
 const _: () = assert!(size_of::<OdpCaps>() == 24);
 const _: () = assert!(std::mem::offset_of!(DeviceAttrEx, odp_caps) == 240);
+const _: () = assert!(std::mem::offset_of!(DeviceAttrEx, vendor_id) == 96);
+const _: () = assert!(std::mem::offset_of!(DeviceAttrEx, comp_mask) == 232);
 const _: () = assert!(size_of::<DeviceAttrEx>() == 400);
 
 // enum ibv_qp_type
@@ -397,6 +394,7 @@ pub const SEND_SIGNALED: c_uint = 1 << 1;
 // enum ibv_wc_status
 pub const WC_SUCCESS: c_uint = 0;
 pub const WC_LOC_PROT_ERR: c_uint = 4;
+pub const WC_WR_FLUSH_ERR: c_uint = 5;
 // enum ibv_wc_opcode
 pub const WC_RECV: c_uint = 1 << 7;
 // enum ibv_port_state

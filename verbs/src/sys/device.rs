@@ -34,6 +34,8 @@ pub struct Device {
     pub gid: Gid,
     /// What the device offers of on-demand paging (all zero where the library cannot say).
     pub odp: abi::OdpCaps,
+    /// The device's vendor id (0 where the library cannot say).
+    pub vendor_id: u32,
 }
 
 // SAFETY: libibverbs' device contexts and protection domains may be used from any thread (rdma-core
@@ -50,14 +52,15 @@ fn gid_of(ip: IpAddr) -> Gid {
     })
 }
 
-/// The device's on-demand paging capabilities, by `ibv_query_device_ex` (an inline function of the
-/// header, called here through the provider's `verbs_context` as the header does); zero where the
-/// provider has no extended query or it fails.
-fn query_odp(ctx: NonNull<abi::Context>) -> abi::OdpCaps {
+/// The device's on-demand paging capabilities and vendor id, by `ibv_query_device_ex` (an inline
+/// function of the header, called here through the provider's `verbs_context` as the header does);
+/// zero where the provider has no extended query or it fails.
+fn query_ex(ctx: NonNull<abi::Context>) -> (abi::OdpCaps, u32) {
+    let none = (abi::OdpCaps::default(), 0);
     // SAFETY: an open context: the library's ibv_context, alive for this call.
     let compat = unsafe { ctx.as_ref() }.abi_compat as usize;
     if compat != abi::VERBS_ABI_IS_EXTENDED {
-        return abi::OdpCaps::default();
+        return none;
     }
     let at = ctx
         .as_ptr()
@@ -72,7 +75,7 @@ fn query_odp(ctx: NonNull<abi::Context>) -> abi::OdpCaps {
         .query_device_ex
         .filter(|_| tail.sz >= size_of::<abi::VerbsContextTail>() + size_of::<abi::Context>())
     else {
-        return abi::OdpCaps::default();
+        return none;
     };
     let mut attr = abi::DeviceAttrEx::default();
     // SAFETY: the provider's own entry for this context; no input (NULL is allowed), and `attr`
@@ -86,9 +89,9 @@ fn query_odp(ctx: NonNull<abi::Context>) -> abi::OdpCaps {
         )
     };
     if r == 0 {
-        attr.odp_caps
+        (attr.odp_caps, attr.vendor_id)
     } else {
-        abi::OdpCaps::default()
+        none
     }
 }
 
@@ -234,6 +237,7 @@ impl Device {
                 break;
             }
         }
+        let (odp, vendor_id) = query_ex(ctx);
         let Some((port, attr, gid_index, gid)) = chosen else {
             close(lib);
             return Ok(None);
@@ -253,7 +257,8 @@ impl Device {
             attr,
             gid_index,
             gid,
-            odp: query_odp(ctx),
+            odp,
+            vendor_id,
         }))
     }
 
