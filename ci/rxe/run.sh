@@ -44,6 +44,10 @@ if [ -n "${OM_RXE_JOB:-}" ]; then
   exec bash ci/rxe/guest.sh "$OM_RXE_JOB" "${files[@]}"
 fi
 # Debian 12's 6.1 kernel: rxe without on-demand paging, soft-dirty rounds.
+SECONDS=0
 bash ci/rxe/guest.sh ci/rxe/job.sh "${files[@]}"
+echo "== the 6.1 guest took ${SECONDS} s"
 # The newest kernel of Debian 13's backports: rxe with on-demand paging, userfaultfd rounds.
+SECONDS=0
 OM_RXE_KERNEL=odp bash ci/rxe/guest.sh ci/rxe/job-odp.sh "${files[@]}"
+echo "== the ODP guest took ${SECONDS} s"
