@@ -16,12 +16,13 @@
 #
 # Needs: qemu-system-x86, busybox-static, ibverbs-providers, perftest, iproute2 (ci/deps.sh installs
 # them) and the kernel package, which this script downloads once (apt-get download) into the cache,
-# $OM_RXE_CACHE (default target/rxe). Timeout: $OM_RXE_TIMEOUT seconds (default 600).
+# $OM_RXE_CACHE (default ~/.cache/om/rxe). Timeout: $OM_RXE_TIMEOUT seconds (default 600).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-cache=${OM_RXE_CACHE:-$root/target/rxe}
+# Downloads are kept per machine, not per clone: a fresh clone (as CI makes) reuses them.
+cache=${OM_RXE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/om/rxe}
 [ $# -ge 1 ] || { echo "usage: $0 SCRIPT [FILE...]" >&2; exit 2; }
 job=$1
 shift
@@ -175,6 +176,7 @@ chmod 755 "$fs/init"
 
 (cd "$fs" && find . | busybox cpio -o -H newc 2>/dev/null) | gzip -1 >"$work/initrd"
 
+echo "== guest.sh: kernel $kind, initramfs of $(du -k "$work/initrd" | cut -f1) KiB, ready after ${SECONDS} s"
 log=$work/console
 set +e
 timeout "${OM_RXE_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m "${OM_RXE_MEMORY:-2048}" \

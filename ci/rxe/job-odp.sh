@@ -2,7 +2,8 @@
 # offers on-demand paging. om's binaries are in /om, rxe0 has 10.0.0.1 and rxe1 10.0.0.2. Fails on
 # the first failing step.
 set -e
-step() { echo; echo "== $*"; }
+start=$(date +%s)
+step() { echo; echo "== $* (at $(($(date +%s) - start)) s)"; }
 fail() { echo "FAILED: $*"; tail -20 /tmp/omd1.log /tmp/omd2.log 2>/dev/null; exit 1; }
 
 step "on-demand paging offered: $(uname -r)"
@@ -17,6 +18,12 @@ step "verbs transport tests on demand, required here (page-server/tests/verbs.rs
 filter="on_demand memory_moved"
 [ -n "${OM_RXE_ODP_ALL:-}" ] && filter=
 OM_VERBS_EXPECT_ODP=1 OM_OMD=/om/omd OM_VERBS_TEST_ADDR=10.0.0.2 verbs-tests --ignored --test-threads=1 $filter
+
+step "on-demand windows refuse a path too small for them (rxe0 at MTU 1024, rxe1 at 4096)"
+/sbin/ip link set veth0 mtu 1500
+OM_VERBS_TEST_SMALL_PATH=1 OM_OMD=/om/omd OM_VERBS_TEST_ADDR=10.0.0.2 verbs-tests --ignored \
+  on_demand_windows_refuse_a_path_too_small_for_them
+/sbin/ip link set veth0 mtu 9000
 
 step "live migration over rxe, every registration on demand: threads, 10.0.0.1 -> 10.0.0.2 -> 10.0.0.1"
 export OM_VERBS_ODP=on
@@ -42,6 +49,8 @@ cmp /tmp/plain.out /tmp/moved.out || { diff /tmp/plain.out /tmp/moved.out | head
 grep -q "on_demand[^ ]*true" /tmp/omd2.log || fail "omd did not export on demand"
 echo "output identical ($(wc -l < /tmp/plain.out) lines), two hops over verbs, on demand"
 
+# The benchmarks only when asked (OM_RXE_BENCH_ODP=1): the issue's figure comes from the 6.1 guest.
+[ -n "${OM_RXE_BENCH_ODP:-}" ] || exit 0
 step "benchmark: om over rxe / ib_write_bw, both on demand"
 verbs --mib ${OM_RXE_BENCH_MIB:-32} --runs ${OM_RXE_BENCH_RUNS:-1} --odp
 if [ -n "${OM_RXE_BENCH_PINNED:-}" ]; then

@@ -1,7 +1,8 @@
 # Runs inside the soft-RoCE guest (ci/rxe/guest.sh): om's binaries are in /om, rxe0 has 10.0.0.1 and
 # rxe1 10.0.0.2. Fails on the first failing step.
 set -e
-step() { echo; echo "== $*"; }
+start=$(date +%s)
+step() { echo; echo "== $* (at $(($(date +%s) - start)) s)"; }
 
 step "verbs transport tests (page-server/tests/verbs.rs)"
 OM_OMD=/om/omd OM_VERBS_TEST_ADDR=10.0.0.2 verbs-tests --ignored --test-threads=1

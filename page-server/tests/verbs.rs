@@ -236,6 +236,32 @@ fn a_memlock_budget_below_the_staging_buffer_goes_on_demand_where_offered() {
     assert_image_equals(&srv.store.get(id).unwrap(), &r, &[]);
 }
 
+/// omd registers its windows on demand judging by its own port (MTU 4096); a sender whose port
+/// has a smaller MTU makes the path too small for soft-RoCE's on-demand copy, and omd refuses it
+/// before any page moves. Runs only where the job arranged such ports
+/// (`OM_VERBS_TEST_SMALL_PATH`: the sender's veth at MTU 1500, omd's at 9000).
+#[test]
+#[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
+fn on_demand_windows_refuse_a_path_too_small_for_them() {
+    if std::env::var_os("OM_VERBS_TEST_SMALL_PATH").is_none() {
+        eprintln!("skipped: OM_VERBS_TEST_SMALL_PATH is not set");
+        return;
+    }
+    let exporter = om_verbs::VerbsExporter::open_with(limits().per_image, OdpSetting::On).unwrap();
+    let srv = server_at(&addr(), limits(), Some(std::sync::Arc::new(exporter)));
+    let r = random_region(MIB, 18);
+    let placer = om_verbs::VerbsPlacer::open().unwrap().with_odp(OdpSetting::Auto);
+    let e = verbs_sender(srv.addr, placer)
+        .and_then(|mut tx| tx.begin(&begin_for(&r)).map(|_| ()))
+        .expect_err("the path is too small for on-demand windows");
+    let msg = om_transport::error::chain(&e);
+    assert!(
+        msg.contains("registered this image on demand") && msg.contains("MTU"),
+        "{msg}"
+    );
+    assert!(region_matches_seed(&r, 18));
+}
+
 /// The application moves its memory away (`mremap`) after the round's runs were taken and before
 /// the adapter reads them. Pinned, the registration of the vanished run fails, the kernel read
 /// gives zeros, and the pages come back as suspects: the round goes through. On demand, the

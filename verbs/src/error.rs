@@ -121,6 +121,15 @@ pub enum VerbsError {
         /// Why om does not take what the device says it offers (empty, or `: ...`).
         why: String,
     },
+    /// Memory registered on demand meets a path on which the device's on-demand paging is not
+    /// sound (soft-RoCE below a page-sized path MTU).
+    #[error("{device} registered this image on demand, which the path to this sender does not allow: {why}")]
+    UnsoundOdp {
+        /// The device.
+        device: String,
+        /// Why.
+        why: &'static str,
+    },
     /// A request failed reading on-demand memory of the application (most likely unmapped by it
     /// while the adapter read it).
     #[error(
@@ -153,9 +162,11 @@ impl VerbsError {
             Self::Endpoint(_) | Self::NoWindow { .. } => ErrorCode::Protocol,
             Self::Memlock { .. } | Self::Register { .. } => ErrorCode::Limit,
             Self::Timeout(_) => ErrorCode::Timeout,
-            Self::Load(_) | Self::NoDevice(_) | Self::ForkUnsafe | Self::NoOdp { .. } => {
-                ErrorCode::Capability
-            }
+            Self::Load(_)
+            | Self::NoDevice(_)
+            | Self::ForkUnsafe
+            | Self::NoOdp { .. }
+            | Self::UnsoundOdp { .. } => ErrorCode::Capability,
             _ => ErrorCode::Internal,
         };
         (code, format!("verbs: {self}"))

@@ -50,7 +50,7 @@ impl VerbsExporter {
     pub fn open_with(budget: u64, odp: OdpSetting) -> Result<Self, VerbsError> {
         let lib = Arc::new(Library::load()?);
         let dev = Device::open(Arc::clone(&lib), None)?;
-        let on_demand = odp::for_export(odp, Offer::of_device(&dev), &dev.name)?;
+        let on_demand = odp::for_export(odp, Offer::of_path(&dev, None), &dev.name)?;
         tracing::info!(device = %dev.name, port = dev.port, on_demand, "verbs transport offered");
         drop(dev);
         Ok(Self { lib, budget, odp })
@@ -95,7 +95,7 @@ impl VerbsExport {
         odp: OdpSetting,
     ) -> Result<Self, VerbsError> {
         let dev = Arc::new(Device::open(Arc::clone(lib), Some(local))?);
-        let on_demand = odp::for_export(odp, Offer::of_device(&dev), &dev.name)?;
+        let on_demand = odp::for_export(odp, Offer::of_path(&dev, None), &dev.name)?;
         let depth = u32::try_from(RECV_DEPTH).unwrap_or(16);
         let cq = Arc::new(dev.completion_queue(depth * 2)?);
         let qp = dev.queue_pair(
@@ -213,6 +213,16 @@ impl Export for VerbsExport {
             return Err((ErrorCode::Protocol, "verbs: the sender connected twice".into()));
         }
         let remote = Endpoint::decode(peer).map_err(|e| e.refusal())?;
+        // The windows were registered on demand for this port's MTU; the path's may be smaller.
+        if self.on_demand
+            && let Some(why) = Offer::of_path(&self.dev, Some(remote.mtu)).withheld
+        {
+            return Err(VerbsError::UnsoundOdp {
+                device: self.dev.name.clone(),
+                why,
+            }
+            .refusal());
+        }
         self.qp.connect(&remote, self.psn).map_err(|e| e.refusal())?;
         tracing::debug!(
             qpn = self.qp.number(),

@@ -111,13 +111,16 @@ impl Offer {
         offer
     }
 
-    /// What `dev` offers, as [`Offer::of_port`] judges it.
+    /// What `dev` offers, as [`Offer::of_port`] judges it for a path to a peer whose port has
+    /// MTU `peer_mtu` (a queue pair's path MTU is the smaller of the two; `None`: not known yet,
+    /// this port's own).
     #[must_use]
-    pub fn of_device(dev: &Device) -> Self {
+    pub fn of_path(dev: &Device, peer_mtu: Option<u32>) -> Self {
+        let own = dev.attr.active_mtu;
         Self::of_port(
             &dev.odp,
             dev.vendor_id,
-            dev.attr.active_mtu,
+            peer_mtu.map_or(own, |p| own.min(p)),
             om_transport::sys::page_size() as u64,
         )
     }
@@ -138,7 +141,7 @@ impl Offer {
 pub fn offered(local: Option<std::net::IpAddr>) -> Result<Offer, VerbsError> {
     let lib = std::sync::Arc::new(crate::sys::Library::load()?);
     let dev = Device::open(lib, local)?;
-    Ok(Offer::of_device(&dev))
+    Ok(Offer::of_path(&dev, None))
 }
 
 /// Whether omd registers an exported image's memory on demand.

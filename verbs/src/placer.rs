@@ -124,7 +124,8 @@ impl VerbsPlacer {
         let staging_bytes = STAGING_SLOT * STAGING_SLOTS;
         let need = staging_bytes as u64 + HEADROOM + ZERO_COPY_MIN;
         let dev = Arc::new(Device::open(Arc::clone(&self.lib), Some(local))?);
-        let on_demand = odp::for_sender(self.odp, Offer::of_device(&dev), self.budget, need, &dev.name)?;
+        let offer = Offer::of_path(&dev, Some(remote.mtu));
+        let on_demand = odp::for_sender(self.odp, offer, self.budget, need, &dev.name)?;
         let cq = Arc::new(dev.completion_queue(SEND_DEPTH * 2)?);
         let qp = dev.queue_pair(
             cq,
