@@ -32,8 +32,8 @@ for n in 1 2; do
   omd --listen 10.0.0.$n:7070 --key /tmp/key --control /tmp/omd$n.sock --state-dir /tmp/state$n \
     >/tmp/omd$n.log 2>&1 &
 done
-threads 2000 > /tmp/plain.out
-omrun --control /tmp/omd1.sock -- threads 2000 > /tmp/moved.out &
+cat /om/threads-400.out > /tmp/plain.out
+omrun --control /tmp/omd1.sock -- threads 400 > /tmp/moved.out &
 omrun=$!
 sleep 1
 pid=$(cat /proc/$omrun/task/$omrun/children | tr -d ' ')

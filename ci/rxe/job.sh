@@ -13,8 +13,8 @@ for n in 1 2; do
   omd --listen 10.0.0.$n:7070 --key /tmp/key --control /tmp/omd$n.sock --state-dir /tmp/state$n \
     >/tmp/omd$n.log 2>&1 &
 done
-threads 2000 > /tmp/plain.out
-omrun --control /tmp/omd1.sock -- threads 2000 > /tmp/moved.out &
+cat /om/threads-1200.out > /tmp/plain.out
+omrun --control /tmp/omd1.sock -- threads 1200 > /tmp/moved.out &
 omrun=$!
 sleep 1
 pid=$(cat /proc/$omrun/task/$omrun/children | tr -d ' ')
@@ -58,8 +58,8 @@ step "a numbered line every millisecond: a destination that dies in round 1, the
 # program runs on at home; the next migration, to the healthy omd, goes through.
 OM_FAULT=round:1 omd --listen 10.0.0.2:7071 --key /tmp/key --control /tmp/omd3.sock \
   --state-dir /tmp/state3 >/tmp/omd3.log 2>&1 &
-numbered 15000 > /tmp/plain.out
-omrun --control /tmp/omd1.sock -- numbered 15000 > /tmp/moved.out &
+seq 0 9999 > /tmp/plain.out
+omrun --control /tmp/omd1.sock -- numbered 10000 > /tmp/moved.out &
 omrun=$!
 sleep 1
 pid=$(cat /proc/$omrun/task/$omrun/children | tr -d ' ')
@@ -74,7 +74,7 @@ cmp /tmp/plain.out /tmp/moved.out || fail "lines lost or repeated"
 echo "no line lost or repeated"
 
 step "the C launcher (examples/c/launcher.c) migrates a program over verbs"
-numbered 6000 > /tmp/plain.out
+seq 0 5999 > /tmp/plain.out
 OM_TRANSPORT=verbs OM_BIN_DIR=/om launcher /tmp/omd1.sock 10.0.0.2:7070 1500 numbered 6000 \
   > /tmp/moved.out 2>/tmp/launcher.err || { cat /tmp/launcher.err; fail "the C launcher"; }
 grep "launcher: moved to" /tmp/launcher.err || { cat /tmp/launcher.err; fail "the C launcher did not move it"; }

@@ -34,11 +34,12 @@ pub struct VerbsExporter {
 }
 
 impl VerbsExporter {
-    /// Loads libibverbs and checks that a device with an active port is there (and, with
-    /// `OM_VERBS_ODP=on`, that it offers on-demand paging for remote writes).
+    /// Loads libibverbs and checks that a device with an active port is there. Whether an image
+    /// is registered on demand is decided per image, by the device that serves the sender's
+    /// address (a node may have several): here it is only logged for the first device.
     ///
     /// # Errors
-    /// No libibverbs, no usable device, or a bad or unmet `OM_VERBS_ODP`.
+    /// No libibverbs, no usable device, or a bad `OM_VERBS_ODP`.
     pub fn open(budget: u64) -> Result<Self, VerbsError> {
         Self::open_with(budget, OdpSetting::from_env()?)
     }
@@ -50,8 +51,14 @@ impl VerbsExporter {
     pub fn open_with(budget: u64, odp: OdpSetting) -> Result<Self, VerbsError> {
         let lib = Arc::new(Library::load()?);
         let dev = Device::open(Arc::clone(&lib), None)?;
-        let on_demand = odp::for_export(odp, Offer::of_path(&dev, None), &dev.name)?;
-        tracing::info!(device = %dev.name, port = dev.port, on_demand, "verbs transport offered");
+        match odp::for_export(odp, Offer::of_path(&dev, None), &dev.name) {
+            Ok(on_demand) => {
+                tracing::info!(device = %dev.name, port = dev.port, on_demand, "verbs transport offered");
+            }
+            Err(e) => {
+                tracing::warn!(device = %dev.name, port = dev.port, error = %e, "verbs transport offered")
+            }
+        }
         drop(dev);
         Ok(Self { lib, budget, odp })
     }
