@@ -1,33 +1,14 @@
 # Runs inside the soft-RoCE guest (ci/rxe/guest.sh): om's binaries are in /om, rxe0 has 10.0.0.1 and
 # rxe1 10.0.0.2. Fails on the first failing step.
 set -e
-start=$(date +%s)
-step() { echo; echo "== $* (at $(($(date +%s) - start)) s)"; }
+. /om/common.sh
 
 step "verbs transport tests (page-server/tests/verbs.rs)"
 OM_OMD=/om/omd OM_VERBS_TEST_ADDR=10.0.0.2 verbs-tests --ignored --test-threads=1
 
 step "live migration over rxe: threads, 10.0.0.1 -> 10.0.0.2 -> 10.0.0.1"
-head -c 32 /dev/urandom > /tmp/key && chmod 600 /tmp/key
-for n in 1 2; do
-  omd --listen 10.0.0.$n:7070 --key /tmp/key --control /tmp/omd$n.sock --state-dir /tmp/state$n \
-    >/tmp/omd$n.log 2>&1 &
-done
-cat /om/threads-1200.out > /tmp/plain.out
-omrun --control /tmp/omd1.sock -- threads 1200 > /tmp/moved.out &
-omrun=$!
-sleep 1
-pid=$(cat /proc/$omrun/task/$omrun/children | tr -d ' ')
-fail() { echo "FAILED: $*"; tail -20 /tmp/omd1.log /tmp/omd2.log; exit 1; }
-out=$(omctl --control /tmp/omd1.sock migrate "$pid" --to 10.0.0.2:7070 --transport verbs --max-rounds 3 --json) || fail "migrate to node 2"
-echo "$out"
-there=$(echo "$out" | sed -n 's/.*"pid_there":\([0-9]*\).*/\1/p')
-sleep 1
-back=$(omctl --control /tmp/omd2.sock migrate "$there" --to 10.0.0.1:7070 --transport verbs --max-rounds 3 --json) || fail "migrate back"
-echo "$back"
-wait $omrun || fail "omrun exit status $?"
-cmp /tmp/plain.out /tmp/moved.out || { diff /tmp/plain.out /tmp/moved.out | head -20; fail "output differs from the uninterrupted run"; }
-echo "output identical ($(wc -l < /tmp/plain.out) lines), two hops over verbs"
+start_omds
+threads_there_and_back 1200
 
 step "every page stamped in turn, a page every 250 us: no write lost to a soft-dirty round (TCP)"
 # This guest's 6.1 kernel has soft-dirty bits and no PAGEMAP_SCAN: its rounds read the bits and

@@ -44,7 +44,7 @@ gcc -Wall -Werror -O2 -I lib/launch/include -o "$work/launcher" examples/c/launc
 bin=target/$profile
 files=("$bin/omd" "$bin/omrun" "$bin/omctl" "$bin/om-restore" "$bin/libomrt.so" "$bin/verbs"
   "$bin/libom_launch.so" "$work/verbs-tests" "$work/threads" "$work/numbered" "$work/laps" "$work/filecow" "$work/launcher"
-  "$work/threads-1200.out" "$work/threads-400.out")
+  "$work/threads-1200.out" "$work/threads-400.out" ci/rxe/common.sh)
 if [ -n "${OM_RXE_JOB:-}" ]; then
   exec bash ci/rxe/guest.sh "$OM_RXE_JOB" "${files[@]}"
 fi

@@ -57,6 +57,17 @@ fn limits() -> Limits {
     }
 }
 
+/// Begins an image of a fresh 1 MiB region (content `seed`) with `placer` and expects that to fail
+/// before any page moves, the region untouched; returns the error's whole text.
+fn refused_before_any_page(srv: &Server, placer: om_verbs::VerbsPlacer, seed: u64) -> String {
+    let r = random_region(MIB, seed);
+    let e = verbs_sender(srv.addr, placer)
+        .and_then(|mut tx| tx.begin(&begin_for(&r)).map(|_| ()))
+        .expect_err("refused before any page moves");
+    assert!(region_matches_seed(&r, seed), "source memory untouched");
+    om_transport::error::chain(&e)
+}
+
 /// True when the device offers ODP both ways; false (after saying so) when it does not and the
 /// test may pass without it.
 fn odp_offered() -> bool {
@@ -195,20 +206,15 @@ fn bounded_registration_windows_ship_everything() {
 #[ignore = "needs an RDMA device (runs in the soft-RoCE guest)"]
 fn a_memlock_budget_below_the_staging_buffer_is_a_clear_error() {
     let srv = verbs_server(limits());
-    let r = random_region(MIB, 13);
     let placer = om_verbs::VerbsPlacer::open()
         .unwrap()
         .with_budget(MIB as u64)
         .with_odp(OdpSetting::Off);
-    let e = verbs_sender(srv.addr, placer)
-        .and_then(|mut tx| tx.begin(&begin_for(&r)).map(|_| ()))
-        .expect_err("budget too small");
-    let msg = om_transport::error::chain(&e);
+    let msg = refused_before_any_page(&srv, placer, 13);
     assert!(
         msg.contains("RLIMIT_MEMLOCK") && msg.contains("ulimit -l"),
         "{msg}"
     );
-    assert!(region_matches_seed(&r, 13));
 }
 
 /// The same budget where the device offers ODP (and `OM_VERBS_ODP` is left at `auto`): the sender
@@ -249,17 +255,12 @@ fn on_demand_windows_refuse_a_path_too_small_for_them() {
     }
     let exporter = om_verbs::VerbsExporter::open_with(limits().per_image, OdpSetting::On).unwrap();
     let srv = server_at(&addr(), limits(), Some(std::sync::Arc::new(exporter)));
-    let r = random_region(MIB, 18);
     let placer = om_verbs::VerbsPlacer::open().unwrap().with_odp(OdpSetting::Auto);
-    let e = verbs_sender(srv.addr, placer)
-        .and_then(|mut tx| tx.begin(&begin_for(&r)).map(|_| ()))
-        .expect_err("the path is too small for on-demand windows");
-    let msg = om_transport::error::chain(&e);
+    let msg = refused_before_any_page(&srv, placer, 18);
     assert!(
         msg.contains("registered this image on demand") && msg.contains("MTU"),
         "{msg}"
     );
-    assert!(region_matches_seed(&r, 18));
 }
 
 /// The application moves its memory away (`mremap`) after the round's runs were taken and before
