@@ -13,7 +13,10 @@
 //! - after a batch's writes, its descriptor (runs and checksums) follows as a SEND on the same
 //!   reliable connection, so it arrives after the pages it describes;
 //! - the receiver ([`VerbsExporter`], in omd) lands each descriptor as for TCP: every page's
-//!   checksum is checked in place.
+//!   checksum is checked in place;
+//! - where the device offers on-demand paging, omd's windows are registered on demand, pinning
+//!   nothing, and so is the sender's memory where pinning cannot work or `OM_VERBS_ODP=on` asks
+//!   ([`odp`]).
 //!
 //! libibverbs is loaded at run time ([`sys::library`]): builds need no rdma-core, and a node without
 //! it runs everything but this transport. See `docs/verbs.md`.
