@@ -9,7 +9,7 @@
 //! - the sender ([`VerbsPlacer`], in the runtime) registers the application's memory through a
 //!   per-round registration cache bounded by `RLIMIT_MEMLOCK` ([`regcache`]) and writes each
 //!   piece of a batch with RDMA WRITE from it (small pieces and copies go through a registered
-//!   staging buffer), signalling one request in [`placer::SIGNAL_EVERY`];
+//!   staging buffer), signalling one request in [`sys::queue::SIGNAL_EVERY`];
 //! - after a batch's writes, its descriptor (runs and checksums) follows as a SEND on the same
 //!   reliable connection, so it arrives after the pages it describes;
 //! - the receiver ([`VerbsExporter`], in omd) lands each descriptor as for TCP: every page's
