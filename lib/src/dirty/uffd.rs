@@ -128,13 +128,27 @@ impl UffdTracker {
             Ok(()) => {
                 // Protect first, then look: a page written in between is both reported now and
                 // reported next round, never missed.
-                uffd::writeprotect(&self.uffd, range.start, len, true).map_err(|source| {
-                    DirtyError::WriteProtect {
-                        start: range.start,
-                        end: range.end,
-                        source,
+                match uffd::writeprotect(&self.uffd, range.start, len, true) {
+                    Ok(()) => {}
+                    // The application unmapped (part of) the range between its registration and
+                    // its protection. Its populated pages are reported below; what is still
+                    // mapped stays registered, and a registered page without protection is
+                    // reported as written by the next scan, so no write is missed.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOMEM)) => {
+                        tracing::debug!(
+                            start = range.start,
+                            end = range.end,
+                            "range changed while protecting"
+                        );
                     }
-                })?;
+                    Err(source) => {
+                        return Err(DirtyError::WriteProtect {
+                            start: range.start,
+                            end: range.end,
+                            source,
+                        });
+                    }
+                }
                 self.registered.push(range.clone());
                 self.stats.registered += 1;
             }
