@@ -237,7 +237,6 @@ impl Device {
                 break;
             }
         }
-        let (odp, vendor_id) = query_ex(ctx);
         let Some((port, attr, gid_index, gid)) = chosen else {
             close(lib);
             return Ok(None);
@@ -248,6 +247,7 @@ impl Device {
             close(lib);
             return Err(VerbsError::Call("ibv_alloc_pd", e));
         };
+        let (odp, vendor_id) = query_ex(ctx);
         Ok(Some(Self {
             lib: Arc::clone(lib),
             ctx,
