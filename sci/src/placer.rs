@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use om_transport::TransportError;
 use om_transport::api::{Placer, Source};
 use om_transport::sys::ReadableBatch;
+use om_transport::sys::mem::{READ_BUFFER, ReadBuffer, mark_gone};
 use om_transport::wire::{Placement, caps};
 
 use crate::error::SciError;
@@ -55,6 +56,13 @@ struct Link {
     head: Mutex<u64>,
 }
 
+/// Window `window` of `link`, if it holds `len` bytes at `offset`.
+fn window_of(link: Option<&Link>, window: usize, offset: u64, len: u64) -> Result<&RemoteSegment, SciError> {
+    link.and_then(|l| l.windows.get(window))
+        .filter(|w| offset.checked_add(len).is_some_and(|e| e <= w.size() as u64))
+        .ok_or(SciError::NoWindow { window, offset, len })
+}
+
 /// Places pages into a receiver's image over SISCI.
 #[derive(Debug)]
 pub struct SciPlacer {
@@ -66,13 +74,11 @@ pub struct SciPlacer {
     /// Bytes placed by DMA and by PIO (for the benchmark and the logs).
     pub placed: (u64, u64),
     /// Where racy memory is read (once) before it is stored: small enough to stay in cache.
-    bounce: Vec<u8>,
+    /// Made when the placer attaches (after the migration's first memory map, like the windows).
+    bounce: Option<ReadBuffer>,
     /// How racy memory is placed.
     racy: Racy,
 }
-
-/// Bytes of the bounce buffer of [`SciPlacer::write_summed`].
-const BOUNCE: usize = 256 << 10;
 
 impl SciPlacer {
     /// Loads the SISCI library and opens the fabric. Nothing is connected until the receiver's
@@ -99,7 +105,7 @@ impl SciPlacer {
             page_size: om_transport::sys::page_size(),
             timeout: Duration::from_secs(60),
             placed: (0, 0),
-            bounce: vec![0; BOUNCE],
+            bounce: None,
             racy,
         })
     }
@@ -143,11 +149,7 @@ impl SciPlacer {
     }
 
     fn window(&self, window: usize, offset: u64, len: u64) -> Result<&RemoteSegment, SciError> {
-        self.link
-            .as_ref()
-            .and_then(|l| l.windows.get(window))
-            .filter(|w| offset.checked_add(len).is_some_and(|e| e <= w.size() as u64))
-            .ok_or(SciError::NoWindow { window, offset, len })
+        window_of(self.link.as_deref(), window, offset, len)
     }
 
     fn place(&mut self, src: Source<'_>, window: usize, offset: u64) -> Result<(), SciError> {
@@ -190,7 +192,7 @@ impl SciPlacer {
     }
 
     /// Racy memory: each chunk is read once through the kernel into the (cache-resident) bounce
-    /// buffer, checksummed there and stored from there by PIO.
+    /// buffer, then stored from there by PIO, checksummed on the way (one pass over the buffer).
     fn place_summed(
         &mut self,
         batch: &ReadableBatch<'_>,
@@ -200,23 +202,29 @@ impl SciPlacer {
         offset: u64,
         sums: &mut Vec<u32>,
     ) -> Result<(), SciError> {
-        let mut bounce = std::mem::take(&mut self.bounce);
-        let r = (|| {
-            let w = self.window(window, offset, len)?;
-            let mut done = 0u64;
-            while done < len {
-                let n = usize::try_from((len - done).min(BOUNCE as u64)).unwrap_or(BOUNCE);
-                batch
-                    .read_summed(addr + done, &mut bounce[..n], self.page_size, sums)
-                    .map_err(|e| SciError::Local(format!("reading the pages to place: {e}")))?;
-                w.mem_cpy(usize::try_from(offset + done).unwrap_or(usize::MAX), &bounce[..n])?;
-                done += n as u64;
-            }
-            Ok(())
-        })();
-        self.bounce = bounce;
+        let no_window = || SciError::NoWindow { window, offset, len };
+        let view = window_of(self.link.as_deref(), window, offset, len)?
+            .view()
+            .ok_or_else(no_window)?;
+        let bounce = self.bounce.as_mut().ok_or(SciError::NotAttached)?;
+        let mut done = 0u64;
+        let mut gone = Vec::new();
+        while done < len {
+            let n = usize::try_from((len - done).min(READ_BUFFER as u64)).unwrap_or(READ_BUFFER);
+            gone.clear();
+            let bytes = bounce
+                .read(batch, addr + done, n, self.page_size, &mut gone)
+                .map_err(|e| SciError::Local(format!("reading the pages to place: {e}")))?;
+            let at = usize::try_from(offset + done).unwrap_or(usize::MAX);
+            let zone = view.zone(at, n).ok_or_else(no_window)?;
+            let first = sums.len();
+            zone.fill_summed(bytes, self.page_size, sums)
+                .map_err(|e| SciError::Local(format!("storing pages by PIO: {e}")))?;
+            mark_gone(&mut sums[first..], &gone);
+            done += n as u64;
+        }
         self.placed.1 += len;
-        r
+        Ok(())
     }
 
     fn post_descriptor(&mut self, descriptor: &[u8]) -> Result<(), SciError> {
@@ -270,6 +278,11 @@ impl Placer for SciPlacer {
             return Ok(());
         }
         self.link = None;
+        if self.bounce.is_none() {
+            let buf = ReadBuffer::new(READ_BUFFER)
+                .map_err(|e| SciError::Local(format!("a read buffer: {e}")).during("attach"))?;
+            self.bounce = Some(buf);
+        }
         let link = self
             .connect(placement)
             .map_err(|e| e.during("connect to the receiver's segments"))?;
@@ -309,17 +322,24 @@ impl Placer for SciPlacer {
             page_size: self.page_size,
             timeout: self.timeout,
             placed: (0, 0),
-            bounce: vec![0; BOUNCE],
+            bounce: Some(ReadBuffer::new(READ_BUFFER).ok()?),
             racy: self.racy,
         }))
     }
 
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.bounce.iter().map(ReadBuffer::fd).collect()
+    }
+
     fn mappings(&self) -> Vec<Range<u64>> {
-        self.link.as_ref().map_or_else(Vec::new, |l| {
-            std::iter::once(&l.mailbox)
-                .chain(&l.windows)
-                .filter_map(RemoteSegment::mapping)
-                .collect()
-        })
+        let mut own: Vec<Range<u64>> = self.bounce.iter().map(ReadBuffer::mapping).collect();
+        if let Some(l) = &self.link {
+            own.extend(
+                std::iter::once(&l.mailbox)
+                    .chain(&l.windows)
+                    .filter_map(RemoteSegment::mapping),
+            );
+        }
+        own
     }
 }

@@ -61,9 +61,26 @@ fn sum_words_soft(words: &[AtomicU64]) -> u32 {
     combine(lanes)
 }
 
+/// The little-endian word at `bytes[8 * i..]` (the caller keeps `i` in range).
+fn word_at(bytes: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[8 * i..8 * i + 8]);
+    u64::from_le_bytes(w)
+}
+
+fn copy_summed_soft(dst: &[AtomicU64], src: &[u8]) -> u32 {
+    let mut lanes = seeds();
+    for (i, d) in dst.iter().enumerate() {
+        let w = word_at(src, i);
+        lanes[i % LANES] = crc_word_soft(lanes[i % LANES], w);
+        d.store(w, Ordering::Relaxed);
+    }
+    combine(lanes)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod hw {
-    use super::{LANES, combine, seeds};
+    use super::{LANES, combine, seeds, word_at};
     use std::arch::x86_64::{_mm_crc32_u8, _mm_crc32_u64};
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -89,6 +106,50 @@ mod hw {
         for (lane, w) in lanes.iter_mut().zip(quads.remainder()) {
             // SAFETY: as above.
             *lane = unsafe { _mm_crc32_u64(*lane, w.load(Ordering::Relaxed)) };
+        }
+        // The instruction leaves the upper 32 bits zero.
+        #[allow(clippy::cast_possible_truncation)]
+        combine(lanes.map(|l| l as u32))
+    }
+
+    /// Stores the words of `src` into `dst` (as long) and returns their checksum: each word is loaded
+    /// once, for both.
+    ///
+    /// # Safety
+    /// The CPU must support SSE4.2.
+    #[target_feature(enable = "sse4.2")]
+    #[allow(unused_unsafe)]
+    pub(super) unsafe fn copy_summed(dst: &[AtomicU64], src: &[u8]) -> u32 {
+        let [mut a, mut b, mut c, mut d] = seeds().map(u64::from);
+        let mut quads = dst.chunks_exact(LANES);
+        let mut i = 0;
+        for q in &mut quads {
+            let w = [
+                word_at(src, i),
+                word_at(src, i + 1),
+                word_at(src, i + 2),
+                word_at(src, i + 3),
+            ];
+            // SAFETY: the caller guarantees SSE4.2 (this function's contract).
+            a = unsafe { _mm_crc32_u64(a, w[0]) };
+            // SAFETY: as above.
+            b = unsafe { _mm_crc32_u64(b, w[1]) };
+            // SAFETY: as above.
+            c = unsafe { _mm_crc32_u64(c, w[2]) };
+            // SAFETY: as above.
+            d = unsafe { _mm_crc32_u64(d, w[3]) };
+            for (slot, w) in q.iter().zip(w) {
+                slot.store(w, Ordering::Relaxed);
+            }
+            i += LANES;
+        }
+        let mut lanes = [a, b, c, d];
+        for (lane, slot) in lanes.iter_mut().zip(quads.remainder()) {
+            let w = word_at(src, i);
+            // SAFETY: as above.
+            *lane = unsafe { _mm_crc32_u64(*lane, w) };
+            slot.store(w, Ordering::Relaxed);
+            i += 1;
         }
         // The instruction leaves the upper 32 bits zero.
         #[allow(clippy::cast_possible_truncation)]
@@ -158,6 +219,29 @@ pub unsafe fn page_sum(addr: *const u8, len: usize) -> u32 {
     // the size and alignment of u64 and every bit pattern is valid, and atomic loads tolerate writers.
     let words = unsafe { std::slice::from_raw_parts(addr.cast::<AtomicU64>(), len / 8) };
     sum_words(words)
+}
+
+/// Copies the page `src` to `dst` and returns its checksum, loading each word once for both: a page
+/// stored into a fabric's window from a buffer in cache costs one pass over the buffer, not two.
+/// The stores are relaxed atomic ones, so that readers of the destination (a receiver checking an
+/// earlier page) see stale values, never undefined ones.
+///
+/// # Safety
+/// `dst` must be 8-byte aligned, writable for `src.len()` bytes for the whole call and not covered
+/// by a Rust reference. `src.len()` must be a multiple of 8.
+#[must_use]
+pub unsafe fn copy_page_summed(dst: *mut u8, src: &[u8]) -> u32 {
+    debug_assert_eq!(dst.align_offset(8), 0);
+    debug_assert_eq!(src.len() % 8, 0);
+    // SAFETY: the caller guarantees `src.len()` writable, aligned bytes at `dst` for the call that no
+    // Rust reference covers; AtomicU64 has the size and alignment of u64.
+    let words = unsafe { std::slice::from_raw_parts(dst.cast::<AtomicU64>().cast_const(), src.len() / 8) };
+    #[cfg(target_arch = "x86_64")]
+    if have_sse42() {
+        // SAFETY: SSE4.2 was detected at run time.
+        return unsafe { hw::copy_summed(words, src) };
+    }
+    copy_summed_soft(words, src)
 }
 
 /// The standard CRC-32C of `bytes` (file manifests and other metadata; a migration's manifest is
@@ -255,6 +339,24 @@ mod tests {
             prop_assert_eq!(page_sum_bytes(misaligned), want);
             prop_assert_eq!(sum_words_soft(&a), want);
             prop_assert_eq!(sum_words(&a), want);
+        }
+
+        #[test]
+        fn a_summed_copy_copies_and_sums_as_the_oracle(words in proptest::collection::vec(any::<u64>(), 0..700), skew in 0usize..8) {
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            // The source need not be aligned.
+            let mut shifted = vec![0u8; bytes.len() + skew];
+            shifted[skew..].copy_from_slice(&bytes);
+            let src = &shifted[skew..];
+            let dst = atomics(&vec![0xa5; bytes.len()]);
+            // SAFETY: `dst` is aligned, owned by this test and read only after the call.
+            let sum = unsafe { copy_page_summed(dst.as_ptr().cast::<u8>().cast_mut(), src) };
+            prop_assert_eq!(sum, oracle(&bytes));
+            let copied: Vec<u8> = dst.iter().flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes()).collect();
+            prop_assert_eq!(&copied, &bytes);
+            let soft = atomics(&vec![0; bytes.len()]);
+            prop_assert_eq!(copy_summed_soft(&soft, src), sum);
+            prop_assert_eq!(soft.iter().map(|w| w.load(Ordering::Relaxed)).collect::<Vec<_>>(), words);
         }
 
         #[test]

@@ -12,6 +12,7 @@ use crate::batch;
 use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
+use crate::sys::mem::{READ_BUFFER, ReadBuffer};
 use crate::sys::{self, Readable, ReadableBatch};
 use crate::wire::{
     self, Batch, Begin, EndRound, ErrorCode, Fate, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS,
@@ -79,6 +80,10 @@ pub struct TcpSender {
     /// Where batches sent from a copy are copied to (grown on first use: in a migration's final
     /// round that is the capture arena, left out of the image).
     bounce: Vec<u8>,
+    /// Where racy pages are read for their checksums on this thread. Made at `begin`: a migration
+    /// takes its first memory map before, and leaves the sender's own mappings out of every later
+    /// one from then on.
+    reader: Option<ReadBuffer>,
     /// A placing transport for the pages (SCI), with the receiver's current placement.
     placer: Option<(Box<dyn Placer>, Option<Placement>)>,
     /// The commit's token: names the migration's copy on the receiver (`Ask`).
@@ -176,6 +181,7 @@ impl TcpSender {
             migrate: false,
             serial: false,
             bounce: Vec::new(),
+            reader: None,
             placer: placer.map(|p| (p, None)),
             token: u64::from_le_bytes(auth::random_bytes()),
         })
@@ -210,10 +216,11 @@ impl TcpSender {
     /// Memory of this process the placing transport mapped (never part of an image).
     #[must_use]
     pub fn mappings(&self) -> Vec<Range<u64>> {
-        self.placer
-            .as_ref()
-            .map(|(p, _)| p.mappings())
-            .unwrap_or_default()
+        self.reader
+            .iter()
+            .map(ReadBuffer::mapping)
+            .chain(self.placer.iter().flat_map(|(p, _)| p.mappings()))
+            .collect()
     }
 
     /// Takes the receiver's (new) placement after `Begun` or `Vmas`.
@@ -251,12 +258,12 @@ impl TcpSender {
         if parallel && let Some(mut lane) = placer.fork() {
             let next = AtomicUsize::new(0);
             let failed = std::sync::atomic::AtomicBool::new(false);
-            let work = |p: &mut dyn Placer| -> Result<(), TransportError> {
+            let work = |p: &mut dyn Placer, reader: &mut Option<ReadBuffer>| -> Result<(), TransportError> {
                 let mut bounce = Vec::new();
                 while !failed.load(Ordering::Relaxed)
                     && let Some(b) = batches.get(next.fetch_add(1, Ordering::Relaxed))
                 {
-                    if let Err(e) = at.place_one(p, b, &mut bounce) {
+                    if let Err(e) = at.place_one(p, b, &mut bounce, reader) {
                         // The other writer stops too.
                         failed.store(true, Ordering::Relaxed);
                         return Err(e);
@@ -265,8 +272,8 @@ impl TcpSender {
                 Ok(())
             };
             let (a, b) = std::thread::scope(|s| {
-                let other = s.spawn(|| work(lane.as_mut()));
-                let mine = work(placer.as_mut());
+                let other = s.spawn(|| work(lane.as_mut(), &mut None));
+                let mine = work(placer.as_mut(), &mut self.reader);
                 (
                     mine,
                     other
@@ -277,7 +284,7 @@ impl TcpSender {
             return a.and(b);
         }
         for batch in batches {
-            at.place_one(placer.as_mut(), batch, &mut self.bounce)?;
+            at.place_one(placer.as_mut(), batch, &mut self.bounce, &mut self.reader)?;
         }
         Ok(())
     }
@@ -288,6 +295,7 @@ impl TcpSender {
         std::iter::once(&self.control)
             .chain(self.data.iter())
             .map(Conn::raw_fd)
+            .chain(self.reader.iter().map(ReadBuffer::fd))
             .chain(self.placer.iter().flat_map(|(p, _)| p.fds()))
             .collect()
     }
@@ -366,14 +374,17 @@ impl TcpSender {
         let round = self.round;
         let page_size = self.page_size;
         let next = AtomicUsize::new(0);
-        let work = |conn: &mut Conn, bounce: &mut Vec<u8>| -> Result<(), TransportError> {
+        let work = |conn: &mut Conn,
+                    bounce: &mut Vec<u8>,
+                    reader: &mut Option<ReadBuffer>|
+         -> Result<(), TransportError> {
             while let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
-                send_batch(conn, round, batch, page_size, bounce)?;
+                send_batch(conn, round, batch, page_size, bounce, reader)?;
             }
             Ok(())
         };
         if self.data.is_empty() || self.serial {
-            return work(&mut self.control, &mut self.bounce);
+            return work(&mut self.control, &mut self.bounce, &mut self.reader);
         }
         let results: Vec<Result<(), TransportError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
@@ -382,7 +393,7 @@ impl TcpSender {
                 .map(|c| {
                     std::thread::Builder::new()
                         .stack_size(STREAM_STACK)
-                        .spawn_scoped(s, || work(c, &mut Vec::new()))
+                        .spawn_scoped(s, || work(c, &mut Vec::new(), &mut None))
                 })
                 .collect();
             handles
@@ -396,6 +407,14 @@ impl TcpSender {
                 .collect()
         });
         results.into_iter().collect()
+    }
+}
+
+fn read_error(peer: &str, source: std::io::Error) -> TransportError {
+    TransportError::Io {
+        op: "read the pages to send",
+        peer: peer.to_owned(),
+        source,
     }
 }
 
@@ -446,6 +465,7 @@ impl Placing<'_> {
         placer: &mut dyn Placer,
         batch: &ReadableBatch<'_>,
         bounce: &mut Vec<u8>,
+        reader: &mut Option<ReadBuffer>,
     ) -> Result<(), TransportError> {
         let ps = usize::try_from(self.page_size).unwrap_or(4096);
         let pages: usize = batch
@@ -461,7 +481,9 @@ impl Placing<'_> {
         } else if fused {
             Vec::with_capacity(pages)
         } else {
-            batch.page_sums(ps, bounce)
+            batch
+                .page_sums(ps, reader)
+                .map_err(|e| read_error(self.peer, e))?
         };
         let mut at = 0usize;
         for run in batch.runs() {
@@ -501,6 +523,7 @@ fn send_batch(
     batch: &ReadableBatch<'_>,
     page_size: u64,
     bounce: &mut Vec<u8>,
+    reader: &mut Option<ReadBuffer>,
 ) -> Result<(), TransportError> {
     let ps = usize::try_from(page_size).unwrap_or(4096);
     if batch.is_copied() {
@@ -508,7 +531,9 @@ fn send_batch(
         let body = Batch::encode(round, batch.runs(), &sums, page_size);
         return conn.send_with_bytes(Kind::Batch, &body, &bounce[..len]);
     }
-    let sums = batch.page_sums(ps, bounce);
+    let sums = batch
+        .page_sums(ps, reader)
+        .map_err(|e| read_error(conn.peer(), e))?;
     let body = Batch::encode(round, batch.runs(), &sums, page_size);
     conn.send_with_pages(Kind::Batch, &body, Some(batch))
 }
@@ -519,6 +544,12 @@ impl PageSender for TcpSender {
             return Err(TransportError::Misuse("begin called twice"));
         }
         let body = begin.encode().map_err(|source| self.control.wire(source))?;
+        let size = READ_BUFFER.max(usize::try_from(self.page_size).unwrap_or(READ_BUFFER));
+        self.reader = Some(ReadBuffer::new(size).map_err(|source| TransportError::Io {
+            op: "make a read buffer",
+            peer: self.control.peer().to_owned(),
+            source,
+        })?);
         self.migrate = begin.info.flags & wire::ImageInfo::MIGRATE != 0;
         self.control.send(Kind::Begin, &body)?;
         let id = self
