@@ -1,6 +1,7 @@
 //! The sending side: pages go from the application's memory into the receiver's windows, by PIO
-//! (a kernel copy into the mapped remote segment, `SCIMemCpy` for copies) or, for large pieces, by
-//! DMA straight from the application's memory; each batch's descriptor follows through the mailbox.
+//! (a kernel copy into the mapped remote segment; CPU stores that checksum on the way for a running
+//! application's pages; `SCIMemCpy` for copies) or, for large pieces, by DMA straight from the
+//! application's memory; each batch's descriptor follows through the mailbox.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,8 +23,9 @@ pub const DMA_MIN: usize = 256 << 10;
 /// How a running application's pages (memory it may unmap meanwhile) are placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Racy {
-    /// Each page is read once through the kernel into a buffer in cache, checksummed there and
-    /// stored by PIO: one read of the application's memory, all of it done by the CPU.
+    /// Each page is read once through the kernel into a buffer in cache, then stored from there by
+    /// PIO stores that checksum each word on the way: one read of the application's memory, one
+    /// pass over the buffer, all of it done by the CPU.
     ReadOnce,
     /// Checksums from a kernel copy, then pieces of [`DMA_MIN`] bytes and more by DMA straight from
     /// the application's memory (the adapter reads it while the CPU checksums the next batch), the
