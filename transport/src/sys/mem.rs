@@ -1,10 +1,13 @@
 //! Proof-carrying handles on raw memory: the one place where a promise about memory is made, so that
 //! everything above (connections, senders, receivers) is safe code.
 //!
-//! - [`Readable`]: runs of this process's memory that the caller promised stay mapped and readable
-//!   (the application's pages during a round). Created with an `unsafe` constructor by the code that
-//!   can keep the promise (the runtime, holding its munmap guard); split into batches here, so a batch
-//!   is a subset of the promise by construction.
+//! - [`Readable`]: runs of this process's memory to send, split into batches here, so that a batch is
+//!   a subset of what its creator handed over by construction. Three kinds: memory the caller
+//!   promised stays mapped and readable (`unsafe` [`Readable::new`]: benchmarks and tests, whose
+//!   memory nothing else unmaps); a running application's memory, which may vanish at any moment
+//!   and is only ever read through the kernel ([`Readable::racy`]: the runtime's pre-copy rounds);
+//!   and memory sent from a copy ([`Readable::copied`]: the final round, where the sender's own
+//!   stack and heap are part of the image).
 //! - [`Landing`]: a zone of a receiver's image memory, writable and mapped while the image lives.
 //!   Created with an `unsafe` constructor by the image's owner (omd's `sys` module); it borrows the
 //!   image, so it cannot outlive it.
@@ -32,7 +35,8 @@ impl<'a> Readable<'a> {
     /// # Safety
     /// Every run must stay mapped and readable for `'a` (the application may keep writing it: the
     /// kernel copies and checksums use atomic loads). If a run is unmapped anyway, sending fails with
-    /// `EFAULT`, but checksums would fault: the caller must prevent it (the runtime's munmap guard).
+    /// `EFAULT`, but checksums would fault: the caller must prevent it. Memory that may vanish is
+    /// [`Readable::racy`].
     #[must_use]
     pub unsafe fn new(runs: &'a [Range<u64>]) -> Self {
         Self {
