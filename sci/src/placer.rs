@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use om_transport::TransportError;
 use om_transport::api::{Placer, Source};
 use om_transport::sys::ReadableBatch;
-use om_transport::sys::mem::{READ_BUFFER, ReadBuffer, mark_gone};
+use om_transport::sys::mem::{ReadBuffer, mark_gone};
 use om_transport::wire::{Placement, caps};
 
 use crate::error::SciError;
@@ -209,10 +209,11 @@ impl SciPlacer {
             .view()
             .ok_or_else(no_window)?;
         let bounce = self.bounce.as_mut().ok_or(SciError::NotAttached)?;
+        let chunk = bounce.len();
         let mut done = 0u64;
         let mut gone = Vec::new();
         while done < len {
-            let n = usize::try_from((len - done).min(READ_BUFFER as u64)).unwrap_or(READ_BUFFER);
+            let n = usize::try_from(len - done).map_or(chunk, |rest| rest.min(chunk));
             gone.clear();
             let bytes = bounce
                 .read(batch, addr + done, n, self.page_size, &mut gone)
@@ -281,7 +282,7 @@ impl Placer for SciPlacer {
         }
         self.link = None;
         if self.bounce.is_none() {
-            let buf = ReadBuffer::new(READ_BUFFER)
+            let buf = ReadBuffer::for_pages(self.page_size)
                 .map_err(|e| SciError::Local(format!("a read buffer: {e}")).during("attach"))?;
             self.bounce = Some(buf);
         }
@@ -324,7 +325,7 @@ impl Placer for SciPlacer {
             page_size: self.page_size,
             timeout: self.timeout,
             placed: (0, 0),
-            bounce: Some(ReadBuffer::new(READ_BUFFER).ok()?),
+            bounce: Some(ReadBuffer::for_pages(self.page_size).ok()?),
             racy: self.racy,
         }))
     }

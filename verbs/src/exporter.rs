@@ -55,9 +55,12 @@ impl VerbsExporter {
             Ok(on_demand) => {
                 tracing::info!(device = %dev.name, port = dev.port, on_demand, "verbs transport offered");
             }
-            Err(e) => {
-                tracing::warn!(device = %dev.name, port = dev.port, error = %e, "verbs transport offered")
-            }
+            Err(e) => tracing::warn!(
+                device = %dev.name,
+                port = dev.port,
+                error = %e,
+                "verbs transport offered; this device cannot register on demand as asked (decided per image, by the device serving the sender)"
+            ),
         }
         drop(dev);
         Ok(Self { lib, budget, odp })

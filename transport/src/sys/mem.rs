@@ -120,7 +120,7 @@ impl ReadableBatch<'_> {
         if self.racy {
             let buf = match reader {
                 Some(b) => b,
-                None => reader.insert(ReadBuffer::new(READ_BUFFER.max(page_size))?),
+                None => reader.insert(ReadBuffer::for_pages(page_size)?),
             };
             self.page_sums_read(page_size, &mut sums, buf)?;
             return Ok(sums);
@@ -204,9 +204,7 @@ impl ReadableBatch<'_> {
     ) -> std::io::Result<()> {
         let mut gone = Vec::new();
         self.read_tolerant(addr, buf, page_size, &mut gone)?;
-        let first = sums.len();
-        sums.extend(buf.chunks(page_size).map(checksum::page_sum_bytes));
-        mark_gone(&mut sums[first..], &gone);
+        push_sums(sums, buf, page_size, &gone);
         Ok(())
     }
 
@@ -285,9 +283,7 @@ impl ReadableBatch<'_> {
                 let n = usize::try_from((r.end - addr).min(chunk)).unwrap_or(usize::MAX);
                 gone.clear();
                 let bytes = buf.read(self, addr, n, page_size, &mut gone)?;
-                let first = sums.len();
-                sums.extend(bytes.chunks(page_size).map(checksum::page_sum_bytes));
-                mark_gone(&mut sums[first..], &gone);
+                push_sums(sums, bytes, page_size, &gone);
                 addr += n as u64;
             }
         }
@@ -471,6 +467,14 @@ impl ReadBuffer {
         })
     }
 
+    /// A buffer of [`READ_BUFFER`] bytes, or one page where pages are larger.
+    ///
+    /// # Errors
+    /// As [`ReadBuffer::new`].
+    pub fn for_pages(page_size: usize) -> std::io::Result<Self> {
+        Self::new(READ_BUFFER.max(page_size))
+    }
+
     /// Bytes it holds.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -562,6 +566,14 @@ impl Drop for ReadBuffer {
         // SAFETY: the mapping this value made; no borrow of it outlives the value.
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
+}
+
+/// Appends the checksum of each page of `bytes` to `sums`, the complement for the pages of `gone`
+/// (indices into `bytes`), which could not be read.
+fn push_sums(sums: &mut Vec<u32>, bytes: &[u8], page_size: usize, gone: &[usize]) {
+    let first = sums.len();
+    sums.extend(bytes.chunks(page_size).map(checksum::page_sum_bytes));
+    mark_gone(&mut sums[first..], gone);
 }
 
 /// Gives each page of `gone` (indices into `sums`) the complement of its copy's checksum: the copy

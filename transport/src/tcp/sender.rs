@@ -544,12 +544,14 @@ impl PageSender for TcpSender {
             return Err(TransportError::Misuse("begin called twice"));
         }
         let body = begin.encode().map_err(|source| self.control.wire(source))?;
-        let size = READ_BUFFER.max(usize::try_from(self.page_size).unwrap_or(READ_BUFFER));
-        self.reader = Some(ReadBuffer::new(size).map_err(|source| TransportError::Io {
-            op: "make a read buffer",
-            peer: self.control.peer().to_owned(),
-            source,
-        })?);
+        let page_size = usize::try_from(self.page_size).unwrap_or(READ_BUFFER);
+        self.reader = Some(
+            ReadBuffer::for_pages(page_size).map_err(|source| TransportError::Io {
+                op: "make a read buffer",
+                peer: self.control.peer().to_owned(),
+                source,
+            })?,
+        );
         self.migrate = begin.info.flags & wire::ImageInfo::MIGRATE != 0;
         self.control.send(Kind::Begin, &body)?;
         let id = self
