@@ -1,15 +1,19 @@
 //! Live migration between two namespace nodes of the rig: freeze and total time of om pre-copy and of
 //! om stop-and-copy (the same code without rounds), against the raw transfer time of the same bytes
-//! (a plain `send()` loop over the same veth path), all measured in one run.
+//! (a plain `send()` loop over the same veth path, into a reused buffer and into fresh memory), all
+//! measured in one run, with the machine's busy CPU time per GiB of each.
 //!
 //! ```text
 //! cargo build --release -p om-runtime -p om-cli -p om-page-server -p om-restore
 //! cargo run --release -p om-benches --bin migrate -- [--gib 1,4] [--rates 0,64,256]
+//!     [--modes precopy,stop-and-copy] [--json]
 //! ```
 //!
 //! The process: `GIB` GiB of random content, then a random page written every so often to dirty
-//! `RATE` MiB/s, under omrun on node 0; it is migrated to node 1 by `omctl migrate --json`.
-//! Needs root (network namespaces).
+//! `RATE` MiB/s, under omrun on node 0; it is migrated to node 1 by `omctl migrate --json` (`--json`
+//! here prints that report too: bytes and time per round). Both nodes share this machine's CPUs, so
+//! the busy CPU time across a transfer is what both ends cost together. Needs root (network
+//! namespaces).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -54,24 +58,42 @@ fn writer(mib: usize, rate: usize) {
     }
 }
 
-/// `sink ADDR`: reads one connection to its end into a reused buffer, then confirms.
-fn sink(addr: &str) {
+/// `sink ADDR [FRESH_BYTES]`: reads one connection to its end into a reused buffer, or with
+/// FRESH_BYTES into fresh memory of that size (what any receiver that keeps the bytes pays: every
+/// page is allocated and zeroed once), then confirms.
+fn sink(addr: &str, fresh: Option<usize>) {
     let l = TcpListener::bind(addr).expect("bind");
+    let mut fresh = fresh.map(|n| om::sys::mman::Region::map_anon(n, None).expect("map"));
+    let mut reused = vec![0u8; CHUNK];
     println!("READY");
     std::io::stdout().flush().ok();
     let (mut s, _) = l.accept().expect("accept");
-    let mut buf = vec![0u8; CHUNK];
-    while s.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+    let mut total = 0;
+    loop {
+        let buf: &mut [u8] = match &mut fresh {
+            Some(r) => {
+                let b = r.bytes_mut();
+                let end = b.len().min(total + CHUNK);
+                &mut b[total..end]
+            }
+            None => &mut reused,
+        };
+        match s.read(buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
     s.write_all(b"k").ok();
 }
 
 /// `blast ADDR BYTES`: sends BYTES from populated memory with a plain send loop; prints the seconds
-/// to the receiver's confirmation.
+/// to the receiver's confirmation and the machine's busy CPU time across them.
 fn blast(addr: &str, bytes: usize) {
     let mem: Vec<u8> = (0..bytes)
         .map(|i| u8::try_from(i * 31 % 251).unwrap_or(0))
         .collect();
     let mut s = TcpStream::connect(addr).expect("connect");
+    let cpu = machine_busy();
     let t = Instant::now();
     for c in mem.chunks(CHUNK) {
         s.write_all(c).expect("send");
@@ -79,9 +101,14 @@ fn blast(addr: &str, bytes: usize) {
     s.shutdown(std::net::Shutdown::Write).ok();
     let mut k = [0u8; 1];
     s.read_exact(&mut k).expect("confirmation");
-    println!("SECS {}", t.elapsed().as_secs_f64());
+    println!(
+        "SECS {} CPU {}",
+        t.elapsed().as_secs_f64(),
+        (machine_busy() - cpu).as_secs_f64()
+    );
 }
 
+use om_benches::machine_busy;
 use om_launch::report::field;
 
 fn num(json: &str, key: &str) -> f64 {
@@ -140,17 +167,17 @@ fn start_writer(rig: &om_rig::Rig, control: &Path, mib: usize, rate: usize) -> (
     (child, pid)
 }
 
-fn raw_secs(rig: &om_rig::Rig, bytes: usize) -> f64 {
+/// A plain transfer of `bytes` from node 0 to node 1, into a reused buffer or into fresh memory:
+/// `(seconds, machine CPU seconds)`.
+fn plain_transfer(rig: &om_rig::Rig, bytes: usize, fresh: bool) -> (f64, f64) {
     let exe = std::env::current_exe().expect("exe");
     let addr = format!("{}:7072", rig.node(1).expect("n1").addr());
-    let mut rx = rig
-        .node(1)
-        .expect("n1")
-        .command(&exe)
-        .args(["sink", &addr])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sink");
+    let mut sink = rig.node(1).expect("n1").command(&exe);
+    sink.args(["sink", &addr]);
+    if fresh {
+        sink.arg(bytes.to_string());
+    }
+    let mut rx = sink.stdout(Stdio::piped()).spawn().expect("sink");
     let mut line = String::new();
     BufReader::new(rx.stdout.as_mut().expect("stdout"))
         .read_line(&mut line)
@@ -163,29 +190,36 @@ fn raw_secs(rig: &om_rig::Rig, bytes: usize) -> f64 {
         .output()
         .expect("blast");
     rx.wait().ok();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .strip_prefix("SECS ")
-        .and_then(|s| s.parse().ok())
-        .expect("secs")
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |key: &str| -> f64 {
+        text.split_whitespace()
+            .skip_while(|w| *w != key)
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {text:?}"))
+    };
+    (value("SECS"), value("CPU"))
 }
 
 struct Row {
     gib: usize,
     rate: usize,
-    mode: &'static str,
+    mode: String,
     freeze_ms: f64,
     total_ms: f64,
     sent: f64,
     rounds: f64,
     raw_ms: f64,
+    fresh_ms: f64,
+    /// The machine's busy CPU seconds per GiB sent: the migration, the raw transfer, into fresh memory.
+    cpu: [f64; 3],
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("writer") => return writer(args[2].parse().expect("mib"), args[3].parse().expect("rate")),
-        Some("sink") => return sink(&args[2]),
+        Some("sink") => return sink(&args[2], args.get(3).map(|n| n.parse().expect("bytes"))),
         Some("blast") => return blast(&args[2], args[3].parse().expect("bytes")),
         _ => {}
     }
@@ -193,6 +227,12 @@ fn main() {
     let list = |s: String| -> Vec<usize> { s.split(',').map(|v| v.parse().expect("number")).collect() };
     let sizes = list(opt("--gib", "1,4"));
     let rates = list(opt("--rates", "0,64,256"));
+    let modes: Vec<String> = opt("--modes", "precopy,stop-and-copy")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    // --json: also print omctl's JSON report of each migration (rounds, bytes and times per round).
+    let show_json = args.iter().any(|a| a == "--json");
     for b in ["omd", "omrun", "omctl", "om-restore", "libomrt.so"] {
         assert!(
             bin(b).exists(),
@@ -205,9 +245,10 @@ fn main() {
     let mut rows = Vec::new();
     for &gib in &sizes {
         for &rate in &rates {
-            for mode in ["precopy", "stop-and-copy"] {
+            for mode in &modes {
                 let (mut omrun, pid) = start_writer(&rig, &a.control, gib * 1024, rate);
                 std::thread::sleep(Duration::from_millis(500));
+                let cpu = machine_busy();
                 let out = omctl(
                     &a.control,
                     &[
@@ -220,6 +261,7 @@ fn main() {
                         mode,
                     ],
                 );
+                let om_cpu = (machine_busy() - cpu).as_secs_f64();
                 let json = String::from_utf8_lossy(&out.stdout).into_owned();
                 assert!(
                     out.status.success(),
@@ -231,29 +273,41 @@ fn main() {
                     .args(["-TERM", &omrun.id().to_string()])
                     .status();
                 let _ = omrun.wait();
+                if show_json {
+                    println!("{}", json.trim());
+                }
                 let sent_bytes: usize = field(&json, "bytes_sent")
                     .and_then(|v| v.parse().ok())
                     .expect("bytes_sent");
                 let sent = num(&json, "bytes_sent");
-                let raw = raw_secs(&rig, sent_bytes) * 1e3;
+                let (raw, raw_cpu) = plain_transfer(&rig, sent_bytes, false);
+                let (fresh, fresh_cpu) = plain_transfer(&rig, sent_bytes, true);
+                let gib_sent = sent / (1u64 << 30) as f64;
                 let row = Row {
                     gib,
                     rate,
-                    mode,
+                    mode: mode.clone(),
                     freeze_ms: num(&json, "freeze_ms"),
                     total_ms: num(&json, "total_ms"),
                     sent,
                     rounds: num(&json, "rounds"),
-                    raw_ms: raw,
+                    raw_ms: raw * 1e3,
+                    fresh_ms: fresh * 1e3,
+                    cpu: [om_cpu, raw_cpu, fresh_cpu].map(|c| c / gib_sent),
                 };
                 println!(
-                    "{gib} GiB, {rate:>3} MiB/s, {mode:<13}: freeze {:>8.1} ms, total {:>8.1} ms, {:>5} rounds, {:>7.1} MiB sent, raw transfer {:>7.1} ms, total/raw {:.2}",
+                    "{gib} GiB, {rate:>3} MiB/s, {mode:<13}: freeze {:>8.1} ms, total {:>8.1} ms, {:>5} rounds, {:>7.1} MiB sent, raw transfer {:>7.1} ms (into fresh memory {:>7.1} ms), total/raw {:.2} (/fresh {:.2}); CPU s/GiB om {:.2}, raw {:.2}, fresh {:.2}",
                     row.freeze_ms,
                     row.total_ms,
                     row.rounds,
                     row.sent / MIB as f64,
                     row.raw_ms,
-                    row.total_ms / row.raw_ms
+                    row.fresh_ms,
+                    row.total_ms / row.raw_ms,
+                    row.total_ms / row.fresh_ms,
+                    row.cpu[0],
+                    row.cpu[1],
+                    row.cpu[2],
                 );
                 rows.push(row);
             }
@@ -261,12 +315,12 @@ fn main() {
     }
     println!();
     println!(
-        "| process | dirty rate | mode | freeze | total | rounds | sent | raw transfer of the same bytes | total / raw |"
+        "| process | dirty rate | mode | freeze | total | rounds | sent | raw transfer of the same bytes | total / raw | raw into fresh memory | total / raw into fresh | CPU s/GiB: om, raw, raw into fresh |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} GiB | {} MiB/s | {} | {:.1} ms | {:.0} ms | {} | {:.0} MiB | {:.0} ms | {:.2} |",
+            "| {} GiB | {} MiB/s | {} | {:.1} ms | {:.0} ms | {} | {:.0} MiB | {:.0} ms | {:.2} | {:.0} ms | {:.2} | {:.2}, {:.2}, {:.2} |",
             r.gib,
             r.rate,
             r.mode,
@@ -275,7 +329,12 @@ fn main() {
             r.rounds,
             r.sent / MIB as f64,
             r.raw_ms,
-            r.total_ms / r.raw_ms
+            r.total_ms / r.raw_ms,
+            r.fresh_ms,
+            r.total_ms / r.fresh_ms,
+            r.cpu[0],
+            r.cpu[1],
+            r.cpu[2],
         );
     }
     println!();

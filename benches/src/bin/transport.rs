@@ -11,7 +11,8 @@
 //! - **plain-into-fresh**: the same loop, but the receiver reads into fresh memory of the full size
 //!   (every receiver that keeps the bytes pays for allocating and zeroing each page once).
 //!
-//! It prints the rates, `om / plain` (the figure) and `om / plain-into-fresh`. The sub-commands `sink`, `blast` and `ship` are the two ends
+//! It prints the rates, `om / plain` (the figure) and `om / plain-into-fresh`, and the machine's
+//! busy CPU time per GiB of each (both ends share this machine's CPUs). The sub-commands `sink`, `blast` and `ship` are the two ends
 //! of each measurement; the benchmark runs them inside the namespaces.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use om::sys::mman::Region;
-use om_benches::{median, populated_region};
+use om_benches::{machine_busy, median, populated_region};
 use om_transport::sys::Readable;
 use om_transport::wire::{Begin, ImageInfo, Vma};
 use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
@@ -70,6 +71,7 @@ fn blast(addr: &str, gib: usize) {
     let mut r = populated_region(gib * GIB, 7);
     let mut s = TcpStream::connect(addr).expect("connect");
     let bytes: &[u8] = r.bytes_mut();
+    let cpu = machine_busy();
     let t = Instant::now();
     for c in bytes.chunks(CHUNK) {
         s.write_all(c).expect("send");
@@ -77,7 +79,11 @@ fn blast(addr: &str, gib: usize) {
     s.shutdown(std::net::Shutdown::Write).ok();
     let mut k = [0u8; 1];
     s.read_exact(&mut k).expect("confirmation");
-    println!("SECS {}", t.elapsed().as_secs_f64());
+    println!(
+        "SECS {} CPU {}",
+        t.elapsed().as_secs_f64(),
+        (machine_busy() - cpu).as_secs_f64()
+    );
 }
 
 /// The benchmark's regions stay mapped until after the round is acknowledged.
@@ -111,9 +117,15 @@ fn ship(addr: &str, key: &Path, gib: usize, streams: u16) {
     let mut tx = TcpSender::connect(addr.parse().expect("addr"), &key, config).expect("connect");
     tx.begin(&begin).expect("begin");
     let run = start..start + r.len() as u64;
+    let cpu = machine_busy();
     let stats = tx.send_round(readable(&[run]), &[], true).expect("round");
+    let cpu = machine_busy() - cpu;
     let id = tx.commit().expect("commit");
-    println!("SECS {} ID {id}", stats.elapsed.as_secs_f64());
+    println!(
+        "SECS {} CPU {} ID {id}",
+        stats.elapsed.as_secs_f64(),
+        cpu.as_secs_f64()
+    );
 }
 
 fn field(out: &str, key: &str) -> String {
@@ -151,7 +163,14 @@ fn run_out(mut c: Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn plain_once(p: &Path2, gib: usize, fresh: bool) -> Duration {
+/// One measurement: the transfer's wall time and the machine's busy CPU time across it.
+type Sample = (Duration, Duration);
+
+fn secs(out: &str, key: &str) -> Duration {
+    Duration::from_secs_f64(field(out, key).parse().expect("seconds"))
+}
+
+fn plain_once(p: &Path2, gib: usize, fresh: bool) -> Sample {
     let mut rx = (p.receiver)();
     rx.args(["sink", &p.sink_addr]);
     if fresh {
@@ -164,12 +183,12 @@ fn plain_once(p: &Path2, gib: usize, fresh: bool) -> Duration {
     assert_eq!(line.trim(), "READY");
     let mut tx = (p.sender)();
     tx.args(["blast", &p.sink_addr, &gib.to_string()]);
-    let secs: f64 = field(&run_out(tx), "SECS").parse().expect("secs");
+    let out = run_out(tx);
     rx.wait().ok();
-    Duration::from_secs_f64(secs)
+    (secs(&out, "SECS"), secs(&out, "CPU"))
 }
 
-fn om_once(p: &Path2, gib: usize, streams: u16) -> Duration {
+fn om_once(p: &Path2, gib: usize, streams: u16) -> Sample {
     let mut tx = (p.sender)();
     tx.args(["ship", &p.omd_addr.to_string()])
         .arg(&p.key)
@@ -178,23 +197,30 @@ fn om_once(p: &Path2, gib: usize, streams: u16) -> Duration {
     let id = field(&out, "ID");
     let reply = control(&p.omd_control, &format!("drop {id}"));
     assert!(reply.starts_with("OK"), "{reply}");
-    Duration::from_secs_f64(field(&out, "SECS").parse().expect("secs"))
+    (secs(&out, "SECS"), secs(&out, "CPU"))
 }
 
 fn rate(gib: usize, d: Duration) -> f64 {
     (gib * GIB) as f64 / d.as_secs_f64() / 1e9
 }
 
+/// The medians of the wall and CPU times of `samples`.
+fn medians(samples: &[Sample]) -> Sample {
+    let wall: Vec<Duration> = samples.iter().map(|s| s.0).collect();
+    let cpu: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    (median(&wall).expect("runs"), median(&cpu).expect("runs"))
+}
+
 fn measure(p: &Path2, sizes: &[usize], runs: usize, streams: &[u16]) {
     for &gib in sizes {
         let n = if gib > 1 { 1 } else { runs };
-        let plain: Vec<Duration> = (0..n).map(|_| plain_once(p, gib, false)).collect();
-        let pm = median(&plain).expect("runs");
-        let fresh: Vec<Duration> = (0..n).map(|_| plain_once(p, gib, true)).collect();
-        let fm = median(&fresh).expect("runs");
+        let plain: Vec<Sample> = (0..n).map(|_| plain_once(p, gib, false)).collect();
+        let (pm, pc) = medians(&plain);
+        let fresh: Vec<Sample> = (0..n).map(|_| plain_once(p, gib, true)).collect();
+        let (fm, fc) = medians(&fresh);
         for &s in streams {
-            let om: Vec<Duration> = (0..n).map(|_| om_once(p, gib, s)).collect();
-            let omm = median(&om).expect("runs");
+            let om: Vec<Sample> = (0..n).map(|_| om_once(p, gib, s)).collect();
+            let (omm, omc) = medians(&om);
             println!(
                 "{:<9} {gib} GiB  streams {s}  plain {:5.2} GB/s  plain-into-fresh {:5.2} GB/s  om {:5.2} GB/s  om/plain {:.2}  om/plain-into-fresh {:.2}  (median of {n})",
                 p.name,
@@ -203,6 +229,20 @@ fn measure(p: &Path2, sizes: &[usize], runs: usize, streams: &[u16]) {
                 rate(gib, omm),
                 pm.as_secs_f64() / omm.as_secs_f64(),
                 fm.as_secs_f64() / omm.as_secs_f64()
+            );
+            // Both ends share this machine's CPUs: what each way costs them per GiB, and how many
+            // CPUs were busy on average while it ran.
+            let per_gib = |c: Duration| c.as_secs_f64() / gib as f64;
+            let busy = |c: Duration, w: Duration| c.as_secs_f64() / w.as_secs_f64();
+            println!(
+                "{:<9} {gib} GiB  streams {s}  CPU s/GiB (busy CPUs): plain {:.2} ({:.1})  plain-into-fresh {:.2} ({:.1})  om {:.2} ({:.1})",
+                p.name,
+                per_gib(pc),
+                busy(pc, pm),
+                per_gib(fc),
+                busy(fc, fm),
+                per_gib(omc),
+                busy(omc, omm)
             );
         }
     }
