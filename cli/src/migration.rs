@@ -22,8 +22,12 @@ pub fn human(pid: u32, to: &str, json: &str) -> String {
                     Some(t) if t > 0.0 => format!(", throttled {:.0} %", t * 100.0),
                     _ => String::new(),
                 };
+                let lanes = match num(r, "lanes") {
+                    Some(n) if n > 1.0 => format!(" over {n:.0} connections"),
+                    _ => String::new(),
+                };
                 out.push_str(&format!(
-                    "round {i}: {} in {ms:.1} ms, dirty rate {}/s{throttle}\n",
+                    "round {i}: {} in {ms:.1} ms{lanes}, dirty rate {}/s{throttle}\n",
                     mib(b),
                     mib(rate)
                 ));
@@ -52,9 +56,13 @@ mod tests {
 
     #[test]
     fn reads_the_runtime_report() {
-        let j = r#"{"freeze_ms":12.500,"total_ms":900.000,"rounds":2,"bytes_sent":2097152,"final_bytes":4096,"stop":"WithinBudget","tracker":"uffd","pid_there":42,"round_detail":[{"bytes":1048576,"ms":10.000,"dirtied":4096,"dirty_rate":409600},{"bytes":4096,"ms":1.000,"dirtied":0,"dirty_rate":0,"throttle":0.30}]}"#;
+        let j = r#"{"freeze_ms":12.500,"total_ms":900.000,"rounds":2,"bytes_sent":2097152,"final_bytes":4096,"stop":"WithinBudget","tracker":"uffd","pid_there":42,"round_detail":[{"bytes":1048576,"ms":10.000,"dirtied":4096,"dirty_rate":409600,"lanes":2},{"bytes":4096,"ms":1.000,"dirtied":0,"dirty_rate":0,"throttle":0.30}]}"#;
         let h = human(7, "10.0.0.2:7000", j);
-        assert!(h.contains("round 0: 1.0 MiB in 10.0 ms"), "{h}");
+        assert!(
+            h.contains("round 0: 1.0 MiB in 10.0 ms over 2 connections, dirty rate"),
+            "{h}"
+        );
+        assert!(h.contains("round 1: 0.0 MiB in 1.0 ms, dirty rate"), "{h}");
         assert!(h.contains("round 1: 0.0 MiB"), "{h}");
         assert!(h.contains("dirty rate 0.4 MiB/s\n"), "{h}");
         assert!(h.contains("throttled 30 %"), "{h}");

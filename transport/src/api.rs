@@ -32,6 +32,9 @@ pub struct RoundStats {
     pub batches: u32,
     /// Time from the first byte to the acknowledgement.
     pub elapsed: Duration,
+    /// Connections (or placing writers) the round's pages went over at once: 1 for a serial round,
+    /// such as a migration's final one.
+    pub lanes: usize,
     /// Pages whose checksum did not match on arrival (they were written while in flight), this
     /// round's and earlier ones' not sent again yet. Each must be sent again before the image is
     /// sealed (or leave the VMA table); otherwise the final round fails as corrupted.

@@ -119,6 +119,8 @@ pub struct RoundReport {
     pub dirtied: u64,
     /// The share of its time the application was throttled to during the round (auto-converge).
     pub throttle: f64,
+    /// Connections (or placing writers) the pages went over at once.
+    pub lanes: usize,
 }
 
 impl RoundReport {
@@ -161,12 +163,13 @@ impl Report {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"bytes\":{},\"ms\":{:.3},\"dirtied\":{},\"dirty_rate\":{:.0},\"throttle\":{:.2}}}",
+                    "{{\"bytes\":{},\"ms\":{:.3},\"dirtied\":{},\"dirty_rate\":{:.0},\"throttle\":{:.2},\"lanes\":{}}}",
                     r.bytes,
                     r.elapsed.as_secs_f64() * 1e3,
                     r.dirtied,
                     r.dirty_rate(),
-                    r.throttle
+                    r.throttle,
+                    r.lanes
                 )
             })
             .collect();
@@ -504,6 +507,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
             let r = RoundReport {
                 bytes: st.bytes,
                 elapsed: st.elapsed,
+                lanes: st.lanes,
                 dirtied,
                 throttle: share,
             };
@@ -513,6 +517,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
                 sent: st.bytes,
                 elapsed: st.elapsed,
                 dirtied,
+                lanes: u32::try_from(st.lanes).unwrap_or(u32::MAX),
             });
             work = next.dirty;
             zeroed = next.zeroed;

@@ -241,8 +241,9 @@ impl TcpSender {
     }
 
     /// Places the batches through the placing transport: on two threads when the placer can fork a
-    /// second writer and the round may start threads, else one after the other on this one.
-    fn place_batches(&mut self, batches: &[ReadableBatch<'_>]) -> Result<(), TransportError> {
+    /// second writer and the round may start threads, else one after the other on this one. Returns
+    /// how many writers placed them.
+    fn place_batches(&mut self, batches: &[ReadableBatch<'_>]) -> Result<usize, TransportError> {
         let Some((placer, Some(placement))) = &mut self.placer else {
             return Err(TransportError::Misuse("placing before the receiver's placement"));
         };
@@ -281,12 +282,12 @@ impl TcpSender {
                         .unwrap_or(Err(TransportError::Misuse("placing thread panicked"))),
                 )
             });
-            return a.and(b);
+            return a.and(b).map(|()| 2);
         }
         for batch in batches {
             at.place_one(placer.as_mut(), batch, &mut self.bounce, &mut self.reader)?;
         }
-        Ok(())
+        Ok(1)
     }
 
     /// The descriptors of its connections and of its placer's fabric (never part of an image).
@@ -366,8 +367,9 @@ impl TcpSender {
         Ok(())
     }
 
-    /// Sends the batches over the data streams (or the control stream), in parallel.
-    fn send_batches(&mut self, batches: &[ReadableBatch<'_>]) -> Result<(), TransportError> {
+    /// Sends the batches over the data streams (or the control stream), in parallel; returns over how
+    /// many connections at once.
+    fn send_batches(&mut self, batches: &[ReadableBatch<'_>]) -> Result<usize, TransportError> {
         if self.placer.is_some() {
             return self.place_batches(batches);
         }
@@ -384,8 +386,9 @@ impl TcpSender {
             Ok(())
         };
         if self.data.is_empty() || self.serial {
-            return work(&mut self.control, &mut self.bounce, &mut self.reader);
+            return work(&mut self.control, &mut self.bounce, &mut self.reader).map(|()| 1);
         }
+        let lanes = self.data.len().min(batches.len()).max(1);
         let results: Vec<Result<(), TransportError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .data
@@ -406,7 +409,7 @@ impl TcpSender {
                 })
                 .collect()
         });
-        results.into_iter().collect()
+        results.into_iter().collect::<Result<(), _>>().map(|()| lanes)
     }
 }
 
@@ -600,11 +603,19 @@ impl PageSender for TcpSender {
         let sent = self
             .send_zero(zeroed)
             .and_then(|()| self.send_batches(&batches))
-            .and_then(|()| self.placer.as_mut().map_or(Ok(()), |(p, _)| p.round_done()));
-        if let Err(e) = sent {
-            let e = self.reason_from_peer(e);
-            return Err(self.fail(e));
-        }
+            .and_then(|lanes| {
+                self.placer
+                    .as_mut()
+                    .map_or(Ok(()), |(p, _)| p.round_done())
+                    .map(|()| lanes)
+            });
+        let lanes = match sent {
+            Ok(lanes) => lanes,
+            Err(e) => {
+                let e = self.reason_from_peer(e);
+                return Err(self.fail(e));
+            }
+        };
         let page_count: u64 = pages
             .runs()
             .iter()
@@ -640,6 +651,7 @@ impl PageSender for TcpSender {
             zero_runs: zeroed.len() as u64,
             batches: end.batches,
             elapsed: started.elapsed(),
+            lanes,
             suspects: outstanding.clone(),
             image_bytes: ack.image_bytes,
         };
