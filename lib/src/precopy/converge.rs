@@ -109,11 +109,7 @@ fn bandwidth(rounds: &[RoundStats]) -> f64 {
         .map(|r| r.sent as f64 / f64::from(r.lanes.max(1)))
         .sum();
     let secs: f64 = recent.iter().map(|r| r.elapsed.as_secs_f64()).sum();
-    if secs > 0.0 {
-        bytes as f64 / secs
-    } else {
-        f64::INFINITY
-    }
+    if secs > 0.0 { bytes / secs } else { f64::INFINITY }
 }
 
 /// The freeze if the engine stopped after `rounds`.
