@@ -39,6 +39,21 @@ pub fn human(pid: u32, to: &str, json: &str) -> String {
         mib(num(json, "final_bytes").unwrap_or(0.0)),
         text(json, "stop").unwrap_or("?")
     ));
+    let steps: Vec<String> = [
+        ("park", "threads parked"),
+        ("collect", "collect"),
+        ("snapshot", "snapshot"),
+        ("pages", "pages"),
+        ("records", "records"),
+        ("restore", "restore there"),
+        ("go", "go"),
+    ]
+    .iter()
+    .filter_map(|(key, name)| num(json, &format!("{key}_ms")).map(|ms| format!("{name} {ms:.1}")))
+    .collect();
+    if !steps.is_empty() {
+        out.push_str(&format!("freeze (ms): {}\n", steps.join(", ")));
+    }
     out.push_str(&format!(
         "process {pid} moved to {to} (pid {} there): frozen {:.1} ms, total {:.1} ms, {} sent, tracker {}\n",
         num(json, "pid_there").unwrap_or(0.0),
@@ -56,7 +71,7 @@ mod tests {
 
     #[test]
     fn reads_the_runtime_report() {
-        let j = r#"{"freeze_ms":12.500,"total_ms":900.000,"rounds":2,"bytes_sent":2097152,"final_bytes":4096,"stop":"WithinBudget","tracker":"uffd","pid_there":42,"round_detail":[{"bytes":1048576,"ms":10.000,"dirtied":4096,"dirty_rate":409600,"lanes":2},{"bytes":4096,"ms":1.000,"dirtied":0,"dirty_rate":0,"throttle":0.30}]}"#;
+        let j = r#"{"freeze_ms":12.500,"total_ms":900.000,"rounds":2,"bytes_sent":2097152,"final_bytes":4096,"stop":"WithinBudget","tracker":"uffd","pid_there":42,"round_detail":[{"bytes":1048576,"ms":10.000,"dirtied":4096,"dirty_rate":409600,"lanes":2},{"bytes":4096,"ms":1.000,"dirtied":0,"dirty_rate":0,"throttle":0.30}],"freeze_detail":{"park_ms":0.200,"collect_ms":1.000,"snapshot_ms":0.500,"pages_ms":3.000,"records_ms":0.300,"restore_ms":5.000,"go_ms":2.500}}"#;
         let h = human(7, "10.0.0.2:7000", j);
         assert!(
             h.contains("round 0: 1.0 MiB in 10.0 ms over 2 connections, dirty rate"),
@@ -71,5 +86,11 @@ mod tests {
             "{h}"
         );
         assert!(h.contains("(pid 42 there)"), "{h}");
+        assert!(
+            h.contains(
+                "freeze (ms): threads parked 0.2, collect 1.0, snapshot 0.5, pages 3.0, records 0.3, restore there 5.0, go 2.5\n"
+            ),
+            "{h}"
+        );
     }
 }

@@ -132,6 +132,25 @@ impl RoundReport {
     }
 }
 
+/// Where the freeze went, step by step, in order (measured on the source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FreezeSteps {
+    /// From the freeze signal until every thread was parked and the final round began.
+    pub park: Duration,
+    /// The dirty tracker's last collect (and, for the mprotect tracker, giving back protections).
+    pub collect: Duration,
+    /// The snapshot of threads, memory map and descriptors.
+    pub snapshot: Duration,
+    /// The final round's pages, until the receiver acknowledged them.
+    pub pages: Duration,
+    /// The records (threads, process, descriptors, home, terminal).
+    pub records: Duration,
+    /// The commit: the destination restores the copy and holds it.
+    pub restore: Duration,
+    /// The go, until the copy runs.
+    pub go: Duration,
+}
+
 /// What a migration did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
@@ -152,6 +171,8 @@ pub struct Report {
     /// The copy's pid on the destination node (0 when only the process's home confirmed that the
     /// copy runs: the destination's answer was lost).
     pub pid_there: u32,
+    /// Where the freeze went.
+    pub freeze_steps: FreezeSteps,
 }
 
 impl Report {
@@ -173,8 +194,20 @@ impl Report {
                 )
             })
             .collect();
+        let f = &self.freeze_steps;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let steps = format!(
+            "{{\"park_ms\":{:.3},\"collect_ms\":{:.3},\"snapshot_ms\":{:.3},\"pages_ms\":{:.3},\"records_ms\":{:.3},\"restore_ms\":{:.3},\"go_ms\":{:.3}}}",
+            ms(f.park),
+            ms(f.collect),
+            ms(f.snapshot),
+            ms(f.pages),
+            ms(f.records),
+            ms(f.restore),
+            ms(f.go)
+        );
         format!(
-            "{{\"freeze_ms\":{:.3},\"total_ms\":{:.3},\"rounds\":{},\"bytes_sent\":{},\"final_bytes\":{},\"stop\":\"{}\",\"tracker\":\"{}\",\"pid_there\":{},\"round_detail\":[{}]}}",
+            "{{\"freeze_ms\":{:.3},\"total_ms\":{:.3},\"rounds\":{},\"bytes_sent\":{},\"final_bytes\":{},\"stop\":\"{}\",\"tracker\":\"{}\",\"pid_there\":{},\"round_detail\":[{}],\"freeze_detail\":{}}}",
             self.freeze.as_secs_f64() * 1e3,
             self.total.as_secs_f64() * 1e3,
             self.rounds.len(),
@@ -183,7 +216,8 @@ impl Report {
             self.stop.replace('"', "'"),
             self.tracker,
             self.pid_there,
-            rounds.join(",")
+            rounds.join(","),
+            steps
         )
     }
 }
@@ -193,7 +227,7 @@ impl Report {
 pub enum Outcome {
     /// On the source: the copy runs on the destination; this process is still stopped and must end
     /// with [`Frozen::exit`] once the news is out.
-    Moved(Report, Frozen),
+    Moved(Box<Report>, Frozen),
     /// In the copy, on the destination: the process was just restored.
     Restored,
 }
@@ -393,6 +427,8 @@ struct Session {
     final_bytes: u64,
     /// When the threads were stopped.
     frozen_at: Option<Instant>,
+    /// The final round's steps (set in the handler, without allocating).
+    steps: FreezeSteps,
 }
 
 /// Migrates this process. Must run on the runtime's control thread.
@@ -440,6 +476,7 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         pending_zero: RangeTable::new(),
         home,
         final_bytes: 0,
+        steps: FreezeSteps::default(),
         frozen_at: None,
     };
     let fail_dirty = |s: &mut Session, e| {
@@ -617,10 +654,13 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         capture::own_ranges(&[]);
     };
     // Two-phase commit: the destination restores the copy and holds it (prepared)...
+    let committing = Instant::now();
     if let Err(e) = session.sender.commit() {
         resume(&mut session, frozen);
         return Err(MigrateError::Commit(e));
     }
+    session.steps.restore = committing.elapsed();
+    let going = Instant::now();
     // ...and starts it on go, the point of no return: without `Running`, the destination is asked
     // what became of the copy, and the source resumes only if it did not start.
     let pid_there = match session.sender.go() {
@@ -645,9 +685,10 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
         },
     };
     let freeze = freeze_started.elapsed();
+    session.steps.go = going.elapsed();
     let final_bytes = session.final_bytes;
     Ok(Outcome::Moved(
-        Report {
+        Box::new(Report {
             rounds: reports,
             final_bytes,
             bytes_sent: sent + final_bytes,
@@ -656,7 +697,8 @@ pub fn migrate(req: &Request, mut on_round: impl FnMut(&RoundReport)) -> Result<
             stop,
             tracker: tracker_name,
             pid_there,
-        },
+            freeze_steps: session.steps,
+        }),
         frozen,
     ))
 }
@@ -701,6 +743,15 @@ fn final_round(shared: &Mutex<Session>, frame: u64, started: Instant) -> Result<
     let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
     let s = &mut *guard;
     s.frozen_at = Some(started);
+    let mut mark = Instant::now();
+    s.steps.park = mark - started;
+    // The time since the last mark, which moves on.
+    let mut lap = || {
+        let now = Instant::now();
+        let d = now - mark;
+        mark = now;
+        d
+    };
     // The copy is one generation further (this write is itself a dirty page of the final round).
     GENERATION.fetch_add(1, Ordering::AcqRel);
     let result = (|| {
@@ -710,6 +761,7 @@ fn final_round(shared: &Mutex<Session>, frame: u64, started: Instant) -> Result<
             // before the snapshot reads them (a failed migration would stop the tracker anyway).
             s.tracker.stop().map_err(CaptureError::Dirty)?;
         }
+        s.steps.collect = lap();
         let snap = capture::snapshot(frame)?;
         if snap.wire_vmas != s.table {
             let b = Begin {
@@ -725,10 +777,12 @@ fn final_round(shared: &Mutex<Session>, frame: u64, started: Instant) -> Result<
         let zeroed = last.zeroed.union(&s.pending_zero).difference(&dirty);
         let runs = private_runs(&dirty, &s.table);
         let zero = private_runs(&zeroed, &s.table);
+        s.steps.snapshot = lap();
         let st = s
             .sender
             .send_round(Readable::copied(&runs), &zero, true)
             .map_err(CaptureError::Send)?;
+        s.steps.pages = lap();
         for r in &snap.records {
             s.sender
                 .send_record(r.kind, &r.bytes)
@@ -746,6 +800,7 @@ fn final_round(shared: &Mutex<Session>, frame: u64, started: Instant) -> Result<
                 .map_err(CaptureError::Send)?;
         }
         s.final_bytes = st.bytes;
+        s.steps.records = lap();
         Ok(Summary {
             dir: PathBuf::new(),
             bytes: st.bytes,
