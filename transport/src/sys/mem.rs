@@ -73,6 +73,12 @@ impl<'a> Readable<'a> {
         }
     }
 
+    /// True when the pages go out from a copy ([`Readable::copied`]).
+    #[must_use]
+    pub fn is_copied(&self) -> bool {
+        self.copied
+    }
+
     /// The runs.
     #[must_use]
     pub fn runs(&self) -> &'a [Range<u64>] {
@@ -245,23 +251,46 @@ impl ReadableBatch<'_> {
         self.copied
     }
 
-    /// Copies the batch's pages, in run order, into `buf` (which must hold them all) through
-    /// `/proc/self/mem`, which also reads pages the process may not (`PROT_NONE` memory that holds
-    /// data).
+    /// Copies the batch's pages, in run order, into `buf` (which must hold them all) through the
+    /// kernel: `process_vm_readv`, up to [`IOV_MAX`](super::iov::IOV_MAX) runs a call, and
+    /// `/proc/self/mem` for a run that it cannot read, which also reads pages the process may not
+    /// (`PROT_NONE` memory that holds data).
+    ///
+    /// A final round's scattered single pages took 4-9 us each when every run was a `pread` of
+    /// `/proc/self/mem` (which pins the page and copies it twice): 17-18 ms for 2000 pages.
     ///
     /// # Errors
-    /// A page that cannot be read.
+    /// A buffer too small for the batch, or a page that cannot be read.
     pub fn copy_into(&self, buf: &mut [u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let mem = std::fs::File::open("/proc/self/mem")?;
-        let mut at = 0usize;
-        for r in &self.runs {
-            let n = usize::try_from(r.end - r.start).unwrap_or(usize::MAX);
-            let Some(dst) = buf.get_mut(at..at.saturating_add(n)) else {
-                return Err(std::io::Error::other("copy buffer too small for the batch"));
-            };
-            mem.read_exact_at(dst, r.start)?;
-            at += n;
+        let runs = self.mem_runs();
+        let total = runs.iter().map(|r| r.len).fold(0usize, usize::saturating_add);
+        if buf.len() < total {
+            return Err(std::io::Error::other("copy buffer too small for the batch"));
+        }
+        let mut forced: Option<std::fs::File> = None;
+        let (mut i, mut at) = (0, 0);
+        while i < runs.len() {
+            let end = runs.len().min(i + super::iov::IOV_MAX);
+            // SAFETY: `buf[at..]` is writable and holds at least the rest of the runs (checked
+            // above), and only this function's exclusive borrow covers it.
+            let mut got = unsafe { read_own_runs(buf[at..].as_mut_ptr(), &runs[i..end]) };
+            // The kernel copies whole runs, up to the first it cannot read.
+            while i < end && got >= runs[i].len {
+                got -= runs[i].len;
+                at += runs[i].len;
+                i += 1;
+            }
+            if i < end {
+                let r = &runs[i];
+                let mem = match &forced {
+                    Some(f) => f,
+                    None => forced.insert(std::fs::File::open("/proc/self/mem")?),
+                };
+                mem.read_exact_at(&mut buf[at..at + r.len], r.addr as u64)?;
+                at += r.len;
+                i += 1;
+            }
         }
         Ok(())
     }
@@ -568,6 +597,91 @@ impl Drop for ReadBuffer {
     }
 }
 
+/// Where a batch sent from a copy ([`Readable::copied`], a migration's final round) is copied: a
+/// mapping of its own, so that it is never part of a captured image (it is one of the sender's
+/// [mappings](crate::TcpSender::mappings)), populated when made, so that the final round does not
+/// fault in fresh memory while the process is frozen. A buffer grown on the heap at the first copy
+/// took 3-8 ms of each final round.
+#[derive(Debug)]
+pub struct CopyBuffer {
+    addr: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the value and only reached through `&self` or `&mut self`.
+unsafe impl Send for CopyBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for CopyBuffer {}
+
+impl CopyBuffer {
+    /// A buffer of `len` bytes (more than 0), every page of it allocated.
+    ///
+    /// # Errors
+    /// `mmap` failing (out of memory).
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        if len == 0 {
+            return Err(std::io::Error::other("an empty copy buffer"));
+        }
+        // SAFETY: a new private anonymous mapping at an address the kernel picks.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: addr as usize,
+            len,
+        })
+    }
+
+    /// Bytes it holds.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty buffer (never: `new` refuses it).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its mapping (not part of an image).
+    #[must_use]
+    pub fn mapping(&self) -> Range<u64> {
+        self.addr as u64..(self.addr + self.len) as u64
+    }
+
+    /// Its first `len` bytes, or `None` when it is smaller.
+    #[must_use]
+    pub fn bytes(&self, len: usize) -> Option<&[u8]> {
+        // SAFETY: the mapping is readable for `self.len` bytes and lives as long as `self`; only
+        // `bytes_mut`, which borrows `self` exclusively, writes it.
+        (len <= self.len).then(|| unsafe { std::slice::from_raw_parts(self.addr as *const u8, len) })
+    }
+
+    /// Its first `len` bytes to write, or `None` when it is smaller.
+    pub fn bytes_mut(&mut self, len: usize) -> Option<&mut [u8]> {
+        // SAFETY: as for `bytes`, and the exclusive borrow of `self` makes this the only reference.
+        (len <= self.len).then(|| unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, len) })
+    }
+}
+
+impl Drop for CopyBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value made; no borrow of it outlives the value.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
 /// Appends the checksum of each page of `bytes` to `sums`, the complement for the pages of `gone`
 /// (indices into `bytes`), which could not be read.
 fn push_sums(sums: &mut Vec<u32>, bytes: &[u8], page_size: usize, gone: &[usize]) {
@@ -607,6 +721,45 @@ unsafe fn read_own(dst: *mut u8, src: u64, len: usize) -> usize {
     // SAFETY: `local` is writable for `len` bytes (the caller's promise); the kernel reads
     // `remote` in this process and stops short (or fails) on memory that is not mapped.
     let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
+    usize::try_from(got).unwrap_or(0)
+}
+
+/// Copies the runs of this process's memory, in order, to `dst` through the kernel with one
+/// `process_vm_readv` (at most [`IOV_MAX`](super::iov::IOV_MAX) runs); returns how many bytes it
+/// copied. The kernel stops at the first run it cannot read (not mapped, or not readable by the
+/// process), after the whole runs before it. Nothing here dereferences the runs.
+///
+/// # Safety
+/// `dst` must be writable for the runs' total length and not covered by a Rust reference other than
+/// the caller's exclusive one.
+unsafe fn read_own_runs(dst: *mut u8, runs: &[MemRun]) -> usize {
+    let runs = &runs[..runs.len().min(super::iov::IOV_MAX)];
+    let len = runs.iter().map(|r| r.len).sum();
+    let remote: Vec<libc::iovec> = runs
+        .iter()
+        .map(|r| libc::iovec {
+            iov_base: r.addr as *mut libc::c_void,
+            iov_len: r.len,
+        })
+        .collect();
+    let local = libc::iovec {
+        iov_base: dst.cast(),
+        iov_len: len,
+    };
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    // SAFETY: `local` is writable for `len` bytes (the caller's promise); the kernel reads the
+    // remote runs in this process and stops short (or fails) on memory it cannot read.
+    let got = unsafe {
+        libc::process_vm_readv(
+            me,
+            &raw const local,
+            1,
+            remote.as_ptr(),
+            libc::c_ulong::try_from(remote.len()).unwrap_or(0),
+            0,
+        )
+    };
     usize::try_from(got).unwrap_or(0)
 }
 
@@ -703,6 +856,58 @@ mod tests {
         }
         unmap(at, 3 * PAGE);
         unmap(at + 4 * PAGE, 2 * PAGE);
+    }
+
+    #[test]
+    fn a_copy_reads_scattered_runs_protected_pages_too_and_fails_on_gone_ones() {
+        // More single-page runs than one `process_vm_readv` takes, one of them PROT_NONE.
+        let pages = 2 * super::super::iov::IOV_MAX + 10;
+        let at = pattern(pages);
+        // SAFETY: page 700 of the test's own mapping; the copy reads it through the kernel only.
+        let r = unsafe { libc::mprotect((at + 700 * PAGE) as *mut libc::c_void, PAGE, libc::PROT_NONE) };
+        assert_eq!(r, 0);
+        // Every other page, in order: page i is filled with (i + 1) as u8.
+        let runs: Vec<Range<u64>> = (0..pages)
+            .step_by(2)
+            .map(|i| (at + i * PAGE) as u64..(at + (i + 1) * PAGE) as u64)
+            .collect();
+        let readable = Readable::copied(&runs);
+        let batches = readable.batches(PAGE as u64, pages as u64, runs.len());
+        assert_eq!(batches.len(), 1);
+        let mut buf = vec![0u8; runs.len() * PAGE];
+        batches[0].copy_into(&mut buf).unwrap();
+        for (k, page) in buf.chunks(PAGE).enumerate() {
+            let want = (2 * k + 1) as u8;
+            assert!(page.iter().all(|&b| b == want), "run {k}");
+        }
+        // Too small a buffer is refused before anything is read.
+        assert!(batches[0].copy_into(&mut buf[PAGE..]).is_err());
+        // A page that is gone cannot be copied: an error, not zeros.
+        unmap(at + 1000 * PAGE, PAGE);
+        let gone = [(at + 998 * PAGE) as u64..(at + 1001 * PAGE) as u64];
+        let batch = Readable::copied(&gone).batches(PAGE as u64, 64, 64).remove(0);
+        assert!(batch.copy_into(&mut buf[..3 * PAGE]).is_err());
+        unmap(at, 1000 * PAGE);
+        unmap(at + 1001 * PAGE, (pages - 1001) * PAGE);
+    }
+
+    #[test]
+    fn a_copy_buffer_is_its_own_populated_mapping() {
+        let mut b = CopyBuffer::new(4 * PAGE).unwrap();
+        assert_eq!(b.len(), 4 * PAGE);
+        let m = b.mapping();
+        assert_eq!(m.end - m.start, (4 * PAGE) as u64);
+        b.bytes_mut(2 * PAGE).unwrap().fill(7);
+        assert!(b.bytes(2 * PAGE).unwrap().iter().all(|&x| x == 7));
+        assert!(b.bytes(4 * PAGE + 1).is_none());
+        assert!(b.bytes_mut(5 * PAGE).is_none());
+        // Populated when made: every page is resident (mincore).
+        let mut resident = [0u8; 4];
+        // SAFETY: the buffer's own mapping, four pages, and a vector of four bytes.
+        let r = unsafe { libc::mincore(m.start as *mut libc::c_void, 4 * PAGE, resident.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        assert!(resident.iter().all(|&x| x & 1 == 1), "{resident:?}");
+        assert!(CopyBuffer::new(0).is_err());
     }
 
     #[test]

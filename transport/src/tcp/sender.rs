@@ -12,13 +12,16 @@ use crate::batch;
 use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
-use crate::sys::mem::{READ_BUFFER, ReadBuffer};
+use crate::sys::mem::{CopyBuffer, READ_BUFFER, ReadBuffer};
 use crate::sys::{self, Readable, ReadableBatch};
 use crate::wire::{
     self, Batch, Begin, EndRound, ErrorCode, Fate, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS,
     MAX_ZERO_RUNS, Placement, Record, Role, RoundAck, Text, Zero, caps,
 };
 
+/// Pages per batch sent from a copy (a migration's final round), and of the copy buffer: 8 MiB of
+/// 4 KiB pages, a TCP batch's default.
+const COPY_BATCH_PAGES: usize = 2048;
 /// Pages per batch of a placing transport.
 const PLACED_BATCH_PAGES: u64 = 8192;
 const _: () = assert!(PLACED_BATCH_PAGES <= MAX_BATCH_PAGES as u64);
@@ -79,7 +82,8 @@ pub struct TcpSender {
     serial: bool,
     /// Where batches sent from a copy are copied to (grown on first use: in a migration's final
     /// round that is the capture arena, left out of the image).
-    bounce: Vec<u8>,
+    /// Where batches sent from a copy are copied (made by `begin`).
+    bounce: Option<CopyBuffer>,
     /// Where racy pages are read for their checksums on this thread. Made at `begin`: a migration
     /// takes its first memory map before, and leaves the sender's own mappings out of every later
     /// one from then on.
@@ -180,7 +184,7 @@ impl TcpSender {
             suspects: (0, Vec::new()),
             migrate: false,
             serial: false,
-            bounce: Vec::new(),
+            bounce: None,
             reader: None,
             placer: placer.map(|p| (p, None)),
             token: u64::from_le_bytes(auth::random_bytes()),
@@ -219,6 +223,7 @@ impl TcpSender {
         self.reader
             .iter()
             .map(ReadBuffer::mapping)
+            .chain(self.bounce.iter().map(CopyBuffer::mapping))
             .chain(self.placer.iter().flat_map(|(p, _)| p.mappings()))
             .collect()
     }
@@ -260,7 +265,7 @@ impl TcpSender {
             let next = AtomicUsize::new(0);
             let failed = std::sync::atomic::AtomicBool::new(false);
             let work = |p: &mut dyn Placer, reader: &mut Option<ReadBuffer>| -> Result<(), TransportError> {
-                let mut bounce = Vec::new();
+                let mut bounce = None;
                 while !failed.load(Ordering::Relaxed)
                     && let Some(b) = batches.get(next.fetch_add(1, Ordering::Relaxed))
                 {
@@ -377,7 +382,7 @@ impl TcpSender {
         let page_size = self.page_size;
         let next = AtomicUsize::new(0);
         let work = |conn: &mut Conn,
-                    bounce: &mut Vec<u8>,
+                    bounce: &mut Option<CopyBuffer>,
                     reader: &mut Option<ReadBuffer>|
          -> Result<(), TransportError> {
             while let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
@@ -385,7 +390,8 @@ impl TcpSender {
             }
             Ok(())
         };
-        if self.data.is_empty() || self.serial {
+        // Batches sent from a copy go through the one copy buffer.
+        if self.data.is_empty() || self.serial || batches.iter().any(ReadableBatch::is_copied) {
             return work(&mut self.control, &mut self.bounce, &mut self.reader).map(|()| 1);
         }
         let lanes = self.data.len().min(batches.len()).max(1);
@@ -396,7 +402,7 @@ impl TcpSender {
                 .map(|c| {
                     std::thread::Builder::new()
                         .stack_size(STREAM_STACK)
-                        .spawn_scoped(s, || work(c, &mut Vec::new(), &mut None))
+                        .spawn_scoped(s, || work(c, &mut None, &mut None))
                 })
                 .collect();
             handles
@@ -421,11 +427,11 @@ fn read_error(peer: &str, source: std::io::Error) -> TransportError {
     }
 }
 
-/// Copies a batch sent from a copy into `bounce` (grown to fit); returns the copy's length and one
-/// checksum per page of it.
+/// Copies a batch sent from a copy into `bounce`; returns the copy's length and one checksum per
+/// page of it.
 fn copy_and_sum(
     batch: &ReadableBatch<'_>,
-    bounce: &mut Vec<u8>,
+    bounce: &mut Option<CopyBuffer>,
     page_size: usize,
     peer: &str,
 ) -> Result<(usize, Vec<u32>), TransportError> {
@@ -433,23 +439,21 @@ fn copy_and_sum(
         .runs()
         .iter()
         .map(|r| usize::try_from(r.end - r.start).unwrap_or(usize::MAX))
-        .sum::<usize>();
-    if bounce.len() < len {
-        bounce.resize(len, 0);
-    }
-    batch
-        .copy_into(&mut bounce[..len])
-        .map_err(|source| TransportError::Io {
-            op: "read the pages to send",
-            peer: peer.to_owned(),
-            source,
-        })?;
+        .fold(0usize, usize::saturating_add);
+    let buf = bounce
+        .as_mut()
+        .and_then(|b| b.bytes_mut(len))
+        .ok_or(TransportError::Misuse(
+            "a batch sent from a copy is larger than the copy buffer (or there is none)",
+        ))?;
+    batch.copy_into(buf).map_err(|source| TransportError::Io {
+        op: "read the pages to send",
+        peer: peer.to_owned(),
+        source,
+    })?;
     Ok((
         len,
-        bounce[..len]
-            .chunks(page_size)
-            .map(crate::sys::page_sum_bytes)
-            .collect(),
+        buf.chunks(page_size).map(crate::sys::page_sum_bytes).collect(),
     ))
 }
 
@@ -467,7 +471,7 @@ impl Placing<'_> {
         &self,
         placer: &mut dyn Placer,
         batch: &ReadableBatch<'_>,
-        bounce: &mut Vec<u8>,
+        bounce: &mut Option<CopyBuffer>,
         reader: &mut Option<ReadBuffer>,
     ) -> Result<(), TransportError> {
         let ps = usize::try_from(self.page_size).unwrap_or(4096);
@@ -479,14 +483,16 @@ impl Placing<'_> {
         // Racy memory (a running application's) is read once: the placer checksums what it writes.
         // Otherwise the sums come first, from the copy or from the stable memory.
         let fused = batch.is_racy() && !batch.is_copied() && placer.reads_once();
-        let mut sums = if batch.is_copied() {
-            copy_and_sum(batch, bounce, ps, self.peer)?.1
+        let (copied, mut sums) = if batch.is_copied() {
+            let (len, sums) = copy_and_sum(batch, bounce, ps, self.peer)?;
+            (bounce.as_ref().and_then(|b| b.bytes(len)), sums)
         } else if fused {
-            Vec::with_capacity(pages)
+            (None, Vec::with_capacity(pages))
         } else {
-            batch
+            let sums = batch
                 .page_sums(ps, reader)
-                .map_err(|e| read_error(self.peer, e))?
+                .map_err(|e| read_error(self.peer, e))?;
+            (None, sums)
         };
         let mut at = 0usize;
         for run in batch.runs() {
@@ -503,10 +509,9 @@ impl Placing<'_> {
                 if fused {
                     placer.write_summed(batch, addr, len, window, offset, &mut sums)?;
                 } else {
-                    let src = if batch.is_copied() {
-                        Source::Bytes(&bounce[at..at + n])
-                    } else {
-                        Source::Memory { batch, addr, len }
+                    let src = match copied {
+                        Some(bytes) => Source::Bytes(&bytes[at..at + n]),
+                        None => Source::Memory { batch, addr, len },
                     };
                     placer.write(src, window, offset)?;
                 }
@@ -525,14 +530,15 @@ fn send_batch(
     round: u32,
     batch: &ReadableBatch<'_>,
     page_size: u64,
-    bounce: &mut Vec<u8>,
+    bounce: &mut Option<CopyBuffer>,
     reader: &mut Option<ReadBuffer>,
 ) -> Result<(), TransportError> {
     let ps = usize::try_from(page_size).unwrap_or(4096);
     if batch.is_copied() {
         let (len, sums) = copy_and_sum(batch, bounce, ps, conn.peer())?;
         let body = Batch::encode(round, batch.runs(), &sums, page_size);
-        return conn.send_with_bytes(Kind::Batch, &body, &bounce[..len]);
+        let bytes = bounce.as_ref().and_then(|b| b.bytes(len)).unwrap_or_default();
+        return conn.send_with_bytes(Kind::Batch, &body, bytes);
     }
     let sums = batch
         .page_sums(ps, reader)
@@ -555,6 +561,14 @@ impl PageSender for TcpSender {
                 source,
             })?,
         );
+        self.bounce =
+            Some(
+                CopyBuffer::new(COPY_BATCH_PAGES * page_size).map_err(|source| TransportError::Io {
+                    op: "make a copy buffer",
+                    peer: self.control.peer().to_owned(),
+                    source,
+                })?,
+            );
         self.migrate = begin.info.flags & wire::ImageInfo::MIGRATE != 0;
         self.control.send(Kind::Begin, &body)?;
         let id = self
@@ -598,6 +612,12 @@ impl PageSender for TcpSender {
             PLACED_BATCH_PAGES
         } else {
             u64::from(self.config.batch_pages).clamp(1, MAX_BATCH_PAGES as u64)
+        };
+        // A batch sent from a copy must fit the copy buffer.
+        let max_pages = if pages.is_copied() {
+            max_pages.min(COPY_BATCH_PAGES as u64)
+        } else {
+            max_pages
         };
         let batches = pages.batches(self.page_size, max_pages, MAX_BATCH_RUNS);
         let sent = self
