@@ -446,15 +446,8 @@ pub const READ_BUFFER: usize = 256 << 10;
 #[derive(Debug)]
 pub struct ReadBuffer {
     fd: std::os::fd::OwnedFd,
-    addr: usize,
-    len: usize,
+    map: OwnMapping,
 }
-
-// SAFETY: the mapping is owned by the value and only read through `&self` or written through
-// `&mut self` (by the kernel, in `read`).
-unsafe impl Send for ReadBuffer {}
-// SAFETY: as above.
-unsafe impl Sync for ReadBuffer {}
 
 impl ReadBuffer {
     /// A buffer of `len` bytes (a multiple of the page size).
@@ -475,25 +468,8 @@ impl ReadBuffer {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: a new shared mapping of the whole memfd, at an address the kernel picks.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self {
-            fd,
-            addr: addr as usize,
-            len,
-        })
+        let map = OwnMapping::new(len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd())?;
+        Ok(Self { fd, map })
     }
 
     /// A buffer of [`READ_BUFFER`] bytes, or one page where pages are larger.
@@ -507,19 +483,19 @@ impl ReadBuffer {
     /// Bytes it holds.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len
     }
 
     /// True for an empty buffer.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len == 0
     }
 
     /// Its mapping (not part of an image).
     #[must_use]
     pub fn mapping(&self) -> Range<u64> {
-        self.addr as u64..(self.addr + self.len) as u64
+        self.map.range()
     }
 
     /// Its memfd (not part of an image).
@@ -545,7 +521,7 @@ impl ReadBuffer {
         gone: &mut Vec<usize>,
     ) -> std::io::Result<&[u8]> {
         use std::os::fd::AsRawFd;
-        if !batch.covers(addr, len) || len % page_size != 0 || len > self.len {
+        if !batch.covers(addr, len) || len % page_size != 0 || len > self.map.len {
             return Err(std::io::Error::other(
                 "a read outside the batch's runs or the buffer",
             ));
@@ -586,13 +562,41 @@ impl ReadBuffer {
         }
         // SAFETY: the first `len` bytes of the mapping, which lives as long as `self`; only the
         // kernel writes it, in this method, which the returned borrow of `self` excludes meanwhile.
-        Ok(unsafe { std::slice::from_raw_parts(self.addr as *const u8, len) })
+        Ok(unsafe { std::slice::from_raw_parts(self.map.addr as *const u8, len) })
     }
 }
 
-impl Drop for ReadBuffer {
+/// A mapping this process made and owns, unmapped when dropped.
+#[derive(Debug)]
+struct OwnMapping {
+    addr: usize,
+    len: usize,
+}
+
+impl OwnMapping {
+    /// `mmap` of `len` bytes with `prot` and `flags` (of `fd`, or -1), at an address the kernel
+    /// picks.
+    fn new(len: usize, prot: libc::c_int, flags: libc::c_int, fd: libc::c_int) -> std::io::Result<Self> {
+        // SAFETY: a new mapping at an address the kernel picks cannot overlap memory Rust owns.
+        let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: addr as usize,
+            len,
+        })
+    }
+
+    fn range(&self) -> Range<u64> {
+        self.addr as u64..(self.addr + self.len) as u64
+    }
+}
+
+impl Drop for OwnMapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping this value made; no borrow of it outlives the value.
+        // SAFETY: the mapping this value made; no borrow of it outlives the value (its owners hand
+        // out borrows of themselves only).
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
@@ -604,14 +608,8 @@ impl Drop for ReadBuffer {
 /// took 3-8 ms of each final round.
 #[derive(Debug)]
 pub struct CopyBuffer {
-    addr: usize,
-    len: usize,
+    map: OwnMapping,
 }
-
-// SAFETY: the mapping is owned by the value and only reached through `&self` or `&mut self`.
-unsafe impl Send for CopyBuffer {}
-// SAFETY: as above.
-unsafe impl Sync for CopyBuffer {}
 
 impl CopyBuffer {
     /// A buffer of `len` bytes (more than 0), every page of it allocated.
@@ -622,63 +620,34 @@ impl CopyBuffer {
         if len == 0 {
             return Err(std::io::Error::other("an empty copy buffer"));
         }
-        // SAFETY: a new private anonymous mapping at an address the kernel picks.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self {
-            addr: addr as usize,
+        let map = OwnMapping::new(
             len,
-        })
-    }
-
-    /// Bytes it holds.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True for an empty buffer (never: `new` refuses it).
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+        )?;
+        Ok(Self { map })
     }
 
     /// Its mapping (not part of an image).
     #[must_use]
     pub fn mapping(&self) -> Range<u64> {
-        self.addr as u64..(self.addr + self.len) as u64
+        self.map.range()
     }
 
     /// Its first `len` bytes, or `None` when it is smaller.
     #[must_use]
     pub fn bytes(&self, len: usize) -> Option<&[u8]> {
-        // SAFETY: the mapping is readable for `self.len` bytes and lives as long as `self`; only
+        // SAFETY: the mapping is readable for its whole length and lives as long as `self`; only
         // `bytes_mut`, which borrows `self` exclusively, writes it.
-        (len <= self.len).then(|| unsafe { std::slice::from_raw_parts(self.addr as *const u8, len) })
+        (len <= self.map.len).then(|| unsafe { std::slice::from_raw_parts(self.map.addr as *const u8, len) })
     }
 
     /// Its first `len` bytes to write, or `None` when it is smaller.
     pub fn bytes_mut(&mut self, len: usize) -> Option<&mut [u8]> {
         // SAFETY: as for `bytes`, and the exclusive borrow of `self` makes this the only reference.
-        (len <= self.len).then(|| unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, len) })
-    }
-}
-
-impl Drop for CopyBuffer {
-    fn drop(&mut self) {
-        // SAFETY: the mapping this value made; no borrow of it outlives the value.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        (len <= self.map.len)
+            .then(|| unsafe { std::slice::from_raw_parts_mut(self.map.addr as *mut u8, len) })
     }
 }
 
@@ -894,7 +863,6 @@ mod tests {
     #[test]
     fn a_copy_buffer_is_its_own_populated_mapping() {
         let mut b = CopyBuffer::new(4 * PAGE).unwrap();
-        assert_eq!(b.len(), 4 * PAGE);
         let m = b.mapping();
         assert_eq!(m.end - m.start, (4 * PAGE) as u64);
         b.bytes_mut(2 * PAGE).unwrap().fill(7);
