@@ -80,9 +80,8 @@ pub struct TcpSender {
     migrate: bool,
     /// Rounds go over the control connection on the calling thread.
     serial: bool,
-    /// Where batches sent from a copy are copied to (grown on first use: in a migration's final
-    /// round that is the capture arena, left out of the image).
-    /// Where batches sent from a copy are copied (made by `begin`).
+    /// Where batches sent from a copy are copied (made by `begin`, populated, and one of the
+    /// sender's mappings, which a capture leaves out).
     bounce: Option<CopyBuffer>,
     /// Where racy pages are read for their checksums on this thread. Made at `begin`: a migration
     /// takes its first memory map before, and leaves the sender's own mappings out of every later
