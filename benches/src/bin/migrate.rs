@@ -15,14 +15,12 @@
 //! the busy CPU time across a transfer is what both ends cost together. Needs root (network
 //! namespaces).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
-const CHUNK: usize = 4 * MIB;
 
 /// `writer MIB RATE`: fills MIB MiB with random bytes, prints READY, then dirties RATE MiB/s of
 /// random pages until killed.
@@ -58,54 +56,13 @@ fn writer(mib: usize, rate: usize) {
     }
 }
 
-/// `sink ADDR [FRESH_BYTES]`: reads one connection to its end into a reused buffer, or with
-/// FRESH_BYTES into fresh memory of that size (what any receiver that keeps the bytes pays: every
-/// page is allocated and zeroed once), then confirms.
-fn sink(addr: &str, fresh: Option<usize>) {
-    let l = TcpListener::bind(addr).expect("bind");
-    let mut fresh = fresh.map(|n| om::sys::mman::Region::map_anon(n, None).expect("map"));
-    let mut reused = vec![0u8; CHUNK];
-    println!("READY");
-    std::io::stdout().flush().ok();
-    let (mut s, _) = l.accept().expect("accept");
-    let mut total = 0;
-    loop {
-        let buf: &mut [u8] = match &mut fresh {
-            Some(r) => {
-                let b = r.bytes_mut();
-                let end = b.len().min(total + CHUNK);
-                &mut b[total..end]
-            }
-            None => &mut reused,
-        };
-        match s.read(buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => total += n,
-        }
-    }
-    s.write_all(b"k").ok();
-}
-
-/// `blast ADDR BYTES`: sends BYTES from populated memory with a plain send loop; prints the seconds
-/// to the receiver's confirmation and the machine's busy CPU time across them.
+/// `blast ADDR BYTES`: sends BYTES from populated memory with a plain send loop
+/// ([`om_benches::blast`]).
 fn blast(addr: &str, bytes: usize) {
     let mem: Vec<u8> = (0..bytes)
         .map(|i| u8::try_from(i * 31 % 251).unwrap_or(0))
         .collect();
-    let mut s = TcpStream::connect(addr).expect("connect");
-    let cpu = machine_busy();
-    let t = Instant::now();
-    for c in mem.chunks(CHUNK) {
-        s.write_all(c).expect("send");
-    }
-    s.shutdown(std::net::Shutdown::Write).ok();
-    let mut k = [0u8; 1];
-    s.read_exact(&mut k).expect("confirmation");
-    println!(
-        "SECS {} CPU {}",
-        t.elapsed().as_secs_f64(),
-        (machine_busy() - cpu).as_secs_f64()
-    );
+    om_benches::blast(addr, &mem);
 }
 
 use om_benches::machine_busy;
@@ -191,13 +148,7 @@ fn plain_transfer(rig: &om_rig::Rig, bytes: usize, fresh: bool) -> (f64, f64) {
         .expect("blast");
     rx.wait().ok();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let value = |key: &str| -> f64 {
-        text.split_whitespace()
-            .skip_while(|w| *w != key)
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {text:?}"))
-    };
+    let value = |key: &str| -> f64 { om_benches::word_after(&text, key).parse().expect("seconds") };
     (value("SECS"), value("CPU"))
 }
 
@@ -219,7 +170,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("writer") => return writer(args[2].parse().expect("mib"), args[3].parse().expect("rate")),
-        Some("sink") => return sink(&args[2], args.get(3).map(|n| n.parse().expect("bytes"))),
+        Some("sink") => return om_benches::sink(&args[2], args.get(3).map(|n| n.parse().expect("bytes"))),
         Some("blast") => return blast(&args[2], args[3].parse().expect("bytes")),
         _ => {}
     }

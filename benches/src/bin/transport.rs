@@ -15,75 +15,24 @@
 //! busy CPU time per GiB of each (both ends share this machine's CPUs). The sub-commands `sink`, `blast` and `ship` are the two ends
 //! of each measurement; the benchmark runs them inside the namespaces.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use om::sys::mman::Region;
-use om_benches::{machine_busy, median, populated_region};
+use om_benches::{machine_busy, median, populated_region, word_after};
 use om_transport::sys::Readable;
 use om_transport::wire::{Begin, ImageInfo, Vma};
 use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
 
-const CHUNK: usize = 4 << 20;
 const GIB: usize = 1 << 30;
 
-/// `sink ADDR [FRESH_BYTES]`: accepts one connection and reads it to the end, into a reused buffer,
-/// or with FRESH_BYTES into fresh memory of that size (what any receiver that keeps the bytes pays:
-/// every page is allocated and zeroed once).
-fn sink(addr: &str, fresh: Option<usize>) {
-    let l = TcpListener::bind(addr).expect("bind");
-    let mut fresh = fresh.map(|n| Region::map_anon(n, None).expect("map"));
-    let mut reused = vec![0u8; CHUNK];
-    println!("READY");
-    std::io::stdout().flush().ok();
-    let (mut s, _) = l.accept().expect("accept");
-    let mut total = 0u64;
-    loop {
-        let buf: &mut [u8] = match &mut fresh {
-            Some(r) => {
-                let at = usize::try_from(total).expect("size");
-                let b = r.bytes_mut();
-                let end = b.len().min(at + CHUNK);
-                &mut b[at..end]
-            }
-            None => &mut reused,
-        };
-        if buf.is_empty() {
-            break;
-        }
-        match s.read(buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-    s.write_all(b"k").ok();
-    println!("SUNK {total}");
-}
-
-/// `blast ADDR GIB`: sends GIB GiB with a plain send loop; prints the seconds from the first byte to the
-/// receiver's confirmation.
+/// `blast ADDR GIB`: sends GIB GiB of random content with a plain send loop ([`om_benches::blast`]).
 fn blast(addr: &str, gib: usize) {
     let mut r = populated_region(gib * GIB, 7);
-    let mut s = TcpStream::connect(addr).expect("connect");
-    let bytes: &[u8] = r.bytes_mut();
-    let cpu = machine_busy();
-    let t = Instant::now();
-    for c in bytes.chunks(CHUNK) {
-        s.write_all(c).expect("send");
-    }
-    s.shutdown(std::net::Shutdown::Write).ok();
-    let mut k = [0u8; 1];
-    s.read_exact(&mut k).expect("confirmation");
-    println!(
-        "SECS {} CPU {}",
-        t.elapsed().as_secs_f64(),
-        (machine_busy() - cpu).as_secs_f64()
-    );
+    om_benches::blast(addr, r.bytes_mut());
 }
 
 /// The benchmark's regions stay mapped until after the round is acknowledged.
@@ -128,14 +77,6 @@ fn ship(addr: &str, key: &Path, gib: usize, streams: u16) {
     );
 }
 
-fn field(out: &str, key: &str) -> String {
-    out.split_whitespace()
-        .skip_while(|w| *w != key)
-        .nth(1)
-        .unwrap_or_else(|| panic!("no {key} in {out:?}"))
-        .to_owned()
-}
-
 fn control(sock: &Path, line: &str) -> String {
     let Ok(mut s) = UnixStream::connect(sock) else {
         return String::new();
@@ -167,7 +108,7 @@ fn run_out(mut c: Command) -> String {
 type Sample = (Duration, Duration);
 
 fn secs(out: &str, key: &str) -> Duration {
-    Duration::from_secs_f64(field(out, key).parse().expect("seconds"))
+    Duration::from_secs_f64(word_after(out, key).parse().expect("seconds"))
 }
 
 fn plain_once(p: &Path2, gib: usize, fresh: bool) -> Sample {
@@ -194,7 +135,7 @@ fn om_once(p: &Path2, gib: usize, streams: u16) -> Sample {
         .arg(&p.key)
         .args([gib.to_string(), streams.to_string()]);
     let out = run_out(tx);
-    let id = field(&out, "ID");
+    let id = word_after(&out, "ID");
     let reply = control(&p.omd_control, &format!("drop {id}"));
     assert!(reply.starts_with("OK"), "{reply}");
     (secs(&out, "SECS"), secs(&out, "CPU"))
@@ -260,7 +201,7 @@ fn omd_bin() -> PathBuf {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("sink") => return sink(&args[2], args.get(3).map(|n| n.parse().expect("bytes"))),
+        Some("sink") => return om_benches::sink(&args[2], args.get(3).map(|n| n.parse().expect("bytes"))),
         Some("blast") => return blast(&args[2], args[3].parse().expect("gib")),
         Some("ship") => {
             return ship(

@@ -635,17 +635,10 @@ impl CopyBuffer {
         self.map.range()
     }
 
-    /// Its first `len` bytes, or `None` when it is smaller.
-    #[must_use]
-    pub fn bytes(&self, len: usize) -> Option<&[u8]> {
-        // SAFETY: the mapping is readable for its whole length and lives as long as `self`; only
-        // `bytes_mut`, which borrows `self` exclusively, writes it.
-        (len <= self.map.len).then(|| unsafe { std::slice::from_raw_parts(self.map.addr as *const u8, len) })
-    }
-
     /// Its first `len` bytes to write, or `None` when it is smaller.
     pub fn bytes_mut(&mut self, len: usize) -> Option<&mut [u8]> {
-        // SAFETY: as for `bytes`, and the exclusive borrow of `self` makes this the only reference.
+        // SAFETY: the mapping is readable and writable for its whole length and lives as long as
+        // `self`, whose exclusive borrow makes this the only reference to it.
         (len <= self.map.len)
             .then(|| unsafe { std::slice::from_raw_parts_mut(self.map.addr as *mut u8, len) })
     }
@@ -677,20 +670,12 @@ pub fn mark_gone(sums: &mut [u32], gone: &[usize]) {
 /// `dst` must be writable for `len` bytes and not covered by a Rust reference other than the
 /// caller's exclusive one.
 unsafe fn read_own(dst: *mut u8, src: u64, len: usize) -> usize {
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
-    let local = libc::iovec {
-        iov_base: dst.cast(),
-        iov_len: len,
+    let run = MemRun {
+        addr: addr_of(src),
+        len,
     };
-    let remote = libc::iovec {
-        iov_base: addr_of(src) as *mut libc::c_void,
-        iov_len: len,
-    };
-    // SAFETY: `local` is writable for `len` bytes (the caller's promise); the kernel reads
-    // `remote` in this process and stops short (or fails) on memory that is not mapped.
-    let got = unsafe { libc::process_vm_readv(me, &raw const local, 1, &raw const remote, 1, 0) };
-    usize::try_from(got).unwrap_or(0)
+    // SAFETY: the caller's promise on `dst` covers the one run's length.
+    unsafe { read_own_runs(dst, &[run]) }
 }
 
 /// Copies the runs of this process's memory, in order, to `dst` through the kernel with one
@@ -866,9 +851,8 @@ mod tests {
         let m = b.mapping();
         assert_eq!(m.end - m.start, (4 * PAGE) as u64);
         b.bytes_mut(2 * PAGE).unwrap().fill(7);
-        assert!(b.bytes(2 * PAGE).unwrap().iter().all(|&x| x == 7));
-        assert!(b.bytes(4 * PAGE + 1).is_none());
-        assert!(b.bytes_mut(5 * PAGE).is_none());
+        assert!(b.bytes_mut(2 * PAGE).unwrap().iter().all(|&x| x == 7));
+        assert!(b.bytes_mut(4 * PAGE + 1).is_none());
         // Populated when made: every page is resident (mincore).
         let mut resident = [0u8; 4];
         // SAFETY: the buffer's own mapping, four pages, and a vector of four bytes.

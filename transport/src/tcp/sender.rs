@@ -12,7 +12,7 @@ use crate::batch;
 use crate::conn::Conn;
 use crate::error::TransportError;
 use crate::key::ClusterKey;
-use crate::sys::mem::{CopyBuffer, READ_BUFFER, ReadBuffer};
+use crate::sys::mem::{CopyBuffer, ReadBuffer};
 use crate::sys::{self, Readable, ReadableBatch};
 use crate::wire::{
     self, Batch, Begin, EndRound, ErrorCode, Fate, Hello, Kind, MAX_BATCH_PAGES, MAX_BATCH_RUNS,
@@ -426,14 +426,13 @@ fn read_error(peer: &str, source: std::io::Error) -> TransportError {
     }
 }
 
-/// Copies a batch sent from a copy into `bounce`; returns the copy's length and one checksum per
-/// page of it.
-fn copy_and_sum(
+/// Copies a batch sent from a copy into `bounce`; returns the copy and one checksum per page of it.
+fn copy_and_sum<'b>(
     batch: &ReadableBatch<'_>,
-    bounce: &mut Option<CopyBuffer>,
+    bounce: &'b mut Option<CopyBuffer>,
     page_size: usize,
     peer: &str,
-) -> Result<(usize, Vec<u32>), TransportError> {
+) -> Result<(&'b [u8], Vec<u32>), TransportError> {
     let len = batch
         .runs()
         .iter()
@@ -450,10 +449,8 @@ fn copy_and_sum(
         peer: peer.to_owned(),
         source,
     })?;
-    Ok((
-        len,
-        buf.chunks(page_size).map(crate::sys::page_sum_bytes).collect(),
-    ))
+    let sums = buf.chunks(page_size).map(crate::sys::page_sum_bytes).collect();
+    Ok((buf, sums))
 }
 
 /// What placing one batch needs to know.
@@ -483,8 +480,8 @@ impl Placing<'_> {
         // Otherwise the sums come first, from the copy or from the stable memory.
         let fused = batch.is_racy() && !batch.is_copied() && placer.reads_once();
         let (copied, mut sums) = if batch.is_copied() {
-            let (len, sums) = copy_and_sum(batch, bounce, ps, self.peer)?;
-            (bounce.as_ref().and_then(|b| b.bytes(len)), sums)
+            let (bytes, sums) = copy_and_sum(batch, bounce, ps, self.peer)?;
+            (Some(bytes), sums)
         } else if fused {
             (None, Vec::with_capacity(pages))
         } else {
@@ -534,9 +531,8 @@ fn send_batch(
 ) -> Result<(), TransportError> {
     let ps = usize::try_from(page_size).unwrap_or(4096);
     if batch.is_copied() {
-        let (len, sums) = copy_and_sum(batch, bounce, ps, conn.peer())?;
+        let (bytes, sums) = copy_and_sum(batch, bounce, ps, conn.peer())?;
         let body = Batch::encode(round, batch.runs(), &sums, page_size);
-        let bytes = bounce.as_ref().and_then(|b| b.bytes(len)).unwrap_or_default();
         return conn.send_with_bytes(Kind::Batch, &body, bytes);
     }
     let sums = batch
@@ -552,7 +548,7 @@ impl PageSender for TcpSender {
             return Err(TransportError::Misuse("begin called twice"));
         }
         let body = begin.encode().map_err(|source| self.control.wire(source))?;
-        let page_size = usize::try_from(self.page_size).unwrap_or(READ_BUFFER);
+        let page_size = usize::try_from(self.page_size).unwrap_or(4096);
         self.reader = Some(
             ReadBuffer::for_pages(page_size).map_err(|source| TransportError::Io {
                 op: "make a read buffer",
