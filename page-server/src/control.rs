@@ -44,6 +44,8 @@ impl std::fmt::Debug for Node<'_> {
 /// - `images`: `OK N` then ` id=ID pid=PID bytes=BYTES vmas=N` per committed image
 /// - `save ID DIR`: writes the image as a checkpoint directory
 /// - `drop ID`: forgets the image and frees its memory
+/// - `reserve [BYTES]`: `OK reserve=SIZE ready=READY`: the image memory kept allocated ahead of the
+///   next image, and how much of it is made; with BYTES, sets its size first (0 for none)
 /// - `checkpoint PID LEAVE DIR`: asks the runtime of PID to write its image to DIR (an absolute path);
 ///   LEAVE is 1 to keep it running, 0 to end it once the image is safe
 /// - `ps`: `OK N` then ` pid=PID` per om process registered here (` pid=PID,vpid=V` for a restored
@@ -105,6 +107,20 @@ pub fn answer(request: &str, node: &Node<'_>) -> String {
             },
             None => "ERR usage: drop ID".to_owned(),
         },
+        Some("reserve") => {
+            let set = match words.next().map(str::parse::<u64>) {
+                None => Ok(()),
+                Some(Ok(bytes)) => store.set_reserve(bytes),
+                Some(Err(_)) => Err("usage: reserve [BYTES]".to_owned()),
+            };
+            match set {
+                Ok(()) => {
+                    let r = store.reserve();
+                    format!("OK reserve={} ready={}", r.size, r.ready)
+                }
+                Err(e) => format!("ERR {e}"),
+            }
+        }
         Some("ps") => {
             let pids = runtimes.pids();
             let moved = runtimes.moved();

@@ -58,6 +58,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Memory limits for incoming images.
     pub limits: Limits,
+    /// Image memory kept allocated ahead of the next incoming image ([`Store::set_reserve`]).
+    pub reserve: u64,
     /// How long a silent peer keeps its image.
     pub idle_timeout: Duration,
 }
@@ -86,6 +88,9 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// The reserve does not fit the memory limits.
+    #[error("--reserve refused: {0}")]
+    Reserve(String),
     /// Another omd answers on the control socket.
     #[error("another omd is already serving control socket {path}")]
     ControlInUse {
@@ -119,6 +124,12 @@ impl Daemon {
     /// A [`DaemonError`] naming what could not be set up.
     pub fn bind(config: Config) -> Result<Self, DaemonError> {
         let key = ClusterKey::load(&config.key).map_err(DaemonError::Key)?;
+        if config.reserve > config.limits.total.min(config.limits.per_image) {
+            return Err(DaemonError::Reserve(format!(
+                "{} bytes exceed the image memory limits ({} per image, {} in all)",
+                config.reserve, config.limits.per_image, config.limits.total
+            )));
+        }
         if let Some(dir) = &config.state_dir {
             create_private_dir(dir)?;
         }
@@ -176,6 +187,7 @@ impl Daemon {
             fault,
         };
         let store = Store::with_restorer(config.limits, Some(Arc::new(restorer)));
+        store.set_reserve(config.reserve).map_err(io::Error::other)?;
         let key_path = fs::canonicalize(&config.key).unwrap_or_else(|_| config.key.clone());
         let receiver = Receiver::new(
             key,

@@ -11,14 +11,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
 
 use om_transport::api::{FilePiece, ImageSink, ImageStore, Refusal};
 use om_transport::sys::Landing;
 use om_transport::wire::{Begin, ErrorCode, Extent, ImageInfo, Record, Vma};
 use rayon::prelude::*;
 
-use crate::sys::ImageMemory;
+use crate::sys::{ImageMemory, WarmMemory};
 
 /// Largest total VMA span of one image (the memfd's length; memory is used only for landed pages).
 pub const MAX_SPAN: u64 = 1 << 44;
@@ -297,6 +298,120 @@ struct Shared {
     used: AtomicU64,
     next_id: AtomicU64,
     committed: Mutex<BTreeMap<u64, Arc<Image>>>,
+    reserve: Reserve,
+}
+
+/// Image memory kept allocated and mapped ahead of the next image (omd's `--reserve`), and what its
+/// filler thread waits for.
+#[derive(Debug, Default)]
+struct Reserve {
+    state: Mutex<ReserveState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct ReserveState {
+    /// Bytes to keep ready; 0 for no reserve.
+    size: u64,
+    /// The memory, once made.
+    spare: Option<WarmMemory>,
+    /// Images being received (opened, neither committed nor dropped). The filler waits until there
+    /// are none: making the reserve is a first touch of all of it, which would compete with their
+    /// landing for the CPUs.
+    receiving: usize,
+    /// The filler thread runs.
+    filler: bool,
+    /// When `receiving` last changed.
+    changed_at: Option<std::time::Instant>,
+}
+
+/// The reserve is made this many bytes at a time, each step only at a quiet moment.
+const RESERVE_STEP: usize = 64 << 20;
+/// How long no image may have begun or ended before a step of the reserve is made: a migration's
+/// restore and its copy's first moments follow its image's end.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// What [`Store::reserve`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReserveStatus {
+    /// Bytes to keep ready (`--reserve`); 0 for none.
+    pub size: u64,
+    /// Bytes ready now: `size` once made, 0 while it is being made or waits for a quiet moment.
+    pub ready: u64,
+}
+
+/// Keeps the reserve of the store behind `weak` made, until the store is gone or the reserve is
+/// turned off.
+fn fill_reserve(weak: &Weak<Shared>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let r = &shared.reserve;
+        let size = {
+            let mut st = lock(&r.state);
+            if st.size == 0 {
+                st.filler = false;
+                return;
+            }
+            if st.spare.is_some() {
+                // Woken by a change; the timeout lets the thread see the store dropped.
+                drop(r.changed.wait_timeout(st, Duration::from_secs(1)));
+                continue;
+            }
+            st.size
+        };
+        let started = std::time::Instant::now();
+        let made = usize::try_from(size)
+            .map_err(std::io::Error::other)
+            .and_then(|len| WarmMemory::create(len, RESERVE_STEP, || shared.quiet_for_reserve(size)));
+        let mut st = lock(&r.state);
+        match made {
+            Ok(None) => {} // the size changed meanwhile: made again at the new one
+            Ok(Some(w)) if w.len() as u64 == st.size => {
+                tracing::info!(
+                    bytes = size,
+                    ms = started.elapsed().as_millis(),
+                    "image memory reserved"
+                );
+                st.spare = Some(w);
+                r.changed.notify_all();
+            }
+            Ok(Some(_)) => {}
+            Err(e) => {
+                tracing::warn!(bytes = size, error = %e, "cannot reserve image memory; trying again in 10 s");
+                drop(r.changed.wait_timeout(st, Duration::from_secs(10)));
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Waits until a step of the reserve of `size` bytes may be made: no image being received, none
+    /// begun or ended for [`QUIET`], and room under the total limit. False when the reserve's size
+    /// changed meanwhile.
+    fn quiet_for_reserve(&self, size: u64) -> bool {
+        let r = &self.reserve;
+        let mut st = lock(&r.state);
+        loop {
+            if st.size != size {
+                return false;
+            }
+            let since = st.changed_at.map_or(QUIET, |t| t.elapsed());
+            let room = self.used.load(Ordering::Relaxed).saturating_add(size) <= self.limits.total;
+            if st.receiving == 0 && room && since >= QUIET {
+                return true;
+            }
+            let wait = if st.receiving == 0 && room {
+                QUIET - since
+            } else {
+                Duration::from_secs(1)
+            };
+            st = r
+                .changed
+                .wait_timeout(st, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
 }
 
 /// All images of one omd.
@@ -326,7 +441,57 @@ impl Store {
                 used: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
                 committed: Mutex::new(BTreeMap::new()),
+                reserve: Reserve::default(),
             }),
+        }
+    }
+
+    /// Keeps `bytes` of image memory allocated and mapped ahead of the next image (0: none), made
+    /// again by a thread of its own after an image took it, once no image is being received. An
+    /// image takes it when it announces at least half as many populated bytes; its pages then land
+    /// with one copy from the socket, without allocating (docs/transport.md, "Reserve").
+    ///
+    /// The reserve is memory omd holds besides the images' landed pages: it is made only while it
+    /// fits under the total limit with them, and the unlanded part of a taken reserve stays with
+    /// its image until the image is freed.
+    ///
+    /// # Errors
+    /// A reserve larger than the total limit, or than one image may hold.
+    pub fn set_reserve(&self, bytes: u64) -> Result<(), String> {
+        let limits = self.shared.limits;
+        if bytes > limits.total.min(limits.per_image) {
+            return Err(format!(
+                "a reserve of {bytes} bytes exceeds this node's image memory limits ({} per image, {} in all)",
+                limits.per_image, limits.total
+            ));
+        }
+        usize::try_from(bytes)
+            .map_err(|_| format!("a reserve of {bytes} bytes does not fit this machine"))?;
+        let r = &self.shared.reserve;
+        let mut st = lock(&r.state);
+        if st.size != bytes {
+            st.size = bytes;
+            st.spare = None;
+        }
+        if bytes > 0 && !st.filler {
+            let weak = Arc::downgrade(&self.shared);
+            std::thread::Builder::new()
+                .name("omd-reserve".into())
+                .spawn(move || fill_reserve(&weak))
+                .map_err(|e| format!("cannot start the reserve's thread: {e}"))?;
+            st.filler = true;
+        }
+        r.changed.notify_all();
+        Ok(())
+    }
+
+    /// The reserve's size and how much of it is ready.
+    #[must_use]
+    pub fn reserve(&self) -> ReserveStatus {
+        let st = lock(&self.shared.reserve.state);
+        ReserveStatus {
+            size: st.size,
+            ready: st.spare.as_ref().map_or(0, |w| w.len() as u64),
         }
     }
 
@@ -398,11 +563,23 @@ impl ImageStore for Store {
         let layout = Layout::new(&begin.vmas, capacity)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let len = usize::try_from(capacity).map_err(|_| (ErrorCode::Limit, "span".into()))?;
-        let mem = ImageMemory::create(&format!("om-image-{id}"), len)
-            .map_err(|e| (ErrorCode::Internal, format!("cannot create image memory: {e}")))?;
+        let warm = self.shared.reserve.take(want);
+        let mem = warm
+            .and_then(|w| {
+                ImageMemory::from_warm(w, len)
+                    .inspect_err(
+                        |e| tracing::warn!(id, error = %e, "cannot use the reserve; fresh memory instead"),
+                    )
+                    .ok()
+            })
+            .map_or_else(|| ImageMemory::create(&format!("om-image-{id}"), len), Ok)
+            .map_err(|e| {
+                self.shared.reserve.received();
+                (ErrorCode::Internal, format!("cannot create image memory: {e}"))
+            })?;
         // Best effort: huge pages make landing several times faster where shmem THP is enabled.
         let _ = mem.advise_hugepages();
-        tracing::debug!(id, peer, span, "image memory created");
+        tracing::debug!(id, peer, span, warm = mem.warm(), "image memory created");
         Ok(Image {
             id,
             info: begin.info,
@@ -415,6 +592,7 @@ impl ImageStore for Store {
             charged: AtomicU64::new(0),
             pinned: std::sync::atomic::AtomicBool::new(false),
             records: Mutex::new((Vec::new(), 0)),
+            receiving: std::sync::atomic::AtomicBool::new(true),
             shared: Arc::clone(&self.shared),
         })
     }
@@ -436,6 +614,8 @@ pub struct Image {
     /// Exported by a fabric that may pin the memory ([`ImageSink::pin`]).
     pinned: std::sync::atomic::AtomicBool,
     records: Mutex<(Vec<Record>, u64)>,
+    /// Counted in the reserve's `receiving` until committed or dropped.
+    receiving: std::sync::atomic::AtomicBool,
     shared: Arc<Shared>,
 }
 
@@ -583,13 +763,31 @@ impl ImageSink for Image {
 
     fn file_landing(&self, run: &Range<u64>) -> Result<Vec<FilePiece<'_>>, Refusal> {
         let mut pieces = Vec::new();
+        let warm_end = self.mem.warm() as u64;
         for (off, len) in self.locate(run)? {
             self.mark_landed(off, len)?;
-            pieces.push(FilePiece {
-                file: self.mem.file(),
-                offset: off,
-                len: usize_of(len),
-            });
+            // The part in reserved memory is mapped and allocated: the stream lands it there.
+            let warm = warm_end.saturating_sub(off).min(len);
+            if warm > 0 {
+                let zone = self
+                    .mem
+                    .zone(usize_of(off), usize_of(warm))
+                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                pieces.push(FilePiece {
+                    file: self.mem.file(),
+                    offset: off,
+                    len: usize_of(warm),
+                    mapped: Some(zone),
+                });
+            }
+            if len > warm {
+                pieces.push(FilePiece {
+                    file: self.mem.file(),
+                    offset: off + warm,
+                    len: usize_of(len - warm),
+                    mapped: None,
+                });
+            }
         }
         Ok(pieces)
     }
@@ -712,6 +910,11 @@ impl ImageSink for Image {
 
     fn commit(self: Arc<Self>) -> Result<u64, Refusal> {
         let id = self.id;
+        if self.info.flags & ImageInfo::MIGRATE == 0 {
+            // A migration's image counts until its copy runs or is discarded (the image's drop):
+            // its restore is part of the freeze.
+            self.stop_receiving();
+        }
         if self.info.flags & ImageInfo::MIGRATE != 0 {
             let Some(restorer) = &self.restorer else {
                 return Err((ErrorCode::Session, "this omd does not restore migrations".into()));
@@ -726,8 +929,43 @@ impl ImageSink for Image {
     }
 }
 
+impl Image {
+    /// Leaves the reserve's count of images being received (once).
+    fn stop_receiving(&self) {
+        if self.receiving.swap(false, Ordering::AcqRel) {
+            self.shared.reserve.received();
+        }
+    }
+}
+
+impl Reserve {
+    /// The reserve, for an image that announced `want` populated bytes and is being received from
+    /// now on: taken when the image would use at least half of it.
+    fn take(&self, want: u64) -> Option<WarmMemory> {
+        let mut st = lock(&self.state);
+        st.receiving += 1;
+        st.changed_at = Some(std::time::Instant::now());
+        let fits = st
+            .spare
+            .as_ref()
+            .is_some_and(|w| want.saturating_mul(2) >= w.len() as u64);
+        let taken = if fits { st.spare.take() } else { None };
+        self.changed.notify_all();
+        taken
+    }
+
+    /// An image is no longer being received.
+    fn received(&self) {
+        let mut st = lock(&self.state);
+        st.receiving = st.receiving.saturating_sub(1);
+        st.changed_at = Some(std::time::Instant::now());
+        self.changed.notify_all();
+    }
+}
+
 impl Drop for Image {
     fn drop(&mut self) {
+        self.stop_receiving();
         let bytes = self.charged.load(Ordering::Relaxed);
         self.shared.used.fetch_sub(bytes, Ordering::Relaxed);
         tracing::debug!(id = self.id, bytes, "image memory freed");
@@ -754,6 +992,68 @@ mod tests {
             flags: 0,
             name: Vec::new(),
         }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn begin(populated: u64, start: u64, end: u64) -> Begin {
+        Begin {
+            info: ImageInfo {
+                populated_bytes: populated,
+                ..ImageInfo::default()
+            },
+            vmas: vec![vma(start, end)],
+        }
+    }
+
+    fn wait_ready(store: &Store, bytes: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.reserve().ready != bytes {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reserve never made: {:?}",
+                store.reserve()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn an_image_takes_the_reserve_lands_in_it_up_to_its_end_and_it_is_made_again_afterwards() {
+        let store = Store::new(Limits {
+            per_image: 1 << 30,
+            total: 1 << 30,
+        });
+        store.set_reserve(8 * MIB).unwrap();
+        wait_ready(&store, 8 * MIB);
+        // An image that would use less than half of it leaves it.
+        let base = 0x1000_0000;
+        let small = store.open(&begin(MIB, base, base + MIB), PS, "test").unwrap();
+        assert_eq!(small.memory().warm(), 0);
+        assert_eq!(store.reserve().ready, 8 * MIB);
+        drop(small);
+        let big = store
+            .open(&begin(12 * MIB, base, base + 12 * MIB), PS, "test")
+            .unwrap();
+        assert_eq!(big.memory().warm(), 8 << 20);
+        assert_eq!(store.reserve().ready, 0);
+        // A run across the reserve's end: mapped up to it, through the file after it.
+        let pieces = big.file_landing(&(base + 7 * MIB..base + 9 * MIB)).unwrap();
+        let kinds: Vec<_> = pieces
+            .iter()
+            .map(|p| (p.offset, p.len, p.mapped.is_some()))
+            .collect();
+        assert_eq!(kinds, vec![(7 * MIB, 1 << 20, true), (8 * MIB, 1 << 20, false)]);
+        drop(pieces);
+        // Not made again while an image is being received, however long...
+        std::thread::sleep(QUIET * 3);
+        assert_eq!(store.reserve().ready, 0);
+        // ...but once it is over.
+        drop(big);
+        wait_ready(&store, 8 * MIB);
+        assert!(store.set_reserve(2 << 30).unwrap_err().contains("exceeds"));
+        store.set_reserve(0).unwrap();
+        assert_eq!(store.reserve(), ReserveStatus { size: 0, ready: 0 });
     }
 
     /// The plain definition: every present page on its own, merged with the previous run when it

@@ -15,5 +15,5 @@ pub mod runtimes;
 mod sys;
 
 pub use daemon::{Config, Daemon, DaemonError};
-pub use image::{Image, Limits, Store};
-pub use sys::ImageMemory;
+pub use image::{Image, Limits, ReserveStatus, Store};
+pub use sys::{ImageMemory, WarmMemory};

@@ -23,6 +23,120 @@ pub struct ImageMemory {
     file: File,
     base: NonNull<libc::c_void>,
     len: usize,
+    /// Bytes from offset 0 whose pages were allocated and mapped before the image began (made from
+    /// [`WarmMemory`]); 0 for an image made by [`ImageMemory::create`].
+    warm: usize,
+}
+
+/// Image memory made ahead of an image (omd's `--reserve`): a memfd whose pages are allocated,
+/// zeroed and mapped here (page tables populated), so that the image that takes it
+/// ([`ImageMemory::from_warm`]) lands its pages with one copy from the socket and neither a page
+/// allocation nor a fault. On this VM the first touch of a page costs more than the copy into it
+/// (docs/transport.md).
+#[derive(Debug)]
+pub struct WarmMemory {
+    file: File,
+    base: NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: as for ImageMemory: process-wide memory owned by this value, which hands out no references.
+unsafe impl Send for WarmMemory {}
+
+fn new_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    nix::unistd::ftruncate(&fd, file_len(len)?)?;
+    Ok(fd)
+}
+
+fn file_len(len: usize) -> io::Result<i64> {
+    i64::try_from(len).map_err(|_| io::Error::other("too large"))
+}
+
+/// Maps all of `fd`'s `len` bytes shared and writable.
+fn map_shared(fd: &impl AsFd, len: usize) -> io::Result<NonNull<libc::c_void>> {
+    let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty image"))?;
+    // SAFETY: a fresh shared mapping of our own memfd at an address the kernel picks: it cannot
+    // overlap anything Rust owns.
+    let base = unsafe {
+        mmap(
+            None,
+            size,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
+            fd,
+            0,
+        )
+    }?;
+    Ok(base)
+}
+
+/// Fixes a memfd's size: whoever else gets it (the restorer; an SCI peer over the emulation's
+/// descriptor server) cannot shrink it under omd's mapping and make omd fault. Hole punching (zero
+/// pages) stays allowed.
+fn seal_size(fd: &impl AsFd) -> io::Result<()> {
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_ADD_SEALS(
+            nix::fcntl::SealFlag::F_SEAL_SHRINK | nix::fcntl::SealFlag::F_SEAL_GROW,
+        ),
+    )?;
+    Ok(())
+}
+
+impl WarmMemory {
+    /// Creates a memfd of `len` bytes, maps it and allocates every page (`MADV_POPULATE_WRITE`),
+    /// `step` bytes at a time. Slow by design (the first touch of `len` bytes), so before each step
+    /// `proceed()` may wait for a quiet moment; its `false` abandons the memory (`Ok(None)`).
+    ///
+    /// # Errors
+    /// `memfd_create`, `ftruncate`, `mmap` or `madvise` failures (out of memory among them).
+    pub fn create(len: usize, step: usize, mut proceed: impl FnMut() -> bool) -> io::Result<Option<Self>> {
+        let fd = new_memfd("om-image-reserve", len)?;
+        let base = map_shared(&fd, len)?;
+        let warm = Self {
+            file: File::from(fd),
+            base,
+            len,
+        };
+        let step = step.max(1);
+        for off in (0..len).step_by(step) {
+            if !proceed() {
+                return Ok(None);
+            }
+            let n = step.min(len - off);
+            let at = (base.as_ptr() as usize + off) as *mut libc::c_void;
+            let at = NonNull::new(at).ok_or_else(|| io::Error::other("null"))?;
+            // SAFETY: `off..off+n` lies inside our own fresh mapping of `len` bytes; populating
+            // changes no contents.
+            unsafe { madvise(at, n, MmapAdvise::MADV_POPULATE_WRITE) }?;
+        }
+        Ok(Some(warm))
+    }
+
+    /// Its length in bytes, all of them allocated.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty reserve (never: `create` refuses it).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for WarmMemory {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return; // handed to an image (ImageMemory::from_warm)
+        }
+        // SAFETY: our own mapping from `create` (or moved by `from_warm`); nothing refers into it.
+        if let Err(e) = unsafe { munmap(self.base, self.len) } {
+            tracing::warn!(error = %e, "cannot unmap reserved image memory");
+        }
+    }
 }
 
 // SAFETY: the mapping is process-wide memory owned by this value; every access goes through the
@@ -37,38 +151,64 @@ impl ImageMemory {
     /// # Errors
     /// `memfd_create`, `ftruncate` or `mmap` failures.
     pub fn create(name: &str, len: usize) -> io::Result<Self> {
-        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
-        nix::unistd::ftruncate(
-            &fd,
-            i64::try_from(len).map_err(|_| io::Error::other("too large"))?,
-        )?;
-        // Its size is fixed from here: whoever else gets the memfd (the restorer; an SCI peer over
-        // the emulation's descriptor server) cannot shrink it under omd's mapping and make omd fault.
-        // Hole punching (zero pages) stays allowed.
-        nix::fcntl::fcntl(
-            &fd,
-            nix::fcntl::FcntlArg::F_ADD_SEALS(
-                nix::fcntl::SealFlag::F_SEAL_SHRINK | nix::fcntl::SealFlag::F_SEAL_GROW,
-            ),
-        )?;
-        let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty image"))?;
-        // SAFETY: a fresh shared mapping of our own memfd at an address the kernel picks: it cannot
-        // overlap anything Rust owns.
-        let base = unsafe {
-            mmap(
-                None,
-                size,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
-                &fd,
-                0,
-            )
-        }?;
+        let fd = new_memfd(name, len)?;
+        seal_size(&fd)?;
+        let base = map_shared(&fd, len)?;
         Ok(Self {
             file: File::from(fd),
             base,
             len,
+            warm: 0,
         })
+    }
+
+    /// Image memory of `len` bytes made from `warm`: its first `min(len, warm.len())` bytes are
+    /// allocated and mapped already (and read as zero). The memfd is resized to `len` and its
+    /// mapping moved with it (`mremap` keeps the populated page tables), then sealed as
+    /// [`ImageMemory::create`] seals it.
+    ///
+    /// # Errors
+    /// `ftruncate`, `mremap` or sealing failures; `warm` is freed then.
+    pub fn from_warm(mut warm: WarmMemory, len: usize) -> io::Result<Self> {
+        let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty image"))?;
+        // Growing: the file first, so that the mapping never covers bytes beyond its end. Every
+        // early return drops `warm`, which unmaps whatever mapping it holds by then.
+        if len > warm.len {
+            nix::unistd::ftruncate(&warm.file, file_len(len)?)?;
+        }
+        // SAFETY: `base..base+len` is the reserve's whole mapping, owned by `warm`; MREMAP_MAYMOVE
+        // lets the kernel move it to an address it picks, which overlaps nothing Rust owns. On
+        // failure the old mapping stays as it was.
+        warm.base = unsafe {
+            nix::sys::mman::mremap(
+                warm.base,
+                warm.len,
+                size.get(),
+                nix::sys::mman::MRemapFlags::MREMAP_MAYMOVE,
+                None,
+            )
+        }?;
+        let old = std::mem::replace(&mut warm.len, len);
+        if len < old {
+            nix::unistd::ftruncate(&warm.file, file_len(len)?)?;
+        }
+        seal_size(&warm.file)?;
+        let file = warm.file.try_clone()?;
+        let base = warm.base;
+        // The mapping is the image's from here: the reserve's drop leaves it alone.
+        warm.len = 0;
+        Ok(Self {
+            file,
+            base,
+            len,
+            warm: old.min(len),
+        })
+    }
+
+    /// Bytes from offset 0 whose pages were allocated and mapped before the image began.
+    #[must_use]
+    pub fn warm(&self) -> usize {
+        self.warm
     }
 
     /// The mapping's length in bytes.
@@ -338,4 +478,70 @@ pub fn drain_terminal(slave: &impl AsFd) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    /// Bytes of memory the memfd holds (shmem counts allocated pages in its blocks).
+    fn allocated(f: &File) -> u64 {
+        f.metadata().unwrap().blocks() * 512
+    }
+
+    fn warm(len: usize) -> WarmMemory {
+        WarmMemory::create(len, MIB, || true).unwrap().expect("made")
+    }
+
+    #[test]
+    fn warm_memory_is_allocated_step_by_step_and_can_be_abandoned() {
+        let w = warm(8 * MIB);
+        assert_eq!(allocated(&w.file), 8 * MIB as u64);
+        let mut steps = 0;
+        let abandoned = WarmMemory::create(8 * MIB, MIB, || {
+            steps += 1;
+            steps <= 3
+        })
+        .unwrap();
+        assert!(abandoned.is_none());
+        assert_eq!(steps, 4, "asked before every step, and stopped at the first no");
+    }
+
+    #[test]
+    fn an_image_grown_from_warm_memory_keeps_its_pages_reads_zero_and_is_sealed() {
+        let image = ImageMemory::from_warm(warm(8 * MIB), 16 * MIB).unwrap();
+        assert_eq!((image.len(), image.warm()), (16 * MIB, 8 * MIB));
+        assert_eq!(
+            allocated(image.file()),
+            8 * MIB as u64,
+            "the reserve's pages, no more"
+        );
+        let zero = om_transport::sys::checksum::page_sum_bytes(&[0u8; 4096]);
+        for off in [0, 4 * MIB, 8 * MIB - 4096, 12 * MIB] {
+            assert_eq!(image.page_sum(off, 4096).unwrap(), zero, "at {off:#x}");
+        }
+        // The mapping moved with the file: a write through the file shows in it, warm or not.
+        for off in [MIB, 12 * MIB] {
+            image.file().write_all_at(&[7u8; 4096], off as u64).unwrap();
+            let want = om_transport::sys::checksum::page_sum_bytes(&[7u8; 4096]);
+            assert_eq!(image.page_sum(off, 4096).unwrap(), want);
+        }
+        assert!(
+            image.file().set_len(MIB as u64).is_err(),
+            "sealed against shrinking"
+        );
+        assert!(image.file().set_len(32 * MIB as u64).is_err(), "and growing");
+    }
+
+    #[test]
+    fn an_image_shrunk_from_warm_memory_frees_the_rest() {
+        let image = ImageMemory::from_warm(warm(8 * MIB), 4 * MIB).unwrap();
+        assert_eq!((image.len(), image.warm()), (4 * MIB, 4 * MIB));
+        assert_eq!(allocated(image.file()), 4 * MIB as u64);
+        assert!(image.zone(4 * MIB, 4096).is_err(), "nothing beyond its length");
+    }
 }

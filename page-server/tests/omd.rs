@@ -94,6 +94,19 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
     assert!(request(&control, "migrate 1").starts_with("ERR usage: migrate"));
     assert!(request(&control, "migrate 99999 127.0.0.1:1 50 30 precopy").contains("not an om process"));
     assert!(request(&control, "bogus").starts_with("ERR unknown request"));
+    // The reserve: none by default; set, made in the background, reported; refused over the limits.
+    assert_eq!(request(&control, "reserve").trim_end(), "OK reserve=0 ready=0");
+    assert!(request(&control, "reserve 4194304").starts_with("OK reserve=4194304 "));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while request(&control, "reserve").trim_end() != "OK reserve=4194304 ready=4194304" {
+        assert!(Instant::now() < deadline, "the reserve was never made");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(request(&control, "reserve 1T").starts_with("ERR usage: reserve"));
+    assert!(
+        request(&control, "reserve 1099511627776000").contains("exceeds this node's image memory limits")
+    );
+    assert_eq!(request(&control, "reserve 0").trim_end(), "OK reserve=0 ready=0");
 
     // A second omd on the same control socket is refused, and the first keeps it.
     let second = Command::new(OMD)
@@ -157,6 +170,28 @@ fn configuration_errors_are_clear() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot listen on") && err.contains("in use"),
+        "{err}"
+    );
+
+    let out = Command::new(OMD)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-total-mem",
+            "1G",
+            "--reserve",
+            "2G",
+            "--key",
+        ])
+        .arg(&k)
+        .arg("--control")
+        .arg(d.0.join("c.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--reserve refused") && err.contains("exceed the image memory limits"),
         "{err}"
     );
 }

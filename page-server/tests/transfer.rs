@@ -283,6 +283,77 @@ fn a_flipped_page_byte_fails_the_final_round_at_both_ends() {
     assert!(region_matches_seed(&r, 2), "source memory untouched");
 }
 
+fn wait_reserve(srv: &Server, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while srv.store.reserve().ready != bytes {
+        assert!(
+            Instant::now() < deadline,
+            "reserve never made: {:?}",
+            srv.store.reserve()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// omd's reserve (`omd --reserve`): an image that takes it lands its first 64 MiB straight into the
+/// reserve's mapping and the rest through the file. A page flipped on the way into the reserve is
+/// named and accepted when sent again; scattered pages of a later round on both sides of the
+/// reserve's end, a zero run inside it and a hole never sent read back as they should; the reserve
+/// is made again once the image is over.
+#[test]
+fn pages_land_in_the_reserve_byte_for_byte() {
+    let srv = server(big_limits());
+    srv.store.set_reserve(64 * MIB as u64).unwrap();
+    wait_reserve(&srv, 64 * MIB as u64);
+    let len = 96 * MIB;
+    let mut r = random_region(len, 21);
+    let base = r.addr() as u64;
+    let hole = base + 10 * MIB as u64..base + 11 * MIB as u64;
+    // Inside the first batch's pages, which land in the reserve.
+    let via = proxy(srv.addr, Some(3 * MIB as u64));
+    let mut tx = TcpSender::connect(via, &key(), single_stream()).unwrap();
+    tx.begin(&begin_for(&r)).unwrap();
+    let s0 = tx
+        .send_round(
+            readable(&[base..hole.start, hole.end..base + len as u64]),
+            &[],
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        s0.suspects.len(),
+        1,
+        "the flipped page is named: {:?}",
+        s0.suspects
+    );
+    assert!(s0.suspects[0].start < base + 64 * MIB as u64);
+    assert_eq!(srv.store.reserve().ready, 0, "taken by the image");
+    let mut dirty = s0.suspects.clone();
+    for p in (0..(len as u64 / PAGE)).step_by(331) {
+        let at = base + p * PAGE;
+        if hole.contains(&at) || dirty.iter().any(|d| d.contains(&at)) {
+            continue;
+        }
+        let w = usize::try_from(p * 512).unwrap();
+        r.words()[w].store(!word(21, w), Ordering::Relaxed);
+        dirty.push(at..at + PAGE);
+    }
+    dirty.sort_by_key(|d| d.start);
+    let freed = base + 4 * MIB as u64..base + 4 * MIB as u64 + 16 * PAGE;
+    dirty.retain(|d| !(freed.start < d.end && d.start < freed.end));
+    r.dontneed(4 * MIB, 16 * PAGE as usize).unwrap();
+    tx.send_round(readable(&dirty), std::slice::from_ref(&freed), true)
+        .unwrap();
+    let id = tx.commit().unwrap();
+    srv.settle(1);
+    let image = srv.store.get(id).expect("committed image kept");
+    assert_eq!(image.memory().warm(), 64 * MIB);
+    assert_image_equals(&image, &r, &[freed, hole]);
+    drop(image);
+    assert!(srv.store.remove(id).is_some());
+    wait_reserve(&srv, 64 * MIB as u64);
+}
+
 #[test]
 fn a_flipped_page_byte_not_sent_again_is_corruption() {
     let srv = server(big_limits());

@@ -305,6 +305,10 @@ pub struct FilePiece<'a> {
     pub offset: u64,
     /// How many bytes.
     pub len: usize,
+    /// The same bytes mapped in this process, where the image keeps them allocated and mapped
+    /// already (omd's reserve): the stream receives straight into them, one copy and no page
+    /// allocation, instead of through its buffer and `pwrite`.
+    pub mapped: Option<Landing<'a>>,
 }
 
 /// Where a receiver keeps incoming images.

@@ -8,6 +8,8 @@
 //!   `omd`, which lands the pages in its memfd image and checks every page's checksum, until the round
 //!   is acknowledged.
 //!
+//! - **om-reserve**: the same, into memory omd allocated ahead of the image (`omd --reserve`), made
+//!   before the transfer starts, as a page server expecting migrations keeps it;
 //! - **plain-into-fresh**: the same loop, but the receiver reads into fresh memory of the full size
 //!   (every receiver that keeps the bytes pays for allocating and zeroing each page once).
 //!
@@ -129,7 +131,24 @@ fn plain_once(p: &Path2, gib: usize, fresh: bool) -> Sample {
     (secs(&out, "SECS"), secs(&out, "CPU"))
 }
 
-fn om_once(p: &Path2, gib: usize, streams: u16) -> Sample {
+/// Sets omd's reserve to `bytes` and waits until it is made (a first touch of all of it: seconds).
+fn reserve(p: &Path2, bytes: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reply = control(&p.omd_control, &format!("reserve {bytes}"));
+    assert!(reply.starts_with("OK"), "{reply}");
+    while !control(&p.omd_control, "reserve").contains(&format!("ready={bytes}")) {
+        assert!(
+            Instant::now() < deadline,
+            "omd did not make its reserve of {bytes} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One om transfer into omd, into fresh memory or, with `reserved`, into the memory omd keeps
+/// allocated ahead of an image (`omd --reserve`), made before the transfer starts.
+fn om_once(p: &Path2, gib: usize, streams: u16, reserved: bool) -> Sample {
+    reserve(p, if reserved { gib * GIB } else { 0 });
     let mut tx = (p.sender)();
     tx.args(["ship", &p.omd_addr.to_string()])
         .arg(&p.key)
@@ -160,15 +179,19 @@ fn measure(p: &Path2, sizes: &[usize], runs: usize, streams: &[u16]) {
         let fresh: Vec<Sample> = (0..n).map(|_| plain_once(p, gib, true)).collect();
         let (fm, fc) = medians(&fresh);
         for &s in streams {
-            let om: Vec<Sample> = (0..n).map(|_| om_once(p, gib, s)).collect();
+            let om: Vec<Sample> = (0..n).map(|_| om_once(p, gib, s, false)).collect();
             let (omm, omc) = medians(&om);
+            let warm: Vec<Sample> = (0..n).map(|_| om_once(p, gib, s, true)).collect();
+            let (wm, wc) = medians(&warm);
             println!(
-                "{:<9} {gib} GiB  streams {s}  plain {:5.2} GB/s  plain-into-fresh {:5.2} GB/s  om {:5.2} GB/s  om/plain {:.2}  om/plain-into-fresh {:.2}  (median of {n})",
+                "{:<9} {gib} GiB  streams {s}  plain {:5.2} GB/s  plain-into-fresh {:5.2} GB/s  om {:5.2} GB/s  om-reserve {:5.2} GB/s  om/plain {:.2}  om-reserve/plain {:.2}  om/plain-into-fresh {:.2}  (median of {n})",
                 p.name,
                 rate(gib, pm),
                 rate(gib, fm),
                 rate(gib, omm),
+                rate(gib, wm),
                 pm.as_secs_f64() / omm.as_secs_f64(),
+                pm.as_secs_f64() / wm.as_secs_f64(),
                 fm.as_secs_f64() / omm.as_secs_f64()
             );
             // Both ends share this machine's CPUs: what each way costs them per GiB, and how many
@@ -176,15 +199,18 @@ fn measure(p: &Path2, sizes: &[usize], runs: usize, streams: &[u16]) {
             let per_gib = |c: Duration| c.as_secs_f64() / gib as f64;
             let busy = |c: Duration, w: Duration| c.as_secs_f64() / w.as_secs_f64();
             println!(
-                "{:<9} {gib} GiB  streams {s}  CPU s/GiB (busy CPUs): plain {:.2} ({:.1})  plain-into-fresh {:.2} ({:.1})  om {:.2} ({:.1})",
+                "{:<9} {gib} GiB  streams {s}  CPU s/GiB (busy CPUs): plain {:.2} ({:.1})  plain-into-fresh {:.2} ({:.1})  om {:.2} ({:.1})  om-reserve {:.2} ({:.1})",
                 p.name,
                 per_gib(pc),
                 busy(pc, pm),
                 per_gib(fc),
                 busy(fc, fm),
                 per_gib(omc),
-                busy(omc, omm)
+                busy(omc, omm),
+                per_gib(wc),
+                busy(wc, wm)
             );
+            reserve(p, 0);
         }
     }
 }

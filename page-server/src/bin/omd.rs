@@ -33,6 +33,11 @@ struct Args {
     /// Most memory all images together may use [default: half of RAM]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_total_mem: Option<u64>,
+    /// Image memory to keep allocated ahead of the next incoming image, so that its pages land
+    /// without the first-touch cost of fresh memory (made again, in the background, after an image
+    /// that announces at least half as much took it) [default: 0, none]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    reserve: u64,
     /// Seconds a silent peer may keep its image before it is discarded.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     idle_timeout: u64,
@@ -61,7 +66,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 const AFTER_HELP: &str = "omd receives migrating and checkpointed images from authenticated peers \
 (over TCP, and over Dolphin SCI or InfiniBand/RoCE verbs where this node has a SISCI library or an \
 active RDMA port), restores migrated processes, and serves omrun and omctl on the control socket \
-(`ping`, `images`, `save ID DIR`, `drop ID`, `ps`, `checkpoint ...`, `migrate ...`). OM_LOG=debug turns on logs.";
+(`ping`, `images`, `save ID DIR`, `drop ID`, `reserve [SIZE]`, `ps`, `checkpoint ...`, `migrate ...`). OM_LOG=debug turns on logs.";
 
 fn main() -> ExitCode {
     init_logging(tracing::Level::INFO);
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
                 total,
             }
         },
+        reserve: args.reserve,
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
     };
     // Blocked before any thread starts, so every thread inherits the mask and only sigwait sees them.

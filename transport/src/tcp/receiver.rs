@@ -1015,22 +1015,103 @@ thread_local! {
 }
 
 /// Reads the pages of a batch from `conn` into `pieces` of the image's file, [`FILE_CHUNK`] at a
-/// time; returns the indices of the pages whose checksum does not match `sums`. A chunk spans
-/// pieces: a later round's batch of scattered single pages is a few reads, not one per page.
-/// Writing fails as allocating image memory does: `Limit` when the memory ran out.
+/// time; returns the indices of the pages whose checksum does not match `sums`. Pieces the image
+/// keeps mapped and allocated (its reserve) are received straight into the mapping; the others go
+/// through the stream's buffer and `pwrite`. Either way a chunk spans pieces: a later round's batch
+/// of scattered single pages is a few reads, not one per page. Writing fails as allocating image
+/// memory does: `Limit` when the memory ran out.
 fn recv_into_file(
     conn: &mut Conn,
     pieces: &[FilePiece<'_>],
     sums: &[u32],
     page: usize,
 ) -> Result<Vec<usize>, TransportError> {
+    let chunk = FILE_CHUNK.max(page) / page * page;
+    let mut bad = Vec::new();
+    // The batch's index of the first page of `pieces[i]`.
+    let mut first = 0;
+    let mut i = 0;
+    while i < pieces.len() {
+        let mapped = pieces[i].mapped.is_some();
+        let n = pieces[i..]
+            .iter()
+            .take_while(|p| p.mapped.is_some() == mapped)
+            .count();
+        let group = &pieces[i..i + n];
+        if mapped {
+            recv_into_mapped(conn, group, sums, first, page, chunk, &mut bad)?;
+        } else {
+            recv_through_buffer(conn, group, sums, first, page, chunk, &mut bad)?;
+        }
+        first += group.iter().map(|p| p.len).sum::<usize>() / page;
+        i += n;
+    }
+    Ok(bad)
+}
+
+/// Receives `pieces` (all mapped) straight into their mappings, up to `chunk` bytes a call (one
+/// `recvmsg` over several pieces), and checks each chunk's pages while they are still in the
+/// cache. Their first page is the batch's page `first`; mismatches go to `bad`.
+fn recv_into_mapped(
+    conn: &mut Conn,
+    pieces: &[FilePiece<'_>],
+    sums: &[u32],
+    first: usize,
+    page: usize,
+    chunk: usize,
+    bad: &mut Vec<usize>,
+) -> Result<(), TransportError> {
+    let mut k = first;
+    let mut check = |conn: &mut Conn, parts: &[Landing<'_>]| -> Result<(), TransportError> {
+        conn.recv_pages(parts)?;
+        for z in parts {
+            for off in (0..z.len()).step_by(page) {
+                if z.page_sum(off, page) != sums.get(k).copied() {
+                    bad.push(k);
+                }
+                k += 1;
+            }
+        }
+        Ok(())
+    };
+    let mut parts = Vec::new();
+    let mut filled = 0;
+    for z in pieces.iter().filter_map(|p| p.mapped) {
+        let mut at = 0;
+        while at < z.len() {
+            let n = (chunk - filled).min(z.len() - at);
+            parts.push(z.part(at, n).expect("page-aligned parts of a page-aligned zone"));
+            (at, filled) = (at + n, filled + n);
+            if filled == chunk {
+                check(conn, &parts)?;
+                parts.clear();
+                filled = 0;
+            }
+        }
+    }
+    if !parts.is_empty() {
+        check(conn, &parts)?;
+    }
+    Ok(())
+}
+
+/// Receives `pieces` (none mapped) through the stream's buffer, `chunk` bytes at a time, checks
+/// them there and writes them into the file with `pwrite`. Their first page is the batch's page
+/// `first`; mismatches go to `bad`.
+fn recv_through_buffer(
+    conn: &mut Conn,
+    pieces: &[FilePiece<'_>],
+    sums: &[u32],
+    first: usize,
+    page: usize,
+    chunk: usize,
+    bad: &mut Vec<usize>,
+) -> Result<(), TransportError> {
     BOUNCE.with_borrow_mut(|bounce| {
         let total: usize = pieces.iter().map(|p| p.len).sum();
-        let chunk = FILE_CHUNK.max(page) / page * page;
         if bounce.len() < chunk.min(total) {
             bounce.resize(chunk.min(total), 0);
         }
-        let mut bad = Vec::new();
         let (mut piece, mut within) = (0, 0);
         let mut done = 0;
         while done < total {
@@ -1038,7 +1119,7 @@ fn recv_into_file(
             let buf = &mut bounce[..n];
             conn.recv_bytes(buf)?;
             for (i, p) in buf.chunks(page).enumerate() {
-                let k = done / page + i;
+                let k = first + done / page + i;
                 if sums.get(k) != Some(&crate::sys::checksum::page_sum_bytes(p)) {
                     bad.push(k);
                 }
@@ -1061,7 +1142,7 @@ fn recv_into_file(
             }
             done += n;
         }
-        Ok(bad)
+        Ok(())
     })
 }
 
@@ -1129,6 +1210,7 @@ mod tests {
                 file: &file,
                 offset: (at * page) as u64,
                 len: n * page,
+                mapped: None,
             })
             .collect();
         let bad = recv_into_file(&mut conn, &pieces, &sums, page).unwrap();
