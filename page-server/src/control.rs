@@ -44,8 +44,9 @@ impl std::fmt::Debug for Node<'_> {
 /// - `images`: `OK N` then ` id=ID pid=PID bytes=BYTES vmas=N` per committed image
 /// - `save ID DIR`: writes the image as a checkpoint directory
 /// - `drop ID`: forgets the image and frees its memory
-/// - `reserve [BYTES]`: `OK reserve=SIZE ready=READY`: the image memory kept allocated ahead of the
-///   next image, and how much of it is made; with BYTES, sets its size first (0 for none)
+/// - `reserve [BYTES]`: `OK reserve=SIZE ready=READY taken=N`: the image memory kept allocated
+///   ahead of the next image, how much of it is made, and how many images took it so far; with
+///   BYTES, sets its size first (0 for none)
 /// - `checkpoint PID LEAVE DIR`: asks the runtime of PID to write its image to DIR (an absolute path);
 ///   LEAVE is 1 to keep it running, 0 to end it once the image is safe
 /// - `ps`: `OK N` then ` pid=PID` per om process registered here (` pid=PID,vpid=V` for a restored
@@ -116,7 +117,7 @@ pub fn answer(request: &str, node: &Node<'_>) -> String {
             match set {
                 Ok(()) => {
                     let r = store.reserve();
-                    format!("OK reserve={} ready={}", r.size, r.ready)
+                    format!("OK reserve={} ready={} taken={}", r.size, r.ready, r.taken)
                 }
                 Err(e) => format!("ERR {e}"),
             }

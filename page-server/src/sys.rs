@@ -127,6 +127,22 @@ impl WarmMemory {
     }
 }
 
+/// Lowers the calling thread's scheduling priority to nice 19: work that should yield to the
+/// node's applications (making omd's reserve right after a migrated copy started beside it).
+///
+/// # Errors
+/// `setpriority` failing.
+pub fn lower_thread_priority() -> io::Result<()> {
+    let tid = nix::unistd::gettid().as_raw();
+    let who = libc::id_t::try_from(tid).map_err(io::Error::other)?;
+    // SAFETY: setpriority(2) takes plain integers; on Linux PRIO_PROCESS with a thread id changes
+    // that thread only.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, who, 19) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Drop for WarmMemory {
     fn drop(&mut self) {
         if self.len == 0 {

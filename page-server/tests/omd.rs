@@ -95,10 +95,13 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
     assert!(request(&control, "migrate 99999 127.0.0.1:1 50 30 precopy").contains("not an om process"));
     assert!(request(&control, "bogus").starts_with("ERR unknown request"));
     // The reserve: none by default; set, made in the background, reported; refused over the limits.
-    assert_eq!(request(&control, "reserve").trim_end(), "OK reserve=0 ready=0");
+    assert_eq!(
+        request(&control, "reserve").trim_end(),
+        "OK reserve=0 ready=0 taken=0"
+    );
     assert!(request(&control, "reserve 4194304").starts_with("OK reserve=4194304 "));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while request(&control, "reserve").trim_end() != "OK reserve=4194304 ready=4194304" {
+    while request(&control, "reserve").trim_end() != "OK reserve=4194304 ready=4194304 taken=0" {
         assert!(Instant::now() < deadline, "the reserve was never made");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -106,7 +109,10 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
     assert!(
         request(&control, "reserve 1099511627776000").contains("exceeds this node's image memory limits")
     );
-    assert_eq!(request(&control, "reserve 0").trim_end(), "OK reserve=0 ready=0");
+    assert_eq!(
+        request(&control, "reserve 0").trim_end(),
+        "OK reserve=0 ready=0 taken=0"
+    );
 
     // A second omd on the same control socket is refused, and the first keeps it.
     let second = Command::new(OMD)

@@ -6,8 +6,12 @@
 //! ```text
 //! cargo build --release -p om-runtime -p om-cli -p om-page-server -p om-restore
 //! cargo run --release -p om-benches --bin migrate -- [--gib 1,4] [--rates 0,64,256]
-//!     [--modes precopy,stop-and-copy] [--json]
+//!     [--modes precopy,stop-and-copy] [--dest fresh,reserve] [--json]
 //! ```
+//!
+//! `--dest` says what memory the destination's omd lands the image in: `fresh` (allocated as pages
+//! arrive) or `reserve` (`omd --reserve`: memory of the process's size plus 256 MiB allocated ahead
+//! of the migration, made before it starts, as a page server that expects migrations keeps it).
 //!
 //! The process: `GIB` GiB of random content, then a random page written every so often to dirty
 //! `RATE` MiB/s, under omrun on node 0; it is migrated to node 1 by `omctl migrate --json` (`--json`
@@ -156,6 +160,7 @@ struct Row {
     gib: usize,
     rate: usize,
     mode: String,
+    dest: String,
     freeze_ms: f64,
     total_ms: f64,
     sent: f64,
@@ -164,6 +169,38 @@ struct Row {
     fresh_ms: f64,
     /// The machine's busy CPU seconds per GiB sent: the migration, the raw transfer, into fresh memory.
     cpu: [f64; 3],
+}
+
+/// One control request to an omd.
+fn request(control: &Path, line: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(control).expect("omd control");
+    writeln!(s, "{line}").expect("request");
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).ok();
+    reply
+}
+
+/// Sets omd's reserve and waits until it is made (seconds: a first touch of all of it).
+fn set_reserve(control: &Path, bytes: usize) {
+    let reply = request(control, &format!("reserve {bytes}"));
+    assert!(reply.starts_with("OK"), "{reply}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !request(control, "reserve").contains(&format!("ready={bytes}")) {
+        assert!(
+            Instant::now() < deadline,
+            "omd did not make its reserve of {bytes} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How many images took omd's reserve so far.
+fn taken(control: &Path) -> u64 {
+    let reply = request(control, "reserve");
+    reply
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("taken=")?.parse().ok())
+        .unwrap_or_else(|| panic!("no taken= in {reply:?}"))
 }
 
 fn main() {
@@ -178,10 +215,9 @@ fn main() {
     let list = |s: String| -> Vec<usize> { s.split(',').map(|v| v.parse().expect("number")).collect() };
     let sizes = list(opt("--gib", "1,4"));
     let rates = list(opt("--rates", "0,64,256"));
-    let modes: Vec<String> = opt("--modes", "precopy,stop-and-copy")
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let words = |s: String| -> Vec<String> { s.split(',').map(str::to_owned).collect() };
+    let modes = words(opt("--modes", "precopy,stop-and-copy"));
+    let dests = words(opt("--dest", "fresh,reserve"));
     // --json: also print omctl's JSON report of each migration (rounds, bytes and times per round).
     let show_json = args.iter().any(|a| a == "--json");
     for b in ["omd", "omrun", "omctl", "om-restore", "libomrt.so"] {
@@ -196,7 +232,14 @@ fn main() {
     let mut rows = Vec::new();
     for &gib in &sizes {
         for &rate in &rates {
-            for mode in &modes {
+            for (mode, dest) in modes.iter().flat_map(|m| dests.iter().map(move |d| (m, d))) {
+                let reserve = match dest.as_str() {
+                    "fresh" => 0,
+                    "reserve" => (gib << 30) + 256 * MIB,
+                    other => panic!("--dest: {other:?} is neither fresh nor reserve"),
+                };
+                set_reserve(&b.control, reserve);
+                let taken_before = taken(&b.control);
                 let (mut omrun, pid) = start_writer(&rig, &a.control, gib * 1024, rate);
                 std::thread::sleep(Duration::from_millis(500));
                 let cpu = machine_busy();
@@ -213,6 +256,13 @@ fn main() {
                     ],
                 );
                 let om_cpu = (machine_busy() - cpu).as_secs_f64();
+                if reserve > 0 {
+                    assert_eq!(
+                        taken(&b.control),
+                        taken_before + 1,
+                        "the image did not take the reserve"
+                    );
+                }
                 let json = String::from_utf8_lossy(&out.stdout).into_owned();
                 assert!(
                     out.status.success(),
@@ -238,6 +288,7 @@ fn main() {
                     gib,
                     rate,
                     mode: mode.clone(),
+                    dest: dest.clone(),
                     freeze_ms: num(&json, "freeze_ms"),
                     total_ms: num(&json, "total_ms"),
                     sent,
@@ -247,7 +298,7 @@ fn main() {
                     cpu: [om_cpu, raw_cpu, fresh_cpu].map(|c| c / gib_sent),
                 };
                 println!(
-                    "{gib} GiB, {rate:>3} MiB/s, {mode:<13}: freeze {:>8.1} ms, total {:>8.1} ms, {:>5} rounds, {:>7.1} MiB sent, raw transfer {:>7.1} ms (into fresh memory {:>7.1} ms), total/raw {:.2} (/fresh {:.2}); CPU s/GiB om {:.2}, raw {:.2}, fresh {:.2}",
+                    "{gib} GiB, {rate:>3} MiB/s, {mode:<13}, into {dest:<7}: freeze {:>8.1} ms, total {:>8.1} ms, {:>5} rounds, {:>7.1} MiB sent, raw transfer {:>7.1} ms (into fresh memory {:>7.1} ms), total/raw {:.2} (/fresh {:.2}); CPU s/GiB om {:.2}, raw {:.2}, fresh {:.2}",
                     row.freeze_ms,
                     row.total_ms,
                     row.rounds,
@@ -266,15 +317,16 @@ fn main() {
     }
     println!();
     println!(
-        "| process | dirty rate | mode | freeze | total | rounds | sent | raw transfer of the same bytes | total / raw | raw into fresh memory | total / raw into fresh | CPU s/GiB: om, raw, raw into fresh |"
+        "| process | dirty rate | mode | destination memory | freeze | total | rounds | sent | raw transfer of the same bytes | total / raw | raw into fresh memory | total / raw into fresh | CPU s/GiB: om, raw, raw into fresh |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} GiB | {} MiB/s | {} | {:.1} ms | {:.0} ms | {} | {:.0} MiB | {:.0} ms | {:.2} | {:.0} ms | {:.2} | {:.2}, {:.2}, {:.2} |",
+            "| {} GiB | {} MiB/s | {} | {} | {:.1} ms | {:.0} ms | {} | {:.0} MiB | {:.0} ms | {:.2} | {:.0} ms | {:.2} | {:.2}, {:.2}, {:.2} |",
             r.gib,
             r.rate,
             r.mode,
+            r.dest,
             r.freeze_ms,
             r.total_ms,
             r.rounds,

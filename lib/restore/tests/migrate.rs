@@ -91,6 +91,38 @@ impl Cluster {
         }
     }
 
+    /// Nodes whose omds keep `size` of image memory allocated ahead of incoming images
+    /// (`omd --reserve`).
+    fn with_reserve(nodes: usize, size: &str) -> Self {
+        let rig = Rig::new(nodes).expect("rig");
+        let omd = bin_dir().join("omd");
+        let omds = (0..nodes)
+            .map(|n| rig.start_omd(n, &omd, &["--reserve", size]).expect("omd"))
+            .collect();
+        Self {
+            rig,
+            omds,
+            env: Vec::new(),
+            omrun_logs: OmrunLogs::default(),
+        }
+    }
+
+    /// Node `node`'s reserve, once it is made: how many images took it so far.
+    fn reserve_made(&self, node: usize) -> u64 {
+        let mut reply = String::new();
+        let made = eventually(Duration::from_secs(60), || {
+            let mut s = std::os::unix::net::UnixStream::connect(self.control(node)).unwrap();
+            std::io::Write::write_all(&mut s, b"reserve\n").unwrap();
+            reply.clear();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut reply).unwrap();
+            let field = |k: &str| reply.split_whitespace().find_map(|w| w.strip_prefix(k));
+            field("ready=") == field("reserve=")
+        });
+        assert!(made, "node {node}'s reserve was never made: {reply}");
+        let taken = reply.split_whitespace().find_map(|w| w.strip_prefix("taken="));
+        taken.and_then(|t| t.parse().ok()).expect("taken=")
+    }
+
     fn control(&self, node: usize) -> &Path {
         &self.omds[node].control
     }
@@ -391,6 +423,48 @@ fn every_test_program_migrates_mid_run_with_identical_output() {
         &["--mode", "stop-and-copy"],
     );
     let _ = std::fs::remove_dir_all(&fw_dir);
+    c.rig.teardown().unwrap();
+}
+
+/// Into the destination's reserve (`omd --reserve`): each image's first pages land straight in
+/// memory its omd allocated ahead, the rest through the image's file. Programs moved there and back
+/// print what an uninterrupted run prints, and every move took the reserve: 256 KiB, the start of
+/// each image (scattered pages of later rounds and the final round land in it too), and the first
+/// 64 MiB of bigheap's heap, moved while pass 1 populates it.
+#[test]
+fn programs_migrate_into_the_destinations_reserve_with_identical_output() {
+    let c = Cluster::with_reserve(2, "256K");
+    for (name, w) in [
+        ("threads", program(build("threads.c"), &["600"])),
+        ("single", program(build("single.c"), &["150000"])),
+    ] {
+        let taken = [c.reserve_made(0), c.reserve_made(1)];
+        migrate_along(&c, name, &w, (200, 800), &[1, 0]);
+        assert_eq!(
+            [c.reserve_made(0), c.reserve_made(1)],
+            taken.map(|t| t + 1),
+            "{name}: each move took its destination's reserve\n{}",
+            c.logs()
+        );
+    }
+    c.rig.teardown().unwrap();
+    let c = Cluster::with_reserve(2, "64M");
+    let taken = c.reserve_made(1);
+    let big = program(build("bigheap.c"), &["1024"]);
+    migrate_along_with(
+        &c,
+        "bigheap",
+        &big,
+        (200, 400),
+        &[1],
+        &["--mode", "stop-and-copy"],
+    );
+    assert_eq!(
+        c.reserve_made(1),
+        taken + 1,
+        "bigheap took the reserve\n{}",
+        c.logs()
+    );
     c.rig.teardown().unwrap();
 }
 
