@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use om_transport::api::{FilePiece, ImageSink, ImageStore, Refusal};
 use om_transport::sys::Landing;
@@ -322,7 +322,7 @@ struct ReserveState {
     /// The filler thread runs.
     filler: bool,
     /// When `receiving` last changed.
-    changed_at: Option<std::time::Instant>,
+    changed_at: Option<Instant>,
     /// Images that took the reserve so far.
     taken: u64,
 }
@@ -370,7 +370,7 @@ fn fill_reserve(weak: &Weak<Shared>) {
             }
             st.size
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let made = usize::try_from(size)
             .map_err(std::io::Error::other)
             .and_then(|len| WarmMemory::create(len, RESERVE_STEP, || shared.quiet_for_reserve(size)));
@@ -575,20 +575,21 @@ impl ImageStore for Store {
         let layout = Layout::new(&begin.vmas, capacity)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let len = usize::try_from(capacity).map_err(|_| (ErrorCode::Limit, "span".into()))?;
-        let warm = self.shared.reserve.take(want);
-        let mem = warm
-            .and_then(|w| {
-                ImageMemory::from_warm(w, len)
-                    .inspect_err(
-                        |e| tracing::warn!(id, error = %e, "cannot use the reserve; fresh memory instead"),
-                    )
-                    .ok()
-            })
-            .map_or_else(|| ImageMemory::create(&format!("om-image-{id}"), len), Ok)
-            .map_err(|e| {
+        // Counted as being received from here: the reserve is not made again meanwhile.
+        let warm = self.shared.reserve.take(want).and_then(|w| {
+            ImageMemory::from_warm(w, len)
+                .inspect_err(
+                    |e| tracing::warn!(id, error = %e, "cannot use the reserve; fresh memory instead"),
+                )
+                .ok()
+        });
+        let mem = match warm {
+            Some(mem) => mem,
+            None => ImageMemory::create(&format!("om-image-{id}"), len).map_err(|e| {
                 self.shared.reserve.received();
                 (ErrorCode::Internal, format!("cannot create image memory: {e}"))
-            })?;
+            })?,
+        };
         // Best effort: huge pages make landing several times faster where shmem THP is enabled.
         let _ = mem.advise_hugepages();
         tracing::debug!(id, peer, span, warm = mem.warm(), "image memory created");
@@ -967,7 +968,7 @@ impl Reserve {
     fn take(&self, want: u64) -> Option<WarmMemory> {
         let mut st = lock(&self.state);
         st.receiving += 1;
-        st.changed_at = Some(std::time::Instant::now());
+        st.changed_at = Some(Instant::now());
         let fits = st
             .spare
             .as_ref()
@@ -982,7 +983,7 @@ impl Reserve {
     fn received(&self) {
         let mut st = lock(&self.state);
         st.receiving = st.receiving.saturating_sub(1);
-        st.changed_at = Some(std::time::Instant::now());
+        st.changed_at = Some(Instant::now());
         self.changed.notify_all();
     }
 }
@@ -1031,10 +1032,10 @@ mod tests {
     }
 
     fn wait_ready(store: &Store, bytes: u64) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while store.reserve().ready != bytes {
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "reserve never made: {:?}",
                 store.reserve()
             );
