@@ -1043,14 +1043,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_image_takes_the_reserve_lands_in_it_up_to_its_end_and_it_is_made_again_afterwards() {
+    /// A store of 1 GiB with a reserve of `bytes`, made.
+    fn store_with_reserve(bytes: u64) -> Store {
         let store = Store::new(Limits {
             per_image: 1 << 30,
             total: 1 << 30,
         });
-        store.set_reserve(8 * MIB).unwrap();
-        wait_ready(&store, 8 * MIB);
+        store.set_reserve(bytes).unwrap();
+        wait_ready(&store, bytes);
+        store
+    }
+
+    #[test]
+    fn an_image_takes_the_reserve_lands_in_it_up_to_its_end_and_it_is_made_again_afterwards() {
+        let store = store_with_reserve(8 * MIB);
         // An image that would use less than half of it leaves it.
         let base = 0x1000_0000;
         let small = store.open(&begin(MIB, base, base + MIB), PS, "test").unwrap();
@@ -1095,12 +1101,7 @@ mod tests {
     #[test]
     fn zero_runs_free_memory_only_where_pages_landed() {
         use std::os::unix::fs::MetadataExt;
-        let store = Store::new(Limits {
-            per_image: 1 << 30,
-            total: 1 << 30,
-        });
-        store.set_reserve(8 * MIB).unwrap();
-        wait_ready(&store, 8 * MIB);
+        let store = store_with_reserve(8 * MIB);
         let base = 0x1000_0000;
         let image = store
             .open(&begin(8 * MIB, base, base + 8 * MIB), PS, "test")

@@ -145,19 +145,27 @@ fn serves_control_refuses_peers_and_stops_cleanly() {
     assert!(!control.exists(), "control socket left behind");
 }
 
+/// omd started with `args`, the key file `key` and the control socket `control` must fail: what it
+/// said.
+fn refused(args: &[&str], key: &Path, control: &Path) -> String {
+    let out = Command::new(OMD)
+        .args(args)
+        .arg("--key")
+        .arg(key)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "omd {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn configuration_errors_are_clear() {
     let d = tempdir("errors");
+    let sock = d.0.join("c.sock");
     let open_key = key(&d.0, 0o644);
-    let out = Command::new(OMD)
-        .args(["--listen", "127.0.0.1:0", "--key"])
-        .arg(&open_key)
-        .arg("--control")
-        .arg(d.0.join("c.sock"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--listen", "127.0.0.1:0"], &open_key, &sock);
     assert!(
         err.contains("cluster key refused") && err.contains("chmod 600"),
         "{err}"
@@ -165,37 +173,21 @@ fn configuration_errors_are_clear() {
 
     let k = key(&d.0, 0o600);
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let out = Command::new(OMD)
-        .args(["--listen", &busy.local_addr().unwrap().to_string(), "--key"])
-        .arg(&k)
-        .arg("--control")
-        .arg(d.0.join("c.sock"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--listen", &busy.local_addr().unwrap().to_string()], &k, &sock);
     assert!(
         err.contains("cannot listen on") && err.contains("in use"),
         "{err}"
     );
 
-    let out = Command::new(OMD)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--max-total-mem",
-            "1G",
-            "--reserve",
-            "2G",
-            "--key",
-        ])
-        .arg(&k)
-        .arg("--control")
-        .arg(d.0.join("c.sock"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let over = [
+        "--listen",
+        "127.0.0.1:0",
+        "--max-total-mem",
+        "1G",
+        "--reserve",
+        "2G",
+    ];
+    let err = refused(&over, &k, &sock);
     assert!(
         err.contains("--reserve refused") && err.contains("exceed the image memory limits"),
         "{err}"

@@ -56,49 +56,38 @@ impl Cluster {
     /// Nodes whose omds offer the SCI transport (over the SISCI emulation), and programs whose
     /// runtime finds the library.
     fn with_sci(nodes: usize) -> Self {
-        let rig = Rig::new(nodes).expect("rig");
         let lib = sisci_library();
-        let omd = bin_dir().join("omd");
-        let omds = (0..nodes)
-            .map(|n| start_wrapped(&rig, n, &format!("OM_SISCI_LIB={lib} exec {}", omd.display())))
-            .collect();
-        Self {
-            rig,
-            omds,
-            env: vec![("OM_SISCI_LIB", lib)],
-            omrun_logs: OmrunLogs::default(),
-        }
+        let mut c = Self::with_omds(nodes, |rig, n, omd| {
+            start_wrapped(rig, n, &format!("OM_SISCI_LIB={lib} exec {}", omd.display()))
+        });
+        c.env = vec![("OM_SISCI_LIB", lib)];
+        c
     }
 
     /// `faults[i]`: `OM_FAULT` for node i's omd.
     fn with_fault(nodes: usize, faults: &[(usize, &str)]) -> Self {
-        let rig = Rig::new(nodes).expect("rig");
-        let omd = bin_dir().join("omd");
-        let omds = (0..nodes)
-            .map(|n| {
-                match faults.iter().find(|(i, _)| *i == n) {
-                    // The rig starts omd with its environment: set the fault for this one start.
-                    Some((_, f)) => start_with_env(&rig, n, &omd, f),
-                    None => rig.start_omd(n, &omd, &[]).expect("omd"),
-                }
-            })
-            .collect();
-        Self {
-            rig,
-            omds,
-            env: Vec::new(),
-            omrun_logs: OmrunLogs::default(),
-        }
+        Self::with_omds(nodes, |rig, n, omd| {
+            match faults.iter().find(|(i, _)| *i == n) {
+                // The rig starts omd with its environment: set the fault for this one start.
+                Some((_, f)) => start_with_env(rig, n, omd, f),
+                None => rig.start_omd(n, omd, &[]).expect("omd"),
+            }
+        })
     }
 
     /// Nodes whose omds keep `size` of image memory allocated ahead of incoming images
     /// (`omd --reserve`).
     fn with_reserve(nodes: usize, size: &str) -> Self {
+        Self::with_omds(nodes, |rig, n, omd| {
+            rig.start_omd(n, omd, &["--reserve", size]).expect("omd")
+        })
+    }
+
+    /// A rig of `nodes` whose omd each `start(rig, node, omd binary)` starts.
+    fn with_omds(nodes: usize, start: impl Fn(&Rig, usize, &Path) -> OmdHandle) -> Self {
         let rig = Rig::new(nodes).expect("rig");
         let omd = bin_dir().join("omd");
-        let omds = (0..nodes)
-            .map(|n| rig.start_omd(n, &omd, &["--reserve", size]).expect("omd"))
-            .collect();
+        let omds = (0..nodes).map(|n| start(&rig, n, &omd)).collect();
         Self {
             rig,
             omds,

@@ -1027,9 +1027,11 @@ fn recv_into_file(
     page: usize,
 ) -> Result<Vec<usize>, TransportError> {
     let chunk = FILE_CHUNK.max(page) / page * page;
-    let mut bad = Vec::new();
-    // The batch's index of the first page of `pieces[i]`.
-    let mut first = 0;
+    let mut check = Checker {
+        sums,
+        next: 0,
+        bad: Vec::new(),
+    };
     let mut i = 0;
     while i < pieces.len() {
         let mapped = pieces[i].mapped.is_some();
@@ -1039,37 +1041,49 @@ fn recv_into_file(
             .count();
         let group = &pieces[i..i + n];
         if mapped {
-            recv_into_mapped(conn, group, sums, first, page, chunk, &mut bad)?;
+            recv_into_mapped(conn, group, page, chunk, &mut check)?;
         } else {
-            recv_through_buffer(conn, group, sums, first, page, chunk, &mut bad)?;
+            recv_through_buffer(conn, group, page, chunk, &mut check)?;
         }
-        first += group.iter().map(|p| p.len).sum::<usize>() / page;
         i += n;
     }
-    Ok(bad)
+    Ok(check.bad)
+}
+
+/// A batch's pages checked against its checksums in the order they arrive.
+struct Checker<'a> {
+    sums: &'a [u32],
+    /// The batch's index of the next page.
+    next: usize,
+    /// Pages whose checksum did not match.
+    bad: Vec<usize>,
+}
+
+impl Checker<'_> {
+    /// The next page, with its checksum (`None`: it could not be read).
+    fn page(&mut self, sum: Option<u32>) {
+        if sum.is_none() || sum != self.sums.get(self.next).copied() {
+            self.bad.push(self.next);
+        }
+        self.next += 1;
+    }
 }
 
 /// Receives `pieces` (all mapped) straight into their mappings, up to `chunk` bytes a call (one
 /// `recvmsg` over several pieces), and checks each chunk's pages while they are still in the
-/// cache. Their first page is the batch's page `first`; mismatches go to `bad`.
+/// cache.
 fn recv_into_mapped(
     conn: &mut Conn,
     pieces: &[FilePiece<'_>],
-    sums: &[u32],
-    first: usize,
     page: usize,
     chunk: usize,
-    bad: &mut Vec<usize>,
+    check: &mut Checker<'_>,
 ) -> Result<(), TransportError> {
-    let mut k = first;
-    let mut check = |conn: &mut Conn, parts: &[Landing<'_>]| -> Result<(), TransportError> {
+    let mut land = |conn: &mut Conn, parts: &[Landing<'_>]| -> Result<(), TransportError> {
         conn.recv_pages(parts)?;
         for z in parts {
             for off in (0..z.len()).step_by(page) {
-                if z.page_sum(off, page) != sums.get(k).copied() {
-                    bad.push(k);
-                }
-                k += 1;
+                check.page(z.page_sum(off, page));
             }
         }
         Ok(())
@@ -1083,29 +1097,26 @@ fn recv_into_mapped(
             parts.push(z.part(at, n).expect("page-aligned parts of a page-aligned zone"));
             (at, filled) = (at + n, filled + n);
             if filled == chunk {
-                check(conn, &parts)?;
+                land(conn, &parts)?;
                 parts.clear();
                 filled = 0;
             }
         }
     }
     if !parts.is_empty() {
-        check(conn, &parts)?;
+        land(conn, &parts)?;
     }
     Ok(())
 }
 
 /// Receives `pieces` (none mapped) through the stream's buffer, `chunk` bytes at a time, checks
-/// them there and writes them into the file with `pwrite`. Their first page is the batch's page
-/// `first`; mismatches go to `bad`.
+/// them there and writes them into the file with `pwrite`.
 fn recv_through_buffer(
     conn: &mut Conn,
     pieces: &[FilePiece<'_>],
-    sums: &[u32],
-    first: usize,
     page: usize,
     chunk: usize,
-    bad: &mut Vec<usize>,
+    check: &mut Checker<'_>,
 ) -> Result<(), TransportError> {
     BOUNCE.with_borrow_mut(|bounce| {
         let total: usize = pieces.iter().map(|p| p.len).sum();
@@ -1118,11 +1129,8 @@ fn recv_through_buffer(
             let n = chunk.min(total - done);
             let buf = &mut bounce[..n];
             conn.recv_bytes(buf)?;
-            for (i, p) in buf.chunks(page).enumerate() {
-                let k = first + done / page + i;
-                if sums.get(k) != Some(&crate::sys::checksum::page_sum_bytes(p)) {
-                    bad.push(k);
-                }
+            for p in buf.chunks(page) {
+                check.page(Some(crate::sys::checksum::page_sum_bytes(p)));
             }
             let mut at = 0;
             while at < n {
