@@ -57,6 +57,7 @@ fn restart_of_something_that_is_no_checkpoint_names_it() {
 fn without_omd_the_error_says_so() {
     for args in [
         &["--control", "/nonexistent/om/c.sock", "ps"][..],
+        &["--control", "/nonexistent/om/c.sock", "reserve", "4G"][..],
         &[
             "--control",
             "/nonexistent/om/c.sock",
@@ -82,6 +83,8 @@ fn bad_input_is_a_usage_error() {
         &["migrate", "12", "--to", "nowhere"][..],
         &["migrate", "12"][..],
         &["checkpoint", "12"][..],
+        &["reserve", "4X"][..],
+        &["reserve", "lots"][..],
         &["frobnicate"][..],
     ] {
         let (code, err) = omctl(args);

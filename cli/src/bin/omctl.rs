@@ -92,6 +92,13 @@ enum Cmd {
     /// List the migrations this node received lately, by commit token, and what became of each
     /// copy (prepared, starting, running with its pid here, or discarded).
     Incoming,
+    /// Show omd's reserve (image memory made ahead of incoming migrations, `omd --reserve`): its
+    /// size, how much of it is ready and how many images took it; with SIZE, set it first (0: none).
+    Reserve {
+        /// Bytes to keep ready (K, M, G, T suffixes).
+        #[arg(value_parser = om_cli::parse_size)]
+        size: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -163,6 +170,10 @@ fn main() -> ExitCode {
         Cmd::Restart { dir, detach } => restart(&dir, detach, &control),
         Cmd::Ps => answer(&control, "ps"),
         Cmd::Incoming => answer(&control, "incoming"),
+        Cmd::Reserve { size } => answer(
+            &control,
+            &size.map_or_else(|| "reserve".to_owned(), |s| format!("reserve {s}")),
+        ),
     }
 }
 

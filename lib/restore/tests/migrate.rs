@@ -96,14 +96,13 @@ impl Cluster {
         }
     }
 
-    /// Node `node`'s reserve, once it is made: how many images took it so far.
+    /// Node `node`'s reserve, once it is made (`omctl reserve`): how many images took it so far.
     fn reserve_made(&self, node: usize) -> u64 {
         let mut reply = String::new();
         let made = eventually(Duration::from_secs(60), || {
-            let mut s = std::os::unix::net::UnixStream::connect(self.control(node)).unwrap();
-            std::io::Write::write_all(&mut s, b"reserve\n").unwrap();
-            reply.clear();
-            std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut reply).unwrap();
+            let out = omctl(self.control(node), &["reserve"]);
+            assert!(out.status.success(), "omctl reserve: {out:?}");
+            reply = String::from_utf8_lossy(&out.stdout).into_owned();
             let field = |k: &str| reply.split_whitespace().find_map(|w| w.strip_prefix(k));
             field("ready=") == field("reserve=")
         });

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use om_cli::{EXIT_FAILURE, init_logging, report};
+use om_cli::{EXIT_FAILURE, init_logging, parse_size, report};
 use om_page_server::{Config, Daemon, Limits};
 
 /// om's per-node daemon: page server for incoming migrations, restorer, and the local control point
@@ -41,26 +41,6 @@ struct Args {
     /// Seconds a silent peer may keep its image before it is discarded.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     idle_timeout: u64,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size in bytes"))
 }
 
 const AFTER_HELP: &str = "omd receives migrating and checkpointed images from authenticated peers \
