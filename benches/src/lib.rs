@@ -172,6 +172,42 @@ pub fn blast(addr: &str, bytes: &[u8]) {
     );
 }
 
+/// One request line to the omd whose control socket is `sock`, and its answer (empty when omd
+/// cannot be reached: it may still be starting).
+#[must_use]
+pub fn omd_request(sock: &std::path::Path, line: &str) -> String {
+    use std::io::{BufRead, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return String::new();
+    };
+    writeln!(s, "{line}").ok();
+    let mut reply = String::new();
+    std::io::BufReader::new(s).read_line(&mut reply).ok();
+    reply
+}
+
+/// Sets the reserve of the omd at `sock` to `bytes` (`omd --reserve`) and waits until it is made:
+/// a first touch of all of it, seconds per GiB.
+///
+/// # Panics
+/// If omd refuses, or has not made it within 180 s.
+pub fn set_reserve(sock: &std::path::Path, bytes: usize) {
+    let reply = omd_request(sock, &format!("reserve {bytes}"));
+    assert!(reply.starts_with("OK"), "reserve {bytes}: {reply:?}");
+    let ready = format!("ready={bytes}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while !omd_request(sock, "reserve")
+        .split_whitespace()
+        .any(|w| w == ready)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "omd did not make its reserve of {bytes} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The word after `key` in a sub-command's output (`SECS 0.31 CPU 0.52` ...).
 ///
 /// # Panics

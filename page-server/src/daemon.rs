@@ -124,12 +124,10 @@ impl Daemon {
     /// A [`DaemonError`] naming what could not be set up.
     pub fn bind(config: Config) -> Result<Self, DaemonError> {
         let key = ClusterKey::load(&config.key).map_err(DaemonError::Key)?;
-        if config.reserve > config.limits.total.min(config.limits.per_image) {
-            return Err(DaemonError::Reserve(format!(
-                "{} bytes exceed the image memory limits ({} per image, {} in all)",
-                config.reserve, config.limits.per_image, config.limits.total
-            )));
-        }
+        config
+            .limits
+            .check_reserve(config.reserve)
+            .map_err(DaemonError::Reserve)?;
         if let Some(dir) = &config.state_dir {
             create_private_dir(dir)?;
         }

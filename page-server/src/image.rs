@@ -51,6 +51,21 @@ impl Limits {
             total,
         }
     }
+
+    /// Refuses a reserve of `bytes` that no image could take whole or that exceeds all images'
+    /// memory together.
+    ///
+    /// # Errors
+    /// The refusal, naming both limits.
+    pub fn check_reserve(&self, bytes: u64) -> Result<(), String> {
+        if bytes > self.total.min(self.per_image) {
+            return Err(format!(
+                "a reserve of {bytes} bytes exceeds this node's image memory limits ({} per image, {} in all)",
+                self.per_image, self.total
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Page states, one byte per page.
@@ -469,13 +484,7 @@ impl Store {
     /// # Errors
     /// A reserve larger than the total limit, or than one image may hold.
     pub fn set_reserve(&self, bytes: u64) -> Result<(), String> {
-        let limits = self.shared.limits;
-        if bytes > limits.total.min(limits.per_image) {
-            return Err(format!(
-                "a reserve of {bytes} bytes exceeds this node's image memory limits ({} per image, {} in all)",
-                limits.per_image, limits.total
-            ));
-        }
+        self.shared.limits.check_reserve(bytes)?;
         usize::try_from(bytes)
             .map_err(|_| format!("a reserve of {bytes} bytes does not fit this machine"))?;
         let r = &self.shared.reserve;

@@ -192,7 +192,7 @@ impl ImageMemory {
         if len > warm.len {
             nix::unistd::ftruncate(&warm.file, file_len(len)?)?;
         }
-        // SAFETY: `base..base+len` is the reserve's whole mapping, owned by `warm`; MREMAP_MAYMOVE
+        // SAFETY: `warm.base..warm.base+warm.len` is the reserve's whole mapping, owned by `warm`; MREMAP_MAYMOVE
         // lets the kernel move it to an address it picks, which overlaps nothing Rust owns. On
         // failure the old mapping stays as it was.
         warm.base = unsafe {

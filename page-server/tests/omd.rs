@@ -189,7 +189,7 @@ fn configuration_errors_are_clear() {
     ];
     let err = refused(&over, &k, &sock);
     assert!(
-        err.contains("--reserve refused") && err.contains("exceed the image memory limits"),
+        err.contains("--reserve refused") && err.contains("exceeds this node's image memory limits"),
         "{err}"
     );
 }

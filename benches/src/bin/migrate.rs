@@ -171,32 +171,9 @@ struct Row {
     cpu: [f64; 3],
 }
 
-/// One control request to an omd.
-fn request(control: &Path, line: &str) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(control).expect("omd control");
-    writeln!(s, "{line}").expect("request");
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply).ok();
-    reply
-}
-
-/// Sets omd's reserve and waits until it is made (seconds: a first touch of all of it).
-fn set_reserve(control: &Path, bytes: usize) {
-    let reply = request(control, &format!("reserve {bytes}"));
-    assert!(reply.starts_with("OK"), "{reply}");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !request(control, "reserve").contains(&format!("ready={bytes}")) {
-        assert!(
-            Instant::now() < deadline,
-            "omd did not make its reserve of {bytes} bytes"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// How many images took omd's reserve so far.
 fn taken(control: &Path) -> u64 {
-    let reply = request(control, "reserve");
+    let reply = om_benches::omd_request(control, "reserve");
     reply
         .split_whitespace()
         .find_map(|w| w.strip_prefix("taken=")?.parse().ok())
@@ -238,7 +215,7 @@ fn main() {
                     "reserve" => (gib << 30) + 256 * MIB,
                     other => panic!("--dest: {other:?} is neither fresh nor reserve"),
                 };
-                set_reserve(&b.control, reserve);
+                om_benches::set_reserve(&b.control, reserve);
                 let taken_before = taken(&b.control);
                 let (mut omrun, pid) = start_writer(&rig, &a.control, gib * 1024, rate);
                 std::thread::sleep(Duration::from_millis(500));
@@ -264,7 +241,7 @@ fn main() {
                     );
                     // omd B makes its reserve again once the copy runs: not while the baselines
                     // are measured (it would slow them).
-                    set_reserve(&b.control, reserve);
+                    om_benches::set_reserve(&b.control, reserve);
                 }
                 let json = String::from_utf8_lossy(&out.stdout).into_owned();
                 assert!(

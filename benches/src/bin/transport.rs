@@ -17,14 +17,13 @@
 //! busy CPU time per GiB of each (both ends share this machine's CPUs). The sub-commands `sink`, `blast` and `ship` are the two ends
 //! of each measurement; the benchmark runs them inside the namespaces.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use om_benches::{machine_busy, median, populated_region, word_after};
+use om_benches::{machine_busy, median, omd_request, populated_region, set_reserve, word_after};
 use om_transport::sys::Readable;
 use om_transport::wire::{Begin, ImageInfo, Vma};
 use om_transport::{ClusterKey, PageSender, SenderConfig, TcpSender};
@@ -79,16 +78,6 @@ fn ship(addr: &str, key: &Path, gib: usize, streams: u16) {
     );
 }
 
-fn control(sock: &Path, line: &str) -> String {
-    let Ok(mut s) = UnixStream::connect(sock) else {
-        return String::new();
-    };
-    writeln!(s, "{line}").ok();
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply).ok();
-    reply
-}
-
 /// Where the two ends run.
 struct Path2 {
     name: &'static str,
@@ -131,31 +120,17 @@ fn plain_once(p: &Path2, gib: usize, fresh: bool) -> Sample {
     (secs(&out, "SECS"), secs(&out, "CPU"))
 }
 
-/// Sets omd's reserve to `bytes` and waits until it is made (a first touch of all of it: seconds).
-fn reserve(p: &Path2, bytes: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let reply = control(&p.omd_control, &format!("reserve {bytes}"));
-    assert!(reply.starts_with("OK"), "{reply}");
-    while !control(&p.omd_control, "reserve").contains(&format!("ready={bytes}")) {
-        assert!(
-            Instant::now() < deadline,
-            "omd did not make its reserve of {bytes} bytes"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// One om transfer into omd, into fresh memory or, with `reserved`, into the memory omd keeps
 /// allocated ahead of an image (`omd --reserve`), made before the transfer starts.
 fn om_once(p: &Path2, gib: usize, streams: u16, reserved: bool) -> Sample {
-    reserve(p, if reserved { gib * GIB } else { 0 });
+    set_reserve(&p.omd_control, if reserved { gib * GIB } else { 0 });
     let mut tx = (p.sender)();
     tx.args(["ship", &p.omd_addr.to_string()])
         .arg(&p.key)
         .args([gib.to_string(), streams.to_string()]);
     let out = run_out(tx);
     let id = word_after(&out, "ID");
-    let reply = control(&p.omd_control, &format!("drop {id}"));
+    let reply = omd_request(&p.omd_control, &format!("drop {id}"));
     assert!(reply.starts_with("OK"), "{reply}");
     (secs(&out, "SECS"), secs(&out, "CPU"))
 }
@@ -210,7 +185,7 @@ fn measure(p: &Path2, sizes: &[usize], runs: usize, streams: &[u16]) {
                 per_gib(wc),
                 busy(wc, wm)
             );
-            reserve(p, 0);
+            set_reserve(&p.omd_control, 0);
         }
     }
 }
@@ -282,7 +257,7 @@ fn main() {
         .spawn()
         .expect("omd");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !control(&sock, "ping").starts_with("OK") {
+    while !omd_request(&sock, "ping").starts_with("OK") {
         assert!(Instant::now() < deadline, "omd did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
